@@ -1,0 +1,298 @@
+"""The RPC client: sends a call through a transport, between ``rpc_started`` and ``rpc_finished``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from django.core.serializers.json import DjangoJSONEncoder
+
+from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
+from django_rpc_audit.context import aresolve_user, get_caller_context, resolve_user
+from django_rpc_audit.exceptions import RPCDisabledError, RPCError, RPCTimeoutError
+from django_rpc_audit.signals import rpc_finished, rpc_started
+from django_rpc_audit.transports import (
+    Result,
+    RPCRequest,
+    Transport,
+    build_transport,
+    wire_timeout,
+)
+
+
+SUCCESS = "success"
+FAILED = "failed"
+TIMEOUT = "timeout"
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """How one call ended, filled in by the call and turned into ``rpc_finished``'s arguments."""
+
+    status: str = FAILED
+    response: Result | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+    @property
+    def result(self) -> Result:
+        return self.response if self.response is not None else {}
+
+    def succeed(self, response: Result | None) -> None:
+        self.status, self.response = SUCCESS, response
+
+    def record(self, exc: BaseException) -> None:
+        self.status = TIMEOUT if isinstance(exc, RPCTimeoutError) else FAILED
+        if isinstance(exc, RPCError):
+            self.error_code, self.error_message = exc.code, exc.message
+        elif isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
+            self.error_code, self.error_message = "cancelled", type(exc).__name__
+        else:
+            self.error_code, self.error_message = "client_error", f"{type(exc).__name__}: {exc}"
+
+    def as_kwargs(self, duration_ms: float) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "response": self.response,
+            "error_code": self.error_code,
+            "error_message": self.error_message,
+            "duration_ms": duration_ms,
+            "completed_at": datetime.now(UTC),
+        }
+
+
+class RPCClient:
+    """Calls RPC methods on the django-ipc server (or a local handler) and reports each call.
+
+    Get the process-wide instance with :func:`get_rpc_client`. Every call sends
+    :data:`~django_rpc_audit.signals.rpc_started` and, exactly once,
+    :data:`~django_rpc_audit.signals.rpc_finished`, attributed to the user, IP and user agent
+    that :class:`~django_rpc_audit.middleware.RPCAuditMiddleware` (or
+    :func:`~django_rpc_audit.context.rpc_context`) captured, unless given explicitly.
+    """
+
+    def __init__(self, config: DjangoCfgRPCConfig, transport: Transport | None = None) -> None:
+        self.config = config
+        self.transport = transport if transport is not None else build_transport(config)
+
+    def __repr__(self) -> str:
+        return f"<RPCClient {self.transport!r}>"
+
+    def _request(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None,
+        timeout: float | None,
+        correlation_id: str | None,
+    ) -> RPCRequest:
+        """Validate the arguments and encode the wire payload, before anything is sent."""
+        if not isinstance(method, str) or not method:
+            raise ValueError(f"The RPC method must be a non-empty string, not {method!r}.")
+        if params is None:
+            params = {}
+        elif not isinstance(params, Mapping):
+            raise TypeError(
+                f"RPC params must be a mapping (the server expects a JSON object), "
+                f"not {type(params).__name__}."
+            )
+        params = dict(params)
+        if timeout is None:
+            timeout = self.config.rpc_timeout
+        elif isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}.")
+        if correlation_id is None:
+            correlation_id = str(uuid.uuid4())
+        else:
+            # The server drops a request whose id is not a UUID without replying.
+            try:
+                correlation_id = str(uuid.UUID(str(correlation_id)))
+            except ValueError:
+                raise ValueError(
+                    f"correlation_id must be a UUID string, not {correlation_id!r}."
+                ) from None
+        reply_to = f"{self.config.response_key_prefix}{correlation_id}"
+        try:
+            body = json.dumps(
+                {
+                    "type": "rpc",
+                    "method": method,
+                    "params": params,
+                    "correlation_id": correlation_id,
+                    "reply_to": reply_to,
+                    "timeout": wire_timeout(timeout),
+                },
+                cls=DjangoJSONEncoder,
+                allow_nan=False,
+            )
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"RPC params for {method!r} cannot be sent as JSON: {exc}") from exc
+        return RPCRequest(method, params, correlation_id, reply_to, float(timeout), body)
+
+    def _started(
+        self, request: RPCRequest, user: Any, caller_ip: str | None, user_agent: str | None
+    ) -> dict[str, Any]:
+        """The keyword arguments of ``rpc_started``; explicit values win over the context."""
+        context = get_caller_context()
+        return {
+            "correlation_id": request.correlation_id,
+            "method": request.method,
+            "params": request.params,
+            "user": user,
+            "caller_ip": caller_ip if caller_ip is not None else context.caller_ip,
+            "user_agent": user_agent if user_agent is not None else context.user_agent,
+            "started_at": datetime.now(UTC),
+        }
+
+    @contextlib.contextmanager
+    def _reported(self, started: dict[str, Any]) -> Iterator[_Outcome]:
+        """Send ``rpc_started``, time the block, then send ``rpc_finished`` whatever happened."""
+        rpc_started.send_robust(sender=type(self), **started)
+        outcome = _Outcome()
+        clock = time.perf_counter()
+        try:
+            yield outcome
+        except BaseException as exc:
+            outcome.record(exc)
+            raise
+        finally:
+            duration_ms = (time.perf_counter() - clock) * 1000
+            rpc_finished.send_robust(sender=type(self), **started, **outcome.as_kwargs(duration_ms))
+
+    @contextlib.asynccontextmanager
+    async def _areported(self, started: dict[str, Any]) -> AsyncIterator[_Outcome]:
+        """The ``async`` twin of :meth:`_reported`."""
+        await rpc_started.asend_robust(sender=type(self), **started)
+        outcome = _Outcome()
+        clock = time.perf_counter()
+        try:
+            yield outcome
+        except BaseException as exc:
+            outcome.record(exc)
+            raise
+        finally:
+            duration_ms = (time.perf_counter() - clock) * 1000
+            finished = rpc_finished.asend_robust(
+                sender=type(self), **started, **outcome.as_kwargs(duration_ms)
+            )
+            # A cancelled call still reports how it ended: shield the report from a second
+            # cancellation of the task.
+            await asyncio.shield(finished)
+
+    def call(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        user: Any = None,
+        caller_ip: str | None = None,
+        user_agent: str | None = None,
+        correlation_id: str | None = None,
+    ) -> Result:
+        """Call ``method`` and return the reply's ``result`` (``{}`` when it is null).
+
+        ::
+
+            result = get_rpc_client().call("send_notification", {"user_id": "123"})
+
+        ``params`` is any mapping of JSON-encodable values (dates, decimals and UUIDs are
+        encoded as Django's ``DjangoJSONEncoder`` does); anything else raises ``TypeError``
+        before a request is sent or a signal fired. ``user``, ``caller_ip`` and ``user_agent``
+        override what the middleware captured.
+
+        :raises RPCRemoteError: the server answered with an error (its code and text).
+        :raises RPCTimeoutError: no reply within ``timeout`` (default ``RPC_TIMEOUT``).
+        :raises RPCConnectionError: Redis could not be reached.
+        """
+        request = self._request(method, params, timeout, correlation_id)
+        if user is None:
+            user = resolve_user(get_caller_context())
+        with self._reported(self._started(request, user, caller_ip, user_agent)) as outcome:
+            outcome.succeed(self.transport.call(request))
+        return outcome.result
+
+    async def acall(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        user: Any = None,
+        caller_ip: str | None = None,
+        user_agent: str | None = None,
+        correlation_id: str | None = None,
+    ) -> Result:
+        """The ``async`` twin of :meth:`call`, on ``redis.asyncio``; never blocks the event loop.
+
+        ::
+
+            result = await get_rpc_client().acall("system.echo", {"data": {"hello": 1}})
+        """
+        request = self._request(method, params, timeout, correlation_id)
+        if user is None:
+            user = await aresolve_user(get_caller_context())
+        async with self._areported(self._started(request, user, caller_ip, user_agent)) as outcome:
+            outcome.succeed(await self.transport.acall(request))
+        return outcome.result
+
+    def fire_and_forget(self, method: str, params: Mapping[str, Any] | None = None) -> str:
+        """Send a call without waiting for its reply; return its correlation id.
+
+        The signals fire as for :meth:`call`. Since no reply is awaited, a successful send is
+        reported with ``status="success"`` and ``response=None``: the row records that the
+        request reached the stream, not what the server did with it.
+        """
+        request = self._request(method, params, None, None)
+        user = resolve_user(get_caller_context())
+        with self._reported(self._started(request, user, None, None)) as outcome:
+            self.transport.send(request)
+            outcome.succeed(None)
+        return request.correlation_id
+
+    def close(self) -> None:
+        """Close the transport's connections."""
+        self.transport.close()
+
+
+_client: RPCClient | None = None
+_client_lock = threading.Lock()
+
+
+def get_rpc_client() -> RPCClient:
+    """The process-wide :class:`RPCClient`, built from ``DJANGO_CFG_RPC`` on first use.
+
+    It is rebuilt when the setting changes (``override_settings``, pytest-django's
+    ``settings``), so tests can switch transports freely.
+
+    :raises RPCDisabledError: ``DJANGO_CFG_RPC["ENABLED"]`` is false.
+    """
+    global _client
+    client = _client
+    if client is None:
+        with _client_lock:
+            if _client is None:
+                config = get_config()
+                if not config.enabled:
+                    raise RPCDisabledError(
+                        "RPC calls are disabled: DJANGO_CFG_RPC['ENABLED'] is false."
+                    )
+                _client = RPCClient(config)
+            client = _client
+    return client
+
+
+def reset_rpc_client() -> None:
+    """Close and forget the process-wide client; the next :func:`get_rpc_client` builds anew."""
+    global _client
+    with _client_lock:
+        client, _client = _client, None
+    if client is not None:
+        client.close()

@@ -1,0 +1,92 @@
+"""``RPCAuditMiddleware``: puts the request's user, client IP and user agent in the caller context."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
+from django.http import HttpRequest, HttpResponseBase
+from ipware import get_client_ip
+
+from django_rpc_audit.conf import get_config
+from django_rpc_audit.context import RPCCallerContext, reset_caller_context, set_caller_context
+
+logger = logging.getLogger(__name__)
+
+_IPWARE_SETTINGS = ("IPWARE_META_PRECEDENCE_ORDER", "IPWARE_META_PROXY_COUNT")
+
+
+def client_ip(request: HttpRequest) -> str | None:
+    """The client IP of ``request``, by django-ipware.
+
+    With ``TRUSTED_PROXY_IPS`` set, ``X-Forwarded-For`` is believed only as far as those proxies
+    vouch for it. With neither that nor ipware's own ``IPWARE_META_*`` settings, proxy headers
+    are ignored and ``REMOTE_ADDR`` is the answer: a header any client can forge is not trusted
+    by default.
+    """
+    trusted = get_config().trusted_proxy_ips
+    try:
+        if trusted:
+            ip, _routable = get_client_ip(request, proxy_trusted_ips=trusted)
+        elif any(hasattr(settings, name) for name in _IPWARE_SETTINGS):
+            ip, _routable = get_client_ip(request)
+        else:
+            ip, _routable = get_client_ip(request, request_header_order=("REMOTE_ADDR",))
+    except ValueError:
+        logger.warning("django-ipware is misconfigured; the caller IP is not recorded.", exc_info=True)
+        return None
+    return ip
+
+
+def caller_context_for(request: HttpRequest) -> RPCCallerContext:
+    """The caller context of ``request``. The user stays lazy: the session is not read here."""
+    return RPCCallerContext(
+        user=getattr(request, "user", None),
+        caller_ip=client_ip(request),
+        user_agent=request.META.get("HTTP_USER_AGENT", ""),
+        auser=getattr(request, "auser", None),
+    )
+
+
+class RPCAuditMiddleware:
+    """Attribute every RPC call made while handling a request to that request.
+
+    Place it after ``AuthenticationMiddleware``. Works under WSGI and ASGI; the context is
+    reset when the response is returned, also when the view raises.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(
+        self,
+        get_response: Callable[[HttpRequest], HttpResponseBase]
+        | Callable[[HttpRequest], Awaitable[HttpResponseBase]],
+    ) -> None:
+        self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+
+    def __repr__(self) -> str:
+        return f"<RPCAuditMiddleware get_response={self.get_response!r}>"
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.async_mode:
+            return self.__acall__(request)
+        token = set_caller_context(caller_context_for(request))
+        try:
+            return self.get_response(request)
+        finally:
+            reset_caller_context(token)
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        token = set_caller_context(caller_context_for(request))
+        try:
+            response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
+            return response
+        finally:
+            reset_caller_context(token)

@@ -1,0 +1,84 @@
+"""The ``RPCLog`` model: one row per RPC call."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, ClassVar
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+from django_rpc_audit.querysets import RPCLogQuerySet
+
+if TYPE_CHECKING:
+    from django.db.models.manager import Manager
+
+
+class RPCStatus(models.TextChoices):
+    """How a call ended; ``PENDING`` while it is in flight."""
+
+    PENDING = "pending", _("Pending")
+    SUCCESS = "success", _("Success")
+    FAILED = "failed", _("Failed")
+    TIMEOUT = "timeout", _("Timeout")
+
+
+class RPCLog(models.Model):
+    """One RPC call: who made it, from where, with what, how long it took and how it ended."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    correlation_id = models.CharField(_("correlation id"), max_length=64)
+    method = models.CharField(_("method"), max_length=255)
+    params = models.JSONField(_("params"), default=dict, blank=True)
+    response = models.JSONField(_("response"), null=True, blank=True)
+    status = models.CharField(
+        _("status"), max_length=16, choices=RPCStatus.choices, default=RPCStatus.PENDING
+    )
+    error_code = models.CharField(_("error code"), max_length=100, blank=True)
+    error_message = models.TextField(_("error message"), blank=True)
+    duration_ms = models.FloatField(_("duration (ms)"), null=True, blank=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        verbose_name=_("user"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="rpc_logs",
+        # Covered by the (user, created_at) index below; a second one would only cost writes.
+        db_index=False,
+    )
+    caller_ip = models.GenericIPAddressField(_("caller IP"), null=True, blank=True)
+    user_agent = models.TextField(_("user agent"), blank=True)
+    created_at = models.DateTimeField(_("created at"), default=timezone.now)
+    completed_at = models.DateTimeField(_("completed at"), null=True, blank=True)
+
+    objects: ClassVar[Manager[RPCLog]] = RPCLogQuerySet.as_manager()  # type: ignore[assignment]
+
+    class Meta:
+        verbose_name = _("RPC log")
+        verbose_name_plural = _("RPC logs")
+        ordering = ("-created_at",)
+        get_latest_by = "created_at"
+        # One index per documented query shape; each also serves its prefix.
+        indexes = (
+            # recent(), the admin's default ordering and date hierarchy.
+            models.Index(fields=["created_at"], name="rpclog_created_idx"),
+            # failed() / timed_out() / pending() within a window.
+            models.Index(fields=["status", "created_at"], name="rpclog_status_created_idx"),
+            # for_method() within a window, and stats_by_method()'s grouping.
+            models.Index(fields=["method", "created_at"], name="rpclog_method_created_idx"),
+            # for_user() within a window; also the user foreign key's index.
+            models.Index(fields=["user", "created_at"], name="rpclog_user_created_idx"),
+            # Looking a call up by the id shared with the server's logs.
+            models.Index(fields=["correlation_id"], name="rpclog_correlation_idx"),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.method} [{self.status}] {self.correlation_id}"
+
+    @property
+    def is_finished(self) -> bool:
+        """True once the call has an outcome."""
+        return self.status != RPCStatus.PENDING

@@ -1,0 +1,284 @@
+"""``RPCLogQuerySet``: the query API (filters, analytics) and the write API behind the writers."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypedDict
+
+from django.db import connections, models
+from django.db.models import Avg, Count, Q
+from django.utils import timezone
+
+from django_rpc_audit.utils import to_jsonable
+
+if TYPE_CHECKING:
+    from django_rpc_audit.models import RPCLog
+
+# Row ids are derived from the call's identity, so the finishing write finds the row the
+# starting write made (or makes it, if that write was lost) without any shared state.
+_LOG_ID_NAMESPACE = uuid.UUID("6f1d2c1e-7a53-4c53-9a8e-2f4d1b0c9e71")
+
+
+def call_log_id(correlation_id: str, started_at: datetime) -> uuid.UUID:
+    """The primary key of the row logging the call ``correlation_id`` started at ``started_at``."""
+    return uuid.uuid5(_LOG_ID_NAMESPACE, f"{correlation_id}|{started_at.isoformat()}")
+
+
+class MethodStats(TypedDict):
+    """One row of :meth:`RPCLogQuerySet.stats_by_method`."""
+
+    method: str
+    total_calls: int
+    success_count: int
+    failed_count: int
+    timeout_count: int
+    avg_duration_ms: float | None
+    p95_duration_ms: float | None
+
+
+class PercentileCont(models.Aggregate):
+    """PostgreSQL's exact ``percentile_cont(fraction) WITHIN GROUP (ORDER BY expression)``."""
+
+    function = "PERCENTILE_CONT"
+    name = "percentile_cont"
+    output_field = models.FloatField()
+    template = "%(function)s(%(fraction)s) WITHIN GROUP (ORDER BY %(expressions)s)"
+
+    def __init__(self, expression: str, fraction: float, **extra: Any) -> None:
+        if not 0 <= fraction <= 1:
+            raise ValueError("fraction must be between 0 and 1.")
+        super().__init__(expression, fraction=float(fraction), **extra)
+
+
+def percentile_cont(sorted_values: Sequence[float], fraction: float) -> float | None:
+    """The same interpolated percentile as PostgreSQL's ``percentile_cont``, in Python."""
+    if not sorted_values:
+        return None
+    position = fraction * (len(sorted_values) - 1)
+    lower = math.floor(position)
+    upper = min(lower + 1, len(sorted_values) - 1)
+    return sorted_values[lower] + (position - lower) * (
+        sorted_values[upper] - sorted_values[lower]
+    )
+
+
+def _truncate(value: object, limit: int) -> str:
+    """``value`` as text a database column accepts: NUL removed (PostgreSQL refuses it), capped."""
+    text = "" if value is None else str(value)
+    return text.replace("\x00", "")[:limit]
+
+
+def _ip_or_none(value: object) -> str | None:
+    if not value:
+        return None
+    try:
+        return str(ipaddress.ip_address(str(value)))
+    except ValueError:
+        return None
+
+
+class RPCLogQuerySet(models.QuerySet["RPCLog"]):
+    """Chainable filters and analytics on ``RPCLog`` rows::
+
+        RPCLog.objects.filter(user=user).recent(hours=24).failed().count()
+        RPCLog.objects.recent(hours=1).stats_by_method()
+    """
+
+    # -- filters ------------------------------------------------------------------------------
+
+    def recent(self, hours: float = 24) -> RPCLogQuerySet:
+        """Calls started in the last ``hours`` hours."""
+        if isinstance(hours, bool) or not isinstance(hours, int | float) or hours <= 0:
+            raise ValueError(f"hours must be a positive number, not {hours!r}.")
+        return self.filter(created_at__gte=timezone.now() - timedelta(hours=hours))
+
+    def succeeded(self) -> RPCLogQuerySet:
+        """Calls that got a successful reply."""
+        return self.filter(status="success")
+
+    def failed(self) -> RPCLogQuerySet:
+        """Calls that ended in an error (remote, connection or protocol), timeouts excepted."""
+        return self.filter(status="failed")
+
+    def timed_out(self) -> RPCLogQuerySet:
+        """Calls that got no reply in time."""
+        return self.filter(status="timeout")
+
+    def pending(self) -> RPCLogQuerySet:
+        """Calls still in flight (or whose outcome was never written)."""
+        return self.filter(status="pending")
+
+    def slow(self, ms: float = 1000) -> RPCLogQuerySet:
+        """Finished calls that took at least ``ms`` milliseconds."""
+        return self.filter(duration_ms__gte=ms)
+
+    def for_user(self, user: models.Model | int | str | None) -> RPCLogQuerySet:
+        """Calls attributed to ``user`` (an instance or a primary key); ``None``: anonymous."""
+        if user is None:
+            return self.filter(user__isnull=True)
+        if isinstance(user, models.Model):
+            return self.filter(user_id=user.pk)
+        return self.filter(user_id=user)
+
+    def for_method(self, method: str) -> RPCLogQuerySet:
+        """Calls of the RPC method ``method`` (exact name)."""
+        return self.filter(method=method)
+
+    # -- analytics ----------------------------------------------------------------------------
+
+    def stats_by_method(self) -> list[MethodStats]:
+        """One dict per method: call counts by outcome, mean and 95th-percentile duration.
+
+        Ordered by ``total_calls``, busiest first. On PostgreSQL the percentile is computed
+        exactly by the database (``percentile_cont``); on other databases it is computed
+        exactly in Python from the durations, which reads one float per finished call.
+        Pending calls count in ``total_calls`` but have no duration.
+        """
+        queryset = self.order_by().values("method")
+        rows = queryset.annotate(
+            total_calls=Count("pk"),
+            success_count=Count("pk", filter=Q(status="success")),
+            failed_count=Count("pk", filter=Q(status="failed")),
+            timeout_count=Count("pk", filter=Q(status="timeout")),
+            avg_duration_ms=Avg("duration_ms"),
+        )
+        on_postgres = connections[self.db].vendor == "postgresql"
+        if on_postgres:
+            rows = rows.annotate(p95_duration_ms=PercentileCont("duration_ms", 0.95))
+        stats: list[MethodStats] = [
+            MethodStats(
+                method=row["method"],
+                total_calls=row["total_calls"],
+                success_count=row["success_count"],
+                failed_count=row["failed_count"],
+                timeout_count=row["timeout_count"],
+                avg_duration_ms=row["avg_duration_ms"],
+                p95_duration_ms=row.get("p95_duration_ms"),
+            )
+            for row in rows
+        ]
+        if not on_postgres:
+            durations = self._durations_by_method()
+            for item in stats:
+                item["p95_duration_ms"] = percentile_cont(durations[item["method"]], 0.95)
+        stats.sort(key=lambda item: (-item["total_calls"], item["method"]))
+        return stats
+
+    def _durations_by_method(self) -> dict[str, list[float]]:
+        durations: dict[str, list[float]] = defaultdict(list)
+        rows: Iterable[tuple[str, float]] = (
+            self.filter(duration_ms__isnull=False)
+            .order_by("method", "duration_ms")
+            .values_list("method", "duration_ms")
+            .iterator(chunk_size=10_000)
+        )
+        for method, duration in rows:
+            durations[method].append(duration)
+        return durations
+
+    # -- writes (used by the log writers) -----------------------------------------------------
+
+    def record_started(
+        self,
+        *,
+        correlation_id: str,
+        method: str,
+        params: Any,
+        user: Any,
+        caller_ip: str | None,
+        user_agent: str | None,
+        started_at: datetime,
+        **extra: Any,
+    ) -> RPCLog:
+        """Insert the ``pending`` row of a call that has just started (``rpc_started``'s kwargs)."""
+        return self.create(
+            id=call_log_id(correlation_id, started_at),
+            **_started_values(correlation_id, method, params, user, caller_ip, user_agent),
+            created_at=started_at,
+        )
+
+    def record_finished(
+        self,
+        *,
+        correlation_id: str,
+        method: str,
+        params: Any,
+        user: Any,
+        caller_ip: str | None,
+        user_agent: str | None,
+        started_at: datetime,
+        status: str,
+        response: Any,
+        error_code: str | None,
+        error_message: str | None,
+        duration_ms: float | None,
+        completed_at: datetime,
+        **extra: Any,
+    ) -> None:
+        """Complete the row of a finished call (``rpc_finished``'s kwargs).
+
+        If the ``pending`` row is missing (its write failed, or nobody wrote it), the whole
+        row is inserted now: a finished call never loses its row.
+        """
+        log_id = call_log_id(correlation_id, started_at)
+        outcome = outcome_values(
+            status=status,
+            response=response,
+            error_code=error_code,
+            error_message=error_message,
+            duration_ms=duration_ms,
+            completed_at=completed_at,
+        )
+        if self.filter(pk=log_id).update(**outcome):
+            return
+        self.create(
+            id=log_id,
+            **_started_values(correlation_id, method, params, user, caller_ip, user_agent),
+            created_at=started_at,
+            **outcome,
+        )
+
+
+def outcome_values(
+    *,
+    status: str,
+    response: Any,
+    error_code: str | None,
+    error_message: str | None,
+    duration_ms: float | None,
+    completed_at: datetime,
+) -> dict[str, Any]:
+    """Column values known when a call ends, made safe to store."""
+    return {
+        "status": status,
+        "response": None if response is None else to_jsonable(response),
+        "error_code": _truncate(error_code, 100),
+        "error_message": _truncate(error_message, 1_000_000),
+        "duration_ms": duration_ms,
+        "completed_at": completed_at,
+    }
+
+
+def _started_values(
+    correlation_id: str,
+    method: str,
+    params: Any,
+    user: Any,
+    caller_ip: str | None,
+    user_agent: str | None,
+) -> dict[str, Any]:
+    """Column values known when a call starts, made safe to store whatever the caller passed."""
+    user_pk = getattr(user, "pk", None) if isinstance(user, models.Model) else None
+    return {
+        "correlation_id": _truncate(correlation_id, 64),
+        "method": _truncate(method, 255),
+        "params": to_jsonable(params) if params is not None else {},
+        "user_id": user_pk,
+        "caller_ip": _ip_or_none(caller_ip),
+        "user_agent": _truncate(user_agent, 100_000),
+    }

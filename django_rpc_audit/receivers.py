@@ -1,0 +1,22 @@
+"""The built-in receivers: turn ``rpc_started`` / ``rpc_finished`` into ``RPCLog`` rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django_rpc_audit.conf import get_config
+from django_rpc_audit.writers import get_writer
+
+
+def log_rpc_started(sender: type, **kwargs: Any) -> None:
+    """Hand a started call to the log writer, unless ``ENABLE_LOGGING`` is off."""
+    if get_config().enable_logging:
+        kwargs.pop("signal", None)
+        get_writer().started(kwargs)
+
+
+def log_rpc_finished(sender: type, **kwargs: Any) -> None:
+    """Hand a finished call to the log writer, unless ``ENABLE_LOGGING`` is off."""
+    if get_config().enable_logging:
+        kwargs.pop("signal", None)
+        get_writer().finished(kwargs)

@@ -1,0 +1,334 @@
+"""Transports carry one RPC request and bring back its reply: Redis (django-ipc) or in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+
+import redis
+import redis.asyncio
+from asgiref.sync import async_to_sync, sync_to_async
+
+from django_rpc_audit.exceptions import (
+    RPCConnectionError,
+    RPCError,
+    RPCProtocolError,
+    RPCRemoteError,
+    RPCTimeoutError,
+)
+from django_rpc_audit.utils import redact_url
+
+if TYPE_CHECKING:
+    from django_rpc_audit.conf import DjangoCfgRPCConfig
+
+logger = logging.getLogger(__name__)
+
+Result: TypeAlias = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RPCRequest:
+    """One call as it goes on the wire. ``body`` is the JSON payload, encoded once."""
+
+    method: str
+    params: dict[str, Any]
+    correlation_id: str
+    reply_to: str
+    timeout: float
+    body: str
+
+
+class Transport(Protocol):
+    """What :class:`~django_rpc_audit.client.RPCClient` needs from a transport.
+
+    ``call``/``acall`` return the reply's ``result`` (``{}`` when it is null) or raise an
+    :class:`~django_rpc_audit.exceptions.RPCError` subclass; ``send`` delivers without waiting.
+    """
+
+    def call(self, request: RPCRequest) -> Result: ...
+
+    async def acall(self, request: RPCRequest) -> Result: ...
+
+    def send(self, request: RPCRequest) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def parse_reply(raw: bytes | str, request: RPCRequest) -> Result:
+    """Turn a django-ipc reply into the result, or raise what it reports.
+
+    The reply has no ``type`` key: ``success`` says how the call ended, and on failure the
+    server's own ``error_code`` and ``error`` are what the caller sees.
+    """
+    try:
+        reply = json.loads(raw)
+    except ValueError as exc:
+        raise RPCProtocolError(f"Reply to {request.method!r} is not JSON.") from exc
+    if not isinstance(reply, dict) or not isinstance(reply.get("success"), bool):
+        raise RPCProtocolError(f"Reply to {request.method!r} has no boolean 'success' field.")
+    if reply.get("correlation_id") not in (None, request.correlation_id):
+        raise RPCProtocolError(
+            f"Reply to {request.method!r} carries correlation id {reply['correlation_id']!r}, "
+            f"expected {request.correlation_id!r}."
+        )
+    if not reply["success"]:
+        raise RPCRemoteError(
+            code=str(reply.get("error_code") or "unknown_error"),
+            message=str(reply.get("error") or ""),
+        )
+    result = reply.get("result")
+    if result is None:
+        return {}
+    if not isinstance(result, dict):
+        raise RPCProtocolError(f"Reply to {request.method!r} has a non-object result.")
+    return result
+
+
+class RedisTransport:
+    """The django-ipc wire protocol: ``XADD`` to the request stream, ``BLPOP`` the reply list."""
+
+    def __init__(self, config: DjangoCfgRPCConfig) -> None:
+        self.redis_url = config.redis_url
+        self.request_stream = config.request_stream
+        self.stream_maxlen = config.stream_maxlen
+        self._lock = threading.Lock()
+        self._client: redis.Redis | None = None
+        # One asyncio client per event loop: a connection pool cannot cross loops.
+        self._async_clients: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, redis.asyncio.Redis
+        ] = weakref.WeakKeyDictionary()
+
+    def __repr__(self) -> str:
+        return f"<RedisTransport {redact_url(self.redis_url)} stream={self.request_stream!r}>"
+
+    @property
+    def client(self) -> redis.Redis:
+        """The synchronous redis-py client, created on first use."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5)
+        return self._client
+
+    def _async_client(self) -> redis.asyncio.Redis:
+        loop = asyncio.get_running_loop()
+        client = self._async_clients.get(loop)
+        if client is None:
+            client = redis.asyncio.Redis.from_url(self.redis_url, socket_connect_timeout=5)
+            self._async_clients[loop] = client
+        return client
+
+    def _connection_error(self, exc: redis.RedisError) -> RPCError:
+        # redis-py's own text names host and port, never the password; we still build our own.
+        if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+            return RPCConnectionError(
+                f"Cannot reach Redis at {redact_url(self.redis_url)}: {type(exc).__name__}."
+            )
+        return RPCError(f"Redis at {redact_url(self.redis_url)} refused the request: {exc}")
+
+    def call(self, request: RPCRequest) -> Result:
+        client = self.client
+        try:
+            client.xadd(
+                self.request_stream,
+                {"payload": request.body},
+                maxlen=self.stream_maxlen,
+                approximate=True,
+            )
+            popped = client.blpop([request.reply_to], timeout=request.timeout)
+            if popped is None:
+                # A late reply would land in a list nobody reads; drop the key now rather than
+                # leave it to the server's 60 s expiry.
+                client.delete(request.reply_to)
+        except redis.RedisError as exc:
+            raise self._connection_error(exc) from exc
+        if popped is None:
+            raise _timeout(request)
+        return parse_reply(popped[1], request)
+
+    async def acall(self, request: RPCRequest) -> Result:
+        client = self._async_client()
+        try:
+            await client.xadd(
+                self.request_stream,
+                {"payload": request.body},
+                maxlen=self.stream_maxlen,
+                approximate=True,
+            )
+            popped = await client.blpop([request.reply_to], timeout=request.timeout)
+            if popped is None:
+                await client.delete(request.reply_to)
+        except redis.RedisError as exc:
+            raise self._connection_error(exc) from exc
+        if popped is None:
+            raise _timeout(request)
+        return parse_reply(popped[1], request)
+
+    def send(self, request: RPCRequest) -> None:
+        try:
+            self.client.xadd(
+                self.request_stream,
+                {"payload": request.body},
+                maxlen=self.stream_maxlen,
+                approximate=True,
+            )
+        except redis.RedisError as exc:
+            raise self._connection_error(exc) from exc
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        # Async clients are closed with their event loop; dropping them is enough here.
+        self._async_clients.clear()
+
+
+def _timeout(request: RPCRequest) -> RPCTimeoutError:
+    return RPCTimeoutError(
+        f"No reply to {request.method!r} within {request.timeout:g} s "
+        f"(correlation id {request.correlation_id}).",
+        timeout=request.timeout,
+    )
+
+
+Handler: TypeAlias = Callable[[dict[str, Any]], Mapping[str, Any] | None] | Callable[
+    [dict[str, Any]], Awaitable[Mapping[str, Any] | None]
+]
+
+_local_handlers: dict[str, Handler] = {}
+
+
+def register_local_handler(method: str, handler: Handler) -> None:
+    """Answer calls to ``method`` in this process when ``TRANSPORT`` is ``"local"``.
+
+    The handler takes the params dict and returns a dict (or ``None``); it may be ``async``.
+    Raise :class:`~django_rpc_audit.exceptions.RPCRemoteError` to answer with your own error
+    code; any other exception is answered as ``internal_error`` with its text, as the
+    django-ipc server does.
+    """
+    if not isinstance(method, str) or not method:
+        raise ValueError("The method name must be a non-empty string.")
+    if not callable(handler):
+        raise TypeError(f"The handler for {method!r} must be callable.")
+    _local_handlers[method] = handler
+
+
+def unregister_local_handler(method: str) -> None:
+    """Forget the local handler of ``method`` (no error when there is none)."""
+    _local_handlers.pop(method, None)
+
+
+def local_handler(method: str) -> Callable[[Handler], Handler]:
+    """Decorator form of :func:`register_local_handler`::
+
+        @local_handler("send_notification")
+        def send_notification(params):
+            return {"delivered": True}
+    """
+
+    def decorator(handler: Handler) -> Handler:
+        register_local_handler(method, handler)
+        return handler
+
+    return decorator
+
+
+class LocalTransport:
+    """Answers calls with functions registered in this process: demos and users' own tests.
+
+    The request and the result go through JSON as they would on the wire. A synchronous
+    handler runs in the calling thread and cannot be interrupted: one that runs past the
+    timeout is reported as a timeout when it returns. An ``async`` handler awaited by
+    ``acall`` is cancelled at the timeout.
+    """
+
+    def __repr__(self) -> str:
+        return f"<LocalTransport handlers={sorted(_local_handlers)}>"
+
+    def _handler(self, request: RPCRequest) -> tuple[Handler, dict[str, Any]]:
+        handler = _local_handlers.get(request.method)
+        if handler is None:
+            raise RPCRemoteError("internal_error", f"Unknown RPC method: {request.method}")
+        params: dict[str, Any] = json.loads(request.body)["params"]
+        return handler, params
+
+    def call(self, request: RPCRequest) -> Result:
+        handler, params = self._handler(request)
+        started = time.monotonic()
+        try:
+            if inspect.iscoroutinefunction(handler):
+                outcome = async_to_sync(handler)(params)
+            else:
+                outcome = handler(params)
+        except RPCRemoteError:
+            raise
+        except Exception as exc:
+            raise RPCRemoteError("internal_error", str(exc)) from exc
+        if time.monotonic() - started > request.timeout:
+            raise _timeout(request)
+        return self._result(outcome, request)
+
+    async def acall(self, request: RPCRequest) -> Result:
+        handler, params = self._handler(request)
+        started = time.monotonic()
+        try:
+            if inspect.iscoroutinefunction(handler):
+                outcome = await asyncio.wait_for(handler(params), timeout=request.timeout)
+            else:
+                outcome = await sync_to_async(handler)(params)
+        except TimeoutError as exc:
+            raise _timeout(request) from exc
+        except RPCRemoteError:
+            raise
+        except Exception as exc:
+            raise RPCRemoteError("internal_error", str(exc)) from exc
+        if time.monotonic() - started > request.timeout:
+            raise _timeout(request)
+        return self._result(outcome, request)
+
+    def send(self, request: RPCRequest) -> None:
+        try:
+            self.call(request)
+        except RPCError:
+            logger.warning("Local fire-and-forget call to %r failed.", request.method, exc_info=True)
+
+    def close(self) -> None:
+        pass
+
+    @staticmethod
+    def _result(outcome: object, request: RPCRequest) -> Result:
+        if outcome is None:
+            return {}
+        if not isinstance(outcome, Mapping):
+            raise RPCProtocolError(
+                f"Local handler for {request.method!r} returned {type(outcome).__name__}, "
+                "not a dict."
+            )
+        try:
+            result: Result = json.loads(json.dumps(dict(outcome), allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise RPCProtocolError(
+                f"Local handler for {request.method!r} returned a result that is not JSON."
+            ) from exc
+        return result
+
+
+def build_transport(config: DjangoCfgRPCConfig) -> Transport:
+    """The transport ``config.transport`` names."""
+    if config.transport == "local":
+        return LocalTransport()
+    return RedisTransport(config)
+
+
+def wire_timeout(timeout: float) -> int:
+    """django-ipc's ``timeout`` field takes whole seconds."""
+    return max(1, math.ceil(timeout))

@@ -1,0 +1,67 @@
+"""Log writers turn call events into ``RPCLog`` rows; receivers hand every event to one."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from django.db import transaction
+
+logger = logging.getLogger(__name__)
+
+
+class LogWriter(Protocol):
+    """Where the built-in receivers send call events.
+
+    ``started`` receives ``rpc_started``'s keyword arguments, ``finished`` those of
+    ``rpc_finished``. A writer must never raise into the caller.
+    """
+
+    def started(self, event: dict[str, Any]) -> None: ...
+
+    def finished(self, event: dict[str, Any]) -> None: ...
+
+
+class SyncLogWriter:
+    """Writes each event at once, on the calling thread's database connection.
+
+    A pending row when the call starts, completed when it finishes. Each write runs in its own
+    atomic block, so a failing write inside the caller's transaction rolls back to a savepoint
+    instead of breaking that transaction.
+    """
+
+    def started(self, event: dict[str, Any]) -> None:
+        from django_rpc_audit.models import RPCLog
+
+        try:
+            with transaction.atomic(using=RPCLog.objects.db):
+                RPCLog.objects.record_started(**event)
+        except Exception:
+            logger.exception(
+                "Could not write the pending RPC log row of %s (%s); it is written when the "
+                "call finishes.",
+                event.get("method"),
+                event.get("correlation_id"),
+            )
+
+    def finished(self, event: dict[str, Any]) -> None:
+        from django_rpc_audit.models import RPCLog
+
+        try:
+            with transaction.atomic(using=RPCLog.objects.db):
+                RPCLog.objects.record_finished(**event)
+        except Exception:
+            logger.exception(
+                "Could not write the RPC log row of %s (%s, %s).",
+                event.get("method"),
+                event.get("correlation_id"),
+                event.get("status"),
+            )
+
+
+_sync_writer = SyncLogWriter()
+
+
+def get_writer() -> LogWriter:
+    """The writer the receivers use."""
+    return _sync_writer

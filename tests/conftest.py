@@ -1,0 +1,132 @@
+"""Shared fixtures: settings helpers, local handlers, real Redis, signal capture."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from django_rpc_audit.conf import clear_config_cache
+from django_rpc_audit.signals import rpc_finished, rpc_started
+from django_rpc_audit.transports import register_local_handler, unregister_local_handler
+
+#: With RPC_AUDIT_STRICT=1 (as scripts/test sets), a missing Redis or django-ipc fails the run
+#: instead of skipping the tests that need it.
+STRICT = os.environ.get("RPC_AUDIT_STRICT") == "1"
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def unavailable(reason: str) -> None:
+    """Skip (or fail, in strict mode) a test whose real service is missing."""
+    if STRICT:
+        pytest.fail(f"{reason} (RPC_AUDIT_STRICT=1)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_config() -> Iterator[None]:
+    """Every test starts and ends with no cached config or client."""
+    clear_config_cache()
+    yield
+    clear_config_cache()
+
+
+@pytest.fixture
+def rpc_settings(settings: Any) -> Callable[..., dict[str, Any]]:
+    """Update ``DJANGO_CFG_RPC`` for one test: ``rpc_settings(TRANSPORT="redis", ...)``."""
+
+    def configure(**keys: Any) -> dict[str, Any]:
+        settings.DJANGO_CFG_RPC = {**settings.DJANGO_CFG_RPC, **keys}
+        return settings.DJANGO_CFG_RPC
+
+    return configure
+
+
+@pytest.fixture
+def rpc_env(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, str], None]:
+    """Set a ``DJANGO_CFG_RPC__*`` environment variable for one test."""
+
+    def setenv(key: str, value: str) -> None:
+        monkeypatch.setenv(f"DJANGO_CFG_RPC__{key}", value)
+        clear_config_cache()
+
+    return setenv
+
+
+@pytest.fixture
+def local_handler() -> Iterator[Callable[[str, Any], None]]:
+    """Register local handlers for one test; they are removed afterwards."""
+    registered: list[str] = []
+
+    def register(method: str, handler: Any) -> None:
+        register_local_handler(method, handler)
+        registered.append(method)
+
+    yield register
+    for method in registered:
+        unregister_local_handler(method)
+
+
+@pytest.fixture
+def echo_handler(local_handler: Callable[[str, Any], None]) -> None:
+    """``test.echo`` answers with its params."""
+    local_handler("test.echo", lambda params: {"echo": params})
+
+
+class SignalRecorder:
+    """Records every ``rpc_started`` / ``rpc_finished`` with its keyword arguments."""
+
+    def __init__(self) -> None:
+        self.started: list[dict[str, Any]] = []
+        self.finished: list[dict[str, Any]] = []
+
+    def on_started(self, sender: type, **kwargs: Any) -> None:
+        self.started.append({"sender": sender, **kwargs})
+
+    def on_finished(self, sender: type, **kwargs: Any) -> None:
+        self.finished.append({"sender": sender, **kwargs})
+
+
+@pytest.fixture
+def signals() -> Iterator[SignalRecorder]:
+    recorder = SignalRecorder()
+    rpc_started.connect(recorder.on_started, dispatch_uid="tests.recorder.started")
+    rpc_finished.connect(recorder.on_finished, dispatch_uid="tests.recorder.finished")
+    yield recorder
+    rpc_started.disconnect(dispatch_uid="tests.recorder.started")
+    rpc_finished.disconnect(dispatch_uid="tests.recorder.finished")
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The real Redis server's URL; the test is skipped (strict: fails) if it is not up."""
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        unavailable(f"Redis is not reachable at {REDIS_URL}: {exc}")
+    finally:
+        client.close()
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def redis_transport(
+    rpc_settings: Callable[..., dict[str, Any]], redis_url: str, redis_client: redis.Redis
+) -> Iterator[str]:
+    """Switch to the Redis transport on a stream of this test's own; yields the stream name."""
+    stream = f"rpc_audit_test:{uuid.uuid4().hex}:requests"
+    rpc_settings(TRANSPORT="redis", REDIS_URL=redis_url, REQUEST_STREAM=stream)
+    yield stream
+    redis_client.delete(stream)

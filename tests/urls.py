@@ -1,0 +1,13 @@
+from django.contrib import admin
+from django.urls import path
+
+from tests import views
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("sync/call/", views.sync_call),
+    path("async/call/", views.async_call),
+    path("sync/no-call/", views.sync_no_call),
+    path("sync/raises/", views.sync_raises),
+    path("async/raises/", views.async_raises),
+]

@@ -1,0 +1,35 @@
+"""Views the middleware tests drive through the test client."""
+
+from __future__ import annotations
+
+from django.http import HttpRequest, JsonResponse
+
+from django_rpc_audit import get_rpc_client
+
+
+def sync_call(request: HttpRequest) -> JsonResponse:
+    result = get_rpc_client().call("test.echo", {"who": request.GET.get("who", "")})
+    return JsonResponse(result)
+
+
+async def async_call(request: HttpRequest) -> JsonResponse:
+    result = await get_rpc_client().acall("test.echo", {"who": request.GET.get("who", "")})
+    return JsonResponse(result)
+
+
+def sync_no_call(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"ok": True})
+
+
+class ViewFailed(Exception):
+    pass
+
+
+def sync_raises(request: HttpRequest) -> JsonResponse:
+    get_rpc_client().call("test.echo", {"who": "raiser"})
+    raise ViewFailed("the view failed after its RPC call")
+
+
+async def async_raises(request: HttpRequest) -> JsonResponse:
+    await get_rpc_client().acall("test.echo", {"who": "raiser"})
+    raise ViewFailed("the view failed after its RPC call")
