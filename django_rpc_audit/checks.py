@@ -17,7 +17,9 @@ AUTH_MIDDLEWARE_PATH = "django.contrib.auth.middleware.AuthenticationMiddleware"
 
 
 @register(Tags.compatibility)
-def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+def check_settings(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
     """E001: ``DJANGO_CFG_RPC`` (or a ``DJANGO_CFG_RPC__*`` variable) is invalid."""
     try:
         get_config()
@@ -62,7 +64,9 @@ def check_middleware(
 
 
 @register(Tags.admin)
-def check_unfold(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[CheckMessage]:
+def check_unfold(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
     """E002: the admin is installed without django-unfold; W003: unfold after the admin."""
     if not apps.is_installed("django.contrib.admin"):
         return []

@@ -1,4 +1,4 @@
-"""The RPC client: sends a call through a transport, between ``rpc_started`` and ``rpc_finished``."""
+"""The RPC client: a call goes through a transport between ``rpc_started`` and ``rpc_finished``."""
 
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from django_rpc_audit.transports import (
     build_transport,
     wire_timeout,
 )
-
 
 SUCCESS = "success"
 FAILED = "failed"

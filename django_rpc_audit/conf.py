@@ -123,7 +123,9 @@ def _validate(config: DjangoCfgRPCConfig) -> None:
         if not isinstance(getattr(config, name), bool):
             raise _fail(name.upper(), f"must be True or False, not {getattr(config, name)!r}.")
     if config.transport not in TRANSPORTS:
-        raise _fail("TRANSPORT", f"must be one of {', '.join(TRANSPORTS)}, not {config.transport!r}.")
+        raise _fail(
+            "TRANSPORT", f"must be one of {', '.join(TRANSPORTS)}, not {config.transport!r}."
+        )
     timeout = config.rpc_timeout
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
         raise _fail("RPC_TIMEOUT", f"must be a positive number of seconds, not {timeout!r}.")
@@ -142,7 +144,7 @@ def _validate(config: DjangoCfgRPCConfig) -> None:
 
 
 def validate_redis_url(url: object) -> None:
-    """Raise :class:`ImproperlyConfigured` unless redis-py accepts ``url``; never echo a password."""
+    """Raise :class:`ImproperlyConfigured` unless redis-py accepts ``url``; hides the password."""
     if not isinstance(url, str) or not url:
         raise _fail("REDIS_URL", "must be a redis://, rediss:// or unix:// URL.")
     try:
@@ -159,7 +161,7 @@ def validate_redis_url(url: object) -> None:
 
 @functools.cache
 def get_config() -> DjangoCfgRPCConfig:
-    """The active configuration: settings, then environment overrides. Cached until settings change."""
+    """The active configuration: settings, then environment. Cached until settings change."""
     raw = getattr(settings, SETTING_NAME, None)
     if raw is None:
         config = DjangoCfgRPCConfig()
@@ -175,7 +177,7 @@ def get_config() -> DjangoCfgRPCConfig:
 
 
 def clear_config_cache() -> None:
-    """Forget the parsed configuration and the client built from it (after settings or env change)."""
+    """Forget the parsed configuration and the client built from it."""
     get_config.cache_clear()
     from django_rpc_audit.client import reset_rpc_client
 

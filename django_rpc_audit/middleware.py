@@ -1,4 +1,4 @@
-"""``RPCAuditMiddleware``: puts the request's user, client IP and user agent in the caller context."""
+"""``RPCAuditMiddleware``: the request's user, client IP and user agent, as caller context."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ _IPWARE_SETTINGS = ("IPWARE_META_PRECEDENCE_ORDER", "IPWARE_META_PROXY_COUNT")
 def client_ip(request: HttpRequest) -> str | None:
     """The client IP of ``request``, by django-ipware.
 
-    With ``TRUSTED_PROXY_IPS`` set, ``X-Forwarded-For`` is believed only as far as those proxies
-    vouch for it. With neither that nor ipware's own ``IPWARE_META_*`` settings, proxy headers
-    are ignored and ``REMOTE_ADDR`` is the answer: a header any client can forge is not trusted
-    by default.
+    ``TRUSTED_PROXY_IPS`` is passed to ipware as ``proxy_trusted_ips``, and ipware's own
+    ``IPWARE_META_*`` settings are honoured. With none of them set, proxy headers are ignored:
+    a header any client can forge is not trusted by default. Whenever ipware finds no client
+    IP that its rules vouch for, the socket peer (``REMOTE_ADDR``) is recorded.
     """
     trusted = get_config().trusted_proxy_ips
     try:
@@ -34,9 +34,13 @@ def client_ip(request: HttpRequest) -> str | None:
         elif any(hasattr(settings, name) for name in _IPWARE_SETTINGS):
             ip, _routable = get_client_ip(request)
         else:
+            ip = None
+        if ip is None:
             ip, _routable = get_client_ip(request, request_header_order=("REMOTE_ADDR",))
     except ValueError:
-        logger.warning("django-ipware is misconfigured; the caller IP is not recorded.", exc_info=True)
+        logger.warning(
+            "django-ipware is misconfigured; the caller IP is not recorded.", exc_info=True
+        )
         return None
     return ip
 

@@ -62,9 +62,7 @@ def percentile_cont(sorted_values: Sequence[float], fraction: float) -> float | 
     position = fraction * (len(sorted_values) - 1)
     lower = math.floor(position)
     upper = min(lower + 1, len(sorted_values) - 1)
-    return sorted_values[lower] + (position - lower) * (
-        sorted_values[upper] - sorted_values[lower]
-    )
+    return sorted_values[lower] + (position - lower) * (sorted_values[upper] - sorted_values[lower])
 
 
 def _truncate(value: object, limit: int) -> str:
@@ -85,8 +83,8 @@ def _ip_or_none(value: object) -> str | None:
 class RPCLogQuerySet(models.QuerySet["RPCLog"]):
     """Chainable filters and analytics on ``RPCLog`` rows::
 
-        RPCLog.objects.filter(user=user).recent(hours=24).failed().count()
-        RPCLog.objects.recent(hours=1).stats_by_method()
+    RPCLog.objects.filter(user=user).recent(hours=24).failed().count()
+    RPCLog.objects.recent(hours=1).stats_by_method()
     """
 
     # -- filters ------------------------------------------------------------------------------

@@ -200,9 +200,10 @@ def _timeout(request: RPCRequest) -> RPCTimeoutError:
     )
 
 
-Handler: TypeAlias = Callable[[dict[str, Any]], Mapping[str, Any] | None] | Callable[
-    [dict[str, Any]], Awaitable[Mapping[str, Any] | None]
-]
+Handler: TypeAlias = (
+    Callable[[dict[str, Any]], Mapping[str, Any] | None]
+    | Callable[[dict[str, Any]], Awaitable[Mapping[str, Any] | None]]
+)
 
 _local_handlers: dict[str, Handler] = {}
 
@@ -230,9 +231,9 @@ def unregister_local_handler(method: str) -> None:
 def local_handler(method: str) -> Callable[[Handler], Handler]:
     """Decorator form of :func:`register_local_handler`::
 
-        @local_handler("send_notification")
-        def send_notification(params):
-            return {"delivered": True}
+    @local_handler("send_notification")
+    def send_notification(params):
+        return {"delivered": True}
     """
 
     def decorator(handler: Handler) -> Handler:
@@ -299,7 +300,9 @@ class LocalTransport:
         try:
             self.call(request)
         except RPCError:
-            logger.warning("Local fire-and-forget call to %r failed.", request.method, exc_info=True)
+            logger.warning(
+                "Local fire-and-forget call to %r failed.", request.method, exc_info=True
+            )
 
     def close(self) -> None:
         pass

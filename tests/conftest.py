@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 import redis
+from asgiref.sync import SyncToAsync
+from django.db import connections
 
 from django_rpc_audit.conf import clear_config_cache
 from django_rpc_audit.signals import rpc_finished, rpc_started
@@ -33,6 +35,19 @@ def _fresh_config() -> Iterator[None]:
     clear_config_cache()
     yield
     clear_config_cache()
+
+
+@pytest.fixture(autouse=True)
+def _close_async_thread_connections(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Close the database connection that async tests opened in asgiref's worker thread.
+
+    ``sync_to_async`` runs ORM calls of an async test in one shared thread, whose connection
+    Django's test teardown never sees; left open, it keeps PostgreSQL from dropping the test
+    database.
+    """
+    yield
+    if request.node.get_closest_marker("asyncio"):
+        SyncToAsync.single_thread_executor.submit(connections.close_all).result()
 
 
 @pytest.fixture

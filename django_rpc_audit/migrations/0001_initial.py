@@ -8,7 +8,6 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
@@ -17,29 +16,81 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.CreateModel(
-            name='RPCLog',
+            name="RPCLog",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('correlation_id', models.CharField(max_length=64, verbose_name='correlation id')),
-                ('method', models.CharField(max_length=255, verbose_name='method')),
-                ('params', models.JSONField(blank=True, default=dict, verbose_name='params')),
-                ('response', models.JSONField(blank=True, null=True, verbose_name='response')),
-                ('status', models.CharField(choices=[('pending', 'Pending'), ('success', 'Success'), ('failed', 'Failed'), ('timeout', 'Timeout')], default='pending', max_length=16, verbose_name='status')),
-                ('error_code', models.CharField(blank=True, max_length=100, verbose_name='error code')),
-                ('error_message', models.TextField(blank=True, verbose_name='error message')),
-                ('duration_ms', models.FloatField(blank=True, null=True, verbose_name='duration (ms)')),
-                ('caller_ip', models.GenericIPAddressField(blank=True, null=True, verbose_name='caller IP')),
-                ('user_agent', models.TextField(blank=True, verbose_name='user agent')),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now, verbose_name='created at')),
-                ('completed_at', models.DateTimeField(blank=True, null=True, verbose_name='completed at')),
-                ('user', models.ForeignKey(blank=True, db_index=False, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='rpc_logs', to=settings.AUTH_USER_MODEL, verbose_name='user')),
+                (
+                    "id",
+                    models.UUIDField(
+                        default=uuid.uuid4, editable=False, primary_key=True, serialize=False
+                    ),
+                ),
+                ("correlation_id", models.CharField(max_length=64, verbose_name="correlation id")),
+                ("method", models.CharField(max_length=255, verbose_name="method")),
+                ("params", models.JSONField(blank=True, default=dict, verbose_name="params")),
+                ("response", models.JSONField(blank=True, null=True, verbose_name="response")),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending"),
+                            ("success", "Success"),
+                            ("failed", "Failed"),
+                            ("timeout", "Timeout"),
+                        ],
+                        default="pending",
+                        max_length=16,
+                        verbose_name="status",
+                    ),
+                ),
+                (
+                    "error_code",
+                    models.CharField(blank=True, max_length=100, verbose_name="error code"),
+                ),
+                ("error_message", models.TextField(blank=True, verbose_name="error message")),
+                (
+                    "duration_ms",
+                    models.FloatField(blank=True, null=True, verbose_name="duration (ms)"),
+                ),
+                (
+                    "caller_ip",
+                    models.GenericIPAddressField(blank=True, null=True, verbose_name="caller IP"),
+                ),
+                ("user_agent", models.TextField(blank=True, verbose_name="user agent")),
+                (
+                    "created_at",
+                    models.DateTimeField(
+                        default=django.utils.timezone.now, verbose_name="created at"
+                    ),
+                ),
+                (
+                    "completed_at",
+                    models.DateTimeField(blank=True, null=True, verbose_name="completed at"),
+                ),
+                (
+                    "user",
+                    models.ForeignKey(
+                        blank=True,
+                        db_index=False,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="rpc_logs",
+                        to=settings.AUTH_USER_MODEL,
+                        verbose_name="user",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'RPC log',
-                'verbose_name_plural': 'RPC logs',
-                'ordering': ('-created_at',),
-                'get_latest_by': 'created_at',
-                'indexes': [models.Index(fields=['created_at'], name='rpclog_created_idx'), models.Index(fields=['status', 'created_at'], name='rpclog_status_created_idx'), models.Index(fields=['method', 'created_at'], name='rpclog_method_created_idx'), models.Index(fields=['user', 'created_at'], name='rpclog_user_created_idx'), models.Index(fields=['correlation_id'], name='rpclog_correlation_idx')],
+                "verbose_name": "RPC log",
+                "verbose_name_plural": "RPC logs",
+                "ordering": ("-created_at",),
+                "get_latest_by": "created_at",
+                "indexes": [
+                    models.Index(fields=["created_at"], name="rpclog_created_idx"),
+                    models.Index(fields=["status", "created_at"], name="rpclog_status_created_idx"),
+                    models.Index(fields=["method", "created_at"], name="rpclog_method_created_idx"),
+                    models.Index(fields=["user", "created_at"], name="rpclog_user_created_idx"),
+                    models.Index(fields=["correlation_id"], name="rpclog_correlation_idx"),
+                ],
             },
         ),
     ]

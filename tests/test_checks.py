@@ -1,0 +1,45 @@
+"""System checks."""
+
+from __future__ import annotations
+
+from django.core.management import call_command
+
+from django_rpc_audit import checks
+
+
+def ids(messages) -> list[str]:
+    return [message.id for message in messages]
+
+
+def test_test_settings_pass_every_check():
+    call_command("check", fail_level="WARNING")
+
+
+def test_invalid_config_is_e001(settings):
+    settings.DJANGO_CFG_RPC = {"REDIS_URL": "http://:hunter2@cache/0"}
+    messages = checks.check_settings()
+    assert ids(messages) == ["django_rpc_audit.E001"]
+    assert "REDIS_URL" in messages[0].msg
+    assert "hunter2" not in messages[0].msg
+
+
+def test_missing_middleware_is_w001(settings):
+    settings.MIDDLEWARE = [m for m in settings.MIDDLEWARE if m != checks.MIDDLEWARE_PATH]
+    assert ids(checks.check_middleware()) == ["django_rpc_audit.W001"]
+
+
+def test_middleware_before_authentication_is_w002(settings):
+    rest = [m for m in settings.MIDDLEWARE if m != checks.MIDDLEWARE_PATH]
+    settings.MIDDLEWARE = [checks.MIDDLEWARE_PATH, *rest]
+    assert ids(checks.check_middleware()) == ["django_rpc_audit.W002"]
+
+
+def test_unfold_missing_is_e002(settings):
+    settings.INSTALLED_APPS = [app for app in settings.INSTALLED_APPS if app != "unfold"]
+    assert ids(checks.check_unfold()) == ["django_rpc_audit.E002"]
+
+
+def test_unfold_after_admin_is_w003(settings):
+    rest = [app for app in settings.INSTALLED_APPS if app != "unfold"]
+    settings.INSTALLED_APPS = [*rest, "unfold"]
+    assert ids(checks.check_unfold()) == ["django_rpc_audit.W003"]

@@ -1,0 +1,310 @@
+"""RPCClient over the local transport: signals, outcomes, arguments, the logging switch."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+import uuid
+from types import MappingProxyType
+
+import pytest
+
+from django_rpc_audit import get_rpc_client, rpc_context
+from django_rpc_audit.client import RPCClient
+from django_rpc_audit.exceptions import RPCProtocolError, RPCRemoteError, RPCTimeoutError
+from django_rpc_audit.models import RPCLog
+from django_rpc_audit.signals import rpc_finished, rpc_started
+from tests.factories import UserFactory
+
+pytestmark = pytest.mark.django_db
+
+STARTED_KEYS = {
+    "sender",
+    "signal",
+    "correlation_id",
+    "method",
+    "params",
+    "user",
+    "caller_ip",
+    "user_agent",
+    "started_at",
+}
+FINISHED_KEYS = STARTED_KEYS | {
+    "status",
+    "response",
+    "error_code",
+    "error_message",
+    "duration_ms",
+    "completed_at",
+}
+
+
+@pytest.mark.usefixtures("echo_handler")
+def test_successful_call_returns_result_and_sends_both_signals_once(signals):
+    result = get_rpc_client().call("test.echo", {"a": 1})
+
+    assert result == {"echo": {"a": 1}}
+    assert len(signals.started) == 1
+    assert len(signals.finished) == 1
+    started, finished = signals.started[0], signals.finished[0]
+    assert set(started) == STARTED_KEYS
+    assert set(finished) == FINISHED_KEYS
+    assert started["sender"] is RPCClient
+    assert finished["correlation_id"] == started["correlation_id"]
+    assert uuid.UUID(started["correlation_id"]).version == 4
+    assert finished["status"] == "success"
+    assert finished["response"] == {"echo": {"a": 1}}
+    assert finished["error_code"] is None
+    assert finished["duration_ms"] > 0
+    assert finished["completed_at"] >= started["started_at"]
+
+
+@pytest.mark.usefixtures("echo_handler")
+def test_successful_call_is_logged():
+    get_rpc_client().call("test.echo", {"a": 1})
+    log = RPCLog.objects.get()
+    assert (log.method, log.status, log.params, log.response) == (
+        "test.echo",
+        "success",
+        {"a": 1},
+        {"echo": {"a": 1}},
+    )
+    assert log.duration_ms > 0
+    assert log.completed_at >= log.created_at
+    assert log.error_code == ""
+
+
+def test_handler_error_is_failed_with_its_text(local_handler, signals):
+    def broken(params):
+        raise ValueError("inventory is empty")
+
+    local_handler("test.broken", broken)
+    with pytest.raises(RPCRemoteError) as excinfo:
+        get_rpc_client().call("test.broken")
+    assert (excinfo.value.code, excinfo.value.message) == ("internal_error", "inventory is empty")
+    log = RPCLog.objects.get()
+    assert (log.status, log.error_code, log.error_message) == (
+        "failed",
+        "internal_error",
+        "inventory is empty",
+    )
+    assert log.response is None
+    assert [f["status"] for f in signals.finished] == ["failed"]
+
+
+def test_handler_can_answer_with_its_own_error_code(local_handler):
+    def offline(params):
+        raise RPCRemoteError("user_offline", "User 7 is not connected")
+
+    local_handler("test.offline", offline)
+    with pytest.raises(RPCRemoteError, match="not connected"):
+        get_rpc_client().call("test.offline")
+    assert RPCLog.objects.get().error_code == "user_offline"
+
+
+def test_unknown_method_is_failed_like_the_server_says():
+    with pytest.raises(RPCRemoteError) as excinfo:
+        get_rpc_client().call("no.such.method")
+    assert excinfo.value.message == "Unknown RPC method: no.such.method"
+    assert RPCLog.objects.get().status == "failed"
+
+
+def test_slow_handler_is_a_timeout_with_the_measured_duration(local_handler, signals):
+    local_handler("test.slow", lambda params: time.sleep(0.25) or {"late": True})
+    with pytest.raises(RPCTimeoutError) as excinfo:
+        get_rpc_client().call("test.slow", timeout=0.1)
+    assert excinfo.value.timeout == 0.1
+    log = RPCLog.objects.get()
+    assert log.status == "timeout"
+    assert log.error_code == "timeout"
+    assert log.duration_ms >= 250
+    assert signals.finished[0]["status"] == "timeout"
+
+
+def test_handler_returning_a_non_dict_is_a_protocol_error(local_handler):
+    local_handler("test.list", lambda params: [1, 2])
+    with pytest.raises(RPCProtocolError):
+        get_rpc_client().call("test.list")
+    assert RPCLog.objects.get().error_code == "protocol_error"
+
+
+@pytest.mark.usefixtures("echo_handler")
+def test_a_raising_receiver_does_not_break_the_call(caplog):
+    def explode(sender, **kwargs):
+        raise RuntimeError("receiver bug")
+
+    rpc_started.connect(explode, dispatch_uid="tests.explode.started")
+    rpc_finished.connect(explode, dispatch_uid="tests.explode.finished")
+    try:
+        with caplog.at_level(logging.ERROR, logger="django.dispatch"):
+            assert get_rpc_client().call("test.echo", {"x": 1}) == {"echo": {"x": 1}}
+    finally:
+        rpc_started.disconnect(dispatch_uid="tests.explode.started")
+        rpc_finished.disconnect(dispatch_uid="tests.explode.finished")
+    assert RPCLog.objects.get().status == "success"
+    assert sum("receiver bug" in record.getMessage() for record in caplog.records) == 2
+
+
+@pytest.mark.usefixtures("echo_handler")
+def test_explicit_attribution_overrides_the_context(signals):
+    context_user, explicit_user = UserFactory(), UserFactory()
+    with rpc_context(user=context_user, caller_ip="10.0.0.1", user_agent="context-agent"):
+        get_rpc_client().call("test.echo")
+        get_rpc_client().call(
+            "test.echo", user=explicit_user, caller_ip="10.0.0.2", user_agent="explicit-agent"
+        )
+    implicit, explicit = RPCLog.objects.order_by("created_at")
+    assert (implicit.user, implicit.caller_ip, implicit.user_agent) == (
+        context_user,
+        "10.0.0.1",
+        "context-agent",
+    )
+    assert (explicit.user, explicit.caller_ip, explicit.user_agent) == (
+        explicit_user,
+        "10.0.0.2",
+        "explicit-agent",
+    )
+
+
+@pytest.mark.usefixtures("echo_handler")
+def test_given_correlation_id_is_used():
+    correlation_id = str(uuid.uuid4())
+    get_rpc_client().call("test.echo", correlation_id=correlation_id)
+    assert RPCLog.objects.get().correlation_id == correlation_id
+
+
+@pytest.mark.usefixtures("echo_handler")
+def test_params_may_be_any_mapping_and_django_types_are_encoded():
+    params = MappingProxyType(
+        {
+            "id": uuid.UUID(int=1),
+            "when": datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),
+        }
+    )
+    expected = {"id": str(uuid.UUID(int=1)), "when": "2026-01-02T03:04:05Z"}
+    assert get_rpc_client().call("test.echo", params) == {"echo": expected}
+    assert RPCLog.objects.get().params == expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"method": ""}, ValueError),
+        ({"method": "m", "params": ["not", "a", "mapping"]}, TypeError),
+        ({"method": "m", "params": {"x": object()}}, TypeError),
+        ({"method": "m", "params": {"x": float("nan")}}, TypeError),
+        ({"method": "m", "timeout": 0}, ValueError),
+        ({"method": "m", "correlation_id": "not-a-uuid"}, ValueError),
+    ],
+)
+def test_bad_arguments_raise_before_anything_is_sent(signals, kwargs, error):
+    with pytest.raises(error):
+        get_rpc_client().call(**kwargs)
+    assert signals.started == []
+    assert signals.finished == []
+    assert not RPCLog.objects.exists()
+
+
+def test_fire_and_forget_reports_the_send(local_handler, signals):
+    received = []
+    local_handler("test.record", received.append)
+    correlation_id = get_rpc_client().fire_and_forget("test.record", {"n": 1})
+    assert received == [{"n": 1}]
+    assert signals.finished[0]["correlation_id"] == correlation_id
+    log = RPCLog.objects.get()
+    assert (log.status, log.response) == ("success", None)
+
+
+@pytest.mark.usefixtures("echo_handler")
+def test_logging_switched_off_in_the_environment_writes_no_rows(rpc_env, signals):
+    rpc_env("ENABLE_LOGGING", "false")
+    assert get_rpc_client().call("test.echo", {"a": 1}) == {"echo": {"a": 1}}
+    assert not RPCLog.objects.exists()
+    # Other apps' receivers still hear about the call.
+    assert len(signals.finished) == 1
+
+
+@pytest.mark.usefixtures("echo_handler")
+def test_logging_switched_off_in_settings_writes_no_rows(rpc_settings):
+    rpc_settings(ENABLE_LOGGING=False)
+    get_rpc_client().call("test.echo")
+    assert not RPCLog.objects.exists()
+
+
+def test_builtin_receivers_are_connected_exactly_once():
+    from django.apps import apps
+
+    def count(signal) -> int:
+        return sum(
+            1 for key, *_ in signal.receivers if key[0] and str(key[0]).startswith("django_rpc")
+        )
+
+    assert count(rpc_started) == 1
+    assert count(rpc_finished) == 1
+    apps.get_app_config("django_rpc_audit").ready()
+    assert count(rpc_started) == 1
+    assert count(rpc_finished) == 1
+
+
+@pytest.mark.usefixtures("echo_handler")
+def test_a_failing_log_write_loses_nothing_and_breaks_nothing(monkeypatch, caplog):
+    from django_rpc_audit.querysets import RPCLogQuerySet
+
+    def refuse(self, **kwargs):
+        raise RuntimeError("database said no")
+
+    monkeypatch.setattr(RPCLogQuerySet, "record_started", refuse)
+    with caplog.at_level(logging.ERROR, logger="django_rpc_audit.writers"):
+        assert get_rpc_client().call("test.echo", {"a": 2}) == {"echo": {"a": 2}}
+    # The pending write failed; the finished write inserted the whole row.
+    log = RPCLog.objects.get()
+    assert (log.status, log.params, log.response) == ("success", {"a": 2}, {"echo": {"a": 2}})
+    assert "database said no" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_acall_local_async_handler_and_timeout(local_handler, signals):
+    async def slow(params):
+        await asyncio.sleep(5)
+
+    async def quick(params):
+        return {"quick": params}
+
+    local_handler("test.slow", slow)
+    local_handler("test.quick", quick)
+    assert await get_rpc_client().acall("test.quick", {"a": 1}) == {"quick": {"a": 1}}
+    started = time.monotonic()
+    with pytest.raises(RPCTimeoutError):
+        await get_rpc_client().acall("test.slow", timeout=0.1)
+    # The async handler is cancelled at the timeout, not awaited to its end.
+    assert time.monotonic() - started < 2
+    statuses = sorted([log.status async for log in RPCLog.objects.all()])
+    assert statuses == ["success", "timeout"]
+    assert [f["status"] for f in signals.finished] == ["success", "timeout"]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_cancelled_acall_still_reports_once(local_handler, signals):
+    entered = asyncio.Event()
+
+    async def hang(params):
+        entered.set()
+        await asyncio.sleep(30)
+
+    local_handler("test.hang", hang)
+    task = asyncio.create_task(get_rpc_client().acall("test.hang", timeout=60))
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(signals.finished) == 1
+    assert (signals.finished[0]["status"], signals.finished[0]["error_code"]) == (
+        "failed",
+        "cancelled",
+    )
+    log = await RPCLog.objects.aget()
+    assert log.status == "failed"

@@ -1,0 +1,146 @@
+"""DJANGO_CFG_RPC parsing, environment overrides, validation and cache invalidation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+from django_rpc_audit import get_rpc_client
+from django_rpc_audit.conf import DjangoCfgRPCConfig, clear_config_cache, get_config
+from django_rpc_audit.exceptions import RPCDisabledError
+
+
+def test_defaults_are_documented_values():
+    config = DjangoCfgRPCConfig()
+    assert config.enabled is True
+    assert config.enable_logging is True
+    assert config.transport == "redis"
+    assert config.redis_url == "redis://localhost:6379/2"
+    assert config.request_stream == "stream:requests"
+    assert config.response_key_prefix == "list:response:"
+    assert config.stream_maxlen == 10_000
+    assert config.rpc_timeout == 30.0
+
+
+def test_config_is_frozen():
+    config = DjangoCfgRPCConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.enabled = False  # type: ignore[misc]
+
+
+def test_settings_dict_is_read(settings):
+    settings.DJANGO_CFG_RPC = {"TRANSPORT": "local", "RPC_TIMEOUT": 7, "STREAM_MAXLEN": 50}
+    config = get_config()
+    assert (config.transport, config.rpc_timeout, config.stream_maxlen) == ("local", 7, 50)
+
+
+def test_config_instance_can_be_assigned(settings):
+    settings.DJANGO_CFG_RPC = DjangoCfgRPCConfig(transport="local", request_stream="s:x")
+    assert get_config().request_stream == "s:x"
+
+
+def test_cache_is_cleared_when_setting_changes(settings):
+    settings.DJANGO_CFG_RPC = {"RPC_TIMEOUT": 3}
+    assert get_config().rpc_timeout == 3
+    settings.DJANGO_CFG_RPC = {"RPC_TIMEOUT": 4}
+    assert get_config().rpc_timeout == 4
+
+
+def test_client_is_rebuilt_when_setting_changes(settings):
+    settings.DJANGO_CFG_RPC = {"TRANSPORT": "local"}
+    first = get_rpc_client()
+    assert get_rpc_client() is first
+    settings.DJANGO_CFG_RPC = {"TRANSPORT": "redis", "REDIS_URL": "redis://127.0.0.1:6379/15"}
+    second = get_rpc_client()
+    assert second is not first
+    assert type(second.transport).__name__ == "RedisTransport"
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "expected"),
+    [
+        ("ENABLE_LOGGING", "false", False),
+        ("ENABLE_LOGGING", "0", False),
+        ("ENABLE_LOGGING", "yes", True),
+        ("ENABLED", "off", False),
+        ("RPC_TIMEOUT", "2.5", 2.5),
+        ("STREAM_MAXLEN", "123", 123),
+        ("TRANSPORT", "local", "local"),
+        ("REQUEST_STREAM", "s:env", "s:env"),
+        ("TRUSTED_PROXY_IPS", "10.0.0.1, 10.0.0.2", ("10.0.0.1", "10.0.0.2")),
+    ],
+)
+def test_environment_overrides_settings(settings, monkeypatch, key, raw, expected):
+    settings.DJANGO_CFG_RPC = {"TRANSPORT": "redis", "ENABLE_LOGGING": True}
+    monkeypatch.setenv(f"DJANGO_CFG_RPC__{key}", raw)
+    clear_config_cache()
+    assert getattr(get_config(), key.lower()) == expected
+
+
+def test_environment_overrides_a_config_instance(settings, monkeypatch):
+    settings.DJANGO_CFG_RPC = DjangoCfgRPCConfig(enable_logging=True)
+    monkeypatch.setenv("DJANGO_CFG_RPC__ENABLE_LOGGING", "false")
+    clear_config_cache()
+    assert get_config().enable_logging is False
+
+
+@pytest.mark.parametrize(
+    ("key", "raw"),
+    [
+        ("ENABLE_LOGGING", "ture"),
+        ("RPC_TIMEOUT", "soon"),
+        ("RPC_TIMEOUT", "-1"),
+        ("STREAM_MAXLEN", "1.5"),
+        ("TRANSPORT", "carrier-pigeon"),
+        ("REDIS_URL", "http://cache:6379/0"),
+    ],
+)
+def test_invalid_environment_value_names_the_key(settings, monkeypatch, key, raw):
+    monkeypatch.setenv(f"DJANGO_CFG_RPC__{key}", raw)
+    clear_config_cache()
+    with pytest.raises(ImproperlyConfigured, match=key):
+        get_config()
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"TRANSPORT": "smtp"}, "TRANSPORT"),
+        ({"RPC_TIMEOUT": 0}, "RPC_TIMEOUT"),
+        ({"RPC_TIMEOUT": True}, "RPC_TIMEOUT"),
+        ({"STREAM_MAXLEN": 0}, "STREAM_MAXLEN"),
+        ({"ENABLE_LOGGING": "yes"}, "ENABLE_LOGGING"),
+        ({"REQUEST_STREAM": ""}, "REQUEST_STREAM"),
+        ({"REDIS_URL": "redis://cache:notaport/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://cache:6379/zero"}, "REDIS_URL"),
+        ({"TRUSTED_PROXY_IPS": "10.0.0.1"}, "TRUSTED_PROXY_IPS"),
+        ({"NO_SUCH_KEY": 1}, "NO_SUCH_KEY"),
+    ],
+)
+def test_invalid_setting_names_the_key(settings, values, key):
+    settings.DJANGO_CFG_RPC = values
+    with pytest.raises(ImproperlyConfigured, match=key):
+        get_config()
+
+
+def test_invalid_redis_url_error_hides_the_password(settings):
+    settings.DJANGO_CFG_RPC = {"REDIS_URL": "redis://:hunter2@cache:badport/0"}
+    with pytest.raises(ImproperlyConfigured) as excinfo:
+        get_config()
+    assert "hunter2" not in str(excinfo.value)
+    assert excinfo.value.__cause__ is None
+    assert excinfo.value.__context__ is None
+
+
+def test_setting_of_wrong_type(settings):
+    settings.DJANGO_CFG_RPC = ["TRANSPORT", "local"]
+    with pytest.raises(ImproperlyConfigured, match="dict"):
+        get_config()
+
+
+def test_disabled_rpc_raises_on_get_client(settings):
+    settings.DJANGO_CFG_RPC = {"ENABLED": False}
+    with pytest.raises(RPCDisabledError, match="ENABLED"):
+        get_rpc_client()

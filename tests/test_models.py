@@ -1,0 +1,54 @@
+"""RPCLog model and migrations."""
+
+from __future__ import annotations
+
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+
+from django_rpc_audit.models import RPCLog, RPCStatus
+from tests.factories import RPCLogFactory, UserFactory
+
+
+@pytest.mark.django_db
+def test_migrations_match_the_models():
+    out = StringIO()
+    call_command("makemigrations", "django_rpc_audit", "--check", "--dry-run", stdout=out)
+    assert "No changes detected" in out.getvalue()
+
+
+def test_no_index_is_a_prefix_of_another():
+    meta = RPCLog._meta
+    index_fields = [tuple(index.fields) for index in meta.indexes]
+    indexed_columns = [
+        (field.name,) for field in meta.fields if field.db_index and not field.primary_key
+    ]
+    all_indexes = index_fields + indexed_columns
+    for a in all_indexes:
+        for b in all_indexes:
+            if a is not b and a != b:
+                assert b[: len(a)] != a, f"index {a} duplicates the prefix of {b}"
+    assert len(set(all_indexes)) == len(all_indexes)
+
+
+@pytest.mark.django_db
+def test_deleting_a_user_keeps_their_rows():
+    user = UserFactory()
+    log = RPCLogFactory(user=user)
+    user.delete()
+    log.refresh_from_db()
+    assert log.user is None
+
+
+@pytest.mark.django_db
+def test_duration_keeps_sub_millisecond_precision():
+    log = RPCLogFactory(duration_ms=0.123456)
+    log.refresh_from_db()
+    assert log.duration_ms == pytest.approx(0.123456)
+
+
+def test_str_and_finished():
+    log = RPCLog(method="m", status=RPCStatus.PENDING, correlation_id="c")
+    assert str(log) == "m [pending] c"
+    assert log.is_finished is False
