@@ -148,7 +148,7 @@ def validate_redis_url(url: object) -> None:
     if not isinstance(url, str) or not url:
         raise _fail("REDIS_URL", "must be a redis://, rediss:// or unix:// URL.")
     try:
-        parse_url(url)
+        parse_url(url)  # type: ignore[no-untyped-call]
         parts = urlsplit(url)
         db = parts.path.strip("/")
         valid = (parts.scheme == "unix" or bool(parts.hostname)) and (not db or db.isdigit())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, ClassVar
 
 from django.conf import settings
 from django.db import models
@@ -11,9 +10,6 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from django_rpc_audit.querysets import RPCLogQuerySet
-
-if TYPE_CHECKING:
-    from django.db.models.manager import Manager
 
 
 class RPCStatus(models.TextChoices):
@@ -54,7 +50,7 @@ class RPCLog(models.Model):
     created_at = models.DateTimeField(_("created at"), default=timezone.now)
     completed_at = models.DateTimeField(_("completed at"), null=True, blank=True)
 
-    objects: ClassVar[Manager[RPCLog]] = RPCLogQuerySet.as_manager()  # type: ignore[assignment]
+    objects = RPCLogQuerySet.as_manager()
 
     class Meta:
         verbose_name = _("RPC log")

@@ -8,7 +8,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from django.db import connections, models
 from django.db.models import Avg, Count, Q
@@ -156,7 +156,7 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
                 failed_count=row["failed_count"],
                 timeout_count=row["timeout_count"],
                 avg_duration_ms=row["avg_duration_ms"],
-                p95_duration_ms=row.get("p95_duration_ms"),
+                p95_duration_ms=cast("float | None", row.get("p95_duration_ms")),
             )
             for row in rows
         ]
@@ -169,11 +169,12 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
 
     def _durations_by_method(self) -> dict[str, list[float]]:
         durations: dict[str, list[float]] = defaultdict(list)
-        rows: Iterable[tuple[str, float]] = (
+        rows = cast(
+            "Iterable[tuple[str, float]]",
             self.filter(duration_ms__isnull=False)
             .order_by("method", "duration_ms")
             .values_list("method", "duration_ms")
-            .iterator(chunk_size=10_000)
+            .iterator(chunk_size=10_000),
         )
         for method, duration in rows:
             durations[method].append(duration)
