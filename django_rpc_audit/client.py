@@ -210,7 +210,9 @@ class RPCClient:
         :raises RPCRemoteError: the server answered with an error (its code and text).
         :raises RPCTimeoutError: no reply within ``timeout`` (default ``RPC_TIMEOUT``).
         :raises RPCConnectionError: Redis could not be reached.
+        :raises RuntimeError: called from a running event loop (use :meth:`acall` there).
         """
+        _refuse_on_event_loop("call")
         request = self._request(method, params, timeout, correlation_id)
         if user is None:
             user = resolve_user(get_caller_context())
@@ -249,6 +251,7 @@ class RPCClient:
         reported with ``status="success"`` and ``response=None``: the row records that the
         request reached the stream, not what the server did with it.
         """
+        _refuse_on_event_loop("fire_and_forget")
         request = self._request(method, params, None, None)
         user = resolve_user(get_caller_context())
         with self._reported(self._started(request, user, None, None)) as outcome:
@@ -259,6 +262,18 @@ class RPCClient:
     def close(self) -> None:
         """Close the transport's connections."""
         self.transport.close()
+
+
+def _refuse_on_event_loop(name: str) -> None:
+    """Blocking calls on the event loop's thread would stall every other request it serves."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(
+        f"RPCClient.{name}() blocks and was called from a running event loop; "
+        "use 'await RPCClient.acall()' in async code."
+    )
 
 
 _client: RPCClient | None = None

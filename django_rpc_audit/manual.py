@@ -9,6 +9,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import sync_to_async
+from django.db import router
 from django.utils import timezone
 
 from django_rpc_audit.conf import get_config
@@ -53,7 +54,7 @@ class RPCLogger:
         if not get_config().enable_logging:
             return None
         try:
-            return RPCLog.objects.record_started(
+            return RPCLog.objects.using(router.db_for_write(RPCLog)).record_started(
                 correlation_id=str(correlation_id),
                 method=method,
                 params=params,
@@ -119,7 +120,7 @@ def _complete(
         completed_at=timezone.now(),
     )
     try:
-        RPCLog.objects.filter(pk=log.pk).update(**values)
+        RPCLog.objects.using(router.db_for_write(RPCLog)).filter(pk=log.pk).update(**values)
     except Exception:
         logger.exception("Could not complete the RPC log row %s as %s.", log.pk, status)
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
-from django.db import transaction
+from django.db import router, transaction
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,9 @@ class SyncLogWriter:
         from django_rpc_audit.models import RPCLog
 
         try:
-            with transaction.atomic(using=RPCLog.objects.db):
-                RPCLog.objects.record_started(**event)
+            alias = router.db_for_write(RPCLog)
+            with transaction.atomic(using=alias):
+                RPCLog.objects.using(alias).record_started(**event)
         except Exception:
             logger.exception(
                 "Could not write the pending RPC log row of %s (%s); it is written when the "
@@ -48,8 +49,9 @@ class SyncLogWriter:
         from django_rpc_audit.models import RPCLog
 
         try:
-            with transaction.atomic(using=RPCLog.objects.db):
-                RPCLog.objects.record_finished(**event)
+            alias = router.db_for_write(RPCLog)
+            with transaction.atomic(using=alias):
+                RPCLog.objects.using(alias).record_finished(**event)
         except Exception:
             logger.exception(
                 "Could not write the RPC log row of %s (%s, %s).",

@@ -308,3 +308,13 @@ async def test_cancelled_acall_still_reports_once(local_handler, signals):
     )
     log = await RPCLog.objects.aget()
     assert log.status == "failed"
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("echo_handler")
+async def test_blocking_call_on_the_event_loop_is_refused(signals):
+    with pytest.raises(RuntimeError, match="acall"):
+        get_rpc_client().call("test.echo")
+    with pytest.raises(RuntimeError, match="acall"):
+        get_rpc_client().fire_and_forget("test.echo")
+    assert signals.started == []
