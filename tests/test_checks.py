@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from django.core.management import call_command
 
 from django_rpc_audit import checks
@@ -11,6 +12,7 @@ def ids(messages) -> list[str]:
     return [message.id for message in messages]
 
 
+@pytest.mark.django_db  # Django 6's check command also runs the database checks.
 def test_test_settings_pass_every_check():
     call_command("check", fail_level="WARNING")
 
