@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -70,8 +71,11 @@ class IPCServer:
         self.port = free_port()
         self.health_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        # django-ipc writes a logs/ folder into its working directory: keep it out of ours.
+        self._workdir: tempfile.TemporaryDirectory[str] | None = None
 
     def start(self) -> IPCServer:
+        self._workdir = tempfile.TemporaryDirectory(prefix="django-ipc-")
         self.process = subprocess.Popen(  # noqa: S603 - our own script, fixed arguments
             [
                 str(self.python),
@@ -85,6 +89,7 @@ class IPCServer:
                 "--stream",
                 self.stream,
             ],
+            cwd=self._workdir.name,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -120,6 +125,9 @@ class IPCServer:
         if self.process.stderr:
             self.process.stderr.close()
         self.process = None
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
 
     def __enter__(self) -> IPCServer:
         return self.start()
