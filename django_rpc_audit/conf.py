@@ -64,6 +64,9 @@ class DjangoCfgRPCConfig:
     trusted_proxy_ips: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
+        if isinstance(self.trusted_proxy_ips, list | set | frozenset):
+            # Settings naturally give lists; a tuple keeps the frozen config hashable.
+            object.__setattr__(self, "trusted_proxy_ips", tuple(self.trusted_proxy_ips))
         _validate(self)
 
     @classmethod
@@ -76,7 +79,7 @@ class DjangoCfgRPCConfig:
                 f"{SETTING_NAME} has unknown key(s) {', '.join(unknown)}; "
                 f"known keys are {', '.join(sorted(known))}."
             )
-        kwargs = {known[key]: _coerce(key, value) for key, value in values.items()}
+        kwargs = {known[key]: value for key, value in values.items()}
         return cls(**kwargs)
 
     def with_environ(self, environment: Mapping[str, str] | None = None) -> DjangoCfgRPCConfig:
@@ -105,13 +108,6 @@ def _parse_env(env: environ.Env, var: str, raw: str, default: Any) -> Any:
         return env.parse_value(raw, type(default))
     except ValueError as exc:
         raise ImproperlyConfigured(f"Environment variable {var} is invalid: {exc}") from exc
-
-
-def _coerce(key: str, value: Any) -> Any:
-    """Settings may give lists where the dataclass keeps tuples (so the config stays hashable)."""
-    if key == "TRUSTED_PROXY_IPS" and isinstance(value, list | set | frozenset):
-        return tuple(value)
-    return value
 
 
 def _fail(key: str, message: str) -> ImproperlyConfigured:

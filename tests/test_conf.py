@@ -144,3 +144,7 @@ def test_disabled_rpc_raises_on_get_client(settings):
     settings.DJANGO_CFG_RPC = {"ENABLED": False}
     with pytest.raises(RPCDisabledError, match="ENABLED"):
         get_rpc_client()
+
+
+def test_trusted_proxies_may_be_given_as_a_list():
+    assert DjangoCfgRPCConfig(trusted_proxy_ips=["10.0.0.1"]).trusted_proxy_ips == ("10.0.0.1",)
