@@ -41,6 +41,18 @@ class MethodStats(TypedDict):
     p95_duration_ms: float | None
 
 
+class UserStats(TypedDict):
+    """One row of :meth:`RPCLogQuerySet.stats_by_user`."""
+
+    user_id: Any
+    username: str | None
+    total_calls: int
+    success_count: int
+    failed_count: int
+    timeout_count: int
+    caller_ip_count: int
+
+
 class PercentileCont(models.Aggregate):
     """PostgreSQL's exact ``percentile_cont(fraction) WITHIN GROUP (ORDER BY expression)``."""
 
@@ -179,6 +191,40 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
         for method, duration in rows:
             durations[method].append(duration)
         return durations
+
+    def stats_by_user(self) -> list[UserStats]:
+        """One dict per user (``None``: calls without a user), busiest first.
+
+        ``username`` is the value of the user model's ``USERNAME_FIELD``.
+        """
+        from django.contrib.auth import get_user_model
+
+        username_field = get_user_model().USERNAME_FIELD
+        rows = (
+            self.order_by()
+            .values("user_id", f"user__{username_field}")
+            .annotate(
+                total_calls=Count("pk"),
+                success_count=Count("pk", filter=Q(status="success")),
+                failed_count=Count("pk", filter=Q(status="failed")),
+                timeout_count=Count("pk", filter=Q(status="timeout")),
+                caller_ip_count=Count("caller_ip", distinct=True),
+            )
+        )
+        stats = [
+            UserStats(
+                user_id=row["user_id"],
+                username=row[f"user__{username_field}"],
+                total_calls=row["total_calls"],
+                success_count=row["success_count"],
+                failed_count=row["failed_count"],
+                timeout_count=row["timeout_count"],
+                caller_ip_count=row["caller_ip_count"],
+            )
+            for row in rows
+        ]
+        stats.sort(key=lambda item: (-item["total_calls"], str(item["username"] or "")))
+        return stats
 
     # -- writes (used by the log writers) -----------------------------------------------------
 

@@ -96,7 +96,11 @@ class IPCServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                stderr = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                stderr = (
+                    self.process.stderr.read().decode(errors="replace")
+                    if self.process.stderr
+                    else ""
+                )
                 raise RuntimeError(f"django-ipc server exited at start:\n{stderr[-2000:]}")
             if self.healthy():
                 return self
@@ -106,7 +110,7 @@ class IPCServer:
 
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(  # noqa: S310 - loopback http only
+            with urllib.request.urlopen(
                 f"http://127.0.0.1:{self.health_port}/health", timeout=1
             ) as reply:
                 return bool(json.load(reply).get("status") == "ok")

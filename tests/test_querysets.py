@@ -135,3 +135,26 @@ def test_documented_queries_use_their_index(queryset, index):
         cursor.execute("SET LOCAL enable_seqscan = off")
         plan = queryset().explain()
     assert index in plan
+
+
+def test_stats_by_user_counts_per_user_and_anonymous():
+    alice, bob = UserFactory(username="alice"), UserFactory(username="bob")
+    RPCLogFactory.create_batch(2, user=alice, status="success", caller_ip="10.0.0.1")
+    RPCLogFactory(user=alice, status="failed", caller_ip="10.0.0.2")
+    RPCLogFactory(user=bob, status="timeout")
+    RPCLogFactory(user=None, status="success")
+
+    stats = RPCLog.objects.stats_by_user()
+
+    assert [row["username"] for row in stats] == ["alice", None, "bob"]
+    assert stats[0] == {
+        "user_id": alice.pk,
+        "username": "alice",
+        "total_calls": 3,
+        "success_count": 2,
+        "failed_count": 1,
+        "timeout_count": 0,
+        "caller_ip_count": 2,
+    }
+    assert stats[2]["timeout_count"] == 1
+    assert RPCLog.objects.failed().stats_by_user()[0]["total_calls"] == 1

@@ -1,0 +1,1 @@
+"""The example project of django-rpc-audit."""

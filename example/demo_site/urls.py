@@ -1,0 +1,11 @@
+"""URLs of the example project: the admin (RPC logs) and the demo app's views."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import include, path
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("", include("notifications.urls")),
+]
