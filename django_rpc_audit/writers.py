@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from django.db import router, transaction
+
+from django_rpc_audit.querysets import RPCLogQuerySet
 
 logger = logging.getLogger(__name__)
 
@@ -31,33 +34,26 @@ class SyncLogWriter:
     """
 
     def started(self, event: dict[str, Any]) -> None:
-        from django_rpc_audit.models import RPCLog
-
-        try:
-            alias = router.db_for_write(RPCLog)
-            with transaction.atomic(using=alias):
-                RPCLog.objects.using(alias).record_started(**event)
-        except Exception:
-            logger.exception(
-                "Could not write the pending RPC log row of %s (%s); it is written when the "
-                "call finishes.",
-                event.get("method"),
-                event.get("correlation_id"),
-            )
+        self._write(RPCLogQuerySet.record_started, event)
 
     def finished(self, event: dict[str, Any]) -> None:
+        self._write(RPCLogQuerySet.record_finished, event)
+
+    @staticmethod
+    def _write(operation: Callable[..., object], event: dict[str, Any]) -> None:
         from django_rpc_audit.models import RPCLog
 
         try:
             alias = router.db_for_write(RPCLog)
             with transaction.atomic(using=alias):
-                RPCLog.objects.using(alias).record_finished(**event)
+                operation(RPCLog.objects.using(alias), **event)
         except Exception:
+            # A lost pending row is written whole when the call finishes (record_finished).
             logger.exception(
                 "Could not write the RPC log row of %s (%s, %s).",
                 event.get("method"),
                 event.get("correlation_id"),
-                event.get("status"),
+                event.get("status", "pending"),
             )
 
 
