@@ -93,6 +93,20 @@ def parse_reply(raw: bytes | str, request: RPCRequest) -> Result:
     return result
 
 
+_CLIENT_OPTIONS: dict[str, Any] = {
+    "socket_connect_timeout": 5,
+    # No read timeout: BLPOP's own timeout bounds the wait for a reply. redis-py's default read
+    # timeout (5 s) would cut longer waits short as connection errors, and its async client
+    # would wrap every command in wait_for, which on Python 3.11 can swallow a cancellation.
+    # Keepalive notices a peer that vanished without closing the connection.
+    "socket_timeout": None,
+    "socket_keepalive": True,
+}
+
+#: How long past the call's own timeout ``acall`` waits for Redis itself to answer.
+REDIS_GRACE_SECONDS = 5.0
+
+
 class RedisTransport:
     """The django-ipc wire protocol: ``XADD`` to the request stream, ``BLPOP`` the reply list."""
 
@@ -116,14 +130,14 @@ class RedisTransport:
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    self._client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5)
+                    self._client = redis.Redis.from_url(self.redis_url, **_CLIENT_OPTIONS)
         return self._client
 
     def _async_client(self) -> redis.asyncio.Redis:
         loop = asyncio.get_running_loop()
         client = self._async_clients.get(loop)
         if client is None:
-            client = redis.asyncio.Redis.from_url(self.redis_url, socket_connect_timeout=5)
+            client = redis.asyncio.Redis.from_url(self.redis_url, **_CLIENT_OPTIONS)
             self._async_clients[loop] = client
         return client
 
@@ -158,15 +172,22 @@ class RedisTransport:
     async def acall(self, request: RPCRequest) -> Result:
         client = self._async_client()
         try:
-            await client.xadd(
-                self.request_stream,
-                {"payload": request.body},
-                maxlen=self.stream_maxlen,
-                approximate=True,
-            )
-            popped = await client.blpop([request.reply_to], timeout=request.timeout)
-            if popped is None:
-                await client.delete(request.reply_to)
+            # A Redis that accepts the connection but never answers must not hang the task.
+            async with asyncio.timeout(request.timeout + REDIS_GRACE_SECONDS):
+                await client.xadd(
+                    self.request_stream,
+                    {"payload": request.body},
+                    maxlen=self.stream_maxlen,
+                    approximate=True,
+                )
+                popped = await client.blpop([request.reply_to], timeout=request.timeout)
+                if popped is None:
+                    await client.delete(request.reply_to)
+        except TimeoutError as exc:
+            raise RPCConnectionError(
+                f"Redis at {redact_url(self.redis_url)} did not answer within "
+                f"{request.timeout + REDIS_GRACE_SECONDS:g} s."
+            ) from exc
         except redis.RedisError as exc:
             raise self._connection_error(exc) from exc
         if popped is None:
