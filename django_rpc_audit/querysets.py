@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypedDict, cast
 
+from django.conf import settings
 from django.db import connections, models
 from django.db.models import Avg, Count, Q
 from django.utils import timezone
@@ -75,6 +76,13 @@ def percentile_cont(sorted_values: Sequence[float], fraction: float) -> float | 
     lower = math.floor(position)
     upper = min(lower + 1, len(sorted_values) - 1)
     return sorted_values[lower] + (position - lower) * (sorted_values[upper] - sorted_values[lower])
+
+
+def _stored_datetime(value: datetime) -> datetime:
+    """Signals carry aware UTC datetimes; a project with ``USE_TZ = False`` stores naive ones."""
+    if not settings.USE_TZ and timezone.is_aware(value):
+        return timezone.make_naive(value)
+    return value
 
 
 def _truncate(value: object, limit: int) -> str:
@@ -244,7 +252,7 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
         return self.create(
             id=call_log_id(correlation_id, started_at),
             **_started_values(correlation_id, method, params, user, caller_ip, user_agent),
-            created_at=started_at,
+            created_at=_stored_datetime(started_at),
         )
 
     def record_finished(
@@ -284,7 +292,7 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
         self.create(
             id=log_id,
             **_started_values(correlation_id, method, params, user, caller_ip, user_agent),
-            created_at=started_at,
+            created_at=_stored_datetime(started_at),
             **outcome,
         )
 
@@ -305,7 +313,7 @@ def outcome_values(
         "error_code": _truncate(error_code, 100),
         "error_message": _truncate(error_message, 1_000_000),
         "duration_ms": duration_ms,
-        "completed_at": completed_at,
+        "completed_at": _stored_datetime(completed_at),
     }
 
 

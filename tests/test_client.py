@@ -318,3 +318,12 @@ async def test_blocking_call_on_the_event_loop_is_refused(signals):
     with pytest.raises(RuntimeError, match="acall"):
         get_rpc_client().fire_and_forget("test.echo")
     assert signals.started == []
+
+
+@pytest.mark.usefixtures("echo_handler")
+def test_rows_are_written_when_use_tz_is_off(settings):
+    settings.USE_TZ = False
+    get_rpc_client().call("test.echo")
+    log = RPCLog.objects.get()
+    assert log.status == "success"
+    assert log.created_at.tzinfo is None
