@@ -141,6 +141,15 @@ class RedisTransport:
             self._async_clients[loop] = client
         return client
 
+    def _stream_entry(self, request: RPCRequest) -> dict[str, Any]:
+        """``XADD``'s arguments: one field ``payload``, the stream trimmed approximately."""
+        return {
+            "name": self.request_stream,
+            "fields": {"payload": request.body},
+            "maxlen": self.stream_maxlen,
+            "approximate": True,
+        }
+
     def _connection_error(self, exc: redis.RedisError) -> RPCError:
         # redis-py's own text names host and port, never the password; we still build our own.
         if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
@@ -152,12 +161,7 @@ class RedisTransport:
     def call(self, request: RPCRequest) -> Result:
         client = self.client
         try:
-            client.xadd(
-                self.request_stream,
-                {"payload": request.body},
-                maxlen=self.stream_maxlen,
-                approximate=True,
-            )
+            client.xadd(**self._stream_entry(request))
             popped = client.blpop([request.reply_to], timeout=request.timeout)
             if popped is None:
                 # A late reply would land in a list nobody reads; drop the key now rather than
@@ -174,12 +178,7 @@ class RedisTransport:
         try:
             # A Redis that accepts the connection but never answers must not hang the task.
             async with asyncio.timeout(request.timeout + REDIS_GRACE_SECONDS):
-                await client.xadd(
-                    self.request_stream,
-                    {"payload": request.body},
-                    maxlen=self.stream_maxlen,
-                    approximate=True,
-                )
+                await client.xadd(**self._stream_entry(request))
                 popped = await client.blpop([request.reply_to], timeout=request.timeout)
                 if popped is None:
                     await client.delete(request.reply_to)
@@ -196,12 +195,7 @@ class RedisTransport:
 
     def send(self, request: RPCRequest) -> None:
         try:
-            self.client.xadd(
-                self.request_stream,
-                {"payload": request.body},
-                maxlen=self.stream_maxlen,
-                approximate=True,
-            )
+            self.client.xadd(**self._stream_entry(request))
         except redis.RedisError as exc:
             raise self._connection_error(exc) from exc
 
