@@ -91,9 +91,7 @@ class DjangoCfgRPCConfig:
             var = f"{ENV_PREFIX}{f.name.upper()}"
             if var not in environment:
                 continue
-            raw = environment[var]
-            default = getattr(type(self)(), f.name)
-            changes[f.name] = _parse_env(env, var, raw, default)
+            changes[f.name] = _parse_env(env, var, environment[var], f.default)
         return dataclasses.replace(self, **changes) if changes else self
 
 
