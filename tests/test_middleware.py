@@ -180,6 +180,21 @@ def test_no_session_access_when_the_view_makes_no_call():
     assert calling.wsgi_request.session.accessed is True
 
 
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_no_session_access_in_async_views_without_a_call():
+    user = await UserFactory._meta.model.objects.acreate(username="quiet-async")
+    client = AsyncClient()
+    await client.aforce_login(user)
+
+    quiet = await client.get("/async/no-call/")
+    calling = await client.get("/async/call/")
+
+    assert quiet.asgi_request.session.accessed is False
+    assert "Cookie" not in quiet.get("Vary", "")
+    assert calling.asgi_request.session.accessed is True
+
+
 def test_forged_forwarded_for_is_ignored_by_default():
     request = RequestFactory().get(
         "/", REMOTE_ADDR="198.51.100.20", HTTP_X_FORWARDED_FOR="203.0.113.99"

@@ -8,6 +8,7 @@ urlpatterns = [
     path("sync/call/", views.sync_call),
     path("async/call/", views.async_call),
     path("sync/no-call/", views.sync_no_call),
+    path("async/no-call/", views.async_no_call),
     path("sync/raises/", views.sync_raises),
     path("async/raises/", views.async_raises),
 ]

@@ -21,6 +21,10 @@ def sync_no_call(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"ok": True})
 
 
+async def async_no_call(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"ok": True})
+
+
 class ViewFailed(Exception):
     pass
 
