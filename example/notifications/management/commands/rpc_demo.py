@@ -228,8 +228,9 @@ class Command(BaseCommand):
         self._print_user_stats(logs)
         self._check_attribution(logs, expected_rows=len(plan))
         self.stdout.write(
-            "\nBrowse the log in the admin: run `python example/manage.py runserver` (with the "
-            "same DATABASE_URL), open http://127.0.0.1:8000/admin/ and sign in as admin / admin."
+            "\nBrowse the log in the admin: run `.venv/bin/python example/manage.py runserver` "
+            "(with the same DATABASE_URL), open http://127.0.0.1:8000/admin/ and sign in as "
+            "admin / admin."
         )
 
     # -- setting up -----------------------------------------------------------------------
