@@ -244,11 +244,13 @@ def unregister_local_handler(method: str) -> None:
 
 
 def local_handler(method: str) -> Callable[[Handler], Handler]:
-    """Decorator form of :func:`register_local_handler`::
+    """Decorator form of :func:`register_local_handler`.
 
-    @local_handler("send_notification")
-    def send_notification(params):
-        return {"delivered": True}
+    ::
+
+        @local_handler("send_notification")
+        def send_notification(params):
+            return {"delivered": True}
     """
 
     def decorator(handler: Handler) -> Handler:
