@@ -19,6 +19,7 @@ from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
 from django_rpc_audit.context import aresolve_user, get_caller_context, resolve_user
 from django_rpc_audit.exceptions import RPCDisabledError, RPCError, RPCTimeoutError
 from django_rpc_audit.signals import rpc_finished, rpc_started
+from django_rpc_audit.status import RPCStatus
 from django_rpc_audit.transports import (
     Result,
     RPCRequest,
@@ -27,16 +28,13 @@ from django_rpc_audit.transports import (
     wire_timeout,
 )
 
-SUCCESS = "success"
-FAILED = "failed"
-TIMEOUT = "timeout"
-
 
 @dataclass(slots=True)
 class _Outcome:
     """How one call ended, filled in by the call and turned into ``rpc_finished``'s arguments."""
 
-    status: str = FAILED
+    # Plain strings, as documented for rpc_finished (an enum member hashes by its name).
+    status: str = RPCStatus.FAILED.value
     response: Result | None = None
     error_code: str | None = None
     error_message: str | None = None
@@ -46,10 +44,11 @@ class _Outcome:
         return self.response if self.response is not None else {}
 
     def succeed(self, response: Result | None) -> None:
-        self.status, self.response = SUCCESS, response
+        self.status, self.response = RPCStatus.SUCCESS.value, response
 
     def record(self, exc: BaseException) -> None:
-        self.status = TIMEOUT if isinstance(exc, RPCTimeoutError) else FAILED
+        timed_out = isinstance(exc, RPCTimeoutError)
+        self.status = (RPCStatus.TIMEOUT if timed_out else RPCStatus.FAILED).value
         if isinstance(exc, RPCError):
             self.error_code, self.error_message = exc.code, exc.message
         elif isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):

@@ -15,6 +15,7 @@ from django.utils import timezone
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.context import get_caller_context, resolve_user
 from django_rpc_audit.exceptions import RPCError, RPCTimeoutError
+from django_rpc_audit.status import RPCStatus
 
 if TYPE_CHECKING:
     from django_rpc_audit.models import RPCLog
@@ -70,7 +71,7 @@ class RPCLogger:
     @staticmethod
     def mark_success(log: RPCLog | None, response_data: Any, duration_ms: float) -> None:
         """Record a successful reply."""
-        _complete(log, status="success", response=response_data, duration_ms=duration_ms)
+        _complete(log, status=RPCStatus.SUCCESS, response=response_data, duration_ms=duration_ms)
 
     @staticmethod
     def mark_failed(
@@ -79,7 +80,7 @@ class RPCLogger:
         """Record a failed call."""
         _complete(
             log,
-            status="failed",
+            status=RPCStatus.FAILED,
             error_code=error_code,
             error_message=error_message,
             duration_ms=duration_ms,
@@ -90,7 +91,7 @@ class RPCLogger:
         """Record a call that got no reply in time."""
         _complete(
             log,
-            status="timeout",
+            status=RPCStatus.TIMEOUT,
             error_code="timeout",
             error_message="No reply within the timeout.",
             duration_ms=duration_ms,

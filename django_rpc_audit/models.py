@@ -10,15 +10,9 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from django_rpc_audit.querysets import RPCLogQuerySet
+from django_rpc_audit.status import RPCStatus
 
-
-class RPCStatus(models.TextChoices):
-    """How a call ended; ``PENDING`` while it is in flight."""
-
-    PENDING = "pending", _("Pending")
-    SUCCESS = "success", _("Success")
-    FAILED = "failed", _("Failed")
-    TIMEOUT = "timeout", _("Timeout")
+__all__ = ["RPCLog", "RPCStatus"]
 
 
 class RPCLog(models.Model):

@@ -15,6 +15,7 @@ from django.db import connections, models
 from django.db.models import Avg, Count, Q
 from django.utils import timezone
 
+from django_rpc_audit.status import RPCStatus
 from django_rpc_audit.utils import to_jsonable
 
 if TYPE_CHECKING:
@@ -78,6 +79,16 @@ def percentile_cont(sorted_values: Sequence[float], fraction: float) -> float | 
     return sorted_values[lower] + (position - lower) * (sorted_values[upper] - sorted_values[lower])
 
 
+def _outcome_counts() -> dict[str, Count]:
+    """The call counts every stats row has: in all, and by outcome."""
+    return {
+        "total_calls": Count("pk"),
+        "success_count": Count("pk", filter=Q(status=RPCStatus.SUCCESS)),
+        "failed_count": Count("pk", filter=Q(status=RPCStatus.FAILED)),
+        "timeout_count": Count("pk", filter=Q(status=RPCStatus.TIMEOUT)),
+    }
+
+
 def _stored_datetime(value: datetime) -> datetime:
     """Signals carry aware UTC datetimes; a project with ``USE_TZ = False`` stores naive ones."""
     if not settings.USE_TZ and timezone.is_aware(value):
@@ -101,10 +112,12 @@ def _ip_or_none(value: object) -> str | None:
 
 
 class RPCLogQuerySet(models.QuerySet["RPCLog"]):
-    """Chainable filters and analytics on ``RPCLog`` rows::
+    """Chainable filters and analytics on ``RPCLog`` rows.
 
-    RPCLog.objects.filter(user=user).recent(hours=24).failed().count()
-    RPCLog.objects.recent(hours=1).stats_by_method()
+    ::
+
+        RPCLog.objects.filter(user=user).recent(hours=24).failed().count()
+        RPCLog.objects.recent(hours=1).stats_by_method()
     """
 
     # -- filters ------------------------------------------------------------------------------
@@ -117,19 +130,19 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
 
     def succeeded(self) -> RPCLogQuerySet:
         """Calls that got a successful reply."""
-        return self.filter(status="success")
+        return self.filter(status=RPCStatus.SUCCESS)
 
     def failed(self) -> RPCLogQuerySet:
         """Calls that ended in an error (remote, connection or protocol), timeouts excepted."""
-        return self.filter(status="failed")
+        return self.filter(status=RPCStatus.FAILED)
 
     def timed_out(self) -> RPCLogQuerySet:
         """Calls that got no reply in time."""
-        return self.filter(status="timeout")
+        return self.filter(status=RPCStatus.TIMEOUT)
 
     def pending(self) -> RPCLogQuerySet:
         """Calls still in flight (or whose outcome was never written)."""
-        return self.filter(status="pending")
+        return self.filter(status=RPCStatus.PENDING)
 
     def slow(self, ms: float = 1000) -> RPCLogQuerySet:
         """Finished calls that took at least ``ms`` milliseconds."""
@@ -157,13 +170,12 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
         exactly in Python from the durations, which reads one float per finished call.
         Pending calls count in ``total_calls`` but have no duration.
         """
-        queryset = self.order_by().values("method")
-        rows = queryset.annotate(
-            total_calls=Count("pk"),
-            success_count=Count("pk", filter=Q(status="success")),
-            failed_count=Count("pk", filter=Q(status="failed")),
-            timeout_count=Count("pk", filter=Q(status="timeout")),
-            avg_duration_ms=Avg("duration_ms"),
+        # django-stubs cannot see annotations passed as **kwargs; the rows are plain dicts.
+        rows = cast(
+            "models.QuerySet[Any, dict[str, Any]]",
+            self.order_by()
+            .values("method")
+            .annotate(**_outcome_counts(), avg_duration_ms=Avg("duration_ms")),
         )
         on_postgres = connections[self.db].vendor == "postgresql"
         if on_postgres:
@@ -212,10 +224,7 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
             self.order_by()
             .values("user_id", f"user__{username_field}")
             .annotate(
-                total_calls=Count("pk"),
-                success_count=Count("pk", filter=Q(status="success")),
-                failed_count=Count("pk", filter=Q(status="failed")),
-                timeout_count=Count("pk", filter=Q(status="timeout")),
+                **_outcome_counts(),
                 caller_ip_count=Count("caller_ip", distinct=True),
             )
         )
