@@ -18,6 +18,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
 from django_rpc_audit.context import aresolve_user, get_caller_context, resolve_user
 from django_rpc_audit.exceptions import RPCDisabledError, RPCError, RPCTimeoutError
+from django_rpc_audit.redaction import Redactor, get_redactor
 from django_rpc_audit.signals import rpc_finished, rpc_started
 from django_rpc_audit.status import RPCStatus
 from django_rpc_audit.transports import (
@@ -56,12 +57,13 @@ class _Outcome:
         else:
             self.error_code, self.error_message = "client_error", f"{type(exc).__name__}: {exc}"
 
-    def as_kwargs(self, duration_ms: float) -> dict[str, Any]:
+    def as_kwargs(self, duration_ms: float, method: str, redactor: Redactor) -> dict[str, Any]:
+        """``rpc_finished``'s own arguments, secrets redacted (the caller gets the originals)."""
         return {
             "status": self.status,
-            "response": self.response,
+            "response": redactor.response(method, self.response),
             "error_code": self.error_code,
-            "error_message": self.error_message,
+            "error_message": redactor.text(self.error_message),
             "duration_ms": duration_ms,
             "completed_at": datetime.now(UTC),
         }
@@ -134,15 +136,24 @@ class RPCClient:
             raise TypeError(f"RPC params for {method!r} cannot be sent as JSON: {exc}") from exc
         return RPCRequest(method, params, correlation_id, reply_to, float(timeout), body)
 
+    @property
+    def redactor(self) -> Redactor:
+        """Redacts what the signals carry, by ``REDACT_KEYS`` and ``REDACT_METHODS``."""
+        return get_redactor(self.config.redact_keys, self.config.redact_methods)
+
     def _started(
         self, request: RPCRequest, user: Any, caller_ip: str | None, user_agent: str | None
     ) -> dict[str, Any]:
-        """The keyword arguments of ``rpc_started``; explicit values win over the context."""
+        """The keyword arguments of ``rpc_started``; explicit values win over the context.
+
+        The params are a redacted copy: the request (already encoded in ``request.body``) goes
+        over the wire unchanged, while no receiver ever sees a secret.
+        """
         context = get_caller_context()
         return {
             "correlation_id": request.correlation_id,
             "method": request.method,
-            "params": request.params,
+            "params": self.redactor.params(request.method, request.params),
             "user": user,
             "caller_ip": caller_ip if caller_ip is not None else context.caller_ip,
             "user_agent": user_agent if user_agent is not None else context.user_agent,
@@ -162,7 +173,8 @@ class RPCClient:
             raise
         finally:
             duration_ms = (time.perf_counter() - clock) * 1000
-            rpc_finished.send_robust(sender=type(self), **started, **outcome.as_kwargs(duration_ms))
+            finished = outcome.as_kwargs(duration_ms, started["method"], self.redactor)
+            rpc_finished.send_robust(sender=type(self), **started, **finished)
 
     @contextlib.asynccontextmanager
     async def _areported(self, started: dict[str, Any]) -> AsyncIterator[_Outcome]:
@@ -178,7 +190,9 @@ class RPCClient:
         finally:
             duration_ms = (time.perf_counter() - clock) * 1000
             finished = rpc_finished.asend_robust(
-                sender=type(self), **started, **outcome.as_kwargs(duration_ms)
+                sender=type(self),
+                **started,
+                **outcome.as_kwargs(duration_ms, started["method"], self.redactor),
             )
             # A cancelled call still reports how it ended: shield the report from a second
             # cancellation of the task.

@@ -17,6 +17,7 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 from redis.connection import parse_url
 
+from django_rpc_audit.redaction import FieldRule, MethodRule
 from django_rpc_audit.utils import redact_url
 
 SETTING_NAME = "DJANGO_CFG_RPC"
@@ -28,6 +29,9 @@ TRANSPORTS: tuple[Transport, ...] = ("redis", "local")
 # django-environ reads any unknown word as False ("ture" would silently turn logging off);
 # we accept its true words plus their usual opposites and reject everything else.
 _FALSE_STRINGS = ("false", "off", "no", "n", "0", "")
+
+#: Smallest size cap: room for the truncation marker and a short preview.
+MIN_CAP_BYTES = 128
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,10 +67,33 @@ class DjangoCfgRPCConfig:
     #: Empty, and with no ``IPWARE_*`` setting either, the caller IP is ``REMOTE_ADDR`` only.
     trusted_proxy_ips: tuple[str, ...] = field(default=())
 
+    # -- data hygiene
+    #: Key words redacted on top of the built-in secret words (``password``, ``token``, ...).
+    redact_keys: tuple[str, ...] = field(default=())
+    #: Per-method rules, by exact name or glob: ``{"auth.*": {"params": "drop",
+    #: "response": ["user_id"]}}`` drops the params and keeps only ``user_id`` of the response.
+    redact_methods: tuple[tuple[str, MethodRule], ...] = field(default=())
+    #: Largest params, response, error message and user agent stored, in UTF-8 bytes.
+    max_params_bytes: int = 65_536
+    max_response_bytes: int = 65_536
+    max_error_message_bytes: int = 16_384
+    max_user_agent_bytes: int = 1_024
+    #: Share of *successful* calls that are logged (0..1); failures are always logged.
+    sample_rate: float = 1.0
+    #: Per-method sample rates, by exact name or glob: ``{"system.ping": 0.01}``.
+    sample_rates: tuple[tuple[str, float], ...] = field(default=())
+    #: Successful calls at least this slow (ms) are always logged, sampled or not.
+    always_log_slower_than_ms: float = 1_000.0
+    #: Days ``rpc_logs_cleanup`` keeps when ``--days`` is not given.
+    retention_days: int = 90
+    #: Seconds past ``RPC_TIMEOUT`` after which ``rpc_logs_reap`` calls a pending row lost.
+    reap_margin_seconds: float = 60.0
+
     def __post_init__(self) -> None:
         if isinstance(self.trusted_proxy_ips, list | set | frozenset):
             # Settings naturally give lists; a tuple keeps the frozen config hashable.
             object.__setattr__(self, "trusted_proxy_ips", tuple(self.trusted_proxy_ips))
+        _normalise_data_hygiene(self)
         _validate(self)
 
     @classmethod
@@ -135,6 +162,134 @@ def _validate(config: DjangoCfgRPCConfig) -> None:
     ):
         raise _fail("TRUSTED_PROXY_IPS", "must be a list of IP addresses or prefixes.")
     validate_redis_url(config.redis_url)
+    _validate_data_hygiene(config)
+
+
+def _pairs(value: object) -> object:
+    """A settings dict (or ``key=value`` strings from the environment) as sorted pairs."""
+    if isinstance(value, Mapping):
+        return tuple(sorted(value.items(), key=lambda item: str(item[0])))
+    if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
+        pairs = []
+        for item in value:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                return value  # _validate_data_hygiene names the key
+            pairs.append((key.strip(), raw.strip()))
+        return tuple(pairs)
+    return value
+
+
+def _method_rule(key: str, method: object, rule: object) -> MethodRule:
+    if isinstance(rule, MethodRule):
+        return rule
+    if not isinstance(rule, Mapping) or set(rule) - {"params", "response"}:
+        raise _fail(
+            key,
+            f"rule for {method!r} must be a dict with 'params' and/or 'response', not {rule!r}.",
+        )
+    parts: dict[str, FieldRule | None] = {}
+    for part in ("params", "response"):
+        spec = rule.get(part)
+        if spec is None or spec == "drop":
+            parts[part] = spec
+        elif isinstance(spec, list | tuple | set | frozenset) and all(
+            isinstance(name, str) for name in spec
+        ):
+            parts[part] = tuple(sorted(spec))
+        else:
+            raise _fail(
+                key,
+                f"rule for {method!r}: {part!r} must be 'drop' or a list of keys to keep, "
+                f"not {spec!r}.",
+            )
+    return MethodRule(params=parts["params"], response=parts["response"])
+
+
+def _normalise_data_hygiene(config: DjangoCfgRPCConfig) -> None:
+    """Turn the lists and dicts settings give into the tuples a frozen config holds."""
+    if isinstance(config.redact_keys, list | set | frozenset):
+        object.__setattr__(config, "redact_keys", tuple(config.redact_keys))
+    rules = _pairs(config.redact_methods)
+    if isinstance(rules, tuple) and all(
+        isinstance(pair, tuple) and len(pair) == 2 for pair in rules
+    ):
+        rules = tuple(
+            (method, _method_rule("REDACT_METHODS", method, rule)) for method, rule in rules
+        )
+    object.__setattr__(config, "redact_methods", rules)
+    rates = _pairs(config.sample_rates)
+    if isinstance(rates, tuple) and all(
+        isinstance(pair, tuple) and len(pair) == 2 for pair in rates
+    ):
+        converted = []
+        for method, rate in rates:
+            try:
+                converted.append((method, float(rate) if isinstance(rate, str) else rate))
+            except ValueError:
+                raise _fail(
+                    "SAMPLE_RATES", f"rate for {method!r} is not a number: {rate!r}."
+                ) from None
+        rates = tuple(converted)
+    object.__setattr__(config, "sample_rates", rates)
+
+
+def _is_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float)
+
+
+def _is_rate(value: object) -> bool:
+    return _is_number(value) and 0 <= value <= 1  # type: ignore[operator]
+
+
+def _validate_data_hygiene(config: DjangoCfgRPCConfig) -> None:
+    if not isinstance(config.redact_keys, tuple) or not all(
+        isinstance(key, str) and key.strip() for key in config.redact_keys
+    ):
+        raise _fail("REDACT_KEYS", f"must be a list of key names, not {config.redact_keys!r}.")
+    if not isinstance(config.redact_methods, tuple) or not all(
+        isinstance(pair, tuple) and isinstance(pair[0], str) and pair[0]
+        for pair in config.redact_methods
+    ):
+        raise _fail(
+            "REDACT_METHODS",
+            "must be a dict of method names (or glob patterns) to rules, "
+            f"not {config.redact_methods!r}.",
+        )
+    for name in (
+        "max_params_bytes",
+        "max_response_bytes",
+        "max_error_message_bytes",
+        "max_user_agent_bytes",
+    ):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < MIN_CAP_BYTES:
+            raise _fail(
+                name.upper(),
+                f"must be a whole number of bytes of at least {MIN_CAP_BYTES}, not {value!r}.",
+            )
+    if not _is_rate(config.sample_rate):
+        raise _fail("SAMPLE_RATE", f"must be a number from 0 to 1, not {config.sample_rate!r}.")
+    if not isinstance(config.sample_rates, tuple) or not all(
+        isinstance(pair, tuple) and isinstance(pair[0], str) and pair[0] and _is_rate(pair[1])
+        for pair in config.sample_rates
+    ):
+        raise _fail(
+            "SAMPLE_RATES",
+            "must be a dict of method names (or glob patterns) to numbers from 0 to 1, "
+            f"not {config.sample_rates!r}.",
+        )
+    slow = config.always_log_slower_than_ms
+    if not _is_number(slow) or slow < 0:
+        raise _fail(
+            "ALWAYS_LOG_SLOWER_THAN_MS", f"must be a number of milliseconds >= 0, not {slow!r}."
+        )
+    days = config.retention_days
+    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
+        raise _fail("RETENTION_DAYS", f"must be a whole number of days >= 1, not {days!r}.")
+    margin = config.reap_margin_seconds
+    if not _is_number(margin) or margin < 0:
+        raise _fail("REAP_MARGIN_SECONDS", f"must be a number of seconds >= 0, not {margin!r}.")
 
 
 def validate_redis_url(url: object) -> None:

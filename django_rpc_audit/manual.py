@@ -15,6 +15,7 @@ from django.utils import timezone
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.context import get_caller_context, resolve_user
 from django_rpc_audit.exceptions import RPCError, RPCTimeoutError
+from django_rpc_audit.redaction import Redactor, get_redactor
 from django_rpc_audit.status import RPCStatus
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ class RPCLogger:
             return RPCLog.objects.using(router.db_for_write(RPCLog)).record_started(
                 correlation_id=str(correlation_id),
                 method=method,
-                params=params,
+                params=_redactor().params(method, params),
                 user=user,
                 caller_ip=caller_ip,
                 user_agent=user_agent,
@@ -112,11 +113,12 @@ def _complete(
 
     if log is None:
         return
+    redactor = _redactor()
     values = outcome_values(
         status=status,
-        response=response,
+        response=redactor.response(log.method, response),
         error_code=error_code,
-        error_message=error_message,
+        error_message=redactor.text(error_message),
         duration_ms=duration_ms,
         completed_at=timezone.now(),
     )
@@ -127,6 +129,11 @@ def _complete(
         return
     for name, value in values.items():
         setattr(log, name, value)
+
+
+def _redactor() -> Redactor:
+    config = get_config()
+    return get_redactor(config.redact_keys, config.redact_methods)
 
 
 class RPCLogContext:

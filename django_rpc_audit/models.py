@@ -43,6 +43,9 @@ class RPCLog(models.Model):
     user_agent = models.TextField(_("user agent"), blank=True)
     created_at = models.DateTimeField(_("created at"), default=timezone.now)
     completed_at = models.DateTimeField(_("completed at"), null=True, blank=True)
+    #: Share of calls like this one that are logged: 1.0 unless successful calls are sampled;
+    #: analytics count each row as ``1 / sample_rate`` calls.
+    sample_rate = models.FloatField(_("sample rate"), default=1.0)
 
     objects = RPCLogQuerySet.as_manager()
 

@@ -11,12 +11,13 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from django.conf import settings
-from django.db import connections, models
-from django.db.models import Avg, Count, Q
+from django.db import connections, models, transaction
+from django.db.models import Avg, Count, ExpressionWrapper, F, Q, Sum, Value
 from django.utils import timezone
 
+from django_rpc_audit.conf import get_config
+from django_rpc_audit.sanitize import cap_json, cap_text, clean_text, sanitize
 from django_rpc_audit.status import RPCStatus
-from django_rpc_audit.utils import to_jsonable
 
 if TYPE_CHECKING:
     from django_rpc_audit.models import RPCLog
@@ -29,6 +30,10 @@ _LOG_ID_NAMESPACE = uuid.UUID("6f1d2c1e-7a53-4c53-9a8e-2f4d1b0c9e71")
 def call_log_id(correlation_id: str, started_at: datetime) -> uuid.UUID:
     """The primary key of the row logging the call ``correlation_id`` started at ``started_at``."""
     return uuid.uuid5(_LOG_ID_NAMESPACE, f"{correlation_id}|{started_at.isoformat()}")
+
+
+#: ``error_code`` of rows the reaper marked: the call's outcome was never written.
+OUTCOME_LOST = "outcome_lost"
 
 
 class MethodStats(TypedDict):
@@ -79,14 +84,28 @@ def percentile_cont(sorted_values: Sequence[float], fraction: float) -> float | 
     return sorted_values[lower] + (position - lower) * (sorted_values[upper] - sorted_values[lower])
 
 
-def _outcome_counts() -> dict[str, Count]:
-    """The call counts every stats row has: in all, and by outcome."""
+def _outcome_counts() -> dict[str, Sum]:
+    """The call counts every stats row has: in all, and by outcome.
+
+    Each row counts ``1 / sample_rate`` calls, so under sampling the counts are estimated
+    totals (a row logged at rate 0.1 stands for ten calls); :func:`_rounded_counts` makes them
+    whole numbers.
+    """
+    weight = ExpressionWrapper(Value(1.0) / F("sample_rate"), output_field=models.FloatField())
     return {
-        "total_calls": Count("pk"),
-        "success_count": Count("pk", filter=Q(status=RPCStatus.SUCCESS)),
-        "failed_count": Count("pk", filter=Q(status=RPCStatus.FAILED)),
-        "timeout_count": Count("pk", filter=Q(status=RPCStatus.TIMEOUT)),
+        "total_calls": Sum(weight),
+        "success_count": Sum(weight, filter=Q(status=RPCStatus.SUCCESS)),
+        "failed_count": Sum(weight, filter=Q(status=RPCStatus.FAILED)),
+        "timeout_count": Sum(weight, filter=Q(status=RPCStatus.TIMEOUT)),
     }
+
+
+def _rounded_counts(row: dict[str, Any]) -> dict[str, int]:
+    """The weighted sums of :func:`_outcome_counts` as whole numbers of calls."""
+    return {name: round(row[name] or 0) for name in _COUNT_NAMES}
+
+
+_COUNT_NAMES = ("total_calls", "success_count", "failed_count", "timeout_count")
 
 
 def _stored_datetime(value: datetime) -> datetime:
@@ -99,16 +118,36 @@ def _stored_datetime(value: datetime) -> datetime:
 def _truncate(value: object, limit: int) -> str:
     """``value`` as text a database column accepts: NUL removed (PostgreSQL refuses it), capped."""
     text = "" if value is None else str(value)
-    return text.replace("\x00", "")[:limit]
+    return clean_text(text.replace("\x00", ""))[:limit]
+
+
+def _capped_text(value: object, max_bytes: int) -> str:
+    """``value`` as text a database column accepts, at most ``max_bytes`` UTF-8 bytes."""
+    if value is None:
+        return ""
+    try:
+        text = value if isinstance(value, str) else str(value)
+    except Exception:
+        text = f"<unprintable {type(value).__qualname__}>"
+    return cap_text(clean_text(text), max_bytes)
+
+
+def stored_json(value: Any, max_bytes: int) -> Any:
+    """``value`` as the JSON a JSON column stores: sanitized, then capped at ``max_bytes``."""
+    return cap_json(sanitize(value), max_bytes)
 
 
 def _ip_or_none(value: object) -> str | None:
     if not value:
         return None
     try:
-        return str(ipaddress.ip_address(str(value)))
+        address = ipaddress.ip_address(str(value))
     except ValueError:
         return None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+        # PostgreSQL's inet refuses a zone index ("fe80::1%eth0").
+        address = ipaddress.IPv6Address(str(address).partition("%")[0])
+    return str(address)
 
 
 class RPCLogQuerySet(models.QuerySet["RPCLog"]):
@@ -183,10 +222,7 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
         stats: list[MethodStats] = [
             MethodStats(
                 method=row["method"],
-                total_calls=row["total_calls"],
-                success_count=row["success_count"],
-                failed_count=row["failed_count"],
-                timeout_count=row["timeout_count"],
+                **_rounded_counts(row),  # type: ignore[typeddict-item]
                 avg_duration_ms=row["avg_duration_ms"],
                 p95_duration_ms=cast("float | None", row.get("p95_duration_ms")),
             )
@@ -232,16 +268,99 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
             UserStats(
                 user_id=row["user_id"],
                 username=row[f"user__{username_field}"],
-                total_calls=row["total_calls"],
-                success_count=row["success_count"],
-                failed_count=row["failed_count"],
-                timeout_count=row["timeout_count"],
+                **_rounded_counts(row),  # type: ignore[typeddict-item]
                 caller_ip_count=row["caller_ip_count"],
             )
             for row in rows
         ]
         stats.sort(key=lambda item: (-item["total_calls"], str(item["username"] or "")))
         return stats
+
+    # -- retention ----------------------------------------------------------------------------
+
+    def prune(
+        self,
+        days: float | None = None,
+        *,
+        batch_size: int = 5_000,
+        dry_run: bool = False,
+    ) -> int:
+        """Delete rows started more than ``days`` days ago (default ``RETENTION_DAYS``).
+
+        Returns how many rows were deleted (with ``dry_run``: would be). Deletes in batches of
+        ``batch_size`` primary keys, each batch its own short transaction, so no long lock is
+        held and inserts go on meanwhile. A row still ``pending`` and younger than
+        ``RPC_TIMEOUT`` plus ``REAP_MARGIN_SECONDS`` is never deleted: its call may still be
+        running. Applies to the rows this queryset selects::
+
+            RPCLog.objects.prune(days=30)
+            RPCLog.objects.for_method("system.ping").prune(days=1)
+        """
+        candidates = self._prunable(days)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}.")
+        if dry_run:
+            return candidates.count()
+        deleted = 0
+        while True:
+            with transaction.atomic(using=self.db):
+                batch = list(
+                    candidates.order_by("created_at").values_list("pk", flat=True)[:batch_size]
+                )
+                if not batch:
+                    break
+                # The conditions are checked again: a row may have changed since it was chosen.
+                count, _ = candidates.filter(pk__in=batch).order_by().delete()
+            deleted += count
+            if len(batch) < batch_size:
+                break
+        return deleted
+
+    def _prunable(self, days: float | None) -> RPCLogQuerySet:
+        config = get_config()
+        if days is None:
+            days = config.retention_days
+        if isinstance(days, bool) or not isinstance(days, int | float) or not days >= 0:
+            raise ValueError(f"days must be a number >= 0, not {days!r}.")
+        now = timezone.now()
+        in_flight = now - timedelta(seconds=config.rpc_timeout + config.reap_margin_seconds)
+        return self.filter(created_at__lt=now - timedelta(days=days)).exclude(
+            status=RPCStatus.PENDING, created_at__gte=in_flight
+        )
+
+    def stale(self, timeout: float | None = None) -> RPCLogQuerySet:
+        """Rows pending for longer than ``timeout`` (default ``RPC_TIMEOUT``) plus the margin.
+
+        Their call can no longer be waiting for a reply: the process that made it died (or its
+        finishing write was lost).
+        """
+        config = get_config()
+        if timeout is None:
+            timeout = config.rpc_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
+            raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}.")
+        cutoff = timezone.now() - timedelta(seconds=timeout + config.reap_margin_seconds)
+        return self.pending().filter(created_at__lt=cutoff)
+
+    def reap(self, timeout: float | None = None, *, dry_run: bool = False) -> int:
+        """Mark :meth:`stale` rows as ``timeout`` with error code ``outcome_lost``.
+
+        Returns the number of rows marked (with ``dry_run``: that would be). ::
+
+            RPCLog.objects.reap()  # what ``manage.py rpc_logs_reap`` does
+        """
+        stale = self.stale(timeout)
+        if dry_run:
+            return stale.count()
+        return stale.update(
+            status=RPCStatus.TIMEOUT,
+            error_code=OUTCOME_LOST,
+            error_message=(
+                "The call never reported an outcome (its process probably died); "
+                "marked as timed out by rpc_logs_reap."
+            ),
+            completed_at=_stored_datetime(timezone.now()),
+        )
 
     # -- writes (used by the log writers) -----------------------------------------------------
 
@@ -280,6 +399,7 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
         error_message: str | None,
         duration_ms: float | None,
         completed_at: datetime,
+        sample_rate: float = 1.0,
         **extra: Any,
     ) -> None:
         """Complete the row of a finished call (``rpc_finished``'s kwargs).
@@ -295,6 +415,7 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
             error_message=error_message,
             duration_ms=duration_ms,
             completed_at=completed_at,
+            sample_rate=sample_rate,
         )
         if self.filter(pk=log_id).update(**outcome):
             return
@@ -314,15 +435,21 @@ def outcome_values(
     error_message: str | None,
     duration_ms: float | None,
     completed_at: datetime,
+    sample_rate: float = 1.0,
 ) -> dict[str, Any]:
-    """Column values known when a call ends, made safe to store."""
+    """Column values known when a call ends, made safe to store (sanitized, capped).
+
+    ``sample_rate`` is the share of such calls that are logged (1.0 unless sampled).
+    """
+    config = get_config()
     return {
         "status": status,
-        "response": None if response is None else to_jsonable(response),
+        "response": None if response is None else stored_json(response, config.max_response_bytes),
         "error_code": _truncate(error_code, 100),
-        "error_message": _truncate(error_message, 1_000_000),
+        "error_message": _capped_text(error_message, config.max_error_message_bytes),
         "duration_ms": duration_ms,
         "completed_at": _stored_datetime(completed_at),
+        "sample_rate": sample_rate,
     }
 
 
@@ -334,13 +461,18 @@ def _started_values(
     caller_ip: str | None,
     user_agent: str | None,
 ) -> dict[str, Any]:
-    """Column values known when a call starts, made safe to store whatever the caller passed."""
+    """Column values known when a call starts, made safe to store whatever the caller passed.
+
+    Params are sanitized (:func:`~django_rpc_audit.sanitize.sanitize`) and capped at
+    ``MAX_PARAMS_BYTES``; the user agent at ``MAX_USER_AGENT_BYTES``.
+    """
+    config = get_config()
     user_pk = getattr(user, "pk", None) if isinstance(user, models.Model) else None
     return {
         "correlation_id": _truncate(correlation_id, 64),
         "method": _truncate(method, 255),
-        "params": to_jsonable(params) if params is not None else {},
+        "params": stored_json(params, config.max_params_bytes) if params is not None else {},
         "user_id": user_pk,
         "caller_ip": _ip_or_none(caller_ip),
-        "user_agent": _truncate(user_agent, 100_000),
+        "user_agent": _capped_text(user_agent, config.max_user_agent_bytes),
     }

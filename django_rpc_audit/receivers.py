@@ -5,18 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 from django_rpc_audit.conf import get_config
+from django_rpc_audit.sampling import finished_sample_rate, started_is_logged
 from django_rpc_audit.writers import get_writer
 
 
 def log_rpc_started(sender: type, **kwargs: Any) -> None:
-    """Hand a started call to the log writer, unless ``ENABLE_LOGGING`` is off."""
-    if get_config().enable_logging:
+    """Hand a started call to the log writer, unless ``ENABLE_LOGGING`` is off or not sampled."""
+    config = get_config()
+    if config.enable_logging and started_is_logged(config, kwargs):
         kwargs.pop("signal", None)
         get_writer().started(kwargs)
 
 
 def log_rpc_finished(sender: type, **kwargs: Any) -> None:
-    """Hand a finished call to the log writer, unless ``ENABLE_LOGGING`` is off."""
-    if get_config().enable_logging:
-        kwargs.pop("signal", None)
-        get_writer().finished(kwargs)
+    """Hand a finished call to the log writer with its ``sample_rate``, unless not sampled."""
+    config = get_config()
+    if not config.enable_logging:
+        return
+    sample_rate = finished_sample_rate(config, kwargs)
+    if sample_rate is None:
+        return
+    kwargs.pop("signal", None)
+    get_writer().finished({**kwargs, "sample_rate": sample_rate})

@@ -27,7 +27,8 @@ Keyword arguments:
 ``method`` (str)
     The RPC method name.
 ``params`` (dict)
-    The parameters as sent over the wire.
+    The parameters, redacted: values of secret keys (``REDACT_KEYS``) are ``"***"`` and
+    ``REDACT_METHODS`` rules applied. The wire payload itself is sent unchanged.
 ``user``
     The authenticated user the call is attributed to, or ``None``.
 ``caller_ip`` (str | None)
@@ -47,13 +48,14 @@ Keyword arguments: all of :data:`rpc_started`'s, plus:
 ``status`` (str)
     ``"success"``, ``"failed"`` or ``"timeout"`` (:class:`~django_rpc_audit.models.RPCStatus`).
 ``response`` (dict | None)
-    The server's ``result`` on success, else ``None``.
+    The server's ``result`` on success (redacted like ``params``), else ``None``.
 ``error_code`` (str | None)
     The server's ``error_code`` for a remote error, or the client's own code
     (``"timeout"``, ``"connection_error"``, ``"protocol_error"``, ``"cancelled"``, ...); ``None``
     on success.
 ``error_message`` (str | None)
-    The server's ``error`` text, or the client's description; ``None`` on success.
+    The server's ``error`` text, or the client's description, with echoed secrets
+    (``token=...``, ``Bearer ...``, URL passwords) redacted; ``None`` on success.
 ``duration_ms`` (float)
     Time spent in the transport, measured with a monotonic clock, sub-millisecond precision.
 ``completed_at`` (datetime)

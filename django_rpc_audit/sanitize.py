@@ -1,0 +1,190 @@
+"""Make anything a caller passes storable as JSON, and cap what is stored, without ever raising."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import enum
+import json
+import math
+import re
+import uuid
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from django.db import models
+from django.utils.functional import Promise
+
+#: Containers nested deeper than this are stored as a marker string.
+MAX_DEPTH = 32
+#: Integers with more digits than this are stored as strings (JSON readers lose precision).
+MAX_INT_DIGITS = 300
+#: Longest ``repr`` kept for an object without a JSON form.
+MAX_REPR_CHARS = 1000
+
+TRUNCATED_KEY = "_truncated"
+
+_MAX_INT = 10**MAX_INT_DIGITS
+
+# Any surrogate code point in a Python str is a lone one as far as UTF-8 is concerned.
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_REPLACEMENT = "\ufffd"
+
+
+def clean_text(text: str) -> str:
+    """``text`` with what PostgreSQL refuses replaced by U+FFFD: NUL and lone surrogates."""
+    if "\x00" in text:
+        text = text.replace("\x00", _REPLACEMENT)
+    return _SURROGATES.sub(_REPLACEMENT, text)
+
+
+def _safe_repr(value: object) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # a broken __repr__ must not lose the row
+        text = f"<unrepresentable {type(value).__qualname__}>"
+    if len(text) > MAX_REPR_CHARS:
+        text = text[:MAX_REPR_CHARS] + "..."
+    return clean_text(text)
+
+
+def _key(key: object) -> str:
+    if isinstance(key, str):
+        return clean_text(key)
+    if key is None or isinstance(key, bool | int | float):
+        # The text json.dumps would give these keys.
+        return json.dumps(key) if not isinstance(key, float) or math.isfinite(key) else str(key)
+    return _safe_repr(key) if not isinstance(key, Promise | uuid.UUID) else str(key)
+
+
+def sanitize(value: Any) -> Any:
+    """A copy of ``value`` made only of JSON types that PostgreSQL's JSONB accepts.
+
+    Never raises. Dates, times, decimals, UUIDs and lazy strings become strings (as Django's
+    ``DjangoJSONEncoder`` writes them); sets, tuples and deques become lists; bytes are
+    decoded (invalid UTF-8 escaped); dataclasses, pydantic models and model instances become
+    objects; NaN and infinities become strings; NUL characters and lone surrogates become
+    U+FFFD; cycles and nesting deeper than :data:`MAX_DEPTH` become marker strings; anything
+    else becomes its ``repr``. ::
+
+        >>> sanitize({"at": datetime.date(2026, 1, 2), "tags": {"a"}, "x": float("nan")})
+        {'at': '2026-01-02', 'tags': ['a'], 'x': 'NaN'}
+    """
+    try:
+        return _sanitize(value, 0, set())
+    except Exception:  # RecursionError from an exotic object, or a bug: keep the row anyway
+        return _safe_repr(value)
+
+
+def _sanitize(value: Any, depth: int, path: set[int]) -> Any:
+    if value is None or value is True or value is False:
+        return value
+    if isinstance(value, str):
+        return clean_text(str(value))
+    if isinstance(value, enum.Enum):
+        return _sanitize(value.value, depth, path)
+    if isinstance(value, int):
+        number = int(value)
+        if abs(number) >= _MAX_INT:
+            # str() of a huge int may itself refuse (sys.int_info.str_digits_check_threshold).
+            return f"<integer of {number.bit_length()} bits>"
+        return number
+    if isinstance(value, float):
+        real = float(value)
+        if math.isnan(real):
+            return "NaN"
+        if math.isinf(real):
+            return "Infinity" if real > 0 else "-Infinity"
+        return real
+    if isinstance(value, decimal.Decimal | uuid.UUID | Promise):
+        return clean_text(str(value))
+    if isinstance(value, datetime.datetime):
+        text = value.isoformat()
+        return text[:-6] + "Z" if text.endswith("+00:00") else text
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return clean_text(bytes(value).decode("utf-8", "backslashreplace"))
+    if depth >= MAX_DEPTH:
+        return f"<nested deeper than {MAX_DEPTH} levels>"
+    marker = id(value)
+    if marker in path:
+        return "<cycle>"
+    path.add(marker)
+    try:
+        return _sanitize_container(value, depth + 1, path)
+    finally:
+        path.discard(marker)
+
+
+def _sanitize_container(value: Any, depth: int, path: set[int]) -> Any:
+    if isinstance(value, Mapping):
+        return {_key(k): _sanitize(v, depth, path) for k, v in list(value.items())}
+    if isinstance(value, list | tuple | deque):
+        return [_sanitize(item, depth, path) for item in list(value)]
+    if isinstance(value, set | frozenset):
+        items = [_sanitize(item, depth, path) for item in list(value)]
+        # Sets have no order; a stable one makes equal sets log equal rows.
+        return sorted(items, key=lambda item: json.dumps(item, sort_keys=True))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _sanitize(getattr(value, f.name, None), depth, path)
+            for f in dataclasses.fields(value)
+        }
+    if isinstance(value, models.Model):
+        return {"model": value._meta.label_lower, "pk": _sanitize(value.pk, depth, path)}
+    model_dump = getattr(value, "model_dump", None)  # pydantic v2, without importing it
+    if callable(model_dump) and not isinstance(value, type):
+        try:
+            dumped = model_dump(mode="json")
+        except Exception:
+            return _safe_repr(value)
+        return _sanitize(dumped, depth, path)
+    return _safe_repr(value)
+
+
+def json_size(value: Any) -> int:
+    """Bytes of ``value`` as compact UTF-8 JSON (``value`` already sanitized)."""
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+
+def cap_json(value: Any, max_bytes: int) -> Any:
+    """``value`` (sanitized) itself if its JSON fits ``max_bytes``, else a marker object.
+
+    The marker is still valid JSON and says what happened::
+
+        {"_truncated": true, "original_bytes": 250000, "preview": "{\\"rows\\": [1, 2, ..."}
+
+    ``preview`` is the start of the compact JSON text, cut so the whole marker fits.
+    """
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    size = len(text.encode("utf-8"))
+    if size <= max_bytes:
+        return value
+    marker: dict[str, Any] = {TRUNCATED_KEY: True, "original_bytes": size, "preview": ""}
+    room = max_bytes - json_size(marker)
+    if room > 0:
+        preview = _cut_utf8(text, room)
+        # Escapes (quotes, backslashes, control characters) grow the preview inside JSON.
+        while preview and json_size({**marker, "preview": preview}) > max_bytes:
+            preview = preview[: max(0, len(preview) - max(1, len(preview) // 10))]
+        marker["preview"] = preview
+    return marker
+
+
+def cap_text(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` UTF-8 bytes, noting a note of the original size."""
+    size = len(text.encode("utf-8"))
+    if size <= max_bytes:
+        return text
+    note = f"... [truncated, {size} bytes]"
+    return _cut_utf8(text, max(0, max_bytes - len(note))) + note[: max(0, max_bytes)]
+
+
+def _cut_utf8(text: str, max_bytes: int) -> str:
+    """The longest prefix of ``text`` that is at most ``max_bytes`` bytes in UTF-8."""
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
