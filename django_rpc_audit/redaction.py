@@ -37,6 +37,7 @@ SECRET_WORDS: frozenset[str] = frozenset(
         "sessionid",
         "csrf",
         "csrftoken",
+        "csrfmiddlewaretoken",
         "xsrf",
         "privatekey",
         "secretkey",
@@ -129,8 +130,8 @@ def redact_text(text: str, extra_keys: frozenset[str] = frozenset()) -> str:
         value = match["value"]
         if match.start() < position or not _is_secret(match["key"], extra_keys):
             continue
-        if value == REDACTED:
-            continue
+        if value == REDACTED or value.lower() in ("bearer", "basic"):
+            continue  # already redacted, or a scheme whose credential _AUTH_SCHEME handled
         quote = value[0] if value[:1] in ("'", '"') else ""
         pieces += [text[position : match.end()], f"{quote}{REDACTED}{quote}"]
         position = match.end() + len(value)
