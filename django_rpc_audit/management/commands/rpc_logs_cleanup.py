@@ -1,0 +1,61 @@
+"""``manage.py rpc_logs_cleanup``: delete old ``RPCLog`` rows in batches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from django_rpc_audit.conf import get_config
+from django_rpc_audit.models import RPCLog
+
+
+def non_negative_number(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0:
+        raise ValueError(raw)
+    return value
+
+
+def positive_integer(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError(raw)
+    return value
+
+
+class Command(BaseCommand):
+    help = (
+        "Delete RPC log rows older than --days days (default: RETENTION_DAYS), in batches. "
+        "Rows still pending within the call timeout are kept."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--days",
+            type=non_negative_number,
+            default=None,
+            help="Keep this many days of logs (default: the RETENTION_DAYS setting).",
+        )
+        parser.add_argument(
+            "--batch-size",
+            type=positive_integer,
+            default=5_000,
+            help="Rows deleted per transaction (default: 5000).",
+        )
+        parser.add_argument(
+            "--dry-run", action="store_true", help="Count the rows that would go; delete none."
+        )
+
+    def handle(
+        self, *args: Any, days: float | None, batch_size: int, dry_run: bool, **options: Any
+    ) -> None:
+        if days is None:
+            days = get_config().retention_days
+        try:
+            count = RPCLog.objects.prune(days=days, batch_size=batch_size, dry_run=dry_run)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
+        shown = int(days) if float(days).is_integer() else days
+        verb = "Would delete" if dry_run else "Deleted"
+        self.stdout.write(f"{verb} {count} RPC log row(s) older than {shown} day(s).")

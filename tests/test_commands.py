@@ -1,0 +1,193 @@
+"""Retention and the commands: prune, cleanup, reap, stats."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from django_rpc_audit.models import RPCLog, RPCStatus
+from django_rpc_audit.querysets import OUTCOME_LOST
+from tests.factories import RPCLogFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def ago(**delta: float):
+    return timezone.now() - timedelta(**delta)
+
+
+def run(*args: str) -> str:
+    out = StringIO()
+    call_command(*args, stdout=out)
+    return out.getvalue()
+
+
+@pytest.fixture
+def aged_rows():
+    """5 rows of 40 days, 3 of 10 days, 2 of 1 hour; one old pending row, one fresh pending."""
+    old = RPCLogFactory.create_batch(5, created_at=ago(days=40))
+    middle = RPCLogFactory.create_batch(3, created_at=ago(days=10))
+    fresh = RPCLogFactory.create_batch(2, created_at=ago(hours=1))
+    stale_pending = RPCLogFactory(status=RPCStatus.PENDING, created_at=ago(days=40))
+    live_pending = RPCLogFactory(status=RPCStatus.PENDING, created_at=ago(seconds=2))
+    return old, middle, fresh, stale_pending, live_pending
+
+
+def test_prune_deletes_old_rows_in_batches(aged_rows):
+    old, middle, fresh, stale_pending, live_pending = aged_rows
+    with CaptureQueriesContext(connection) as queries:
+        deleted = RPCLog.objects.prune(days=30, batch_size=2)
+    assert deleted == 6  # five old rows and the old pending one
+    remaining = set(RPCLog.objects.values_list("pk", flat=True))
+    assert remaining == {row.pk for row in [*middle, *fresh, live_pending]}
+    deletes = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("DELETE")]
+    assert len(deletes) == 3  # 2 + 2 + 2: one statement per batch
+    # Each batch commits on its own (savepoints on SQLite inside the test transaction).
+    assert (
+        sum("SAVEPOINT" in q["sql"] and "RELEASE" in q["sql"] for q in queries.captured_queries)
+        >= 3
+    )
+
+
+def test_prune_never_deletes_pending_rows_younger_than_the_timeout(aged_rows, rpc_settings):
+    rpc_settings(RPC_TIMEOUT=5, REAP_MARGIN_SECONDS=0)
+    *_, live_pending = aged_rows
+    RPCLog.objects.prune(days=0)
+    assert list(RPCLog.objects.values_list("pk", flat=True)) == [live_pending.pk]
+
+
+def test_prune_dry_run_counts_and_deletes_nothing(aged_rows):
+    assert RPCLog.objects.prune(days=30, dry_run=True) == 6
+    assert RPCLog.objects.count() == 12
+
+
+def test_prune_defaults_to_retention_days(aged_rows, rpc_settings):
+    rpc_settings(RETENTION_DAYS=7)
+    assert RPCLog.objects.prune() == 9
+
+
+def test_prune_applies_to_the_filtered_queryset(aged_rows):
+    RPCLogFactory(method="other", created_at=ago(days=40))
+    assert RPCLog.objects.for_method("other").prune(days=30) == 1
+    assert RPCLog.objects.filter(method="system.ping", created_at__lt=ago(days=30)).count() == 6
+
+
+@pytest.mark.parametrize("kwargs", [{"days": -1}, {"days": "30"}, {"batch_size": 0}])
+def test_prune_refuses_bad_arguments(kwargs):
+    with pytest.raises(ValueError, match="must be"):
+        RPCLog.objects.prune(**{"days": 30, **kwargs})
+
+
+def test_cleanup_command_prints_counts(aged_rows):
+    assert run("rpc_logs_cleanup", "--days", "30", "--dry-run") == (
+        "Would delete 6 RPC log row(s) older than 30 day(s).\n"
+    )
+    assert RPCLog.objects.count() == 12
+    assert run("rpc_logs_cleanup", "--days", "30", "--batch-size", "2") == (
+        "Deleted 6 RPC log row(s) older than 30 day(s).\n"
+    )
+    assert RPCLog.objects.count() == 6
+
+
+def test_cleanup_command_uses_retention_days_by_default(aged_rows, rpc_settings):
+    rpc_settings(RETENTION_DAYS=7)
+    assert run("rpc_logs_cleanup") == "Deleted 9 RPC log row(s) older than 7 day(s).\n"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--days", "-3"), ("--days", "soon"), ("--batch-size", "0"), ("--batch-size", "1.5")],
+)
+def test_cleanup_command_rejects_bad_input(args, aged_rows):
+    with pytest.raises(CommandError):
+        call_command("rpc_logs_cleanup", *args, stdout=StringIO())
+    assert RPCLog.objects.count() == 12
+
+
+def test_cleanup_command_exits_non_zero_from_the_shell(capsys):
+    from django.core.management import ManagementUtility
+
+    with pytest.raises(SystemExit) as excinfo:
+        ManagementUtility(["manage.py", "rpc_logs_cleanup", "--days", "-1"]).execute()
+    assert excinfo.value.code != 0
+    assert "--days" in capsys.readouterr().err
+
+
+def test_reap_marks_stale_pending_rows_as_lost(rpc_settings):
+    rpc_settings(RPC_TIMEOUT=30, REAP_MARGIN_SECONDS=60)
+    stale = RPCLogFactory(status=RPCStatus.PENDING, created_at=ago(seconds=120), completed_at=None)
+    young = RPCLogFactory(status=RPCStatus.PENDING, created_at=ago(seconds=60), completed_at=None)
+    done = RPCLogFactory(status=RPCStatus.SUCCESS, created_at=ago(days=1))
+
+    assert RPCLog.objects.stale().get() == stale
+    assert RPCLog.objects.reap(dry_run=True) == 1
+    assert RPCLog.objects.reap() == 1
+    stale.refresh_from_db()
+    assert (stale.status, stale.error_code) == (RPCStatus.TIMEOUT, OUTCOME_LOST)
+    assert "never reported an outcome" in stale.error_message
+    assert stale.completed_at is not None
+    young.refresh_from_db()
+    done.refresh_from_db()
+    assert (young.status, done.status) == (RPCStatus.PENDING, RPCStatus.SUCCESS)
+    assert RPCLog.objects.reap() == 0  # nothing stale is left
+
+
+def test_reap_command(rpc_settings):
+    rpc_settings(RPC_TIMEOUT=30, REAP_MARGIN_SECONDS=60)
+    RPCLogFactory(status=RPCStatus.PENDING, created_at=ago(seconds=200))
+    RPCLogFactory(status=RPCStatus.PENDING, created_at=ago(seconds=60))
+    assert run("rpc_logs_reap", "--timeout", "300", "--dry-run") == (
+        "Would mark 0 RPC log row(s) pending for over 360 s as timed out.\n"
+    )
+    assert run("rpc_logs_reap") == "Marked 1 RPC log row(s) pending for over 90 s as timed out.\n"
+    assert RPCLog.objects.pending().count() == 1
+    with pytest.raises(CommandError):
+        call_command("rpc_logs_reap", "--timeout", "-5", stdout=StringIO())
+
+
+def test_stats_command_prints_the_table():
+    RPCLogFactory.create_batch(3, method="send_notification", duration_ms=10.0)
+    RPCLogFactory(method="send_notification", status=RPCStatus.FAILED, duration_ms=30.0)
+    RPCLogFactory(method="system.ping", status=RPCStatus.TIMEOUT, duration_ms=5000.0)
+    RPCLogFactory(method="system.ping", created_at=ago(hours=30))
+    lines = run("rpc_logs_stats").splitlines()
+    assert lines[0].split() == [
+        "Method",
+        "Calls",
+        "OK",
+        "Failed",
+        "Timeout",
+        "Avg",
+        "ms",
+        "p95",
+        "ms",
+    ]
+    assert lines[2].split() == ["send_notification", "4", "3", "1", "0", "15.0", "27.0"]
+    assert lines[3].split() == ["system.ping", "1", "0", "0", "1", "5000.0", "5000.0"]
+    assert lines[-1] == "5 call(s) in the last 24 hour(s)."
+    assert run("rpc_logs_stats", "--hours", "48", "--method", "system.ping").splitlines()[
+        2
+    ].split()[:2] == [
+        "system.ping",
+        "2",
+    ]
+    assert run("rpc_logs_stats", "--method", "nope") == "No RPC calls in the last 24 hour(s).\n"
+    with pytest.raises(CommandError):
+        call_command("rpc_logs_stats", "--hours", "0", stdout=StringIO())
+
+
+def test_stats_command_says_when_counts_are_estimated():
+    RPCLogFactory.create_batch(2, method="system.ping", sample_rate=0.1)
+    out = run("rpc_logs_stats")
+    assert out.splitlines()[2].split()[:3] == ["system.ping", "20", "20"]
+    assert (
+        out.splitlines()[-1]
+        == "20 call(s) in the last 24 hour(s) (estimated: sampled rows are scaled up)."
+    )
