@@ -13,6 +13,7 @@ from ipware import get_client_ip
 
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.context import RPCCallerContext, reset_caller_context, set_caller_context
+from django_rpc_audit.sanitize import cap_text, clean_text
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,22 @@ def client_ip(request: HttpRequest) -> str | None:
             "django-ipware is misconfigured; the caller IP is not recorded.", exc_info=True
         )
         return None
+    except Exception:  # odd headers must never break the request
+        logger.warning("Could not read the client IP; it is not recorded.", exc_info=True)
+        return None
     return ip
+
+
+def user_agent_of(request: HttpRequest) -> str:
+    """The request's ``User-Agent``, capped at ``MAX_USER_AGENT_BYTES``, safe to store.
+
+    Header values arrive as latin-1 decoded text (WSGI and ASGI alike), so bytes that are not
+    UTF-8 show up as latin-1 characters; NUL and lone surrogates (from servers that decode with
+    ``surrogateescape``) become U+FFFD, since PostgreSQL refuses them.
+    """
+    raw = request.META.get("HTTP_USER_AGENT", "")
+    text = raw if isinstance(raw, str) else str(raw)
+    return cap_text(clean_text(text), get_config().max_user_agent_bytes)
 
 
 def caller_context_for(request: HttpRequest) -> RPCCallerContext:
@@ -50,7 +66,7 @@ def caller_context_for(request: HttpRequest) -> RPCCallerContext:
     return RPCCallerContext(
         user=getattr(request, "user", None),
         caller_ip=client_ip(request),
-        user_agent=request.META.get("HTTP_USER_AGENT", ""),
+        user_agent=user_agent_of(request),
         auser=getattr(request, "auser", None),
     )
 

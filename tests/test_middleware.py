@@ -229,3 +229,96 @@ def test_ipware_settings_are_honoured(settings):
 def test_malformed_remote_addr_gives_no_ip():
     request = RequestFactory().get("/", REMOTE_ADDR="not-an-ip")
     assert client_ip(request) is None
+
+
+# -- request-side hardening: what reaches the row from hostile or broken requests ---------
+
+
+@pytest.mark.django_db
+def test_forged_forwarded_for_is_not_stored():
+    client = Client(REMOTE_ADDR="198.51.100.7", HTTP_X_FORWARDED_FOR="203.0.113.66")
+    client.get("/sync/call/")
+    assert RPCLog.objects.get().caller_ip == "198.51.100.7"
+
+
+@pytest.mark.django_db
+def test_forged_forwarded_for_behind_a_trusted_proxy_keeps_only_what_the_proxy_added(
+    rpc_settings,
+):
+    # The client forged "1.2.3.4"; the trusted proxy appended the address it really saw.
+    rpc_settings(TRUSTED_PROXY_IPS=["10.0.0.9"])
+    client = Client(REMOTE_ADDR="10.0.0.9", HTTP_X_FORWARDED_FOR="1.2.3.4, 203.0.113.5, 10.0.0.9")
+    client.get("/sync/call/")
+    assert RPCLog.objects.get().caller_ip != "1.2.3.4"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("remote_addr", "forwarded", "stored"),
+    [
+        ("999.1.1.1", None, None),
+        ("", None, None),
+        ("fe80::1%eth0", None, "fe80::1"),  # PostgreSQL's inet refuses the zone index
+        ("::ffff:198.51.100.4", None, "198.51.100.4"),  # ipware unmaps IPv4-mapped IPv6
+        ("10.0.0.9", "<script>, 10.0.0.9", None),
+        ("10.0.0.9", "203.0.113.7:443, 10.0.0.9", "203.0.113.7"),  # port dropped
+        ("10.0.0.9", "x" * 10_000, None),
+    ],
+)
+def test_malformed_ips_are_stored_safely(rpc_settings, remote_addr, forwarded, stored):
+    rpc_settings(TRUSTED_PROXY_IPS=["10.0.0.9"])
+    extra = {"HTTP_X_FORWARDED_FOR": forwarded} if forwarded else {}
+    response = Client(REMOTE_ADDR=remote_addr, **extra).get("/sync/call/")
+    assert response.status_code == 200
+    row = RPCLog.objects.get()
+    assert row.status == "success"
+    if stored is None:
+        # Either nothing or the proxy peer itself: never the garbage, never a crash.
+        assert row.caller_ip in (None, "10.0.0.9")
+    else:
+        assert row.caller_ip == stored
+
+
+@pytest.mark.django_db
+def test_an_explicit_malformed_caller_ip_is_stored_as_null():
+    from django_rpc_audit import get_rpc_client
+
+    get_rpc_client().call("test.echo", caller_ip="300.300.300.300")
+    assert RPCLog.objects.get().caller_ip is None
+
+
+@pytest.mark.django_db
+def test_a_100_kb_user_agent_is_capped(rpc_settings):
+    rpc_settings(MAX_USER_AGENT_BYTES=1024)
+    huge = "Mozilla/5.0 " + "A" * 100_000
+    Client(HTTP_USER_AGENT=huge).get("/sync/call/")
+    stored = RPCLog.objects.get().user_agent
+    assert stored.startswith("Mozilla/5.0 AAAA")
+    assert len(stored.encode("utf-8")) <= 1024
+    assert stored.endswith(f"[truncated, {len(huge)} bytes]")
+
+
+@pytest.mark.django_db
+def test_non_utf8_and_nul_user_agents_are_stored(signals):
+    # WSGI servers hand header bytes over as latin-1 text: b"\xff\xfe" arrives as "\xff\xfe".
+    latin1 = b"agent/\xff\xfe\x00end".decode("latin-1")
+    Client(HTTP_USER_AGENT=latin1).get("/sync/call/")
+    # Some servers decode with surrogateescape: lone surrogates.
+    escaped = b"agent/\xff".decode("utf-8", "surrogateescape")
+    Client(HTTP_USER_AGENT=escaped).get("/sync/call/")
+    stored = set(RPCLog.objects.values_list("user_agent", flat=True))
+    assert stored == {"agent/\ufffd", "agent/\xff\xfe\ufffdend"}
+    assert [event["user_agent"] for event in signals.started] == [
+        "agent/\xff\xfe\ufffdend",
+        "agent/\ufffd",
+    ]
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_async_request_with_raw_non_utf8_header_bytes():
+    agent = b"async/\xff\x00".decode("latin-1")
+    response = await AsyncClient().get("/async/call/", headers={"user-agent": agent})
+    assert response.status_code == 200
+    row = await RPCLog.objects.aget()
+    assert row.user_agent == "async/\xff\ufffd"
