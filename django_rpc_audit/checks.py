@@ -89,3 +89,31 @@ def check_unfold(
             )
         ]
     return []
+
+
+@register(Tags.compatibility)
+def check_sampling(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """W004: sampling is on but ``ALWAYS_LOG_SLOWER_THAN_MS`` is never reached in time.
+
+    Each value is valid on its own; together, a call slow enough to be kept would already
+    have timed out, so slow successes are sampled away like fast ones.
+    """
+    try:
+        config = get_config()
+    except ImproperlyConfigured:
+        return []  # E001 reports it
+    sampling = config.sample_rate < 1 or any(rate < 1 for _, rate in config.sample_rates)
+    if sampling and config.always_log_slower_than_ms >= config.rpc_timeout * 1000:
+        return [
+            Warning(
+                f"{SETTING_NAME}['ALWAYS_LOG_SLOWER_THAN_MS'] "
+                f"({config.always_log_slower_than_ms:g} ms) is not below RPC_TIMEOUT "
+                f"({config.rpc_timeout:g} s): no successful call is ever slow enough to be "
+                "kept, so slow calls are sampled like fast ones.",
+                hint="Lower ALWAYS_LOG_SLOWER_THAN_MS below RPC_TIMEOUT.",
+                id="django_rpc_audit.W004",
+            )
+        ]
+    return []

@@ -17,7 +17,7 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 from redis.connection import parse_url
 
-from django_rpc_audit.redaction import FieldRule, MethodRule
+from django_rpc_audit.redaction import FieldRule, MethodRule, key_words
 from django_rpc_audit.utils import redact_url
 
 SETTING_NAME = "DJANGO_CFG_RPC"
@@ -244,7 +244,9 @@ def _is_rate(value: object) -> bool:
 
 def _validate_data_hygiene(config: DjangoCfgRPCConfig) -> None:
     if not isinstance(config.redact_keys, tuple) or not all(
-        isinstance(key, str) and key.strip() for key in config.redact_keys
+        # A key of separators only ("__") would normalise to nothing and match nothing.
+        isinstance(key, str) and key_words(key)
+        for key in config.redact_keys
     ):
         raise _fail("REDACT_KEYS", f"must be a list of key names, not {config.redact_keys!r}.")
     if not isinstance(config.redact_methods, tuple) or not all(

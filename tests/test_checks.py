@@ -45,3 +45,19 @@ def test_unfold_after_admin_is_w003(settings):
     rest = [app for app in settings.INSTALLED_APPS if app != "unfold"]
     settings.INSTALLED_APPS = [*rest, "unfold"]
     assert ids(checks.check_unfold()) == ["django_rpc_audit.W003"]
+
+
+def test_slow_threshold_beyond_the_timeout_under_sampling_is_w004(rpc_settings):
+    rpc_settings(RPC_TIMEOUT=1, SAMPLE_RATE=0.1, ALWAYS_LOG_SLOWER_THAN_MS=1000)
+    messages = checks.check_sampling()
+    assert ids(messages) == ["django_rpc_audit.W004"]
+    assert "ALWAYS_LOG_SLOWER_THAN_MS" in messages[0].msg
+
+
+def test_slow_threshold_is_fine_without_sampling_or_below_the_timeout(rpc_settings):
+    rpc_settings(RPC_TIMEOUT=1, SAMPLE_RATE=1.0, ALWAYS_LOG_SLOWER_THAN_MS=5000)
+    assert checks.check_sampling() == []
+    rpc_settings(RPC_TIMEOUT=10, SAMPLE_RATE=0.1, ALWAYS_LOG_SLOWER_THAN_MS=5000)
+    assert checks.check_sampling() == []
+    rpc_settings(SAMPLE_RATE=1.0, SAMPLE_RATES={"system.*": 0.5}, ALWAYS_LOG_SLOWER_THAN_MS=10_000)
+    assert ids(checks.check_sampling()) == ["django_rpc_audit.W004"]

@@ -148,3 +148,76 @@ def test_disabled_rpc_raises_on_get_client(settings):
 
 def test_trusted_proxies_may_be_given_as_a_list():
     assert DjangoCfgRPCConfig(trusted_proxy_ips=["10.0.0.1"]).trusted_proxy_ips == ("10.0.0.1",)
+
+
+# -- data hygiene settings ----------------------------------------------------------------
+
+
+def test_data_hygiene_defaults():
+    config = DjangoCfgRPCConfig()
+    assert config.redact_keys == ()
+    assert config.redact_methods == ()
+    assert (config.max_params_bytes, config.max_response_bytes) == (65_536, 65_536)
+    assert (config.max_error_message_bytes, config.max_user_agent_bytes) == (16_384, 1_024)
+    assert (config.sample_rate, config.sample_rates) == (1.0, ())
+    assert config.always_log_slower_than_ms == 1_000.0
+    assert (config.retention_days, config.reap_margin_seconds) == (90, 60.0)
+
+
+def test_data_hygiene_dicts_become_hashable_tuples(settings):
+    from django_rpc_audit.redaction import MethodRule
+
+    settings.DJANGO_CFG_RPC = {
+        "REDACT_KEYS": ["card_number"],
+        "REDACT_METHODS": {"auth.*": {"params": "drop", "response": ["user_id"]}},
+        "SAMPLE_RATES": {"system.ping": 0.01},
+    }
+    config = get_config()
+    assert config.redact_keys == ("card_number",)
+    assert config.redact_methods == (("auth.*", MethodRule(params="drop", response=("user_id",))),)
+    assert config.sample_rates == (("system.ping", 0.01),)
+    hash(config)
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "expected"),
+    [
+        ("SAMPLE_RATE", "0.25", 0.25),
+        ("SAMPLE_RATES", "system.*=0.1, send=0.5", (("system.*", 0.1), ("send", 0.5))),
+        ("REDACT_KEYS", "card_number, pin", ("card_number", "pin")),
+        ("MAX_PARAMS_BYTES", "4096", 4096),
+        ("RETENTION_DAYS", "30", 30),
+        ("ALWAYS_LOG_SLOWER_THAN_MS", "250", 250.0),
+    ],
+)
+def test_data_hygiene_environment_overrides(settings, monkeypatch, key, raw, expected):
+    monkeypatch.setenv(f"DJANGO_CFG_RPC__{key}", raw)
+    clear_config_cache()
+    assert getattr(get_config(), key.lower()) == expected
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"REDACT_KEYS": "password"}, "REDACT_KEYS"),
+        ({"REDACT_KEYS": ["__"]}, "REDACT_KEYS"),
+        ({"REDACT_METHODS": {"auth.*": "drop"}}, "REDACT_METHODS"),
+        ({"REDACT_METHODS": {"auth.*": {"params": "hide"}}}, "REDACT_METHODS"),
+        ({"REDACT_METHODS": {"auth.*": {"headers": "drop"}}}, "REDACT_METHODS"),
+        ({"MAX_PARAMS_BYTES": 10}, "MAX_PARAMS_BYTES"),
+        ({"MAX_RESPONSE_BYTES": 1.5e6}, "MAX_RESPONSE_BYTES"),
+        ({"MAX_USER_AGENT_BYTES": True}, "MAX_USER_AGENT_BYTES"),
+        ({"SAMPLE_RATE": 1.5}, "SAMPLE_RATE"),
+        ({"SAMPLE_RATE": "0.5"}, "SAMPLE_RATE"),
+        ({"SAMPLE_RATES": {"x": -0.1}}, "SAMPLE_RATES"),
+        ({"SAMPLE_RATES": {"x": "often"}}, "SAMPLE_RATES"),
+        ({"ALWAYS_LOG_SLOWER_THAN_MS": -1}, "ALWAYS_LOG_SLOWER_THAN_MS"),
+        ({"RETENTION_DAYS": 0}, "RETENTION_DAYS"),
+        ({"RETENTION_DAYS": 7.5}, "RETENTION_DAYS"),
+        ({"REAP_MARGIN_SECONDS": -1}, "REAP_MARGIN_SECONDS"),
+    ],
+)
+def test_invalid_data_hygiene_setting_names_the_key(settings, values, key):
+    settings.DJANGO_CFG_RPC = values
+    with pytest.raises(ImproperlyConfigured, match=key):
+        get_config()
