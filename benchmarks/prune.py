@@ -1,0 +1,216 @@
+"""Prune throughput on a big table, and whether inserts keep working while it runs.
+
+Fills ``RPCLog`` on PostgreSQL with ``--rows`` old rows (and ``--recent`` rows inside the
+retention window) by one ``INSERT ... SELECT generate_series``, then runs
+``RPCLog.objects.prune(days=30)`` while an inserter thread writes finished calls as the log
+writer does (``record_finished``, each in its own transaction), as fast as it can. Before the
+prune the same inserter runs alone for ``--baseline`` seconds, so insert latency with and without
+the prune is measured side by side in one run.
+
+    createdb -h 127.0.0.1 -U postgres rpc_bench
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/rpc_bench .venv/bin/python benchmarks/prune.py
+    ... benchmarks/prune.py --rows 1000000 --batch-size 5000 --single-delete
+
+``--single-delete`` also times one plain ``DELETE`` of the same rows in a single transaction
+(refilling the table first), for comparison. The table is emptied at the start and the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def setup_django(database_url: str) -> None:
+    import django
+    import environ
+    from django.conf import settings
+
+    settings.configure(
+        DATABASES={"default": environ.Env.db_url_config(database_url)},
+        INSTALLED_APPS=["django.contrib.auth", "django.contrib.contenttypes", "django_rpc_audit"],
+        USE_TZ=True,
+        DJANGO_CFG_RPC={"TRANSPORT": "local"},
+    )
+    django.setup()
+    from django.core.management import call_command
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        sys.exit("This benchmark needs PostgreSQL: set DATABASE_URL=postgres://...")
+    call_command("migrate", verbosity=0)
+
+
+FILL_SQL = """
+INSERT INTO django_rpc_audit_rpclog (
+    id, correlation_id, method, params, response, status, error_code, error_message,
+    duration_ms, caller_ip, user_agent, created_at, completed_at, sample_rate
+)
+SELECT
+    gen_random_uuid(), gen_random_uuid()::text, 'method.' || (i %% 20),
+    jsonb_build_object('n', i, 'payload', repeat('x', 200)), '{"ok": true}'::jsonb,
+    CASE WHEN i %% 50 = 0 THEN 'failed' ELSE 'success' END, '', '',
+    (i %% 1000) / 10.0, '10.0.0.1', 'bench/1.0',
+    now() - %s * interval '1 day' - (i %% 86400) * interval '1 second',
+    now() - %s * interval '1 day', 1.0
+FROM generate_series(1, %s) AS i
+"""
+
+
+def fill(old_rows: int, recent_rows: int) -> float:
+    from django.db import connection
+
+    start = time.perf_counter()
+    with connection.cursor() as cursor:
+        cursor.execute("TRUNCATE django_rpc_audit_rpclog")
+        cursor.execute(FILL_SQL, [60, 60, old_rows])
+        cursor.execute(FILL_SQL, [1, 1, recent_rows])
+        cursor.execute("VACUUM ANALYZE django_rpc_audit_rpclog")
+    return time.perf_counter() - start
+
+
+@dataclass
+class Inserter:
+    """Writes finished calls one by one until stopped; records each write's latency."""
+
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        from django.db import connection, transaction
+        from django.utils import timezone
+
+        from django_rpc_audit.models import RPCLog
+
+        try:
+            while not self.stop.is_set():
+                now = timezone.now()
+                begin = time.perf_counter()
+                try:
+                    with transaction.atomic():
+                        RPCLog.objects.record_finished(
+                            correlation_id=str(uuid.uuid4()),
+                            method="bench.insert",
+                            params={"n": len(self.latencies)},
+                            user=None,
+                            caller_ip="10.0.0.2",
+                            user_agent="bench/1.0",
+                            started_at=now,
+                            status="success",
+                            response={"ok": True},
+                            error_code=None,
+                            error_message=None,
+                            duration_ms=1.0,
+                            completed_at=now,
+                        )
+                except Exception:
+                    self.errors += 1
+                self.latencies.append(time.perf_counter() - begin)
+        finally:
+            connection.close()
+
+
+def run_with_inserter(work, baseline_seconds: float = 0.0) -> tuple[object, float, Inserter]:
+    inserter = Inserter()
+    thread = threading.Thread(target=inserter.run)
+    thread.start()
+    time.sleep(baseline_seconds)
+    begin = time.perf_counter()
+    try:
+        result = work()
+    finally:
+        elapsed = time.perf_counter() - begin
+        inserter.stop.set()
+        thread.join()
+    return result, elapsed, inserter
+
+
+def describe(name: str, latencies: list[float], seconds: float, errors: int) -> str:
+    ms = sorted(value * 1000 for value in latencies)
+    if not ms:
+        return f"  {name}: no inserts"
+    p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+    return (
+        f"  {name}: {len(ms)} inserts in {seconds:.1f} s ({len(ms) / seconds:.0f}/s), "
+        f"latency median {statistics.median(ms):.2f} ms, p99 {p99:.2f} ms, "
+        f"max {ms[-1]:.1f} ms, errors {errors}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="old rows to prune")
+    parser.add_argument("--recent", type=int, default=100_000, help="rows inside the window")
+    parser.add_argument("--batch-size", type=int, default=5_000)
+    parser.add_argument("--baseline", type=float, default=5.0, help="seconds of inserts alone")
+    parser.add_argument("--single-delete", action="store_true", help="also time one DELETE")
+    args = parser.parse_args()
+
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        sys.exit("Set DATABASE_URL to a PostgreSQL database the benchmark may fill and empty.")
+    setup_django(url)
+    from django.db import connection, transaction
+    from django.utils import timezone
+
+    from django_rpc_audit.models import RPCLog
+
+    print(
+        f"PostgreSQL {connection.cursor().connection.info.server_version}, "
+        f"{args.rows:,} old rows + {args.recent:,} recent rows, batch size {args.batch_size:,}"
+    )
+    print(
+        f"fill (INSERT ... SELECT generate_series + VACUUM ANALYZE): "
+        f"{fill(args.rows, args.recent):.1f} s"
+    )
+
+    # Inserts alone, then inserts while the prune runs: same thread, same code, one run.
+    _, base_seconds, alone = run_with_inserter(lambda: time.sleep(args.baseline))
+    deleted, seconds, during = run_with_inserter(
+        lambda: RPCLog.objects.prune(days=30, batch_size=args.batch_size)
+    )
+    assert isinstance(deleted, int)
+    left = RPCLog.objects.count()
+    print(
+        f"prune(days=30): deleted {deleted:,} rows in {seconds:.1f} s "
+        f"= {deleted / seconds:,.0f} rows/s; {left:,} rows left "
+        f"({args.recent:,} recent + {len(alone.latencies) + len(during.latencies):,} inserted)"
+    )
+    print("concurrent inserts (record_finished, one transaction each):")
+    print(describe("alone       ", alone.latencies, base_seconds, alone.errors))
+    print(describe("during prune", during.latencies, seconds, during.errors))
+
+    if args.single_delete:
+        print(f"refill: {fill(args.rows, args.recent):.1f} s")
+        cutoff = timezone.now() - timedelta(days=30)
+
+        def single_delete() -> int:
+            with transaction.atomic():
+                return RPCLog.objects.filter(created_at__lt=cutoff)._raw_delete(RPCLog.objects.db)
+
+        deleted, seconds, during = run_with_inserter(single_delete)
+        assert isinstance(deleted, int)
+        print(
+            f"one DELETE in one transaction: {deleted:,} rows in {seconds:.1f} s "
+            f"= {deleted / seconds:,.0f} rows/s"
+        )
+        print(describe("during DELETE", during.latencies, seconds, during.errors))
+
+    with connection.cursor() as cursor:
+        cursor.execute("TRUNCATE django_rpc_audit_rpclog")
+
+
+if __name__ == "__main__":
+    main()
