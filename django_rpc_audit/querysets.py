@@ -207,7 +207,9 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
         Ordered by ``total_calls``, busiest first. On PostgreSQL the percentile is computed
         exactly by the database (``percentile_cont``); on other databases it is computed
         exactly in Python from the durations, which reads one float per finished call.
-        Pending calls count in ``total_calls`` but have no duration.
+        Pending calls count in ``total_calls`` but have no duration. Under sampling each row
+        counts as ``1 / sample_rate`` calls, so the counts are estimated totals; durations are
+        those of the logged rows.
         """
         # django-stubs cannot see annotations passed as **kwargs; the rows are plain dicts.
         rows = cast(
@@ -251,7 +253,8 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
     def stats_by_user(self) -> list[UserStats]:
         """One dict per user (``None``: calls without a user), busiest first.
 
-        ``username`` is the value of the user model's ``USERNAME_FIELD``.
+        ``username`` is the value of the user model's ``USERNAME_FIELD``. Counts are estimated
+        totals under sampling, as in :meth:`stats_by_method`.
         """
         from django.contrib.auth import get_user_model
 
