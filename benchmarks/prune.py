@@ -2,7 +2,7 @@
 
 Fills ``RPCLog`` on PostgreSQL with ``--rows`` old rows (and ``--recent`` rows inside the
 retention window) by one ``INSERT ... SELECT generate_series``, then runs
-``RPCLog.objects.prune(days=30)`` while an inserter thread writes finished calls as the log
+``RPCLog.objects.prune(days=30)`` while another process writes finished calls as the log
 writer does (``record_finished``, each in its own transaction), as fast as it can. Before the
 prune the same inserter runs alone for ``--baseline`` seconds, so insert latency with and without
 the prune is measured side by side in one run.
@@ -18,21 +18,22 @@ the prune is measured side by side in one run.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import sys
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def setup_django(database_url: str) -> None:
+def setup_django(database_url: str, migrate: bool = True) -> None:
     import django
     import environ
     from django.conf import settings
@@ -49,7 +50,8 @@ def setup_django(database_url: str) -> None:
 
     if connection.vendor != "postgresql":
         sys.exit("This benchmark needs PostgreSQL: set DATABASE_URL=postgres://...")
-    call_command("migrate", verbosity=0)
+    if migrate:
+        call_command("migrate", verbosity=0)
 
 
 FILL_SQL = """
@@ -80,61 +82,64 @@ def fill(old_rows: int, recent_rows: int) -> float:
     return time.perf_counter() - start
 
 
-@dataclass
-class Inserter:
-    """Writes finished calls one by one until stopped; records each write's latency."""
+def insert_until_stopped(database_url: str, stop: Any, ready: Any, results: Any) -> None:
+    """In its own process (no GIL shared with the prune): write finished calls one by one."""
+    setup_django(database_url, migrate=False)
+    from django.db import connection, transaction
+    from django.utils import timezone
 
-    latencies: list[float] = field(default_factory=list)
-    errors: int = 0
-    stop: threading.Event = field(default_factory=threading.Event)
+    from django_rpc_audit.models import RPCLog
 
-    def run(self) -> None:
-        from django.db import connection, transaction
-        from django.utils import timezone
-
-        from django_rpc_audit.models import RPCLog
-
+    latencies: list[float] = []
+    errors = 0
+    ready.set()
+    while not stop.is_set():
+        now = timezone.now()
+        begin = time.perf_counter()
         try:
-            while not self.stop.is_set():
-                now = timezone.now()
-                begin = time.perf_counter()
-                try:
-                    with transaction.atomic():
-                        RPCLog.objects.record_finished(
-                            correlation_id=str(uuid.uuid4()),
-                            method="bench.insert",
-                            params={"n": len(self.latencies)},
-                            user=None,
-                            caller_ip="10.0.0.2",
-                            user_agent="bench/1.0",
-                            started_at=now,
-                            status="success",
-                            response={"ok": True},
-                            error_code=None,
-                            error_message=None,
-                            duration_ms=1.0,
-                            completed_at=now,
-                        )
-                except Exception:
-                    self.errors += 1
-                self.latencies.append(time.perf_counter() - begin)
-        finally:
-            connection.close()
+            with transaction.atomic():
+                RPCLog.objects.record_finished(
+                    correlation_id=str(uuid.uuid4()),
+                    method="bench.insert",
+                    params={"n": len(latencies)},
+                    user=None,
+                    caller_ip="10.0.0.2",
+                    user_agent="bench/1.0",
+                    started_at=now,
+                    status="success",
+                    response={"ok": True},
+                    error_code=None,
+                    error_message=None,
+                    duration_ms=1.0,
+                    completed_at=now,
+                )
+        except Exception:
+            errors += 1
+        latencies.append(time.perf_counter() - begin)
+    connection.close()
+    results.put((latencies, errors))
 
 
-def run_with_inserter(work, baseline_seconds: float = 0.0) -> tuple[object, float, Inserter]:
-    inserter = Inserter()
-    thread = threading.Thread(target=inserter.run)
-    thread.start()
-    time.sleep(baseline_seconds)
+def run_with_inserter(
+    database_url: str, work: Callable[[], Any]
+) -> tuple[Any, float, list[float], int]:
+    """Run ``work`` while another process inserts; its result, seconds, insert latencies, errors."""
+    context = multiprocessing.get_context("spawn")
+    stop, ready, results = context.Event(), context.Event(), context.Queue()
+    process = context.Process(
+        target=insert_until_stopped, args=(database_url, stop, ready, results)
+    )
+    process.start()
+    ready.wait()
     begin = time.perf_counter()
     try:
         result = work()
     finally:
         elapsed = time.perf_counter() - begin
-        inserter.stop.set()
-        thread.join()
-    return result, elapsed, inserter
+        stop.set()
+        latencies, errors = results.get()
+        process.join()
+    return result, elapsed, latencies, errors
 
 
 def describe(name: str, latencies: list[float], seconds: float, errors: int) -> str:
@@ -176,21 +181,20 @@ def main() -> None:
         f"{fill(args.rows, args.recent):.1f} s"
     )
 
-    # Inserts alone, then inserts while the prune runs: same thread, same code, one run.
-    _, base_seconds, alone = run_with_inserter(lambda: time.sleep(args.baseline))
-    deleted, seconds, during = run_with_inserter(
-        lambda: RPCLog.objects.prune(days=30, batch_size=args.batch_size)
+    # Inserts alone, then inserts while the prune runs: same process, same code, one run.
+    _, base_seconds, alone, alone_errors = run_with_inserter(url, lambda: time.sleep(args.baseline))
+    deleted, seconds, during, during_errors = run_with_inserter(
+        url, lambda: RPCLog.objects.prune(days=30, batch_size=args.batch_size)
     )
-    assert isinstance(deleted, int)
     left = RPCLog.objects.count()
     print(
         f"prune(days=30): deleted {deleted:,} rows in {seconds:.1f} s "
         f"= {deleted / seconds:,.0f} rows/s; {left:,} rows left "
-        f"({args.recent:,} recent + {len(alone.latencies) + len(during.latencies):,} inserted)"
+        f"({args.recent:,} recent + {len(alone) + len(during):,} inserted)"
     )
-    print("concurrent inserts (record_finished, one transaction each):")
-    print(describe("alone       ", alone.latencies, base_seconds, alone.errors))
-    print(describe("during prune", during.latencies, seconds, during.errors))
+    print("concurrent inserts from another process (record_finished, one transaction each):")
+    print(describe("alone        ", alone, base_seconds, alone_errors))
+    print(describe("during prune ", during, seconds, during_errors))
 
     if args.single_delete:
         print(f"refill: {fill(args.rows, args.recent):.1f} s")
@@ -200,13 +204,12 @@ def main() -> None:
             with transaction.atomic():
                 return RPCLog.objects.filter(created_at__lt=cutoff)._raw_delete(RPCLog.objects.db)
 
-        deleted, seconds, during = run_with_inserter(single_delete)
-        assert isinstance(deleted, int)
+        deleted, seconds, during, errors = run_with_inserter(url, single_delete)
         print(
             f"one DELETE in one transaction: {deleted:,} rows in {seconds:.1f} s "
             f"= {deleted / seconds:,.0f} rows/s"
         )
-        print(describe("during DELETE", during.latencies, seconds, during.errors))
+        print(describe("during DELETE", during, seconds, errors))
 
     with connection.cursor() as cursor:
         cursor.execute("TRUNCATE django_rpc_audit_rpclog")

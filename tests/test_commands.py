@@ -48,7 +48,10 @@ def test_prune_deletes_old_rows_in_batches(aged_rows):
     remaining = set(RPCLog.objects.values_list("pk", flat=True))
     assert remaining == {row.pk for row in [*middle, *fresh, live_pending]}
     deletes = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("DELETE")]
-    assert len(deletes) == 3  # 2 + 2 + 2: one statement per batch
+    # 2 + 2 + 2, then an empty batch that ends the loop: one statement per batch, keys
+    # chosen in a LIMIT subquery.
+    assert len(deletes) == 4
+    assert all("LIMIT 2" in sql for sql in deletes)
     # Each batch commits on its own (savepoints on SQLite inside the test transaction).
     assert (
         sum("SAVEPOINT" in q["sql"] and "RELEASE" in q["sql"] for q in queries.captured_queries)
@@ -191,3 +194,23 @@ def test_stats_command_says_when_counts_are_estimated():
         out.splitlines()[-1]
         == "20 call(s) in the last 24 hour(s) (estimated: sampled rows are scaled up)."
     )
+
+
+def test_prune_in_batches_handles_rows_sharing_a_timestamp():
+    moment = ago(days=40)
+    RPCLogFactory.create_batch(7, created_at=moment)
+    RPCLogFactory.create_batch(3, created_at=moment + timedelta(seconds=1))
+    keep = RPCLogFactory(created_at=ago(days=1))
+    assert RPCLog.objects.prune(days=30, batch_size=2) == 10
+    assert list(RPCLog.objects.all()) == [keep]
+
+
+def test_prune_fetches_the_keys_first_where_limit_in_a_subquery_is_refused(aged_rows, monkeypatch):
+    # MySQL refuses "IN (SELECT ... LIMIT n)"; there the keys are read first.
+    monkeypatch.setattr(connection, "vendor", "mysql")
+    with CaptureQueriesContext(connection) as queries:
+        assert RPCLog.objects.prune(days=30, batch_size=4) == 6
+    deletes = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("DELETE")]
+    assert len(deletes) == 2
+    assert not any("LIMIT" in sql for sql in deletes)
+    assert RPCLog.objects.count() == 6
