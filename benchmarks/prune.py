@@ -9,7 +9,7 @@ the prune is measured side by side in one run.
 
     createdb -h 127.0.0.1 -U postgres rpc_bench
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/rpc_bench .venv/bin/python benchmarks/prune.py
-    ... benchmarks/prune.py --rows 1000000 --batch-size 5000 --single-delete
+    ... benchmarks/prune.py --rows 1000000 --batch-size 1000,5000,20000 --single-delete
 
 ``--single-delete`` also times one plain ``DELETE`` of the same rows in a single transaction
 (refilling the table first), for comparison. The table is emptied at the start and the end.
@@ -158,7 +158,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="old rows to prune")
     parser.add_argument("--recent", type=int, default=100_000, help="rows inside the window")
-    parser.add_argument("--batch-size", type=int, default=5_000)
+    parser.add_argument(
+        "--batch-size",
+        type=lambda raw: [int(size) for size in raw.split(",")],
+        default=[5_000],
+        help="rows per batch; several, comma-separated, are run one after the other",
+    )
     parser.add_argument("--baseline", type=float, default=5.0, help="seconds of inserts alone")
     parser.add_argument("--single-delete", action="store_true", help="also time one DELETE")
     args = parser.parse_args()
@@ -174,27 +179,31 @@ def main() -> None:
 
     print(
         f"PostgreSQL {connection.cursor().connection.info.server_version}, "
-        f"{args.rows:,} old rows + {args.recent:,} recent rows, batch size {args.batch_size:,}"
+        f"{args.rows:,} old rows + {args.recent:,} recent rows"
     )
-    print(
-        f"fill (INSERT ... SELECT generate_series + VACUUM ANALYZE): "
-        f"{fill(args.rows, args.recent):.1f} s"
-    )
-
-    # Inserts alone, then inserts while the prune runs: same process, same code, one run.
-    _, base_seconds, alone, alone_errors = run_with_inserter(url, lambda: time.sleep(args.baseline))
-    deleted, seconds, during, during_errors = run_with_inserter(
-        url, lambda: RPCLog.objects.prune(days=30, batch_size=args.batch_size)
-    )
-    left = RPCLog.objects.count()
-    print(
-        f"prune(days=30): deleted {deleted:,} rows in {seconds:.1f} s "
-        f"= {deleted / seconds:,.0f} rows/s; {left:,} rows left "
-        f"({args.recent:,} recent + {len(alone) + len(during):,} inserted)"
-    )
-    print("concurrent inserts from another process (record_finished, one transaction each):")
-    print(describe("alone        ", alone, base_seconds, alone_errors))
-    print(describe("during prune ", during, seconds, during_errors))
+    for number, batch_size in enumerate(args.batch_size):
+        if number:
+            print()
+        print(
+            f"fill (INSERT ... SELECT generate_series + VACUUM ANALYZE): "
+            f"{fill(args.rows, args.recent):.1f} s"
+        )
+        # Inserts alone, then inserts while the prune runs: same process, same code, one run.
+        _, base_seconds, alone, alone_errors = run_with_inserter(
+            url, lambda: time.sleep(args.baseline)
+        )
+        deleted, seconds, during, during_errors = run_with_inserter(
+            url, lambda size=batch_size: RPCLog.objects.prune(days=30, batch_size=size)
+        )
+        left = RPCLog.objects.count()
+        print(
+            f"prune(days=30, batch_size={batch_size:,}): deleted {deleted:,} rows in "
+            f"{seconds:.1f} s = {deleted / seconds:,.0f} rows/s; {left:,} rows left "
+            f"({args.recent:,} recent + {len(alone) + len(during):,} inserted)"
+        )
+        print("concurrent inserts from another process (record_finished, one transaction each):")
+        print(describe("alone        ", alone, base_seconds, alone_errors))
+        print(describe("during prune ", during, seconds, during_errors))
 
     if args.single_delete:
         print(f"refill: {fill(args.rows, args.recent):.1f} s")
