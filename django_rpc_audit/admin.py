@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.apps import apps
 from django.contrib import admin
 from django.core.exceptions import ValidationError
-from django.db.models import Model, QuerySet
+from django.db.models import Max, Min, Model, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.urls import NoReverseMatch, URLPattern, path, reverse
+from django.utils import timezone
 from django.utils.html import escape, format_html, format_html_join
 from django.utils.http import urlencode
 from django.utils.safestring import SafeString, mark_safe
@@ -28,6 +30,7 @@ from unfold.paginator import InfinitePaginator
 
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.models import RPCLog, RPCStatus
+from django_rpc_audit.querysets import RPCLogQuerySet
 
 #: How many of the latest calls the method and user filters read their choices from.
 FILTER_CHOICE_ROWS = 10_000
@@ -118,6 +121,60 @@ def changelist_url(site_name: str = "admin", **params: Any) -> str:
     return f"{url}?{urlencode(query)}" if query else url
 
 
+class ChangeListQuerySet(RPCLogQuerySet):
+    """The admin's QuerySet, whose ``datetimes()`` reads two index entries, not every row.
+
+    The date hierarchy is its only caller. Django's version is a ``SELECT DISTINCT`` of the
+    truncated date over every matching row, a scan of the whole table on each page; this one
+    lists every year / month / day between the first and the last matching call (``MIN`` and
+    ``MAX``, answered by the index). On a log table every period in between has calls; one that
+    has none leads to an empty page.
+    """
+
+    def datetimes(  # type: ignore[override]
+        self, field_name: str, kind: str, order: str = "ASC", tzinfo: Any = None
+    ) -> list[datetime]:
+        if kind not in ("year", "month", "day") or tzinfo is not None:
+            return list(super().datetimes(field_name, kind, order, tzinfo))  # type: ignore[arg-type]
+        bounds = self.order_by().aggregate(first=Min(field_name), last=Max(field_name))
+        if bounds["first"] is None:
+            return []
+        first, last = (
+            timezone.localtime(value) if timezone.is_aware(value) else value
+            for value in (bounds["first"], bounds["last"])
+        )
+        periods: list[datetime] = []
+        current = _period_start(first, kind)
+        while current <= last:
+            periods.append(current)
+            current = _next_period(current, kind)
+        return periods[::-1] if order == "DESC" else periods
+
+
+def _period_start(value: datetime, kind: str) -> datetime:
+    value = value.replace(hour=0, minute=0, second=0, microsecond=0)
+    if kind in ("year", "month"):
+        value = value.replace(day=1)
+    if kind == "year":
+        value = value.replace(month=1)
+    return value
+
+
+def _next_period(value: datetime, kind: str) -> datetime:
+    if kind == "day":
+        following = value.replace(tzinfo=None) + timedelta(days=1)
+    elif kind == "month":
+        following = value.replace(
+            tzinfo=None, year=value.year + value.month // 12, month=value.month % 12 + 1
+        )
+    else:
+        following = value.replace(tzinfo=None, year=value.year + 1)
+    if value.tzinfo is not None:
+        # Through make_aware, so a period after a DST change keeps midnight local time.
+        return timezone.make_aware(following, value.tzinfo)
+    return following
+
+
 class MethodFilter(admin.SimpleListFilter):
     """By method; the choices are the methods of the latest calls, not a scan of the table."""
 
@@ -166,7 +223,7 @@ class UserFilter(admin.SimpleListFilter):
         if not self.value():
             return None
         try:
-            return get_user_model()._meta.pk.to_python(self.value())  # type: ignore[union-attr]
+            return get_user_model()._meta.pk.to_python(self.value())
         except ValidationError:
             return None
 
@@ -259,6 +316,12 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
         return False
 
     # -- changelist -----------------------------------------------------------------------------
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        queryset = super().get_queryset(request)
+        return ChangeListQuerySet(
+            model=queryset.model, query=queryset.query, using=queryset._db, hints=queryset._hints
+        )
 
     def get_list_filter(self, request: HttpRequest) -> Any:
         if apps.is_installed("unfold.contrib.filters"):

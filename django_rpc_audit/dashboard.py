@@ -16,7 +16,7 @@ from django.utils.translation import gettext_lazy as _
 
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.models import RPCLog, RPCStatus
-from django_rpc_audit.querysets import Bucket, MethodStats
+from django_rpc_audit.querysets import Bucket
 
 if TYPE_CHECKING:
     from django_rpc_audit.admin import RPCLogAdmin
@@ -78,14 +78,14 @@ def dashboard_context(window: Window, site_name: str = "admin") -> dict[str, Any
         return _changelist(site_name, **since_param, **params)
 
     overview = calls.overview()
-    by_method = calls.stats_by_method()
+    by_method = calls.calls_by_method()
     errors_by_method = sorted(
         (row for row in by_method if row["failed_count"] + row["timeout_count"]),
         key=lambda row: (-(row["failed_count"] + row["timeout_count"]), row["method"]),
     )[:TABLE_ROWS]
     slowest = sorted(
-        (row for row in by_method if _slowness(row) is not None),
-        key=lambda row: (-(_slowness(row) or 0), row["method"]),
+        (row for row in by_method if row["avg_duration_ms"] is not None),
+        key=lambda row: (-(row["avg_duration_ms"] or 0.0), row["method"]),
     )[:TABLE_ROWS]
     users = calls.busiest_users(limit=TABLE_ROWS)
     failures = list(
@@ -130,10 +130,6 @@ def dashboard_context(window: Window, site_name: str = "admin") -> dict[str, Any
         ],
         "failures_url": link(status__in=_ERRORS),
     }
-
-
-def _slowness(row: MethodStats) -> float | None:
-    return row["p95_duration_ms"] if row["p95_duration_ms"] is not None else None
 
 
 def _changelist(site_name: str, **params: Any) -> str:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 
 from django.conf import settings
 from django.db import connections, models
-from django.db.models import Avg, Count, Q
+from django.db.models import Avg, Count, Max, Q
 from django.db.models.functions import Trunc
 from django.utils import timezone
 
@@ -86,6 +86,18 @@ class TimeBucket(TypedDict):
     success_count: int
     failed_count: int
     timeout_count: int
+
+
+class MethodCalls(TypedDict):
+    """One row of :meth:`RPCLogQuerySet.calls_by_method`."""
+
+    method: str
+    total_calls: int
+    success_count: int
+    failed_count: int
+    timeout_count: int
+    avg_duration_ms: float | None
+    max_duration_ms: float | None
 
 
 class UserCalls(TypedDict):
@@ -444,6 +456,37 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
             start = _bucket_start(start + step, bucket)
         return timeline
 
+    def calls_by_method(self) -> list[MethodCalls]:
+        """Per method: call counts by outcome, mean and longest duration; busiest first.
+
+        :meth:`stats_by_method` without its percentile, which sorts every call: this one is
+        a single hash aggregation, cheap enough for a dashboard's week of calls.
+        """
+        rows = cast(
+            "Iterable[dict[str, Any]]",
+            self.order_by()
+            .values("method")
+            .annotate(
+                **_outcome_counts(),
+                avg_duration_ms=Avg("duration_ms"),
+                max_duration_ms=Max("duration_ms"),
+            ),
+        )
+        calls = [
+            MethodCalls(
+                method=row["method"],
+                total_calls=row["total_calls"],
+                success_count=row["success_count"],
+                failed_count=row["failed_count"],
+                timeout_count=row["timeout_count"],
+                avg_duration_ms=row["avg_duration_ms"],
+                max_duration_ms=row["max_duration_ms"],
+            )
+            for row in rows
+        ]
+        calls.sort(key=lambda item: (-item["total_calls"], item["method"]))
+        return calls
+
     def busiest_users(self, limit: int = 10) -> list[UserCalls]:
         """The ``limit`` users with the most calls (``user_id`` ``None``: no user), busiest first.
 
@@ -476,23 +519,13 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
 
     def recent_methods(self, rows: int = 10_000) -> list[str]:
         """The method names among the latest ``rows`` calls, sorted: a bounded, indexed read."""
-        latest = self.order_by("-created_at").values("pk")[:rows]
-        return list(
-            self.model._default_manager.filter(pk__in=latest)
-            .order_by("method")
-            .values_list("method", flat=True)
-            .distinct()
-        )
+        latest = self.order_by("-created_at").values_list("method", flat=True)[:rows]
+        return sorted(set(latest))
 
     def recent_user_ids(self, rows: int = 10_000) -> list[Any]:
         """The ids of the users among the latest ``rows`` calls: a bounded, indexed read."""
-        latest = self.order_by("-created_at").values("pk")[:rows]
-        return list(
-            self.model._default_manager.filter(pk__in=latest, user__isnull=False)
-            .order_by("user_id")
-            .values_list("user_id", flat=True)
-            .distinct()
-        )
+        latest = self.order_by("-created_at").values_list("user_id", flat=True)[:rows]
+        return sorted({user_id for user_id in latest if user_id is not None})
 
 
 def outcome_values(

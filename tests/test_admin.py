@@ -1,4 +1,4 @@
-"""The read-only RPCLog admin: changelist, filters, search, detail view, permissions, query counts."""
+"""The read-only RPCLog admin: changelist, filters, search, detail view, permissions, queries."""
 
 from __future__ import annotations
 
@@ -353,3 +353,41 @@ def test_related_links_find_the_related_calls(admin_client_):
     assert {log.pk for log in same_id} == {first.pk, second.pk}
     by_user = results(admin_client_.get(f"{changelist}?user={user.pk}"))
     assert {log.method for log in by_user} == {"a", "c"}
+
+
+# -- date hierarchy -----------------------------------------------------------------------------
+
+
+def test_date_hierarchy_lists_the_periods_between_first_and_last_call():
+    from datetime import datetime
+
+    from django_rpc_audit.admin import ChangeListQuerySet
+
+    utc = timezone.get_current_timezone()
+    for when in (datetime(2025, 11, 30, 23, tzinfo=utc), datetime(2026, 2, 2, 8, tzinfo=utc)):
+        RPCLogFactory(created_at=when)
+    queryset = ChangeListQuerySet(model=RPCLog)
+    assert [d.year for d in queryset.datetimes("created_at", "year")] == [2025, 2026]
+    assert [(d.year, d.month) for d in queryset.datetimes("created_at", "month")] == [
+        (2025, 11),
+        (2025, 12),
+        (2026, 1),
+        (2026, 2),
+    ]
+    days = queryset.filter(created_at__month=2).datetimes("created_at", "day")
+    assert [(d.month, d.day) for d in days] == [(2, 2)]
+    assert ChangeListQuerySet(model=RPCLog).none().datetimes("created_at", "day") == []
+    descending = queryset.datetimes("created_at", "year", order="DESC")
+    assert [d.year for d in descending] == [2026, 2025]
+
+
+def test_date_hierarchy_reads_no_distinct_dates(admin_client_):
+    # Two calls on one day: the hierarchy opens at that month's days.
+    now = timezone.localtime().replace(hour=12)
+    RPCLogFactory(created_at=now - timedelta(hours=1))
+    RPCLogFactory(created_at=now)
+    with CaptureQueriesContext(connection) as queries:
+        response = admin_client_.get(reverse(CHANGELIST))
+    assert not [q["sql"] for q in queries if "DISTINCT" in q["sql"].upper()]
+    content = response.content.decode()
+    assert f"created_at__day={now.day}" in content

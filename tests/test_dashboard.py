@@ -265,3 +265,31 @@ def test_dashboard_query_count_does_not_grow_with_rows(admin_client_, window):
     small = page_queries()
     add_rows(960)
     assert page_queries() == small
+
+
+def test_calls_by_method():
+    RPCLogFactory(method="a", duration_ms=10.0)
+    RPCLogFactory(method="a", duration_ms=30.0, status="failed")
+    RPCLogFactory(method="a", duration_ms=None, status="pending")
+    RPCLogFactory(method="b", duration_ms=5.0, status="timeout")
+    rows = RPCLog.objects.calls_by_method()
+    assert rows == [
+        {
+            "method": "a",
+            "total_calls": 3,
+            "success_count": 1,
+            "failed_count": 1,
+            "timeout_count": 0,
+            "avg_duration_ms": pytest.approx(20.0),
+            "max_duration_ms": pytest.approx(30.0),
+        },
+        {
+            "method": "b",
+            "total_calls": 1,
+            "success_count": 0,
+            "failed_count": 0,
+            "timeout_count": 1,
+            "avg_duration_ms": pytest.approx(5.0),
+            "max_duration_ms": pytest.approx(5.0),
+        },
+    ]
