@@ -65,7 +65,7 @@ def setup_django(database_url: str) -> None:
 
     settings.configure(
         DEBUG=False,
-        SECRET_KEY="benchmark",  # noqa: S106
+        SECRET_KEY="benchmark",
         ALLOWED_HOSTS=["*"],
         ROOT_URLCONF=__name__,
         DATABASES={"default": environ.Env.db_url_config(database_url)},
@@ -130,8 +130,7 @@ def fill(rows: int, refill: bool) -> None:
     RPCLog.objects.all()._raw_delete(RPCLog.objects.db)  # type: ignore[attr-defined]
     user_model.objects.filter(username__startswith="bench-user").delete()
     user_model.objects.bulk_create(
-        user_model(username=f"bench-user{i:03d}", email=f"user{i}@example.com")
-        for i in range(200)
+        user_model(username=f"bench-user{i:03d}", email=f"user{i}@example.com") for i in range(200)
     )
     first = user_model.objects.filter(username__startswith="bench-user").order_by("pk")[0].pk
     started = time.perf_counter()
