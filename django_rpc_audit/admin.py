@@ -18,6 +18,7 @@ from django.contrib import admin
 from django.core.exceptions import ValidationError
 from django.db.models import Max, Min, Model, QuerySet
 from django.http import HttpRequest, HttpResponse
+from django.template.loader import render_to_string
 from django.urls import NoReverseMatch, URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import escape, format_html, format_html_join
@@ -294,7 +295,7 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
     actions = None
     list_before_template = "django_rpc_audit/admin/changelist_before.html"
     readonly_fields = (
-        "status_badge",
+        "status_label",
         "method",
         "correlation_id_copy",
         "related_calls",
@@ -363,21 +364,33 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
     # -- detail view ----------------------------------------------------------------------------
 
     def get_fieldsets(self, request: HttpRequest, obj: RPCLog | None = None) -> Any:
-        fieldsets: list[tuple[Any, dict[str, Any]]] = [
-            (
-                None,
-                {"fields": ("status_badge", "method", "correlation_id_copy", "related_calls")},
-            ),
-        ]
+        call: tuple[str, ...] = (
+            "status_label",
+            "method",
+            "timeline",
+            "correlation_id_copy",
+            "related_calls",
+        )
         if obj is not None and obj.status in (RPCStatus.FAILED, RPCStatus.TIMEOUT):
-            fieldsets.append((_("Error"), {"fields": ("error_box",)}))
-        fieldsets += [
-            (_("Timeline"), {"fields": ("timeline",)}),
+            call = (*call[:2], "error_box", *call[2:])
+        return [
+            (None, {"fields": call}),
             (_("Caller"), {"fields": ("user_link", "caller_ip", "user_agent")}),
-            (_("Params"), {"fields": ("params_json",)}),
-            (_("Response"), {"fields": ("response_json",)}),
+            (_("Payload"), {"fields": ("params_json", "response_json")}),
         ]
-        return fieldsets
+
+    @display(description=_("status"))
+    def status_label(self, obj: RPCLog) -> str:
+        variants: dict[str, str] = {
+            RPCStatus.SUCCESS: "success",
+            RPCStatus.FAILED: "danger",
+            RPCStatus.TIMEOUT: "warning",
+            RPCStatus.PENDING: "info",
+        }
+        return render_to_string(
+            "unfold/helpers/label.html",
+            {"text": obj.get_status_display(), "variant": variants.get(obj.status, "")},
+        )
 
     @display(description=_("correlation id"))
     def correlation_id_copy(self, obj: RPCLog) -> str:

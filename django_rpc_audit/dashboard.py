@@ -191,34 +191,27 @@ def _kpis(overview: Any, link: Any) -> list[dict[str, Any]]:
 
 
 def _chart(calls: Any, window: Window, since: datetime, now: datetime) -> dict[str, Any]:
-    """Calls per minute, all and unsuccessful, per bucket: Chart.js data for Unfold's look."""
+    """Calls per minute per bucket, stacked by outcome: Chart.js data for Unfold's look."""
     timeline = calls.calls_over_time(since=since, until=now, bucket=window.bucket)
     minutes = 1 if window.bucket == "minute" else 60
     label_format = "%H:%M" if window.length <= timedelta(hours=24) else "%a %H:%M"
     labels = [bucket["start"].strftime(label_format) for bucket in timeline]
-    per_minute = [round(bucket["total_calls"] / minutes, 2) for bucket in timeline]
-    errors = [
-        round((bucket["failed_count"] + bucket["timeout_count"]) / minutes, 2)
-        for bucket in timeline
-    ]
+    errors = [(b["failed_count"] + b["timeout_count"]) / minutes for b in timeline]
+    others = [b["total_calls"] / minutes - error for b, error in zip(timeline, errors, strict=True)]
     data = {
         "labels": labels,
         "datasets": [
             {
-                "label": str(_("Calls per minute")),
-                "data": per_minute,
-                "borderColor": "var(--color-primary-600)",
+                "label": str(_("Succeeded or in flight")),
+                "data": [round(value, 2) for value in others],
                 "backgroundColor": "var(--color-primary-600)",
-                "fill": False,
-                "tension": 0.3,
+                "stack": "calls",
             },
             {
-                "label": str(_("Errors per minute")),
-                "data": errors,
-                "borderColor": "#ef4444",
+                "label": str(_("Failed or timed out")),
+                "data": [round(value, 2) for value in errors],
                 "backgroundColor": "#ef4444",
-                "fill": False,
-                "tension": 0.3,
+                "stack": "calls",
             },
         ],
     }

@@ -13,13 +13,14 @@
     if (!window.Chart || !canvas) return;
     var data = JSON.parse(canvas.dataset.value);
     data.datasets.forEach(function (dataset) {
-      dataset.borderColor = cssColor(dataset.borderColor);
       dataset.backgroundColor = cssColor(dataset.backgroundColor);
+      dataset.borderRadius = 3;
+      dataset.maxBarThickness = 14;
     });
     var previous = window.Chart.getChart(canvas);
     if (previous) previous.destroy();
     new window.Chart(canvas, {
-      type: "line",
+      type: "bar",
       data: data,
       options: {
         animation: false,
@@ -27,10 +28,10 @@
         maintainAspectRatio: false,
         interaction: { mode: "index", intersect: false },
         plugins: { legend: { display: false }, tooltip: { enabled: true } },
-        elements: { point: { radius: 0, hoverRadius: 4 }, line: { borderWidth: 2 } },
         scales: {
-          x: { grid: { display: false }, ticks: { color: "#9ca3af", maxTicksLimit: 12 } },
+          x: { stacked: true, grid: { display: false }, ticks: { color: "#9ca3af", maxTicksLimit: 12 } },
           y: {
+            stacked: true,
             beginAtZero: true,
             border: { display: false },
             grid: { color: "rgba(156, 163, 175, 0.2)" },
