@@ -58,7 +58,9 @@ def dashboard_view(request: HttpRequest, model_admin: RPCLogAdmin) -> HttpRespon
         **dashboard_context(window, site.name),
         "title": _("RPC analytics"),
         "subtitle": window.label,
-        "opts": RPCLog._meta,
+        # Unfold's header reads "<app> > <model> > content_title" from these two.
+        "model_admin": model_admin,
+        "content_title": _("Analytics"),
         "windows": [(w, w.key == window.key) for w in WINDOWS.values()],
         "refresh_seconds": get_config().admin_dashboard_refresh_seconds,
         "changelist_url": _changelist(site.name),
