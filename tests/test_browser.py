@@ -123,12 +123,17 @@ def test_admin_and_dashboard_in_a_browser(live_server, browser_page):
     assert page.get_by_text("notifications.send").first.is_visible()
     screenshot(page, "02-changelist")
 
-    # Filtered by failed.
-    page.goto(f"{live_server.url}/admin/django_rpc_audit/rpclog/?status__exact=failed")
+    # Filtered by failed, from the filter sheet.
+    page.locator("a[x-on\\:click=\"filterOpen = true\"]").click()
+    filters = page.locator("#changelist-filter")
+    filters.get_by_role("link", name="Failed", exact=True).wait_for()
+    screenshot(page, "03-filters")
+    filters.get_by_role("link", name="Failed", exact=True).click()
+    page.wait_for_url(re.compile(r"status__exact=failed"))
     rows = page.locator("#result_list tbody tr")
     assert rows.count() == 1
     assert "billing.charge" in rows.first.inner_text()
-    screenshot(page, "03-changelist-failed")
+    screenshot(page, "04-changelist-failed")
 
     # One row.
     rows.first.get_by_role("link", name="billing.charge").click()
@@ -139,7 +144,7 @@ def test_admin_and_dashboard_in_a_browser(live_server, browser_page):
     params = page.locator("pre[data-json]").first
     assert "<script>alert(1)</script>" in params.inner_text()  # shown as text ...
     assert alerts == []  # ... never run
-    screenshot(page, "04-detail")
+    screenshot(page, "05-detail")
 
     # The dashboard, from the changelist's button.
     page.goto(f"{live_server.url}/admin/django_rpc_audit/rpclog/")
@@ -169,7 +174,7 @@ def test_admin_and_dashboard_in_a_browser(live_server, browser_page):
     assert drawn["points"] == 30
     assert page.locator("[data-kpi=total]").inner_text().split()[2] == "30"
     assert "billing.charge" in page.locator("[data-table=recent-failures]").inner_text()
-    screenshot(page, "05-dashboard")
+    screenshot(page, "06-dashboard")
 
     # It refreshes itself: a new failure shows up without a reload.
     RPCLogFactory(method="search.query", status="failed", error_code="BOOM")
