@@ -47,6 +47,15 @@ WINDOWS: dict[str, Window] = {
 DEFAULT_WINDOW = "1h"
 
 
+def can_view_rpc_logs(request: HttpRequest) -> bool:
+    """Unfold sidebar ``permission`` callback: may this user see the RPC logs and dashboard?
+
+    ``"permission": "django_rpc_audit.dashboard.can_view_rpc_logs"`` in ``UNFOLD["SIDEBAR"]``.
+    """
+    user = request.user
+    return bool(user.is_active and user.is_staff and user.has_perm("django_rpc_audit.view_rpclog"))
+
+
 def dashboard_view(request: HttpRequest, model_admin: RPCLogAdmin) -> HttpResponse:
     """The dashboard page; staff with the view permission on ``RPCLog`` only (else 403)."""
     if not model_admin.has_view_permission(request):

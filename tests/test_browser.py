@@ -124,7 +124,7 @@ def test_admin_and_dashboard_in_a_browser(live_server, browser_page):
     screenshot(page, "02-changelist")
 
     # Filtered by failed, from the filter sheet.
-    page.locator("a[x-on\\:click=\"filterOpen = true\"]").click()
+    page.locator('a[x-on\\:click="filterOpen = true"]').click()
     filters = page.locator("#changelist-filter")
     filters.get_by_role("link", name="Failed", exact=True).wait_for()
     screenshot(page, "03-filters")

@@ -293,3 +293,19 @@ def test_calls_by_method():
             "max_duration_ms": pytest.approx(5.0),
         },
     ]
+
+
+def test_sidebar_permission_callback(rf):
+    from django.contrib.auth.models import AnonymousUser
+
+    from django_rpc_audit.dashboard import can_view_rpc_logs
+
+    request = rf.get("/")
+    request.user = AnonymousUser()
+    assert not can_view_rpc_logs(request)
+    viewer = UserFactory(username="viewer", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_rpclog"))
+    request.user = viewer
+    assert can_view_rpc_logs(request)
+    request.user = UserFactory(username="plain-staff", is_staff=True)
+    assert not can_view_rpc_logs(request)
