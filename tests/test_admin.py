@@ -307,14 +307,19 @@ def test_detail_escapes_params_and_response(admin_client_):
 def test_highlight_json_escapes_every_token():
     html = highlight_json({"<b>": ["</pre><script>x</script>", True, None, -1.5e3]})
     assert "<script>" not in html
-    assert "</pre><" not in html.replace("</pre>", "", html.count("</pre>") - 1)[:-6]
-    assert html.count("</pre>") == 1
+    assert "<b>" not in html
+    assert html.count("</pre>") == 1  # the value cannot close the block early
+    assert html.endswith("</pre>")
+    assert "&lt;/pre&gt;&lt;script&gt;x&lt;/script&gt;" in html
     assert '<span class="text-orange-700 dark:text-orange-400">true</span>' in html
     assert '<span class="text-orange-700 dark:text-orange-400">null</span>' in html
-    assert (
-        '<span class="text-blue-700 dark:text-blue-400">-1.5e3</span>' not in html
-    )  # dumps: -1500.0
     assert '<span class="text-blue-700 dark:text-blue-400">-1500.0</span>' in html
+
+
+def test_highlight_json_cuts_huge_values():
+    html = highlight_json({"blob": "x" * 200_000})
+    assert len(html) < 110_000
+    assert "cut at 100,000 characters" in html
 
 
 def test_detail_of_a_failed_call(admin_client_):
@@ -395,3 +400,40 @@ def test_date_hierarchy_reads_no_distinct_dates(admin_client_):
     assert not [q["sql"] for q in queries if "DISTINCT" in q["sql"].upper()]
     content = response.content.decode()
     assert f"created_at__day={now.day}" in content
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"ADMIN_DURATION_WARN_MS": 0}, "ADMIN_DURATION_WARN_MS"),
+        ({"ADMIN_DURATION_SLOW_MS": "fast"}, "ADMIN_DURATION_SLOW_MS"),
+        ({"ADMIN_DURATION_WARN_MS": True}, "ADMIN_DURATION_WARN_MS"),
+        (
+            {"ADMIN_DURATION_WARN_MS": 3000, "ADMIN_DURATION_SLOW_MS": 2000},
+            "ADMIN_DURATION_WARN_MS",
+        ),
+        ({"ADMIN_DASHBOARD_REFRESH_SECONDS": -1}, "ADMIN_DASHBOARD_REFRESH_SECONDS"),
+        ({"ADMIN_DASHBOARD_REFRESH_SECONDS": 2.5}, "ADMIN_DASHBOARD_REFRESH_SECONDS"),
+    ],
+)
+def test_invalid_admin_settings_name_their_key(values, key):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from django_rpc_audit.conf import DjangoCfgRPCConfig
+
+    with pytest.raises(ImproperlyConfigured, match=key):
+        DjangoCfgRPCConfig.from_mapping(values)
+
+
+def test_admin_settings_from_the_environment(rpc_env):
+    from django_rpc_audit.conf import get_config
+
+    rpc_env("ADMIN_DURATION_WARN_MS", "250")
+    rpc_env("ADMIN_DASHBOARD_REFRESH_SECONDS", "0")
+    config = get_config()
+    assert config.admin_duration_warn_ms == 250.0
+    assert config.admin_dashboard_refresh_seconds == 0
+    assert duration_speed(300.0) == "warn"
