@@ -228,6 +228,10 @@ def test_unknown_window_falls_back_to_the_last_hour(admin_client_):
 
 def test_refresh_interval_comes_from_the_settings(admin_client_, rpc_settings):
     assert 'data-refresh-seconds="5"' in admin_client_.get(reverse(DASHBOARD)).content.decode()
+    # The longer windows refresh less often: 30 s for a day, a minute for a week.
+    for window, seconds in (("24h", 30), ("7d", 60)):
+        content = admin_client_.get(reverse(DASHBOARD), {"window": window}).content.decode()
+        assert f'data-refresh-seconds="{seconds}"' in content
     rpc_settings(ADMIN_DASHBOARD_REFRESH_SECONDS=0)
     assert 'data-refresh-seconds="0"' in admin_client_.get(reverse(DASHBOARD)).content.decode()
 
