@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.db import connections
 from django.utils import timezone
 
 from tests.conftest import unavailable
@@ -65,8 +66,14 @@ def browser_page(allow_sync_orm_under_playwright: None) -> Iterator[Any]:
         )
         page = browser.new_page(viewport={"width": 1440, "height": 1000})
         page.set_default_timeout(20_000)
-        yield page
-        browser.close()
+        try:
+            yield page
+        finally:
+            # Inside sync_playwright() the test runs in a greenlet with contextvars of its own,
+            # so Django (whose connections are per context) gave its ORM calls a connection of
+            # their own, which the test database teardown would not see. Close it here.
+            connections.close_all()
+            browser.close()
 
 
 def screenshot(page: Any, name: str) -> None:
