@@ -120,7 +120,9 @@ def dashboard_context(window: Window, site_name: str = "admin") -> dict[str, Any
             }
             for row in errors_by_method
         ],
-        "slowest_methods": [{**row, "url": link(method=row["method"], o="-3")} for row in slowest],
+        "slowest_methods": [
+            {**row, "url": link(method=row["method"], o=_slowest_first())} for row in slowest
+        ],
         "busiest_users": [
             {
                 **row,
@@ -144,6 +146,13 @@ def dashboard_context(window: Window, site_name: str = "admin") -> dict[str, Any
         ],
         "failures_url": link(status__in=_ERRORS),
     }
+
+
+def _slowest_first() -> str:
+    """The changelist's ``o`` parameter ordering by the duration column, slowest first."""
+    from django_rpc_audit.admin import RPCLogAdmin
+
+    return f"-{list(RPCLogAdmin.list_display).index('duration')}"
 
 
 def _changelist(site_name: str, **params: Any) -> str:

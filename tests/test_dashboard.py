@@ -193,8 +193,11 @@ def test_every_figure_links_to_the_matching_changelist_rows(admin_client_):
     now = timezone.now()
     alice = UserFactory(username="alice")
     RPCLogFactory(method="m.ok", user=alice)
-    RPCLogFactory(method="m.bad", status="failed")
-    RPCLogFactory(method="m.bad", status="timeout", user=alice)
+    # The newer call is the faster: by default the changelist would list it first.
+    RPCLogFactory(
+        method="m.bad", status="failed", duration_ms=50.0, created_at=now - timedelta(seconds=2)
+    )
+    RPCLogFactory(method="m.bad", status="timeout", user=alice, duration_ms=5.0)
     RPCLogFactory(method="m.bad", status="failed", created_at=now - timedelta(days=3))
     context = admin_client_.get(reverse(DASHBOARD)).context
 
@@ -216,6 +219,10 @@ def test_every_figure_links_to_the_matching_changelist_rows(admin_client_):
     nobody = next(r for r in context["busiest_users"] if r["user_id"] is None)
     assert rows(nobody["url"]) == {("m.bad", "failed")}
     assert rows(context["failures_url"]) == {("m.bad", "failed"), ("m.bad", "timeout")}
+    slowest = admin_client_.get(context["slowest_methods"][0]["url"])
+    durations = [log.duration_ms for log in slowest.context["cl"].result_list]
+    print(context["slowest_methods"][0]["url"], slowest.context["cl"].queryset.query)
+    assert durations == [50.0, 5.0]  # that method's calls, slowest first
     failure = context["recent_failures"][0]
     assert admin_client_.get(failure["url"]).status_code == 200
 
