@@ -437,3 +437,18 @@ def test_admin_settings_from_the_environment(rpc_env):
     assert config.admin_duration_warn_ms == 250.0
     assert config.admin_dashboard_refresh_seconds == 0
     assert duration_speed(300.0) == "warn"
+
+
+def test_date_range_filter_when_unfold_filters_are_installed(rf, monkeypatch):
+    from django.apps import apps
+    from django.contrib.admin import DateFieldListFilter, site
+    from unfold.contrib.filters.admin import RangeDateTimeFilter
+
+    model_admin = site._registry[RPCLog]
+    request = rf.get("/")
+    assert ("created_at", DateFieldListFilter) in model_admin.get_list_filter(request)
+    installed = apps.is_installed
+    monkeypatch.setattr(
+        apps, "is_installed", lambda name: name == "unfold.contrib.filters" or installed(name)
+    )
+    assert ("created_at", RangeDateTimeFilter) in model_admin.get_list_filter(request)
