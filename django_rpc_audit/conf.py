@@ -88,6 +88,13 @@ class DjangoCfgRPCConfig:
     retention_days: int = 90
     #: Seconds past ``RPC_TIMEOUT`` after which ``rpc_logs_reap`` calls a pending row lost.
     reap_margin_seconds: float = 60.0
+    # -- admin and dashboard
+    #: Calls at least this slow (milliseconds) show their duration in the admin's warning colour.
+    admin_duration_warn_ms: float = 500.0
+    #: Calls at least this slow (milliseconds) show their duration in the admin's danger colour.
+    admin_duration_slow_ms: float = 2000.0
+    #: Seconds between the analytics dashboard's automatic refreshes; 0 turns them off.
+    admin_dashboard_refresh_seconds: int = 5
 
     def __post_init__(self) -> None:
         if isinstance(self.trusted_proxy_ips, list | set | frozenset):
@@ -163,6 +170,7 @@ def _validate(config: DjangoCfgRPCConfig) -> None:
         raise _fail("TRUSTED_PROXY_IPS", "must be a list of IP addresses or prefixes.")
     validate_redis_url(config.redis_url)
     _validate_data_hygiene(config)
+    _validate_admin(config)
 
 
 def _pairs(value: object) -> object:
@@ -292,6 +300,25 @@ def _validate_data_hygiene(config: DjangoCfgRPCConfig) -> None:
     margin = config.reap_margin_seconds
     if not _is_number(margin) or margin < 0:
         raise _fail("REAP_MARGIN_SECONDS", f"must be a number of seconds >= 0, not {margin!r}.")
+
+
+def _validate_admin(config: DjangoCfgRPCConfig) -> None:
+    for name in ("admin_duration_warn_ms", "admin_duration_slow_ms"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise _fail(name.upper(), f"must be a positive number of milliseconds, not {value!r}.")
+    if config.admin_duration_warn_ms >= config.admin_duration_slow_ms:
+        raise _fail(
+            "ADMIN_DURATION_WARN_MS",
+            f"({config.admin_duration_warn_ms!r}) must be below ADMIN_DURATION_SLOW_MS "
+            f"({config.admin_duration_slow_ms!r}).",
+        )
+    refresh = config.admin_dashboard_refresh_seconds
+    if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 0:
+        raise _fail(
+            "ADMIN_DASHBOARD_REFRESH_SECONDS",
+            f"must be a whole number of seconds, 0 or more, not {refresh!r}.",
+        )
 
 
 def validate_redis_url(url: object) -> None:

@@ -8,11 +8,12 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypedDict, cast
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 
 from django.conf import settings
 from django.db import connections, models, transaction
-from django.db.models import Avg, Count, ExpressionWrapper, F, Q, Subquery, Sum, Value
+from django.db.models import Avg, Count, ExpressionWrapper, F, Max, Q, Subquery, Sum, Value
+from django.db.models.functions import Trunc
 from django.utils import timezone
 
 from django_rpc_audit.conf import get_config
@@ -58,6 +59,71 @@ class UserStats(TypedDict):
     failed_count: int
     timeout_count: int
     caller_ip_count: int
+
+
+# -- dashboard analytics types
+
+Bucket = Literal["minute", "hour"]
+_BUCKETS: dict[str, timedelta] = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1)}
+_OVERVIEW_PERCENTILES = {"p50_duration_ms": 0.5, "p95_duration_ms": 0.95, "p99_duration_ms": 0.99}
+
+
+class Overview(TypedDict):
+    """What :meth:`RPCLogQuerySet.overview` returns."""
+
+    total_calls: int
+    success_count: int
+    failed_count: int
+    timeout_count: int
+    pending_count: int
+    success_rate: float | None
+    error_rate: float | None
+    p50_duration_ms: float | None
+    p95_duration_ms: float | None
+    p99_duration_ms: float | None
+
+
+class TimeBucket(TypedDict):
+    """One bucket of :meth:`RPCLogQuerySet.calls_over_time`."""
+
+    start: datetime
+    total_calls: int
+    success_count: int
+    failed_count: int
+    timeout_count: int
+
+
+class MethodCalls(TypedDict):
+    """One row of :meth:`RPCLogQuerySet.calls_by_method`."""
+
+    method: str
+    total_calls: int
+    success_count: int
+    failed_count: int
+    timeout_count: int
+    avg_duration_ms: float | None
+    max_duration_ms: float | None
+
+
+class UserCalls(TypedDict):
+    """One row of :meth:`RPCLogQuerySet.busiest_users`."""
+
+    user_id: Any
+    username: str | None
+    total_calls: int
+    success_count: int
+    failed_count: int
+    timeout_count: int
+
+
+def _bucket_start(value: datetime, bucket: str) -> datetime:
+    """The start of the bucket holding ``value``, in the current time zone (as ``Trunc``)."""
+    if timezone.is_aware(value):
+        value = timezone.localtime(value)
+    value = value.replace(second=0, microsecond=0)
+    if bucket == "hour":
+        value = value.replace(minute=0)
+    return value
 
 
 class PercentileCont(models.Aggregate):
@@ -436,6 +502,155 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
             created_at=_stored_datetime(started_at),
             **outcome,
         )
+
+    # -- dashboard analytics ------------------------------------------------------------------
+
+    def unsuccessful(self) -> RPCLogQuerySet:
+        """Calls that failed or timed out."""
+        return self.filter(status__in=(RPCStatus.FAILED, RPCStatus.TIMEOUT))
+
+    def overview(self) -> Overview:
+        """Call counts by outcome, success and error rates, and p50 / p95 / p99 duration.
+
+        The rates are percentages of the *finished* calls (pending ones have no outcome yet),
+        ``None`` when no call has finished. On PostgreSQL one aggregate query computes it all;
+        elsewhere the percentiles are computed in Python from the durations.
+        """
+        on_postgres = connections[self.db].vendor == "postgresql"
+        aggregates: dict[str, Any] = dict(_outcome_counts())
+        if on_postgres:
+            for name, fraction in _OVERVIEW_PERCENTILES.items():
+                aggregates[name] = PercentileCont("duration_ms", fraction)
+        row = self.order_by().aggregate(**aggregates)
+        if not on_postgres:
+            durations = cast(
+                "list[float]",
+                list(
+                    self.filter(duration_ms__isnull=False)
+                    .order_by("duration_ms")
+                    .values_list("duration_ms", flat=True)
+                ),
+            )
+            for name, fraction in _OVERVIEW_PERCENTILES.items():
+                row[name] = percentile_cont(durations, fraction)
+        counts = _rounded_counts(row)
+        total, success = counts["total_calls"], counts["success_count"]
+        failed, timeout = counts["failed_count"], counts["timeout_count"]
+        finished = success + failed + timeout
+        return Overview(
+            total_calls=total,
+            success_count=success,
+            failed_count=failed,
+            timeout_count=timeout,
+            pending_count=total - finished,
+            success_rate=100 * success / finished if finished else None,
+            error_rate=100 * (failed + timeout) / finished if finished else None,
+            p50_duration_ms=row["p50_duration_ms"],
+            p95_duration_ms=row["p95_duration_ms"],
+            p99_duration_ms=row["p99_duration_ms"],
+        )
+
+    def calls_over_time(
+        self, *, since: datetime, bucket: Bucket = "minute", until: datetime | None = None
+    ) -> list[TimeBucket]:
+        """Call counts by outcome per ``bucket`` (``"minute"`` or ``"hour"``) from ``since``.
+
+        Every bucket from ``since`` to ``until`` (default: now) is present, empty ones with
+        zero counts, in order; buckets follow the current time zone.
+        """
+        if bucket not in _BUCKETS:
+            raise ValueError(f"bucket must be one of {', '.join(_BUCKETS)}, not {bucket!r}.")
+        until = timezone.now() if until is None else until
+        rows = cast(
+            "Iterable[dict[str, Any]]",
+            self.filter(created_at__gte=since, created_at__lte=until)
+            .annotate(bucket=Trunc("created_at", bucket))
+            .order_by()
+            .values("bucket")
+            .annotate(**_outcome_counts()),
+        )
+        counts = {row["bucket"]: _rounded_counts(row) for row in rows}
+        step = _BUCKETS[bucket]
+        start, end = _bucket_start(since, bucket), _bucket_start(until, bucket)
+        timeline: list[TimeBucket] = []
+        while start <= end:
+            bucket_counts = counts.get(start, {})
+            timeline.append(
+                TimeBucket(
+                    start=start,
+                    total_calls=bucket_counts.get("total_calls", 0),
+                    success_count=bucket_counts.get("success_count", 0),
+                    failed_count=bucket_counts.get("failed_count", 0),
+                    timeout_count=bucket_counts.get("timeout_count", 0),
+                )
+            )
+            start = _bucket_start(start + step, bucket)
+        return timeline
+
+    def calls_by_method(self) -> list[MethodCalls]:
+        """Per method: call counts by outcome, mean and longest duration; busiest first.
+
+        :meth:`stats_by_method` without its percentile, which sorts every call: this one is
+        a single hash aggregation, cheap enough for a dashboard's week of calls.
+        """
+        rows = cast(
+            "Iterable[dict[str, Any]]",
+            self.order_by()
+            .values("method")
+            .annotate(
+                **_outcome_counts(),
+                avg_duration_ms=Avg("duration_ms"),
+                max_duration_ms=Max("duration_ms"),
+            ),
+        )
+        calls = [
+            MethodCalls(
+                method=row["method"],
+                **_rounded_counts(row),  # type: ignore[typeddict-item]
+                avg_duration_ms=row["avg_duration_ms"],
+                max_duration_ms=row["max_duration_ms"],
+            )
+            for row in rows
+        ]
+        calls.sort(key=lambda item: (-item["total_calls"], item["method"]))
+        return calls
+
+    def busiest_users(self, limit: int = 10) -> list[UserCalls]:
+        """The ``limit`` users with the most calls (``user_id`` ``None``: no user), busiest first.
+
+        Grouped on the user column alone, then the usernames of those few users are read:
+        no join over the whole window.
+        """
+        from django.contrib.auth import get_user_model
+
+        # django-stubs cannot see annotations passed as **kwargs; the rows are plain dicts.
+        grouped = cast(
+            "models.QuerySet[Any, dict[str, Any]]",
+            self.order_by().values("user_id").annotate(**_outcome_counts()),
+        )
+        rows = list(grouped.order_by("-total_calls", "user_id")[:limit])
+        user_model = get_user_model()
+        users = user_model._default_manager.in_bulk(
+            [row["user_id"] for row in rows if row["user_id"] is not None]
+        )
+        return [
+            UserCalls(
+                user_id=row["user_id"],
+                username=users[row["user_id"]].get_username() if row["user_id"] in users else None,
+                **_rounded_counts(row),  # type: ignore[typeddict-item]
+            )
+            for row in rows
+        ]
+
+    def recent_methods(self, rows: int = 10_000) -> list[str]:
+        """The method names among the latest ``rows`` calls, sorted: a bounded, indexed read."""
+        latest = self.order_by("-created_at").values_list("method", flat=True)[:rows]
+        return sorted(set(latest))
+
+    def recent_user_ids(self, rows: int = 10_000) -> list[Any]:
+        """The ids of the users among the latest ``rows`` calls: a bounded, indexed read."""
+        latest = self.order_by("-created_at").values_list("user_id", flat=True)[:rows]
+        return sorted({user_id for user_id in latest if user_id is not None})
 
 
 def outcome_values(

@@ -22,6 +22,8 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    # Serves Unfold's and the dashboard's static files to the browser test's live server.
+    "django.contrib.staticfiles",
     "django_rpc_audit",
 ]
 
@@ -46,6 +48,8 @@ TEMPLATES = [
         },
     }
 ]
+
+STATIC_URL = "/static/"
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 

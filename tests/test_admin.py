@@ -1,14 +1,25 @@
-"""The read-only RPCLog admin."""
+"""The read-only RPCLog admin: changelist, filters, search, detail view, permissions, queries."""
 
 from __future__ import annotations
 
-import pytest
-from django.test import Client
-from django.urls import reverse
+import uuid
+from datetime import timedelta
 
+import pytest
+from django.contrib.auth.models import Permission
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+from django.utils import timezone
+
+from django_rpc_audit.admin import duration_speed, format_duration, highlight_json
+from django_rpc_audit.models import RPCLog, RPCStatus
 from tests.factories import RPCLogFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
+
+CHANGELIST = "admin:django_rpc_audit_rpclog_changelist"
 
 
 @pytest.fixture
@@ -18,34 +29,426 @@ def admin_client_() -> Client:
     return client
 
 
-def test_changelist_shows_calls_with_their_user(admin_client_):
+def staff_client(*permissions: str) -> Client:
+    user = UserFactory(username=f"staff-{uuid.uuid4().hex[:8]}", is_staff=True)
+    for codename in permissions:
+        user.user_permissions.add(Permission.objects.get(codename=codename))
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def results(response) -> list[RPCLog]:
+    return list(response.context["cl"].result_list)
+
+
+def change_url(log: RPCLog) -> str:
+    return reverse("admin:django_rpc_audit_rpclog_change", args=[log.pk])
+
+
+# -- changelist -------------------------------------------------------------------------------
+
+
+def test_changelist_shows_calls_with_their_user_linked(admin_client_):
     user = UserFactory(username="alice")
-    RPCLogFactory(method="send_notification", status="failed", user=user, duration_ms=12.5)
-    response = admin_client_.get(reverse("admin:django_rpc_audit_rpclog_changelist"))
+    RPCLogFactory(
+        method="send_notification",
+        status="failed",
+        user=user,
+        duration_ms=12.5,
+        caller_ip="203.0.113.7",
+    )
+    response = admin_client_.get(reverse(CHANGELIST))
     assert response.status_code == 200
     content = response.content.decode()
     assert "send_notification" in content
-    assert "alice" in content
     assert "12.5 ms" in content
+    assert "203.0.113.7" in content
+    user_url = reverse("admin:auth_user_change", args=[user.pk])
+    assert f'href="{user_url}"' in content
+    assert ">alice</a>" in content
+
+
+def test_status_badges_are_colour_coded(admin_client_):
+    for status in RPCStatus.values:
+        RPCLogFactory(status=status, method=f"m.{status}")
+    content = admin_client_.get(reverse(CHANGELIST)).content.decode()
+    # Unfold's label colours: success green, failed red, timeout orange, pending blue.
+    for colour, text in (
+        ("bg-green-100", "Success"),
+        ("bg-red-100", "Failed"),
+        ("bg-orange-100", "Timeout"),
+        ("bg-blue-100", "Pending"),
+    ):
+        assert colour in content
+        assert text in content
+
+
+@pytest.mark.parametrize(
+    ("duration_ms", "speed", "colour"),
+    [
+        (120.0, "fast", "bg-green-100"),
+        (800.0, "warn", "bg-orange-100"),
+        (5000.0, "slow", "bg-red-100"),
+    ],
+)
+def test_duration_is_colour_coded_by_the_thresholds(admin_client_, duration_ms, speed, colour):
+    RPCLogFactory(duration_ms=duration_ms, status="pending")  # pending: blue status badge
+    assert duration_speed(duration_ms) == speed
+    content = admin_client_.get(reverse(CHANGELIST)).content.decode()
+    label = format_duration(duration_ms)
+    start = content.index(label)
+    assert colour in content[start - 400 : start]
+
+
+def test_duration_thresholds_come_from_the_settings(rpc_settings):
+    assert duration_speed(800.0) == "warn"
+    rpc_settings(ADMIN_DURATION_WARN_MS=1000, ADMIN_DURATION_SLOW_MS=3000)
+    assert duration_speed(800.0) == "fast"
+    assert duration_speed(2000.0) == "warn"
+    assert duration_speed(3000.0) == "slow"
+    assert duration_speed(None) == "fast"
 
 
 def test_changelist_filters_by_status(admin_client_):
     RPCLogFactory(method="ok.method", status="success")
-    RPCLogFactory(method="broken.method", status="failed")
-    url = reverse("admin:django_rpc_audit_rpclog_changelist")
-    content = admin_client_.get(url, {"status__exact": "failed"}).content.decode()
-    assert "broken.method" in content
-    assert "ok.method" not in content
+    broken = RPCLogFactory(method="broken.method", status="failed")
+    url = reverse(CHANGELIST)
+    assert results(admin_client_.get(url, {"status__exact": "failed"})) == [broken]
+
+
+def test_method_filter_choices_come_from_recent_calls(admin_client_):
+    old = timezone.now() - timedelta(days=30)
+    RPCLogFactory(method="ancient.method", created_at=old)
+    for _ in range(3):
+        RPCLogFactory(method="recent.method")
+    wanted = RPCLogFactory(method="other.method")
+    url = reverse(CHANGELIST)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("django_rpc_audit.admin.FILTER_CHOICE_ROWS", 4)
+        response = admin_client_.get(url)
+    method_filter = next(f for f in response.context["cl"].filter_specs if f.title == "method")
+    choices = [value for value, _ in method_filter.lookup_choices]
+    assert choices == ["other.method", "recent.method"]
+    assert results(admin_client_.get(url, {"method": "other.method"})) == [wanted]
+    # A method outside the recent calls can still be filtered on (a link from elsewhere).
+    assert [
+        log.method for log in results(admin_client_.get(url, {"method": "ancient.method"}))
+    ] == ["ancient.method"]
+
+
+def test_user_filter(admin_client_):
+    alice, bob = UserFactory(username="alice"), UserFactory(username="bob")
+    mine = RPCLogFactory(user=alice)
+    RPCLogFactory(user=bob)
+    RPCLogFactory(user=None)
+    response = admin_client_.get(reverse(CHANGELIST), {"user": alice.pk})
+    assert results(response) == [mine]
+    user_filter = next(f for f in response.context["cl"].filter_specs if f.title == "user")
+    assert [label for _, label in user_filter.lookup_choices] == ["alice", "bob"]
+    assert results(admin_client_.get(reverse(CHANGELIST), {"user": "not-a-number"})) == []
+
+
+def test_date_filters(admin_client_):
+    RPCLogFactory(method="last.month", created_at=timezone.now() - timedelta(days=40))
+    today = RPCLogFactory(method="today")
+    url = reverse(CHANGELIST)
+    since = (timezone.now() - timedelta(days=7)).isoformat()
+    assert results(admin_client_.get(url, {"created_at__gte": since})) == [today]
+    year = today.created_at.year
+    response = admin_client_.get(
+        url, {"created_at__year": year, "created_at__month": today.created_at.month}
+    )
+    assert today in results(response)
+
+
+@pytest.mark.parametrize(
+    ("term", "expected"),
+    [
+        ("billing", "billing.charge"),
+        ("carol", "by.carol"),
+        ("carol@corp.example", "by.carol"),
+        ("disk quota", "with.error"),
+    ],
+)
+def test_search(admin_client_, term, expected):
+    carol = UserFactory(username="carol", email="carol@corp.example")
+    RPCLogFactory(method="billing.charge")
+    RPCLogFactory(method="by.carol", user=carol)
+    RPCLogFactory(method="with.error", status="failed", error_message="Disk quota exceeded")
+    RPCLogFactory(method="unrelated")
+    found = results(admin_client_.get(reverse(CHANGELIST), {"q": term}))
+    assert [log.method for log in found] == [expected]
+
+
+def test_search_by_correlation_id_is_exact(admin_client_):
+    correlation_id = str(uuid.uuid4())
+    wanted = RPCLogFactory(correlation_id=correlation_id)
+    # Same id in another column: an exact correlation id lookup does not find it.
+    RPCLogFactory(method="echo", error_message=f"retry of {correlation_id}")
+    url = reverse(CHANGELIST)
+    assert results(admin_client_.get(url, {"q": correlation_id})) == [wanted]
+    with CaptureQueriesContext(connection) as queries:
+        admin_client_.get(url, {"q": correlation_id.upper()})
+    # The term shaped like an id becomes one indexed equality, no LIKE over the table.
+    select = [q["sql"] for q in queries if "correlation_id" in q["sql"] and "ORDER BY" in q["sql"]]
+    assert select
+    assert all("LIKE" not in sql.upper() for sql in select)
+
+
+def test_changelist_query_count_does_not_grow_with_rows(admin_client_):
+    url = reverse(CHANGELIST)
+    users = [UserFactory(username=f"bulk{i}") for i in range(5)]
+
+    def add_rows(count: int) -> None:
+        now = timezone.now()
+        RPCLog.objects.bulk_create(
+            RPCLog(
+                correlation_id=str(uuid.uuid4()),
+                method=f"bulk.m{i % 7}",
+                status=RPCStatus.values[i % 4],
+                duration_ms=float(i % 900),
+                user=users[i % 5],
+                created_at=now - timedelta(seconds=i),
+            )
+            for i in range(count)
+        )
+
+    def page_queries() -> list[str]:
+        with CaptureQueriesContext(connection) as queries:
+            response = admin_client_.get(url)
+        assert response.status_code == 200
+        return [q["sql"] for q in queries]
+
+    add_rows(10)
+    small = page_queries()
+    add_rows(990)
+    large = page_queries()
+    assert len(small) == len(large)
+    assert len(results(admin_client_.get(url))) == 50
+    # The page never counts the table, and the user comes in the same query as the rows.
+    assert not [sql for sql in large if "COUNT(" in sql.upper()]
+    # Not even when asked for facet counts.
+    with CaptureQueriesContext(connection) as queries:
+        admin_client_.get(url, {"_facets": "True"})
+    assert not [q["sql"] for q in queries if "COUNT(" in q["sql"].upper()]
+    user_lookups = [sql for sql in large if 'FROM "auth_user" WHERE "auth_user"."id" =' in sql]
+    assert len(user_lookups) == 1  # the logged-in user, not one per row
+
+
+def test_next_page_without_count(admin_client_):
+    now = timezone.now()
+    RPCLog.objects.bulk_create(
+        RPCLog(
+            correlation_id=str(i), method=f"page.m{i:03d}", created_at=now - timedelta(seconds=i)
+        )
+        for i in range(60)
+    )
+    url = reverse(CHANGELIST)
+    second = results(admin_client_.get(url, {"p": 2}))
+    assert [log.method for log in second] == [f"page.m{i:03d}" for i in range(50, 60)]
+
+
+# -- permissions ------------------------------------------------------------------------------
 
 
 def test_rows_cannot_be_added_or_changed(admin_client_):
     log = RPCLogFactory()
     add = admin_client_.get(reverse("admin:django_rpc_audit_rpclog_add"))
     assert add.status_code == 403
-    change_url = reverse("admin:django_rpc_audit_rpclog_change", args=[log.pk])
-    detail = admin_client_.get(change_url)
+    detail = admin_client_.get(change_url(log))
     assert detail.status_code == 200  # viewable ...
-    posted = admin_client_.post(change_url, {"method": "tampered"})
+    posted = admin_client_.post(change_url(log), {"method": "tampered"})
     assert posted.status_code == 403  # ... not editable
     log.refresh_from_db()
     assert log.method != "tampered"
+
+
+def test_only_users_with_the_delete_permission_can_delete():
+    log = RPCLogFactory()
+    delete_url = reverse("admin:django_rpc_audit_rpclog_delete", args=[log.pk])
+    viewer = staff_client("view_rpclog")
+    assert viewer.post(delete_url, {"post": "yes"}).status_code == 403
+    assert RPCLog.objects.filter(pk=log.pk).exists()
+    deleter = staff_client("view_rpclog", "delete_rpclog")
+    assert deleter.post(delete_url, {"post": "yes"}).status_code == 302
+    assert not RPCLog.objects.filter(pk=log.pk).exists()
+
+
+def test_changelist_needs_staff_and_view_permission():
+    url = reverse(CHANGELIST)
+    anonymous = Client().get(url)
+    assert anonymous.status_code == 302
+    assert reverse("admin:login") in anonymous["Location"]
+    assert staff_client().get(url).status_code == 403
+    assert staff_client("view_rpclog").get(url).status_code == 200
+
+
+# -- detail view ------------------------------------------------------------------------------
+
+
+def test_detail_escapes_params_and_response(admin_client_):
+    log = RPCLogFactory(
+        params={"comment": "<script>alert(1)</script>", "n": 3},
+        response={"html": "<img src=x onerror=alert(2)>"},
+    )
+    content = admin_client_.get(change_url(log)).content.decode()
+    assert "<script>alert(1)</script>" not in content
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in content
+    assert "<img src=x" not in content
+    assert "&lt;img src=x onerror=alert(2)&gt;" in content
+    # Highlighted: the key, the string and the number each in their colour.
+    assert (
+        '<span class="text-primary-600 dark:text-primary-500">&quot;comment&quot;</span>' in content
+    )
+    assert '<span class="text-blue-700 dark:text-blue-400">3</span>' in content
+
+
+def test_highlight_json_escapes_every_token():
+    html = highlight_json({"<b>": ["</pre><script>x</script>", True, None, -1.5e3]})
+    assert "<script>" not in html
+    assert "<b>" not in html
+    assert html.count("</pre>") == 1  # the value cannot close the block early
+    assert html.endswith("</pre>")
+    assert "&lt;/pre&gt;&lt;script&gt;x&lt;/script&gt;" in html
+    assert '<span class="text-orange-700 dark:text-orange-400">true</span>' in html
+    assert '<span class="text-orange-700 dark:text-orange-400">null</span>' in html
+    assert '<span class="text-blue-700 dark:text-blue-400">-1500.0</span>' in html
+
+
+def test_highlight_json_cuts_huge_values():
+    html = highlight_json({"blob": "x" * 200_000})
+    assert len(html) < 110_000
+    assert "cut at 100,000 characters" in html
+
+
+def test_detail_of_a_failed_call(admin_client_):
+    user = UserFactory(username="dave")
+    log = RPCLogFactory(
+        status="failed",
+        error_code="REMOTE_ERROR",
+        error_message="boom <b>bad</b>",
+        user=user,
+        duration_ms=1500.0,
+        created_at=timezone.now() - timedelta(seconds=2),
+    )
+    content = admin_client_.get(change_url(log)).content.decode()
+    assert "data-error-box" in content
+    assert "REMOTE_ERROR" in content
+    assert "boom &lt;b&gt;bad&lt;/b&gt;" in content
+    assert "1.50 s" in content  # the timeline's duration
+    assert log.created_at.isoformat(sep=" ", timespec="milliseconds") in content
+    assert f'data-copy="{log.correlation_id}"' in content
+    assert reverse("admin:auth_user_change", args=[user.pk]) in content
+    changelist = reverse(CHANGELIST)
+    assert f"{changelist}?correlation_id={log.correlation_id}" in content
+    assert f"{changelist}?user={user.pk}" in content
+
+
+def test_detail_of_a_successful_call_has_no_error_box(admin_client_):
+    log = RPCLogFactory(status="success", response={"ok": True})
+    content = admin_client_.get(change_url(log)).content.decode()
+    assert "data-error-box" not in content
+    assert "Calls by this user" not in content  # no user
+
+
+def test_related_links_find_the_related_calls(admin_client_):
+    user = UserFactory(username="erin")
+    first = RPCLogFactory(correlation_id="shared-id", user=user, method="a")
+    second = RPCLogFactory(correlation_id="shared-id", method="b")
+    RPCLogFactory(correlation_id="other-id", user=user, method="c")
+    changelist = reverse(CHANGELIST)
+    same_id = results(admin_client_.get(f"{changelist}?correlation_id=shared-id"))
+    assert {log.pk for log in same_id} == {first.pk, second.pk}
+    by_user = results(admin_client_.get(f"{changelist}?user={user.pk}"))
+    assert {log.method for log in by_user} == {"a", "c"}
+
+
+# -- date hierarchy -----------------------------------------------------------------------------
+
+
+def test_date_hierarchy_lists_the_periods_between_first_and_last_call():
+    from datetime import datetime
+
+    from django_rpc_audit.admin import ChangeListQuerySet
+
+    utc = timezone.get_current_timezone()
+    for when in (datetime(2025, 11, 30, 23, tzinfo=utc), datetime(2026, 2, 2, 8, tzinfo=utc)):
+        RPCLogFactory(created_at=when)
+    queryset = ChangeListQuerySet(model=RPCLog)
+    assert [d.year for d in queryset.datetimes("created_at", "year")] == [2025, 2026]
+    assert [(d.year, d.month) for d in queryset.datetimes("created_at", "month")] == [
+        (2025, 11),
+        (2025, 12),
+        (2026, 1),
+        (2026, 2),
+    ]
+    days = queryset.filter(created_at__month=2).datetimes("created_at", "day")
+    assert [(d.month, d.day) for d in days] == [(2, 2)]
+    assert ChangeListQuerySet(model=RPCLog).none().datetimes("created_at", "day") == []
+    descending = queryset.datetimes("created_at", "year", order="DESC")
+    assert [d.year for d in descending] == [2026, 2025]
+
+
+def test_date_hierarchy_reads_no_distinct_dates(admin_client_):
+    # Two calls on one day: the hierarchy opens at that month's days.
+    now = timezone.localtime().replace(hour=12)
+    RPCLogFactory(created_at=now - timedelta(hours=1))
+    RPCLogFactory(created_at=now)
+    with CaptureQueriesContext(connection) as queries:
+        response = admin_client_.get(reverse(CHANGELIST))
+    assert not [q["sql"] for q in queries if "DISTINCT" in q["sql"].upper()]
+    content = response.content.decode()
+    assert f"created_at__day={now.day}" in content
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"ADMIN_DURATION_WARN_MS": 0}, "ADMIN_DURATION_WARN_MS"),
+        ({"ADMIN_DURATION_SLOW_MS": "fast"}, "ADMIN_DURATION_SLOW_MS"),
+        ({"ADMIN_DURATION_WARN_MS": True}, "ADMIN_DURATION_WARN_MS"),
+        (
+            {"ADMIN_DURATION_WARN_MS": 3000, "ADMIN_DURATION_SLOW_MS": 2000},
+            "ADMIN_DURATION_WARN_MS",
+        ),
+        ({"ADMIN_DASHBOARD_REFRESH_SECONDS": -1}, "ADMIN_DASHBOARD_REFRESH_SECONDS"),
+        ({"ADMIN_DASHBOARD_REFRESH_SECONDS": 2.5}, "ADMIN_DASHBOARD_REFRESH_SECONDS"),
+    ],
+)
+def test_invalid_admin_settings_name_their_key(values, key):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from django_rpc_audit.conf import DjangoCfgRPCConfig
+
+    with pytest.raises(ImproperlyConfigured, match=key):
+        DjangoCfgRPCConfig.from_mapping(values)
+
+
+def test_admin_settings_from_the_environment(rpc_env):
+    from django_rpc_audit.conf import get_config
+
+    rpc_env("ADMIN_DURATION_WARN_MS", "250")
+    rpc_env("ADMIN_DASHBOARD_REFRESH_SECONDS", "0")
+    config = get_config()
+    assert config.admin_duration_warn_ms == 250.0
+    assert config.admin_dashboard_refresh_seconds == 0
+    assert duration_speed(300.0) == "warn"
+
+
+def test_date_range_filter_when_unfold_filters_are_installed(rf, monkeypatch):
+    from django.apps import apps
+    from django.contrib.admin import DateFieldListFilter, site
+    from unfold.contrib.filters.admin import RangeDateTimeFilter
+
+    model_admin = site._registry[RPCLog]
+    request = rf.get("/")
+    assert ("created_at", DateFieldListFilter) in model_admin.get_list_filter(request)
+    installed = apps.is_installed
+    monkeypatch.setattr(
+        apps, "is_installed", lambda name: name == "unfold.contrib.filters" or installed(name)
+    )
+    assert ("created_at", RangeDateTimeFilter) in model_admin.get_list_filter(request)

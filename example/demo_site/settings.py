@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import environ
+from django.urls import reverse_lazy
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -83,6 +84,35 @@ USE_TZ = True
 STATIC_URL = "static/"
 
 REDIS_URL = env.str("REDIS_URL", default="")
+
+# The admin's sidebar: the RPC calls and their analytics dashboard, then every other app.
+UNFOLD = {
+    "SITE_TITLE": "django-rpc-audit demo",
+    "SITE_HEADER": "RPC audit demo",
+    "SIDEBAR": {
+        "show_search": False,
+        "show_all_applications": True,
+        "navigation": [
+            {
+                "title": "RPC audit",
+                "items": [
+                    {
+                        "title": "Calls",
+                        "icon": "swap_horiz",
+                        "link": reverse_lazy("admin:django_rpc_audit_rpclog_changelist"),
+                        "permission": "django_rpc_audit.dashboard.can_view_rpc_logs",
+                    },
+                    {
+                        "title": "Analytics",
+                        "icon": "monitoring",
+                        "link": reverse_lazy("admin:django_rpc_audit_rpclog_dashboard"),
+                        "permission": "django_rpc_audit.dashboard.can_view_rpc_logs",
+                    },
+                ],
+            },
+        ],
+    },
+}
 
 DJANGO_CFG_RPC = {
     "ENABLED": True,

@@ -230,7 +230,8 @@ class Command(BaseCommand):
         self.stdout.write(
             "\nBrowse the log in the admin: run `.venv/bin/python example/manage.py runserver` "
             "(with the same DATABASE_URL), open http://127.0.0.1:8000/admin/ and sign in as "
-            "admin / admin."
+            "admin / admin. The analytics dashboard is at "
+            "http://127.0.0.1:8000/admin/django_rpc_audit/rpclog/dashboard/ (also in the sidebar)."
         )
 
     # -- setting up -----------------------------------------------------------------------
