@@ -8,6 +8,7 @@ case-insensitively, so ``db_password``, ``X-Api-Key`` and ``accessToken`` are se
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import re
@@ -212,9 +213,16 @@ class Redactor:
     def _value(self, value: Any, depth: int, path: set[int]) -> Any:
         if isinstance(value, str):
             return redact_text(value, self.extra_keys)
-        if not isinstance(value, Mapping | list | tuple) or depth >= _MAX_DEPTH:
-            # Other objects are left for the sanitizer; they are not walked here.
+        if depth >= _MAX_DEPTH:
             return value
+        if not isinstance(value, Mapping | list | tuple):
+            fields = _object_fields(value)
+            if fields is None:
+                # Other objects are left for the sanitizer; they are not walked here.
+                return value
+            # A dataclass or pydantic model becomes the dict the sanitizer would store, so
+            # its secret fields are redacted like a dict's keys.
+            value = fields
         if id(value) in path:
             return value
         path.add(id(value))
@@ -230,6 +238,19 @@ class Redactor:
             return items if isinstance(value, list) else tuple(items)
         finally:
             path.discard(id(value))
+
+
+def _object_fields(value: object) -> dict[str, Any] | None:
+    """The fields of a dataclass instance or a pydantic model, else ``None``."""
+    if isinstance(value, type):
+        return None
+    if dataclasses.is_dataclass(value):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    model_dump = getattr(value, "model_dump", None)  # pydantic v2, without importing it
+    if callable(model_dump):
+        dumped = model_dump()
+        return dumped if isinstance(dumped, dict) else None
+    return None
 
 
 @functools.lru_cache(maxsize=16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -99,6 +100,32 @@ def test_values_are_redacted_recursively_and_the_input_is_not_changed():
     assert redacted["user"] == "ann"
     assert redacted["nested"][0] == {"X-Api-Key": "***", "monkey": "banana"}
     assert json.dumps(params) == original
+
+
+def test_dataclass_and_pydantic_fields_are_redacted_too():
+    """Objects the wire cannot carry still reach manual logging and local handlers' replies."""
+    pydantic = pytest.importorskip("pydantic")
+
+    @dataclasses.dataclass
+    class Login:
+        username: str
+        password: str
+
+    class Credentials(pydantic.BaseModel):
+        client_id: str
+        client_secret: str
+
+    login = Login("ann", SECRET)
+    params = {"login": login, "creds": Credentials(client_id="c", client_secret=SECRET)}
+    redacted = Redactor().value(params)
+    assert redacted["login"] == {"username": "ann", "password": "***"}
+    assert redacted["creds"] == {"client_id": "c", "client_secret": "***"}
+    assert login.password == SECRET  # the object itself is not changed
+
+    RPCLogger.create_log("c-2", "legacy.login", params)
+    row = RPCLog.objects.get()
+    assert SECRET not in json.dumps(row.params)
+    assert row.params["login"] == {"username": "ann", "password": "***"}
 
 
 def test_method_rules_drop_or_keep_listed_fields():
