@@ -171,11 +171,6 @@ def _validate_buffered_writer(config: DjangoCfgRPCConfig) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise _fail(name.upper(), f"must be a positive number of seconds, not {value!r}.")
-    if config.buffer_batch_size > config.buffer_size:
-        raise _fail(
-            "BUFFER_BATCH_SIZE",
-            f"({config.buffer_batch_size}) must not exceed BUFFER_SIZE ({config.buffer_size}).",
-        )
 
 
 def validate_redis_url(url: object) -> None:

@@ -260,6 +260,8 @@ class BufferedLogWriter:
         except DatabaseUnavailable:
             logger.exception("Could not write the buffered RPC log rows.")
             return False
+        finally:
+            self._report_drops()
         return True
 
     def stats(self) -> WriterStats:
