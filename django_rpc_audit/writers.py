@@ -557,6 +557,11 @@ def flush(timeout: float | None = 30.0) -> bool:
     return True
 
 
+def writer_never_blocks() -> bool:
+    """True when handing an event to the writer in use cannot block: it only buffers."""
+    return not get_config().enable_logging or isinstance(get_writer(), BufferedLogWriter)
+
+
 def writer_stats() -> WriterStats:
     """Counters of the buffered writer in use (all zero with the synchronous writer)."""
     writer = get_writer()
@@ -574,5 +579,6 @@ __all__ = [
     "flush",
     "get_writer",
     "use_writer",
+    "writer_never_blocks",
     "writer_stats",
 ]

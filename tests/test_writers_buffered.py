@@ -33,6 +33,7 @@ from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
 from django_rpc_audit.exceptions import RPCRemoteError
 from django_rpc_audit.models import RPCLog
 from django_rpc_audit.querysets import call_log_id
+from django_rpc_audit.signals import loop_safe, rpc_finished
 from django_rpc_audit.testing import capture_rpc_logs
 from django_rpc_audit.writers import (
     BufferedLogWriter,
@@ -41,6 +42,7 @@ from django_rpc_audit.writers import (
     flush,
     get_writer,
     use_writer,
+    writer_never_blocks,
     writer_stats,
 )
 from tests.factories import UserFactory
@@ -266,6 +268,57 @@ async def test_acall_only_enqueues(echo_handler: None) -> None:
         assert await RPCLog.objects.acount() == 0
         assert await sync_to_async(writer.flush)()
         assert await RPCLog.objects.filter(status="success").acount() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_acall_calls_the_builtin_receivers_on_the_event_loop(
+    echo_handler: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No thread hop for receivers that only enqueue; other sync receivers still get one."""
+    threads: dict[str, list[int]] = {"writer": [], "plain": [], "marked": []}
+
+    def plain(sender: type, **kwargs: Any) -> None:
+        threads["plain"].append(threading.get_ident())
+
+    @loop_safe()
+    def marked(sender: type, **kwargs: Any) -> None:
+        threads["marked"].append(threading.get_ident())
+        raise RuntimeError("a broken loop-safe receiver")
+
+    rpc_finished.connect(plain, dispatch_uid="tests.plain")
+    rpc_finished.connect(marked, dispatch_uid="tests.marked")
+    try:
+        with capture_rpc_logs() as writer:
+            put = writer._put
+
+            def spy(event: dict[str, Any]) -> None:
+                threads["writer"].append(threading.get_ident())
+                put(event)
+
+            writer._put = spy  # type: ignore[method-assign]
+            result = await get_rpc_client().acall("test.echo", {"n": 1})
+    finally:
+        rpc_finished.disconnect(dispatch_uid="tests.plain")
+        rpc_finished.disconnect(dispatch_uid="tests.marked")
+    loop_thread = threading.get_ident()
+    assert result == {"echo": {"n": 1}}
+    assert threads["writer"] == [loop_thread, loop_thread]  # started and finished
+    assert threads["marked"] == [loop_thread]
+    assert threads["plain"] != [loop_thread]
+    assert len(threads["plain"]) == 1
+    assert "a broken loop-safe receiver" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_acall_with_the_sync_writer_writes_off_the_event_loop(
+    echo_handler: None, rpc_settings: Callable[..., Any]
+) -> None:
+    rpc_settings(WRITE_MODE="sync")
+    assert not writer_never_blocks()
+    await get_rpc_client().acall("test.echo", {"n": 1})
+    assert await RPCLog.objects.filter(status="success").acount() == 1
 
 
 # -- bounded memory ------------------------------------------------------------------------
