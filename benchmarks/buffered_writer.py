@@ -221,12 +221,14 @@ def measure_ingestion(rows: int, batch_size: int) -> None:
 
     events = finished_events(rows)
     writer = BufferedLogWriter(buffer_size=rows, batch_size=batch_size, flush_interval=3600)
+    cpu = time.process_time()
     started = time.perf_counter()
     for event in events:
         writer.finished(event)
     enqueued = time.perf_counter()
     assert writer.flush(timeout=None)
     done = time.perf_counter()
+    cpu = time.process_time() - cpu
     writer.close()
     written = RPCLog.objects.count()
     assert written == rows, (written, rows)
@@ -236,6 +238,17 @@ def measure_ingestion(rows: int, batch_size: int) -> None:
         f"({(enqueued - started) / rows * 1e6:.2f} µs each); written in {done - started:.2f} s "
         f"= {rows / (done - started):,.0f} rows/s (batches of {batch_size})"
     )
+    print(
+        f"  process CPU time {cpu:.2f} s = {cpu / rows * 1e6:.0f} µs per row "
+        f"({rows / cpu:,.0f} rows per CPU second: the rate with a core to itself)"
+    )
+    from django_rpc_audit.querysets import event_row_values
+
+    cpu = time.process_time()
+    for event in events[:20_000]:
+        event_row_values(event)
+    values_cpu = (time.process_time() - cpu) / min(rows, 20_000)
+    print(f"  of which building the column values (querysets helpers): {values_cpu * 1e6:.0f} µs")
 
 
 def peak_rss_mb() -> float:
