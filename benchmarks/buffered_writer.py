@@ -4,9 +4,11 @@ In one process, side by side and interleaved in rounds so machine noise hits eve
 alike, over real Redis with a responder process answering the django-ipc protocol and a real
 database (PostgreSQL with ``DATABASE_URL``; a SQLite file otherwise):
 
-1. ``call()`` with logging off; with the sync writer; with the buffered writer; and the
-   reference design re-implemented (``RPCLog.objects.create()`` a pending row, make the call
-   with logging off, then a full ``save()``). Median and p99 per call, and the ratio of each
+1. ``call()`` with logging off; with the sync writer; with the buffered writer; with the
+   buffered writer's enqueue alone (no thread writing meanwhile: the caller's own share, the
+   rows written between rounds); and the reference design re-implemented
+   (``RPCLog.objects.create()`` a pending row, make the call with logging off, then a full
+   ``save()``). Median and p99 per call, and the ratio of each
    median to logging off. The same for ``acall()`` (off / buffered).
 2. Ingestion: finished-call events are put in a buffered writer as fast as possible, and the
    time its thread takes to write them all to the database gives rows per second.
@@ -119,6 +121,12 @@ def variant_call(variant: str) -> Callable[[int], object]:
             return result
 
         return reference
+    if variant == "enqueue":
+        # The caller's own share: the buffered writer without its thread, so nothing is written
+        # while the calls are timed (measure_latency writes the rows between rounds).
+        configure(ENABLE_LOGGING=True, WRITE_MODE="buffered")
+        client = get_rpc_client()
+        return lambda n: client.call("bench.echo", {"n": n, "who": "benchmark"})
     if variant == "off":
         configure(ENABLE_LOGGING=False)
     else:
@@ -154,22 +162,34 @@ def print_table(title: str, results: dict[str, list[float]], labels: dict[str, s
 
 def measure_latency(calls: int, rounds: int) -> None:
     from django_rpc_audit.models import RPCLog
-    from django_rpc_audit.writers import flush
+    from django_rpc_audit.writers import BufferedLogWriter, flush, use_writer
 
     labels = {
         "off": "logging off",
+        "enqueue": "buffered, enqueue only",
         "buffered": "buffered writer",
         "sync": "sync writer",
         "reference": "reference (create + save)",
     }
     results: dict[str, list[float]] = {variant: [] for variant in labels}
+    deferred = BufferedLogWriter(buffer_size=10 * calls, background=False)
+
+    def run(variant: str, count: int) -> list[float]:
+        call = variant_call(variant)
+        if variant != "enqueue":
+            return timed_calls(count, call)
+        with use_writer(deferred):
+            samples = timed_calls(count, call)
+        deferred.flush()  # untimed: the same rows, written on this thread afterwards
+        return samples
+
     for variant in labels:  # warm-up: connections, caches, the writer thread
-        timed_calls(200, variant_call(variant))
+        run(variant, 200)
     configure(ENABLE_LOGGING=True, WRITE_MODE="buffered")
     flush()
     for _round in range(rounds):
         for variant in labels:
-            results[variant].extend(timed_calls(calls, variant_call(variant)))
+            results[variant].extend(run(variant, calls))
             configure(ENABLE_LOGGING=True, WRITE_MODE="buffered")
             flush()  # the next variant does not pay for this one's backlog
     print_table(f"call() over Redis, {rounds} rounds x {calls} calls per variant", results, labels)
