@@ -19,6 +19,9 @@ database (PostgreSQL with ``DATABASE_URL``; a SQLite file otherwise):
     createdb -h 127.0.0.1 -U postgres rpc_bench
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/rpc_bench .venv/bin/python \\
         benchmarks/buffered_writer.py --redis redis://127.0.0.1:6379/9
+
+``--local`` times the calls over the in-process transport instead (the caller's share of
+logging without Redis's noise); ``--skip latency ingest memory`` leaves parts out.
 """
 
 from __future__ import annotations
@@ -160,7 +163,7 @@ def print_table(title: str, results: dict[str, list[float]], labels: dict[str, s
         )
 
 
-def measure_latency(calls: int, rounds: int) -> None:
+def measure_latency(calls: int, rounds: int, transport: str) -> None:
     from django_rpc_audit.models import RPCLog
     from django_rpc_audit.writers import BufferedLogWriter, flush, use_writer
 
@@ -192,7 +195,9 @@ def measure_latency(calls: int, rounds: int) -> None:
             results[variant].extend(run(variant, calls))
             configure(ENABLE_LOGGING=True, WRITE_MODE="buffered")
             flush()  # the next variant does not pay for this one's backlog
-    print_table(f"call() over Redis, {rounds} rounds x {calls} calls per variant", results, labels)
+    print_table(
+        f"call() over {transport}, {rounds} rounds x {calls} calls per variant", results, labels
+    )
 
     async_results: dict[str, list[float]] = {"off": [], "buffered": []}
     for variant in ("off", "buffered"):
@@ -205,7 +210,7 @@ def measure_latency(calls: int, rounds: int) -> None:
     configure(ENABLE_LOGGING=True, WRITE_MODE="buffered")
     flush()
     print_table(
-        f"acall() over Redis, {rounds} rounds x {calls} calls per variant",
+        f"acall() over {transport}, {rounds} rounds x {calls} calls per variant",
         async_results,
         {"off": "logging off", "buffered": "buffered writer"},
     )
@@ -333,6 +338,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--memory-calls", type=int, default=1_000_000)
     parser.add_argument("--skip", nargs="*", default=[], choices=["latency", "ingest", "memory"])
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="time the calls over the in-process transport instead of Redis (less noise)",
+    )
     args = parser.parse_args()
 
     stream = f"bench:{uuid.uuid4().hex}"
@@ -347,9 +357,16 @@ def main() -> None:
         f"database: {database}; Redis {args.redis} with a responder process; "
         f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs"
     )
+    transport = "Redis"
+    if args.local:
+        from django_rpc_audit.transports import register_local_handler
+
+        register_local_handler("bench.echo", lambda params: {"echo": params})
+        configure(TRANSPORT="local")
+        transport = "the local transport"
     try:
         if "latency" not in args.skip:
-            measure_latency(args.calls, args.rounds)
+            measure_latency(args.calls, args.rounds, transport)
     finally:
         stop.set()
         answering.join(5)
