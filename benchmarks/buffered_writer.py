@@ -280,6 +280,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def current_rss_mb() -> float:
+    """Resident memory now (Linux ``/proc``), in MB; the peak where that is unavailable."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return peak_rss_mb()
+
+
 def measure_memory(calls: int) -> None:
     from django_rpc_audit import get_rpc_client
     from django_rpc_audit.models import RPCLog
@@ -292,17 +301,20 @@ def measure_memory(calls: int) -> None:
     config_buffer = writer_stats()  # builds the writer
     del config_buffer
     print(f"\nmemory: {calls:,} calls, local transport, buffered writer")
-    print(f"{'calls':>10}{'peak RSS MB':>13}{'buffered':>10}{'written':>10}{'dropped':>10}")
+    print(
+        f"{'calls':>10}{'RSS MB':>9}{'peak RSS MB':>13}{'buffered':>10}{'written':>10}"
+        f"{'dropped':>10}"
+    )
     checkpoints = {calls // 10, calls // 4, calls // 2, calls * 3 // 4, calls}
     started = time.perf_counter()
-    print(f"{0:>10}{peak_rss_mb():>13.1f}")
+    print(f"{0:>10}{current_rss_mb():>9.1f}{peak_rss_mb():>13.1f}")
     for n in range(1, calls + 1):
         client.call("bench.echo", {"n": n, "who": "benchmark"})
         if n in checkpoints:
             stats = writer_stats()
             print(
-                f"{n:>10}{peak_rss_mb():>13.1f}{stats.buffered:>10}{stats.written:>10}"
-                f"{stats.dropped:>10}"
+                f"{n:>10}{current_rss_mb():>9.1f}{peak_rss_mb():>13.1f}{stats.buffered:>10}"
+                f"{stats.written:>10}{stats.dropped:>10}"
             )
     elapsed = time.perf_counter() - started
     flush(timeout=None)
