@@ -296,6 +296,7 @@ def measure_memory(calls: int) -> None:
     from django_rpc_audit.transports import register_local_handler
     from django_rpc_audit.writers import flush, writer_stats
 
+    RPCLog.objects.all().delete()
     register_local_handler("bench.echo", lambda params: {"echo": params})
     configure(TRANSPORT="local", ENABLE_LOGGING=True, WRITE_MODE="buffered")
     client = get_rpc_client()
