@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import logging
 import os
+import signal
 import threading
 import time
 import weakref
@@ -27,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from types import FrameType
 from typing import Any, Protocol
 
 from django.db import (
@@ -468,6 +470,43 @@ def _close_all_at_exit() -> None:
             writer.close(timeout)
 
 
+def install_sigterm_flush() -> bool:
+    """On ``SIGTERM``, write what the writers hold, then do what ``SIGTERM`` did before.
+
+    Called by the app's ``ready()`` in the main thread. Servers that exit normally on
+    ``SIGTERM`` (gunicorn workers) are covered by the exit flush already; uvicorn shuts down
+    gracefully and then re-raises ``SIGTERM`` with the default action, which kills the process
+    without exit handlers, and a bare process dies the same way. The previous handler (the
+    server's, when it installed one first) still runs afterwards, and the writers keep writing
+    every few milliseconds while the server finishes its requests. False if not installed
+    (not the main thread, or no ``SIGTERM`` on this platform).
+    """
+    if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
+        return False
+    previous = signal.getsignal(signal.SIGTERM)
+    if getattr(previous, "_rpc_audit_flush", False):
+        return True  # already installed
+
+    def flush_on_sigterm(signum: int, frame: FrameType | None) -> None:
+        for writer in list(_live_writers):
+            if writer._thread is not None:
+                writer.flush_interval = min(writer.flush_interval, _DRAINING_FLUSH_INTERVAL)
+                writer.flush(_shutdown_timeout())
+        if callable(previous):
+            previous(signum, frame)
+        elif previous in (signal.SIG_DFL, None):
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    flush_on_sigterm._rpc_audit_flush = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, flush_on_sigterm)
+    return True
+
+
+#: Seconds between writes once SIGTERM has come: what finishes meanwhile is written at once.
+_DRAINING_FLUSH_INTERVAL = 0.01
+
+
 def _shutdown_timeout() -> float:
     try:
         return get_config().buffer_shutdown_timeout
@@ -578,6 +617,7 @@ __all__ = [
     "WriterStats",
     "flush",
     "get_writer",
+    "install_sigterm_flush",
     "use_writer",
     "writer_never_blocks",
     "writer_stats",

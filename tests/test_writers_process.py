@@ -1,5 +1,8 @@
 """The buffered writer across process boundaries: flush at exit, on SIGTERM, and after fork.
 
+SIGTERM is sent to real servers: gunicorn (sync workers, ``--preload``) and uvicorn (async
+views, so the calls go through ``acall()``).
+
 Each test runs ``tests/writer_process.py`` in a child process (or under gunicorn) with a flush
 interval of an hour, so the rows can only come from the shutdown flush. The child uses a
 SQLite file on the SQLite run (its own thread writing to it, which the in-memory test database
@@ -50,7 +53,9 @@ def child_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def run_child(env: dict[str, str], scenario: str, count: int = 0) -> list[dict[str, Any]]:
+def run_child(
+    env: dict[str, str], scenario: str, count: int = 0, exit_code: int = 0
+) -> list[dict[str, Any]]:
     result = subprocess.run(
         [sys.executable, "-m", "tests.writer_process", scenario, str(count)],
         cwd=ROOT,
@@ -60,7 +65,7 @@ def run_child(env: dict[str, str], scenario: str, count: int = 0) -> list[dict[s
         timeout=120,
         check=False,
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == exit_code, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
@@ -72,6 +77,14 @@ def test_rows_are_written_at_normal_interpreter_exit(child_env: dict[str, str]) 
     assert report["count"] == 250
     assert report["by_who"]["exit"] == 250
     assert report["statuses"] == ["success"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rows_are_written_when_sigterm_kills_a_bare_process(child_env: dict[str, str]) -> None:
+    (before,) = run_child(child_env, "sigterm", 120, exit_code=-signal.SIGTERM)
+    assert before == {"buffered": 120, "written": 0}
+    (report,) = run_child(child_env, "report")
+    assert report["by_who"]["exit"] == 120
 
 
 @pytest.mark.django_db(transaction=True)
@@ -97,26 +110,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.mark.django_db(transaction=True)
-def test_gunicorn_workers_write_their_rows_on_sigterm(child_env: dict[str, str]) -> None:
-    """SIGTERM to gunicorn (``--preload``, two workers): each worker flushes as it exits."""
-    port = free_port()
+def serve_then_sigterm(
+    command: list[str], env: dict[str, str], port: int, path: str, exit_code: int = 0
+) -> str:
+    """Start a server, make 40 requests to ``path``, SIGTERM it; return its output."""
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "tests.writer_process:application",
-            "--preload",
-            "--workers=2",
-            f"--bind=127.0.0.1:{port}",
-            "--graceful-timeout=30",
-        ],
-        cwd=ROOT,
-        env=child_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
         deadline = time.monotonic() + 30
@@ -126,13 +125,13 @@ def test_gunicorn_workers_write_their_rows_on_sigterm(child_env: dict[str, str])
                 break
             except OSError:
                 assert server.poll() is None, server.communicate()[0]
-                assert time.monotonic() < deadline, "gunicorn did not start"
+                assert time.monotonic() < deadline, "the server did not start"
                 time.sleep(0.1)
         for n in range(40):
-            url = f"http://127.0.0.1:{port}/sync/call/?who=web&n={n}"
+            url = f"http://127.0.0.1:{port}{path}?who=web&n={n}"
             with urllib.request.urlopen(url, timeout=10) as response:
                 assert response.status == 200
-        (report,) = run_child(child_env, "report")
+        (report,) = run_child(env, "report")
         assert report["count"] == 0  # an hour's flush interval: all still buffered
         server.send_signal(signal.SIGTERM)
         output, _ = server.communicate(timeout=60)
@@ -140,7 +139,46 @@ def test_gunicorn_workers_write_their_rows_on_sigterm(child_env: dict[str, str])
         if server.poll() is None:
             server.kill()
             server.communicate()
-    assert server.returncode == 0, output
+    assert server.returncode == exit_code, output
+    return output
+
+
+@pytest.mark.django_db(transaction=True)
+def test_gunicorn_workers_write_their_rows_on_sigterm(child_env: dict[str, str]) -> None:
+    """SIGTERM to gunicorn (``--preload``, two workers): each worker flushes as it exits."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "tests.writer_process:application",
+        "--preload",
+        "--workers=2",
+        f"--bind=127.0.0.1:{port}",
+        "--graceful-timeout=30",
+    ]
+    serve_then_sigterm(command, child_env, port, "/sync/call/")
+    (report,) = run_child(child_env, "report")
+    assert report["by_who"]["web"] == 40
+    assert report["statuses"] == ["success"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_uvicorn_writes_its_rows_on_sigterm(child_env: dict[str, str]) -> None:
+    """SIGTERM to uvicorn serving async views (``acall()``): the rows are written at exit."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "tests.writer_process:asgi_application",
+        f"--port={port}",
+        "--host=127.0.0.1",
+        "--lifespan=off",
+    ]
+    # uvicorn shuts down gracefully, then re-raises SIGTERM with its default action: the
+    # process ends killed by the signal, without exit handlers; the SIGTERM flush wrote the rows.
+    serve_then_sigterm(command, child_env, port, "/async/call/", exit_code=-signal.SIGTERM)
     (report,) = run_child(child_env, "report")
     assert report["by_who"]["web"] == 40
     assert report["statuses"] == ["success"]

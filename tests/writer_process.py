@@ -2,17 +2,19 @@
 
 Run as ``python -m tests.writer_process SCENARIO [N]`` with ``DATABASE_URL`` naming a database
 that has the schema (``migrate`` makes it), or served by gunicorn as
-``tests.writer_process:application``. It uses the buffered writer with a flush interval of an
-hour, so only a flush at exit (or an explicit ``flush()``) can write the rows. Scenarios print
-one JSON line each.
+``tests.writer_process:application`` or uvicorn as ``tests.writer_process:asgi_application``.
+It uses the buffered writer with a flush interval of an hour, so only a flush at exit (or an
+explicit ``flush()``) can write the rows. Scenarios print one JSON line each.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
+import time
 from typing import Any
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
@@ -23,6 +25,7 @@ import django  # noqa: E402
 
 django.setup()
 
+from django.core.asgi import get_asgi_application  # noqa: E402
 from django.core.wsgi import get_wsgi_application  # noqa: E402
 
 from django_rpc_audit import get_rpc_client  # noqa: E402
@@ -32,6 +35,7 @@ from django_rpc_audit.writers import BufferedLogWriter, flush, get_writer, write
 register_local_handler("test.echo", lambda params: {"echo": params})
 
 application = get_wsgi_application()
+asgi_application = get_asgi_application()
 
 
 def emit(**values: Any) -> None:
@@ -73,6 +77,12 @@ def main(scenario: str, count: int) -> None:
         # Calls, then a normal interpreter exit: only the atexit flush writes the rows.
         make_calls(count, "exit")
         emit(buffered=writer_stats().buffered, written=writer_stats().written)
+    elif scenario == "sigterm":
+        # A bare process killed by SIGTERM runs no exit handler: the SIGTERM flush writes.
+        make_calls(count, "exit")
+        emit(buffered=writer_stats().buffered, written=writer_stats().written)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # not reached: SIGTERM's default action ends the process
     elif scenario == "fork":
         make_calls(count, "parent")
         parent_thread = writer_thread_ident()
