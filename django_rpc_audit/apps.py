@@ -16,8 +16,11 @@ class RPCAuditConfig(AppConfig):
         from django_rpc_audit import checks, conf  # noqa: F401  (registers checks, setting_changed)
         from django_rpc_audit.receivers import log_rpc_finished, log_rpc_started
         from django_rpc_audit.signals import rpc_finished, rpc_started
+        from django_rpc_audit.writers import install_sigterm_flush
 
         # Always connected: ENABLE_LOGGING is read per call from the cached config, so
         # override_settings and environment changes take effect without reconnecting.
         rpc_started.connect(log_rpc_started, dispatch_uid="django_rpc_audit.log_rpc_started")
         rpc_finished.connect(log_rpc_finished, dispatch_uid="django_rpc_audit.log_rpc_finished")
+        # The buffered writer's rows are written on SIGTERM too, not only at a normal exit.
+        install_sigterm_flush()

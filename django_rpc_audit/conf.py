@@ -26,6 +26,9 @@ ENV_PREFIX = f"{SETTING_NAME}__"
 Transport = Literal["redis", "local"]
 TRANSPORTS: tuple[Transport, ...] = ("redis", "local")
 
+WriteMode = Literal["buffered", "sync"]
+WRITE_MODES: tuple[WriteMode, ...] = ("buffered", "sync")
+
 # django-environ reads any unknown word as False ("ture" would silently turn logging off);
 # we accept its true words plus their usual opposites and reject everything else.
 _FALSE_STRINGS = ("false", "off", "no", "n", "0", "")
@@ -95,6 +98,22 @@ class DjangoCfgRPCConfig:
     admin_duration_slow_ms: float = 2000.0
     #: Seconds between the analytics dashboard's automatic refreshes; 0 turns them off.
     admin_dashboard_refresh_seconds: int = 5
+    # -- buffered writer
+    #: ``"buffered"``: the receivers only enqueue, a background thread writes batches on its own
+    #: database connection. ``"sync"``: each event is written at once on the caller's thread and
+    #: connection (inside the caller's transaction).
+    write_mode: WriteMode = "buffered"
+    #: Most calls the buffered writer holds in memory. When full, successful calls are dropped
+    #: first (counted and logged); failures and timeouts are kept.
+    buffer_size: int = 100_000
+    #: Rows per ``INSERT`` (and per commit) of the buffered writer.
+    buffer_batch_size: int = 1_000
+    #: Seconds between the buffered writer's flushes (sooner once a batch is full).
+    buffer_flush_interval: float = 0.5
+    #: Longest wait, in seconds, between retries while the database is unreachable.
+    buffer_max_retry_delay: float = 10.0
+    #: Seconds the process waits at exit for the buffered writer to write what it holds.
+    buffer_shutdown_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if isinstance(self.trusted_proxy_ips, list | set | frozenset):
@@ -171,6 +190,7 @@ def _validate(config: DjangoCfgRPCConfig) -> None:
     validate_redis_url(config.redis_url)
     _validate_data_hygiene(config)
     _validate_admin(config)
+    _validate_buffered_writer(config)
 
 
 def _pairs(value: object) -> object:
@@ -319,6 +339,21 @@ def _validate_admin(config: DjangoCfgRPCConfig) -> None:
             "ADMIN_DASHBOARD_REFRESH_SECONDS",
             f"must be a whole number of seconds, 0 or more, not {refresh!r}.",
         )
+
+
+def _validate_buffered_writer(config: DjangoCfgRPCConfig) -> None:
+    if config.write_mode not in WRITE_MODES:
+        raise _fail(
+            "WRITE_MODE", f"must be one of {', '.join(WRITE_MODES)}, not {config.write_mode!r}."
+        )
+    for name in ("buffer_size", "buffer_batch_size"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _fail(name.upper(), f"must be a positive integer, not {value!r}.")
+    for name in ("buffer_flush_interval", "buffer_max_retry_delay", "buffer_shutdown_timeout"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise _fail(name.upper(), f"must be a positive number of seconds, not {value!r}.")
 
 
 def validate_redis_url(url: object) -> None:

@@ -6,9 +6,15 @@ from typing import Any
 
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.sampling import finished_sample_rate, started_is_logged
-from django_rpc_audit.writers import get_writer
+from django_rpc_audit.signals import loop_safe
+from django_rpc_audit.writers import get_writer, writer_never_blocks
+
+# While the writer in use only buffers (the buffered writer, the default), acall() calls these
+# on the event loop, without a thread hop; with the sync writer they run in a worker thread.
+# Sampling is pure computation (a hash of the correlation id), so it keeps them loop-safe.
 
 
+@loop_safe(when=writer_never_blocks)
 def log_rpc_started(sender: type, **kwargs: Any) -> None:
     """Hand a started call to the log writer, unless ``ENABLE_LOGGING`` is off or not sampled."""
     config = get_config()
@@ -17,6 +23,7 @@ def log_rpc_started(sender: type, **kwargs: Any) -> None:
         get_writer().started(kwargs)
 
 
+@loop_safe(when=writer_never_blocks)
 def log_rpc_finished(sender: type, **kwargs: Any) -> None:
     """Hand a finished call to the log writer with its ``sample_rate``, unless not sampled."""
     config = get_config()

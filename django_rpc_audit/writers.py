@@ -1,14 +1,47 @@
-"""Log writers turn call events into ``RPCLog`` rows; receivers hand every event to one."""
+"""Log writers turn call events into ``RPCLog`` rows; receivers hand every event to one.
+
+Two writers, chosen by ``DJANGO_CFG_RPC["WRITE_MODE"]``:
+
+- :class:`BufferedLogWriter` (``"buffered"``, the default): the receivers only put the event in
+  a bounded in-memory buffer; a background thread writes batches on its own database
+  connection, outside the caller's transaction, retrying with backoff while the database is
+  unreachable.
+- :class:`SyncLogWriter` (``"sync"``): each event is written at once, on the caller's thread
+  and connection.
+
+:func:`flush` writes what is buffered (tests call it, or use the ``rpc_log_writer`` fixture of
+:mod:`django_rpc_audit.testing`); :func:`writer_stats` reports what was written and dropped.
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import itertools
 import logging
-from collections.abc import Callable
+import os
+import signal
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from types import FrameType
 from typing import Any, Protocol
 
-from django.db import router, transaction
+from django.db import (
+    InterfaceError,
+    OperationalError,
+    connections,
+    router,
+    transaction,
+)
 
-from django_rpc_audit.querysets import RPCLogQuerySet
+from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
+from django_rpc_audit.querysets import RPCLogQuerySet, bulk_record_events
+from django_rpc_audit.status import RPCStatus
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +90,535 @@ class SyncLogWriter:
             )
 
 
+@dataclass(frozen=True, slots=True)
+class WriterStats:
+    """Counters of a :class:`BufferedLogWriter` since it started (in this process)."""
+
+    #: Calls waiting in the buffer.
+    buffered: int = 0
+    #: Rows written: inserts and completions of pending rows.
+    written: int = 0
+    #: Calls dropped because the buffer was full (successful ones first).
+    dropped: int = 0
+    #: Rows the database refused (a data error, logged); not retried.
+    failed: int = 0
+    #: Write attempts that failed because the database was unreachable, then retried.
+    retries: int = 0
+
+
+class DatabaseUnavailable(Exception):
+    """A batch could not be written because the database could not be reached."""
+
+
+# One buffer entry per call: its latest event, with the sequence number it was accepted with.
+_Key = tuple[str, datetime]
+_Entry = tuple[int, dict[str, Any]]
+
+#: First wait before retrying an unreachable database; doubled up to BUFFER_MAX_RETRY_DELAY.
+_FIRST_RETRY_DELAY = 0.1
+
+
+class BufferedLogWriter:
+    """Buffers call events in memory and writes them in batches on a background thread.
+
+    The caller's share is a dictionary insert under a lock: nothing touches the database on
+    the calling thread, nor on an event loop. One buffer entry per call holds its latest event,
+    so a call that finishes before its batch is written is inserted once, in its final state;
+    a call still running at write time is inserted as ``pending`` and completed later.
+
+    Bounded: at most ``buffer_size`` calls are held. When the buffer is full, a started event is
+    not buffered (the call's row is written whole from its finished event), a successful call
+    is dropped, and a failed or timed-out call takes the place of the oldest buffered
+    successful one; every dropped call is counted (:meth:`stats`) and logged.
+
+    While the database is unreachable the thread retries the same batch with exponential
+    backoff (up to ``max_retry_delay`` seconds) and loses nothing that fits in the buffer.
+    Writes are idempotent (see :func:`~django_rpc_audit.querysets.bulk_record_events`), so
+    retrying a batch whose commit reply was lost writes no duplicates.
+
+    With ``background=False`` no thread is started and nothing is written until :meth:`flush`,
+    which then writes on the calling thread's connection: what the ``rpc_log_writer`` test
+    fixture uses, so rows land in the test's transaction.
+    """
+
+    def __init__(
+        self,
+        *,
+        buffer_size: int = 100_000,
+        batch_size: int = 1_000,
+        flush_interval: float = 0.5,
+        max_retry_delay: float = 10.0,
+        using: str | None = None,
+        background: bool = True,
+    ) -> None:
+        self.buffer_size = buffer_size
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.max_retry_delay = max_retry_delay
+        self.using = using
+        self.background = background
+        self._reset_state()
+        _live_writers.add(self)
+
+    def _reset_state(self) -> None:
+        self._lock = threading.Lock()
+        self._buffer: dict[_Key, _Entry] = {}
+        # Buffered successful calls, oldest first: what goes when a failure needs room.
+        self._successes: OrderedDict[_Key, None] = OrderedDict()
+        self._seq = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._retry_now = threading.Event()
+        self._progress = threading.Condition()
+        self._write_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._written = 0
+        self._dropped = 0
+        self._dropped_reported = 0
+        self._failed = 0
+        self._retries = 0
+
+    def __repr__(self) -> str:
+        mode = "background" if self.background else "inline"
+        return f"<BufferedLogWriter {mode} buffered={len(self._buffer)}>"
+
+    # -- the caller's side --------------------------------------------------------------------
+
+    def started(self, event: dict[str, Any]) -> None:
+        """Buffer ``rpc_started``'s arguments."""
+        self._put(event)
+
+    def finished(self, event: dict[str, Any]) -> None:
+        """Buffer ``rpc_finished``'s arguments; they replace the call's started event."""
+        self._put(event)
+
+    def _put(self, event: dict[str, Any]) -> None:
+        key = (event["correlation_id"], event["started_at"])
+        status = event.get("status")
+        buffer = self._buffer
+        with self._lock:
+            self._seq += 1
+            full = key not in buffer and len(buffer) >= self.buffer_size
+            if full and not self._make_room(status):
+                return
+            buffer[key] = (self._seq, event)
+            if status == RPCStatus.SUCCESS:
+                self._successes[key] = None
+            size = len(buffer)
+        if self._thread is None and self.background:
+            self._start()
+        if size >= self.batch_size and not self._wake.is_set():
+            self._wake.set()
+
+    def _make_room(self, status: str | None) -> bool:
+        """The buffer is full: may the event of a call not in it be buffered? (Lock held.)"""
+        if status is None:
+            # Not buffering a started event loses nothing: the finished one makes the row.
+            return False
+        if status != RPCStatus.SUCCESS and self._successes:
+            victim, _ = self._successes.popitem(last=False)
+            del self._buffer[victim]
+        self._dropped += 1
+        return status != RPCStatus.SUCCESS and len(self._buffer) < self.buffer_size
+
+    # -- flushing -----------------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = 30.0) -> bool:
+        """Write every event buffered before this call; True once they are all written.
+
+        With the background thread, wake it and wait for it (up to ``timeout`` seconds;
+        ``None``: no limit). Without one (``background=False``, or in a forked child before its
+        first call), write on the calling thread's connection. False if the database could
+        not be reached in time; the events stay buffered.
+        """
+        if not self.background:
+            return self._write_inline()
+        with self._lock:
+            target = self._seq
+            waiting = [key for key, (seq, _) in self._buffer.items() if seq <= target]
+            thread = self._thread
+        if not waiting:
+            return True
+        if thread is None or not thread.is_alive():
+            return self._write_inline()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._wake.set()
+            with self._lock:
+                buffer = self._buffer
+                waiting = [k for k in waiting if k in buffer and buffer[k][0] <= target]
+            if not waiting:
+                return True
+            remaining = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if remaining <= 0:
+                return False
+            with self._progress:
+                self._progress.wait(remaining)
+
+    def _write_inline(self) -> bool:
+        try:
+            self._write_buffered(close_on_error=False)
+        except DatabaseUnavailable:
+            logger.exception("Could not write the buffered RPC log rows.")
+            return False
+        finally:
+            self._report_drops()
+        return True
+
+    def stats(self) -> WriterStats:
+        """What this writer has written, dropped and retried so far."""
+        return WriterStats(
+            buffered=len(self._buffer),
+            written=self._written,
+            dropped=self._dropped,
+            failed=self._failed,
+            retries=self._retries,
+        )
+
+    # -- the background thread ----------------------------------------------------------------
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is not None or self._closed:
+                return
+            self._thread = threading.Thread(
+                target=self._run, name="django-rpc-audit-writer", daemon=True
+            )
+        _register_atexit()
+        self._thread.start()
+
+    def _run(self) -> None:
+        delay = 0.0
+        try:
+            while True:
+                if delay:
+                    # Backing off: a full batch does not cut the wait short, close() does once.
+                    self._retry_now.wait(delay)
+                    self._retry_now.clear()
+                else:
+                    self._wake.wait(self.flush_interval)
+                self._wake.clear()
+                try:
+                    self._write_buffered(close_on_error=True)
+                except DatabaseUnavailable:
+                    self._retries += 1
+                    delay = min(max(delay * 2, _FIRST_RETRY_DELAY), self.max_retry_delay)
+                    if self._retries == 1 or delay == self.max_retry_delay:
+                        logger.warning(
+                            "Cannot write RPC log rows, the database is unreachable; "
+                            "%d call(s) buffered, retrying in %.1f s.",
+                            len(self._buffer),
+                            delay,
+                            exc_info=True,
+                        )
+                else:
+                    if delay:
+                        logger.warning("RPC log rows are being written again.")
+                    delay = 0.0
+                self._report_drops()
+                if self._stop.is_set() and not self._buffer:
+                    return
+        finally:
+            connections.close_all()
+
+    def _report_drops(self) -> None:
+        dropped = self._dropped
+        if dropped > self._dropped_reported:
+            logger.warning(
+                "RPC log buffer full (BUFFER_SIZE=%d): dropped %d call(s), %d in all; "
+                "failures and timeouts are kept before successful calls.",
+                self.buffer_size,
+                dropped - self._dropped_reported,
+                dropped,
+            )
+            self._dropped_reported = dropped
+
+    def _write_buffered(self, *, close_on_error: bool) -> None:
+        """Write the buffer, oldest calls first, one batch per transaction, until it is empty.
+
+        :raises DatabaseUnavailable: the database could not be reached; what is not written
+            stays buffered.
+        """
+        with self._write_lock:
+            while True:
+                with self._lock:
+                    batch = list(itertools.islice(self._buffer.items(), self.batch_size))
+                if not batch:
+                    return
+                self._write_batch([event for _, (_, event) in batch], close_on_error)
+                with self._lock:
+                    for key, entry in batch:
+                        # A call that finished meanwhile keeps its newer event, written next.
+                        if self._buffer.get(key) is entry:
+                            del self._buffer[key]
+                            self._successes.pop(key, None)
+                with self._progress:
+                    self._progress.notify_all()
+
+    def _write_batch(self, events: list[dict[str, Any]], close_on_error: bool) -> None:
+        from django_rpc_audit.models import RPCLog
+
+        alias = self.using or router.db_for_write(RPCLog)
+        queryset: RPCLogQuerySet = RPCLog.objects.using(alias)
+        try:
+            self._written += bulk_record_events(queryset, events)
+            return
+        except (OperationalError, InterfaceError) as exc:
+            if close_on_error:
+                _close_quietly(alias)
+            raise DatabaseUnavailable(str(exc)) from exc
+        except Exception:
+            if len(events) == 1:
+                self._give_up(events[0])
+                return
+        # One row the database refuses must not hold back the others: write them one by one.
+        for event in events:
+            self._write_batch([event], close_on_error)
+
+    def _give_up(self, event: dict[str, Any]) -> None:
+        self._failed += 1
+        logger.exception(
+            "The database refused the RPC log row of %s (%s, %s); it is not retried.",
+            event.get("method"),
+            event.get("correlation_id"),
+            event.get("status", "pending"),
+        )
+
+    # -- shutdown and fork --------------------------------------------------------------------
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Write what is buffered and stop the thread; True if nothing was left unwritten.
+
+        Called at interpreter exit for every writer (``BUFFER_SHUTDOWN_TIMEOUT``).
+        """
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is None or not thread.is_alive():
+            return not self._buffer or self._write_inline()
+        self._stop.set()
+        self._retry_now.set()
+        self._wake.set()
+        thread.join(timeout)
+        if self._buffer:
+            logger.error(
+                "%d RPC call(s) could not be logged before the process ended "
+                "(the database was unreachable for BUFFER_SHUTDOWN_TIMEOUT).",
+                len(self._buffer),
+            )
+            return False
+        return True
+
+    def _before_fork(self) -> None:
+        self._lock.acquire()
+
+    def _after_fork_in_parent(self) -> None:
+        self._lock.release()
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's thread does not exist here and its buffer is the parent's to write:
+        # start afresh, with a thread of our own on the first call.
+        self._reset_state()
+
+
+def _close_quietly(alias: str) -> None:
+    # The connection is broken; the next write reconnects.
+    with contextlib.suppress(Exception):
+        connections[alias].close()
+
+
+_live_writers: weakref.WeakSet[BufferedLogWriter] = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    for writer in list(_live_writers):
+        writer._before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    for writer in list(_live_writers):
+        writer._after_fork_in_parent()
+
+
+def _after_fork_in_child() -> None:
+    for writer in list(_live_writers):
+        writer._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
+
+_atexit_registered = False
+
+
+def _register_atexit() -> None:
+    global _atexit_registered
+    if not _atexit_registered:
+        _atexit_registered = True
+        atexit.register(_close_all_at_exit)
+
+
+def _close_all_at_exit() -> None:
+    timeout = _shutdown_timeout()
+    for writer in list(_live_writers):
+        if writer._thread is not None:
+            writer.close(timeout)
+
+
+def install_sigterm_flush() -> bool:
+    """On ``SIGTERM``, write what the writers hold, then do what ``SIGTERM`` did before.
+
+    Called by the app's ``ready()`` in the main thread. Servers that exit normally on
+    ``SIGTERM`` (gunicorn workers) are covered by the exit flush already; uvicorn shuts down
+    gracefully and then re-raises ``SIGTERM`` with the default action, which kills the process
+    without exit handlers, and a bare process dies the same way. The previous handler (the
+    server's, when it installed one first) still runs afterwards, and the writers keep writing
+    every few milliseconds while the server finishes its requests. False if not installed
+    (not the main thread, or no ``SIGTERM`` on this platform).
+    """
+    if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
+        return False
+    previous = signal.getsignal(signal.SIGTERM)
+    if getattr(previous, "_rpc_audit_flush", False):
+        return True  # already installed
+
+    def flush_on_sigterm(signum: int, frame: FrameType | None) -> None:
+        for writer in list(_live_writers):
+            if writer._thread is not None:
+                writer.flush_interval = min(writer.flush_interval, _DRAINING_FLUSH_INTERVAL)
+                writer.flush(_shutdown_timeout())
+        if callable(previous):
+            previous(signum, frame)
+        elif previous in (signal.SIG_DFL, None):
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    flush_on_sigterm._rpc_audit_flush = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, flush_on_sigterm)
+    return True
+
+
+#: Seconds between writes once SIGTERM has come: what finishes meanwhile is written at once.
+_DRAINING_FLUSH_INTERVAL = 0.01
+
+
+def _shutdown_timeout() -> float:
+    try:
+        return get_config().buffer_shutdown_timeout
+    except Exception:
+        return 10.0  # the setting's default, when the settings themselves are broken
+
+
+# -- the process-wide writer --------------------------------------------------------------------
+
 _sync_writer = SyncLogWriter()
+_buffered_writer: BufferedLogWriter | None = None
+_buffered_config: DjangoCfgRPCConfig | None = None
+_override: LogWriter | None = None
+_writer_lock = threading.Lock()
+
+
+def _buffered_options(config: DjangoCfgRPCConfig) -> dict[str, Any]:
+    return {
+        "buffer_size": config.buffer_size,
+        "batch_size": config.buffer_batch_size,
+        "flush_interval": config.buffer_flush_interval,
+        "max_retry_delay": config.buffer_max_retry_delay,
+    }
 
 
 def get_writer() -> LogWriter:
-    """The writer the receivers use."""
-    return _sync_writer
+    """The writer the receivers use: per ``WRITE_MODE``, unless :func:`use_writer` set one."""
+    if _override is not None:
+        return _override
+    config = get_config()
+    if config.write_mode == "sync":
+        return _sync_writer
+    writer = _buffered_writer
+    if writer is None or _buffered_config is not config:
+        writer = _configure_buffered_writer(config)
+    return writer
+
+
+def _configure_buffered_writer(config: DjangoCfgRPCConfig) -> BufferedLogWriter:
+    """Build the buffered writer, or rebuild it when its settings changed."""
+    global _buffered_writer, _buffered_config
+    with _writer_lock:
+        old = _buffered_writer
+        options = _buffered_options(config)
+        if old is not None and _buffered_options_of(old) == options:
+            _buffered_config = config
+            return old
+        _buffered_writer = BufferedLogWriter(**options)
+        _buffered_config = config
+    if old is not None:
+        old.close(_shutdown_timeout())
+    return _buffered_writer
+
+
+def _buffered_options_of(writer: BufferedLogWriter) -> dict[str, Any]:
+    return {
+        "buffer_size": writer.buffer_size,
+        "batch_size": writer.batch_size,
+        "flush_interval": writer.flush_interval,
+        "max_retry_delay": writer.max_retry_delay,
+    }
+
+
+@contextlib.contextmanager
+def use_writer(writer: LogWriter) -> Iterator[LogWriter]:
+    """Send every event to ``writer`` within the block, whatever ``WRITE_MODE`` says."""
+    global _override
+    previous, _override = _override, writer
+    try:
+        yield writer
+    finally:
+        _override = previous
+
+
+def flush(timeout: float | None = 30.0) -> bool:
+    """Write every call logged so far; True once they are all in the database.
+
+    A no-op (True) with the synchronous writer. ::
+
+        get_rpc_client().call("system.ping")
+        flush()
+        assert RPCLog.objects.count() == 1
+    """
+    writer = get_writer()
+    if isinstance(writer, BufferedLogWriter):
+        return writer.flush(timeout)
+    return True
+
+
+def writer_never_blocks() -> bool:
+    """True when handing an event to the writer in use cannot block: it only buffers."""
+    return not get_config().enable_logging or isinstance(get_writer(), BufferedLogWriter)
+
+
+def writer_stats() -> WriterStats:
+    """Counters of the buffered writer in use (all zero with the synchronous writer)."""
+    writer = get_writer()
+    if isinstance(writer, BufferedLogWriter):
+        return writer.stats()
+    return WriterStats()
+
+
+__all__ = [
+    "BufferedLogWriter",
+    "DatabaseUnavailable",
+    "LogWriter",
+    "SyncLogWriter",
+    "WriterStats",
+    "flush",
+    "get_writer",
+    "install_sigterm_flush",
+    "use_writer",
+    "writer_never_blocks",
+    "writer_stats",
+]

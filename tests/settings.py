@@ -57,4 +57,7 @@ DJANGO_CFG_RPC = {
     "TRANSPORT": "local",
     "REDIS_URL": env.str("REDIS_URL", default="redis://127.0.0.1:6379/15"),
     "RPC_TIMEOUT": 5,
+    # Most tests assert rows right after a call, inside their transaction: the synchronous
+    # writer. The buffered writer's tests (test_writers_buffered.py) choose it explicitly.
+    "WRITE_MODE": "sync",
 }

@@ -23,6 +23,7 @@ from django.utils import timezone
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.models import RPCLog
 from django_rpc_audit.utils import redact_url
+from django_rpc_audit.writers import flush
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -223,6 +224,8 @@ class Command(BaseCommand):
         self._report_webhook(webhook_notices.count, all_shown=verbosity >= 2)
         responses = ", ".join(f"{code}: {n}" for code, n in sorted(codes.items()))
         self.stdout.write(f"Responses: {responses}")
+        # The buffered writer (the default WRITE_MODE) writes in the background: wait for it.
+        flush(timeout=60)
         logs = RPCLog.objects.filter(created_at__gte=started)
         self._print_method_stats(logs)
         self._print_user_stats(logs)

@@ -1,0 +1,394 @@
+"""What logging costs the caller with each writer, how fast the buffered one ingests, its memory.
+
+In one process, side by side and interleaved in rounds so machine noise hits every variant
+alike, over real Redis with a responder process answering the django-ipc protocol and a real
+database (PostgreSQL with ``DATABASE_URL``; a SQLite file otherwise):
+
+1. ``call()`` with logging off; with the sync writer; with the buffered writer; with the
+   buffered writer's enqueue alone (no thread writing meanwhile: the caller's own share, the
+   rows written between rounds); and the reference design re-implemented
+   (``RPCLog.objects.create()`` a pending row, make the call with logging off, then a full
+   ``save()``). Median and p99 per call, and the ratio of each
+   median to logging off. The same for ``acall()`` (off / buffered).
+2. Ingestion: finished-call events are put in a buffered writer as fast as possible, and the
+   time its thread takes to write them all to the database gives rows per second.
+3. Memory: 1,000,000 calls logged with the buffered writer (over the in-process transport, to
+   keep the run short; the writer does the same work whatever the transport), printing the
+   peak RSS along the way: flat once the buffer is at its bound (``BUFFER_SIZE``).
+
+    createdb -h 127.0.0.1 -U postgres rpc_bench
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/rpc_bench .venv/bin/python \\
+        benchmarks/buffered_writer.py --redis redis://127.0.0.1:6379/9
+
+``--local`` times the calls over the in-process transport instead (the caller's share of
+logging without Redis's noise); ``--skip latency ingest memory`` leaves parts out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from call_overhead import responder  # noqa: E402
+
+
+def setup_django(database_url: str | None, redis_url: str, stream: str) -> str:
+    import django
+    import environ
+    from django.conf import settings
+
+    if database_url is None:
+        database_url = f"sqlite:///{Path(tempfile.mkdtemp()) / 'bench.sqlite3'}"
+    settings.configure(
+        DATABASES={"default": environ.Env.db_url_config(database_url)},
+        INSTALLED_APPS=["django.contrib.auth", "django.contrib.contenttypes", "django_rpc_audit"],
+        USE_TZ=True,
+        DJANGO_CFG_RPC={"TRANSPORT": "redis", "REDIS_URL": redis_url, "REQUEST_STREAM": stream},
+    )
+    django.setup()
+    from django.core.management import call_command
+    from django.db import connection
+
+    call_command("migrate", verbosity=0)
+    return f"{connection.vendor} (database {connection.settings_dict['NAME']})"
+
+
+def configure(**keys: Any) -> None:
+    """Switch ``DJANGO_CFG_RPC`` keys, as ``override_settings`` would, keeping the rest."""
+    from django.conf import settings
+
+    from django_rpc_audit.conf import clear_config_cache
+
+    settings.DJANGO_CFG_RPC = {**settings.DJANGO_CFG_RPC, **keys}
+    clear_config_cache()
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+
+def timed_calls(calls: int, call: Callable[[int], object]) -> list[float]:
+    samples = []
+    for n in range(calls):
+        started = time.perf_counter()
+        call(n)
+        samples.append((time.perf_counter() - started) * 1e6)
+    return samples
+
+
+def variant_call(variant: str) -> Callable[[int], object]:
+    """One call of ``variant``, ready to be timed."""
+    from django_rpc_audit import get_rpc_client
+    from django_rpc_audit.models import RPCLog
+    from django_rpc_audit.querysets import outcome_values
+
+    if variant == "reference":
+        configure(ENABLE_LOGGING=False)
+        client = get_rpc_client()
+
+        def reference(n: int) -> object:
+            # The original design: a pending row, the call, then the whole row saved again.
+            params = {"n": n, "who": "benchmark"}
+            log = RPCLog.objects.create(
+                correlation_id=str(uuid.uuid4()), method="bench.echo", params=params
+            )
+            clock = time.perf_counter()
+            result = client.call("bench.echo", params)
+            for name, value in outcome_values(
+                status="success",
+                response=result,
+                error_code=None,
+                error_message=None,
+                duration_ms=(time.perf_counter() - clock) * 1000,
+                completed_at=datetime.now(UTC),
+            ).items():
+                setattr(log, name, value)
+            log.save()
+            return result
+
+        return reference
+    if variant == "enqueue":
+        # The caller's own share: the buffered writer without its thread, so nothing is written
+        # while the calls are timed (measure_latency writes the rows between rounds).
+        configure(ENABLE_LOGGING=True, WRITE_MODE="buffered")
+        client = get_rpc_client()
+        return lambda n: client.call("bench.echo", {"n": n, "who": "benchmark"})
+    if variant == "off":
+        configure(ENABLE_LOGGING=False)
+    else:
+        configure(ENABLE_LOGGING=True, WRITE_MODE=variant)
+    client = get_rpc_client()
+    return lambda n: client.call("bench.echo", {"n": n, "who": "benchmark"})
+
+
+async def timed_acalls(calls: int) -> list[float]:
+    from django_rpc_audit import get_rpc_client
+
+    client = get_rpc_client()
+    samples = []
+    for n in range(calls):
+        started = time.perf_counter()
+        await client.acall("bench.echo", {"n": n, "who": "benchmark"})
+        samples.append((time.perf_counter() - started) * 1e6)
+    return samples
+
+
+def print_table(title: str, results: dict[str, list[float]], labels: dict[str, str]) -> None:
+    base = statistics.median(results["off"])
+    print(f"\n{title}")
+    print(f"{'variant':<28}{'median µs':>11}{'p99 µs':>10}{'overhead µs':>13}{'ratio':>8}")
+    for variant, label in labels.items():
+        samples = results[variant]
+        median = statistics.median(samples)
+        print(
+            f"{label:<28}{median:>11.1f}{percentile(samples, 0.99):>10.1f}"
+            f"{median - base:>13.1f}{median / base:>8.3f}"
+        )
+
+
+def measure_latency(calls: int, rounds: int, transport: str) -> None:
+    from django_rpc_audit.models import RPCLog
+    from django_rpc_audit.writers import BufferedLogWriter, flush, use_writer
+
+    labels = {
+        "off": "logging off",
+        "enqueue": "buffered, enqueue only",
+        "buffered": "buffered writer",
+        "sync": "sync writer",
+        "reference": "reference (create + save)",
+    }
+    results: dict[str, list[float]] = {variant: [] for variant in labels}
+    deferred = BufferedLogWriter(buffer_size=10 * calls, background=False)
+
+    def run(variant: str, count: int) -> list[float]:
+        call = variant_call(variant)
+        if variant != "enqueue":
+            return timed_calls(count, call)
+        with use_writer(deferred):
+            samples = timed_calls(count, call)
+        deferred.flush()  # untimed: the same rows, written on this thread afterwards
+        return samples
+
+    for variant in labels:  # warm-up: connections, caches, the writer thread
+        run(variant, 200)
+    configure(ENABLE_LOGGING=True, WRITE_MODE="buffered")
+    flush()
+    for _round in range(rounds):
+        for variant in labels:
+            results[variant].extend(run(variant, calls))
+            configure(ENABLE_LOGGING=True, WRITE_MODE="buffered")
+            flush()  # the next variant does not pay for this one's backlog
+    print_table(
+        f"call() over {transport}, {rounds} rounds x {calls} calls per variant", results, labels
+    )
+
+    async_results: dict[str, list[float]] = {"off": [], "buffered": []}
+    for variant in ("off", "buffered"):
+        variant_call(variant)  # configures
+        asyncio.run(timed_acalls(200))
+    for _round in range(rounds):
+        for variant in ("off", "buffered"):
+            variant_call(variant)
+            async_results[variant].extend(asyncio.run(timed_acalls(calls)))
+    configure(ENABLE_LOGGING=True, WRITE_MODE="buffered")
+    flush()
+    print_table(
+        f"acall() over {transport}, {rounds} rounds x {calls} calls per variant",
+        async_results,
+        {"off": "logging off", "buffered": "buffered writer"},
+    )
+    print(f"rows logged: {RPCLog.objects.count()}")
+    RPCLog.objects.all().delete()
+
+
+def finished_events(count: int) -> list[dict[str, Any]]:
+    now = datetime.now(UTC)
+    return [
+        {
+            "correlation_id": str(uuid.uuid4()),
+            "method": "bench.echo",
+            "params": {"n": n, "who": "benchmark"},
+            "user": None,
+            "caller_ip": "10.0.0.1",
+            "user_agent": "benchmark/1.0",
+            "started_at": now,
+            "status": "success",
+            "response": {"echo": {"n": n}},
+            "error_code": None,
+            "error_message": None,
+            "duration_ms": 0.8,
+            "completed_at": now,
+        }
+        for n in range(count)
+    ]
+
+
+def measure_ingestion(rows: int, batch_size: int) -> None:
+    from django_rpc_audit.models import RPCLog
+    from django_rpc_audit.writers import BufferedLogWriter
+
+    RPCLog.objects.all().delete()  # the benchmark database is the script's own
+    events = finished_events(rows)
+    writer = BufferedLogWriter(buffer_size=rows, batch_size=batch_size, flush_interval=3600)
+    cpu = time.process_time()
+    started = time.perf_counter()
+    for event in events:
+        writer.finished(event)
+    enqueued = time.perf_counter()
+    assert writer.flush(timeout=None)
+    done = time.perf_counter()
+    cpu = time.process_time() - cpu
+    writer.close()
+    written = RPCLog.objects.count()
+    assert written == rows, (written, rows)
+    RPCLog.objects.all().delete()
+    print(
+        f"\ningestion: {rows} finished calls put in {(enqueued - started) * 1e3:.0f} ms "
+        f"({(enqueued - started) / rows * 1e6:.2f} µs each); written in {done - started:.2f} s "
+        f"= {rows / (done - started):,.0f} rows/s (batches of {batch_size})"
+    )
+    print(
+        f"  process CPU time {cpu:.2f} s = {cpu / rows * 1e6:.0f} µs per row "
+        f"({rows / cpu:,.0f} rows per CPU second: the rate with a core to itself)"
+    )
+    from django_rpc_audit.querysets import event_row_values
+
+    cpu = time.process_time()
+    for event in events[:20_000]:
+        event_row_values(event)
+    values_cpu = (time.process_time() - cpu) / min(rows, 20_000)
+    print(f"  of which building the column values (querysets helpers): {values_cpu * 1e6:.0f} µs")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    """Resident memory now (Linux ``/proc``), in MB; the peak where that is unavailable."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return peak_rss_mb()
+
+
+def measure_memory(calls: int) -> None:
+    from django_rpc_audit import get_rpc_client
+    from django_rpc_audit.models import RPCLog
+    from django_rpc_audit.transports import register_local_handler
+    from django_rpc_audit.writers import flush, writer_stats
+
+    RPCLog.objects.all().delete()
+    register_local_handler("bench.echo", lambda params: {"echo": params})
+    configure(TRANSPORT="local", ENABLE_LOGGING=True, WRITE_MODE="buffered")
+    client = get_rpc_client()
+    config_buffer = writer_stats()  # builds the writer
+    del config_buffer
+    print(f"\nmemory: {calls:,} calls, local transport, buffered writer")
+    print(
+        f"{'calls':>10}{'RSS MB':>9}{'peak RSS MB':>13}{'buffered':>10}{'written':>10}"
+        f"{'dropped':>10}"
+    )
+    checkpoints = {calls // 10, calls // 4, calls // 2, calls * 3 // 4, calls}
+    started = time.perf_counter()
+    print(f"{0:>10}{current_rss_mb():>9.1f}{peak_rss_mb():>13.1f}")
+    for n in range(1, calls + 1):
+        client.call("bench.echo", {"n": n, "who": "benchmark"})
+        if n in checkpoints:
+            stats = writer_stats()
+            print(
+                f"{n:>10}{current_rss_mb():>9.1f}{peak_rss_mb():>13.1f}{stats.buffered:>10}"
+                f"{stats.written:>10}{stats.dropped:>10}"
+            )
+    elapsed = time.perf_counter() - started
+    flush(timeout=None)
+    stats = writer_stats()
+    print(
+        f"{calls:,} calls in {elapsed:.1f} s ({calls / elapsed:,.0f} calls/s); after the final "
+        f"flush: {stats.written:,} rows written, {stats.dropped:,} dropped (buffer full), "
+        f"{RPCLog.objects.count():,} rows in the table"
+    )
+    RPCLog.objects.all().delete()
+
+
+def wait_for_responder() -> None:
+    from django_rpc_audit import get_rpc_client
+    from django_rpc_audit.exceptions import RPCTimeoutError
+
+    configure(ENABLE_LOGGING=False)
+    for _ in range(20):
+        try:
+            get_rpc_client().call("bench.echo", timeout=0.5)
+            return
+        except RPCTimeoutError:
+            continue
+    raise SystemExit("the responder process does not answer")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--redis", metavar="URL", default="redis://127.0.0.1:6379/9")
+    parser.add_argument("--calls", type=int, default=1000, help="calls per variant per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--ingest-rows", type=int, default=200_000)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--memory-calls", type=int, default=1_000_000)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["latency", "ingest", "memory"])
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="time the calls over the in-process transport instead of Redis (less noise)",
+    )
+    args = parser.parse_args()
+
+    stream = f"bench:{uuid.uuid4().hex}"
+    database = setup_django(os.environ.get("DATABASE_URL"), args.redis, stream)
+    stop = multiprocessing.get_context("fork").Event()
+    answering = multiprocessing.get_context("fork").Process(
+        target=responder, args=(args.redis, stream, stop), daemon=True
+    )
+    answering.start()
+    wait_for_responder()
+    print(
+        f"database: {database}; Redis {args.redis} with a responder process; "
+        f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs"
+    )
+    transport = "Redis"
+    if args.local:
+        from django_rpc_audit.transports import register_local_handler
+
+        register_local_handler("bench.echo", lambda params: {"echo": params})
+        configure(TRANSPORT="local")
+        transport = "the local transport"
+    try:
+        if "latency" not in args.skip:
+            measure_latency(args.calls, args.rounds, transport)
+    finally:
+        stop.set()
+        answering.join(5)
+    if "ingest" not in args.skip:
+        measure_ingestion(args.ingest_rows, args.batch_size)
+    if "memory" not in args.skip:
+        measure_memory(args.memory_calls)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,600 @@
+"""The buffered writer: one write per call, bounded memory, outside the caller's transaction.
+
+Tests marked ``inline`` use the writer without its thread (``flush()`` writes on the test's
+connection) and run on SQLite and PostgreSQL. Tests of the background thread need a database
+other threads can write to while the test holds its own connection: they run on PostgreSQL
+(SQLite's shared in-memory test database locks tables across threads); the process tests in
+``test_writers_process.py`` run the thread on a SQLite file too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.conf import settings as django_settings
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connection, connections
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+
+from django_rpc_audit import get_rpc_client
+from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
+from django_rpc_audit.exceptions import RPCRemoteError
+from django_rpc_audit.models import RPCLog
+from django_rpc_audit.querysets import call_log_id
+from django_rpc_audit.signals import loop_safe, rpc_finished
+from django_rpc_audit.testing import capture_rpc_logs
+from django_rpc_audit.writers import (
+    BufferedLogWriter,
+    SyncLogWriter,
+    WriterStats,
+    flush,
+    get_writer,
+    use_writer,
+    writer_never_blocks,
+    writer_stats,
+)
+from tests.factories import UserFactory
+from tests.tcp_proxy import TCPProxy
+from tests.views import ViewFailed
+
+on_postgres = pytest.mark.skipif(
+    "postgresql" not in django_settings.DATABASES["default"]["ENGINE"],
+    reason="the writer thread needs a server database (SQLite: see test_writers_process.py)",
+)
+
+
+def started_event(**overrides: Any) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "correlation_id": str(uuid.uuid4()),
+        "method": "test.echo",
+        "params": {"n": 1},
+        "user": None,
+        "caller_ip": "10.0.0.1",
+        "user_agent": "pytest",
+        "started_at": datetime.now(UTC),
+    }
+    return {**event, **overrides}
+
+
+def finished_event(
+    started: dict[str, Any], status: str = "success", **extra: Any
+) -> dict[str, Any]:
+    failed = status != "success"
+    return {
+        **started,
+        "status": status,
+        "response": None if failed else {"ok": True},
+        "error_code": status if failed else None,
+        "error_message": f"it {status}" if failed else None,
+        "duration_ms": 1.5,
+        "completed_at": datetime.now(UTC),
+        **extra,
+    }
+
+
+def key(event: dict[str, Any]) -> tuple[str, datetime]:
+    return (event["correlation_id"], event["started_at"])
+
+
+# -- settings and selection ----------------------------------------------------------------
+
+
+def test_buffered_is_the_default_write_mode() -> None:
+    assert DjangoCfgRPCConfig().write_mode == "buffered"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("WRITE_MODE", "async"),
+        ("BUFFER_SIZE", 0),
+        ("BUFFER_SIZE", True),
+        ("BUFFER_BATCH_SIZE", "100"),
+        ("BUFFER_FLUSH_INTERVAL", 0),
+        ("BUFFER_MAX_RETRY_DELAY", -1),
+        ("BUFFER_SHUTDOWN_TIMEOUT", None),
+    ],
+)
+def test_invalid_buffer_settings_name_the_key(key: str, value: Any) -> None:
+    with pytest.raises(ImproperlyConfigured, match=key):
+        DjangoCfgRPCConfig.from_mapping({key: value})
+
+
+def test_environment_sets_the_write_mode_and_buffer(rpc_env: Callable[[str, str], None]) -> None:
+    rpc_env("WRITE_MODE", "buffered")
+    rpc_env("BUFFER_SIZE", "500")
+    rpc_env("BUFFER_FLUSH_INTERVAL", "0.25")
+    config = get_config()
+    assert (config.write_mode, config.buffer_size, config.buffer_flush_interval) == (
+        "buffered",
+        500,
+        0.25,
+    )
+
+
+def test_write_mode_selects_the_writer(rpc_settings: Callable[..., Any]) -> None:
+    rpc_settings(WRITE_MODE="sync")
+    assert isinstance(get_writer(), SyncLogWriter)
+    rpc_settings(WRITE_MODE="buffered", BUFFER_SIZE=1234)
+    writer = get_writer()
+    assert isinstance(writer, BufferedLogWriter)
+    assert writer.buffer_size == 1234
+    rpc_settings(BUFFER_SIZE=1234, RPC_TIMEOUT=7)  # other keys changed: the same writer
+    assert get_writer() is writer
+    rpc_settings(BUFFER_SIZE=99)  # its own settings changed: a new writer
+    assert get_writer() is not writer
+    assert get_writer().buffer_size == 99  # type: ignore[attr-defined]
+
+
+@pytest.mark.django_db
+def test_flush_and_stats_are_no_ops_with_the_sync_writer(echo_handler: None) -> None:
+    get_rpc_client().call("test.echo", {"n": 1})
+    assert flush() is True
+    assert writer_stats().written == 0
+    assert RPCLog.objects.get().status == "success"
+
+
+# -- one write per call (inline: no thread, the test's connection) -------------------------
+
+
+@pytest.mark.django_db
+def test_a_call_finished_before_the_flush_is_inserted_once_in_its_final_state(
+    echo_handler: None, rpc_log_writer: BufferedLogWriter
+) -> None:
+    get_rpc_client().call("test.echo", {"who": "ada"})
+    assert not RPCLog.objects.exists()  # buffered, not written
+    with CaptureQueriesContext(connection) as queries:
+        assert rpc_log_writer.flush() is True
+    writes = [q["sql"] for q in queries if q["sql"].startswith(("INSERT", "UPDATE"))]
+    assert len(writes) == 1
+    assert writes[0].startswith("INSERT")
+    log = RPCLog.objects.get()
+    assert (log.status, log.params) == ("success", {"who": "ada"})
+    assert log.response == {"echo": {"who": "ada"}}
+    assert rpc_log_writer.stats().written == 1
+    assert rpc_log_writer.stats().buffered == 0
+
+
+@pytest.mark.django_db
+def test_a_call_in_flight_at_flush_time_is_pending_then_completed(
+    local_handler: Callable[[str, Any], None], rpc_log_writer: BufferedLogWriter
+) -> None:
+    seen: list[str] = []
+
+    def slow(params: dict[str, Any]) -> dict[str, Any]:
+        rpc_log_writer.flush()  # a flush while the call is still running
+        seen.append(RPCLog.objects.get().status)
+        return {"done": True}
+
+    local_handler("test.slow", slow)
+    get_rpc_client().call("test.slow")
+    assert seen == ["pending"]
+    rpc_log_writer.flush()
+    log = RPCLog.objects.get()
+    assert (log.status, log.response) == ("success", {"done": True})
+    assert log.completed_at is not None
+    assert rpc_log_writer.stats().written == 2
+
+
+@pytest.mark.django_db
+def test_rows_match_the_sync_writers_rows(echo_handler: None, local_handler: Any) -> None:
+    """The same call logged by either writer gives the same row, column for column."""
+
+    def refuse(params: dict[str, Any]) -> dict[str, Any]:
+        raise RPCRemoteError("nope", "refused \x00 here")
+
+    local_handler("test.refuse", refuse)
+    user = UserFactory()
+    rows = {}
+    for mode in ("sync", "buffered"):
+        buffered = BufferedLogWriter(background=False)
+        with use_writer(SyncLogWriter() if mode == "sync" else buffered):
+            ids = []
+            for method in ("test.echo", "test.refuse"):
+                cid = str(uuid.uuid4())
+                with contextlib.suppress(RPCRemoteError):
+                    get_rpc_client().call(
+                        method, {"d": "x"}, user=user, caller_ip="::1", correlation_id=cid
+                    )
+                ids.append(cid)
+        assert buffered.flush()
+        rows[mode] = [
+            RPCLog.objects.filter(correlation_id=cid)
+            .values(
+                "method",
+                "params",
+                "response",
+                "status",
+                "error_code",
+                "error_message",
+                "user_id",
+                "caller_ip",
+                "user_agent",
+            )
+            .get()
+            for cid in ids
+        ]
+    assert rows["sync"] == rows["buffered"]
+    assert rows["buffered"][1]["error_message"] == "refused  here"
+
+
+@pytest.mark.django_db
+def test_a_retried_batch_writes_no_duplicates_and_keeps_the_final_state(
+    rpc_log_writer: BufferedLogWriter,
+) -> None:
+    """Writes are idempotent: a batch written twice (lost commit reply) changes nothing."""
+    from django_rpc_audit.querysets import bulk_record_events
+
+    started = started_event()
+    finished = finished_event(started, "timeout")
+    other = started_event()
+    bulk_record_events(RPCLog.objects.all(), [finished, other])
+    bulk_record_events(RPCLog.objects.all(), [finished, other])
+    bulk_record_events(RPCLog.objects.all(), [started])  # a late pending write
+    assert RPCLog.objects.count() == 2
+    assert RPCLog.objects.get(correlation_id=started["correlation_id"]).status == "timeout"
+    assert RPCLog.objects.get(correlation_id=other["correlation_id"]).status == "pending"
+
+
+@pytest.mark.django_db
+def test_events_with_unknown_keys_are_written(rpc_log_writer: BufferedLogWriter) -> None:
+    """Events may carry keys the writer does not know (a newer client's): they are ignored."""
+    started = started_event(trace_id="abc")
+    rpc_log_writer.started(started)
+    rpc_log_writer.finished(finished_event(started, sample_rate=0.5))
+    assert rpc_log_writer.flush()
+    assert RPCLog.objects.get(pk=call_log_id(started["correlation_id"], started["started_at"]))
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_acall_only_enqueues(echo_handler: None) -> None:
+    """On the async path the receivers buffer the events; no row is written until a flush."""
+    with capture_rpc_logs() as writer:
+        await get_rpc_client().acall("test.echo", {"n": 1})
+        assert writer.stats().buffered == 1
+        assert await RPCLog.objects.acount() == 0
+        assert await sync_to_async(writer.flush)()
+        assert await RPCLog.objects.filter(status="success").acount() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_acall_calls_the_builtin_receivers_on_the_event_loop(
+    echo_handler: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No thread hop for receivers that only enqueue; other sync receivers still get one."""
+    threads: dict[str, list[int]] = {"writer": [], "plain": [], "marked": []}
+
+    def plain(sender: type, **kwargs: Any) -> None:
+        threads["plain"].append(threading.get_ident())
+
+    @loop_safe()
+    def marked(sender: type, **kwargs: Any) -> None:
+        threads["marked"].append(threading.get_ident())
+        raise RuntimeError("a broken loop-safe receiver")
+
+    rpc_finished.connect(plain, dispatch_uid="tests.plain")
+    rpc_finished.connect(marked, dispatch_uid="tests.marked")
+    try:
+        with capture_rpc_logs() as writer:
+            put = writer._put
+
+            def spy(event: dict[str, Any]) -> None:
+                threads["writer"].append(threading.get_ident())
+                put(event)
+
+            writer._put = spy  # type: ignore[method-assign]
+            result = await get_rpc_client().acall("test.echo", {"n": 1})
+    finally:
+        rpc_finished.disconnect(dispatch_uid="tests.plain")
+        rpc_finished.disconnect(dispatch_uid="tests.marked")
+    loop_thread = threading.get_ident()
+    assert result == {"echo": {"n": 1}}
+    assert threads["writer"] == [loop_thread, loop_thread]  # started and finished
+    assert threads["marked"] == [loop_thread]
+    assert threads["plain"] != [loop_thread]
+    assert len(threads["plain"]) == 1
+    assert "a broken loop-safe receiver" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_acall_with_the_sync_writer_writes_off_the_event_loop(
+    echo_handler: None, rpc_settings: Callable[..., Any]
+) -> None:
+    rpc_settings(WRITE_MODE="sync")
+    assert not writer_never_blocks()
+    await get_rpc_client().acall("test.echo", {"n": 1})
+    assert await RPCLog.objects.filter(status="success").acount() == 1
+
+
+# -- bounded memory ------------------------------------------------------------------------
+
+
+def test_a_full_buffer_drops_successes_first_and_keeps_failures(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    writer = BufferedLogWriter(buffer_size=3, batch_size=3, background=False)
+    successes = [started_event() for _ in range(3)]
+    for event in successes:
+        writer.started(event)
+        writer.finished(finished_event(event))
+    assert writer.stats().buffered == 3
+    # Full: a started event is not buffered (nothing lost: its finished event makes the row),
+    late = started_event()
+    writer.started(late)
+    assert writer.stats() == WriterStats(buffered=3)
+    # a successful call is dropped,
+    writer.finished(finished_event(late))
+    assert writer.stats().dropped == 1
+    # and a failure or a timeout takes the place of the oldest success.
+    failures = [finished_event(started_event(), status) for status in ("failed", "timeout")]
+    for event in failures:
+        writer.finished(event)
+    assert writer.stats().dropped == 3
+    assert list(writer._buffer) == [key(successes[2]), *(key(event) for event in failures)]
+    # A failure replaces the last success; then, with no success left, a failure is dropped.
+    writer.finished(finished_event(started_event(), "failed"))
+    writer.finished(finished_event(started_event(), "failed"))
+    assert writer.stats().dropped == 5
+    assert [e[1]["status"] for e in writer._buffer.values()] == ["failed", "timeout", "failed"]
+    with caplog.at_level(logging.WARNING, logger="django_rpc_audit.writers"):
+        writer._report_drops()
+    assert "dropped 5 call(s), 5 in all" in caplog.text
+
+
+def test_a_full_buffer_never_blocks_the_caller() -> None:
+    writer = BufferedLogWriter(buffer_size=100, batch_size=10, background=False)
+    clock = time.perf_counter()
+    for _ in range(20_000):
+        event = started_event()
+        writer.started(event)
+        writer.finished(finished_event(event))
+    elapsed = time.perf_counter() - clock
+    assert writer.stats().buffered == 100
+    assert writer.stats().dropped == 19_900
+    assert elapsed < 5  # 40,000 events; about 1 µs each when nothing is written
+
+
+# -- the test helpers ----------------------------------------------------------------------
+
+
+def test_the_fixture_is_registered_by_the_pytest_plugin(request: pytest.FixtureRequest) -> None:
+    writer = request.getfixturevalue("rpc_log_writer")
+    assert isinstance(writer, BufferedLogWriter)
+    assert writer.background is False
+    assert get_writer() is writer
+
+
+def test_capture_restores_the_configured_writer(rpc_settings: Callable[..., Any]) -> None:
+    rpc_settings(WRITE_MODE="sync")
+    with capture_rpc_logs() as writer:
+        assert get_writer() is writer
+    assert isinstance(get_writer(), SyncLogWriter)
+
+
+# -- the background thread (PostgreSQL) ----------------------------------------------------
+
+
+@pytest.fixture
+def background_writer() -> Iterator[Callable[..., BufferedLogWriter]]:
+    """Build a threaded writer and make it the process's; it is closed afterwards."""
+    made: list[BufferedLogWriter] = []
+    stack: list[Any] = []
+
+    def make(**options: Any) -> BufferedLogWriter:
+        writer = BufferedLogWriter(**{"flush_interval": 0.05, **options})
+        made.append(writer)
+        context = use_writer(writer)
+        context.__enter__()
+        stack.append(context)
+        return writer
+
+    yield make
+    for context in reversed(stack):
+        context.__exit__(None, None, None)
+    for writer in made:
+        assert writer.close(timeout=30)
+
+
+@on_postgres
+@pytest.mark.django_db(transaction=True)
+def test_the_thread_writes_without_a_flush(
+    echo_handler: None, background_writer: Callable[..., BufferedLogWriter]
+) -> None:
+    writer = background_writer()
+    get_rpc_client().call("test.echo", {"n": 1})
+    deadline = time.monotonic() + 10
+    while not RPCLog.objects.filter(status="success").exists():
+        assert time.monotonic() < deadline, "the writer thread wrote nothing in 10 s"
+        time.sleep(0.02)
+    assert writer._thread is not None
+    assert writer._thread is not threading.current_thread()
+
+
+@on_postgres
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_callers_lose_nothing(
+    echo_handler: None, background_writer: Callable[..., BufferedLogWriter]
+) -> None:
+    writer = background_writer(batch_size=100)
+    errors: list[BaseException] = []
+
+    def caller(who: int) -> None:
+        try:
+            for n in range(300):
+                get_rpc_client().call("test.echo", {"who": who, "n": n})
+        except BaseException as exc:  # pragma: no cover  (reported below)
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=caller, args=(who,)) for who in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert writer.flush(timeout=30)
+    assert RPCLog.objects.filter(status="success").count() == 1800
+    assert writer.stats().dropped == 0
+
+
+@on_postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_row_the_database_refuses_does_not_hold_back_the_others(
+    echo_handler: None,
+    background_writer: Callable[..., BufferedLogWriter],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    writer = background_writer(flush_interval=3600)
+    ghost = get_user_model()(pk=987_654, username="ghost")  # never saved: a dangling key
+    get_rpc_client().call("test.echo", {"n": 0})
+    get_rpc_client().call("test.echo", {"n": 1}, user=ghost)
+    get_rpc_client().call("test.echo", {"n": 2})
+    with caplog.at_level(logging.ERROR, logger="django_rpc_audit.writers"):
+        assert writer.flush(timeout=30)
+    assert sorted(RPCLog.objects.values_list("params__n", flat=True)) == [0, 2]
+    assert writer.stats().failed == 1
+    assert "The database refused the RPC log row of test.echo" in caplog.text
+
+
+@on_postgres
+@pytest.mark.django_db(transaction=True)
+def test_rows_survive_an_atomic_request_that_fails(
+    echo_handler: None,
+    background_writer: Callable[..., BufferedLogWriter],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``ATOMIC_REQUESTS = True`` and a view that raises after its call: the row stays."""
+    monkeypatch.setitem(connection.settings_dict, "ATOMIC_REQUESTS", True)
+    writer = background_writer()
+    with pytest.raises(ViewFailed):
+        Client(raise_request_exception=True).get("/sync/raises/")
+    assert writer.flush(timeout=30)
+    log = RPCLog.objects.get()
+    assert (log.method, log.status, log.params) == ("test.echo", "success", {"who": "raiser"})
+
+
+@on_postgres
+@pytest.mark.django_db(transaction=True)
+def test_the_sync_writer_loses_the_row_with_the_atomic_request(
+    echo_handler: None, rpc_settings: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The contrast that makes the test above meaningful."""
+    monkeypatch.setitem(connection.settings_dict, "ATOMIC_REQUESTS", True)
+    rpc_settings(WRITE_MODE="sync")
+    with pytest.raises(ViewFailed):
+        Client(raise_request_exception=True).get("/sync/raises/")
+    assert not RPCLog.objects.exists()
+
+
+# -- a 30 s database outage (PostgreSQL, through a proxy the test controls) ----------------
+
+OUTAGE_SECONDS = 30.0
+
+
+PROXIED = "rpc_audit_proxied"
+
+
+@pytest.fixture(scope="module")
+def proxied_database(django_db_setup: None) -> Iterator[TCPProxy]:
+    """A database alias ``rpc_audit_proxied``: the test database, through a :class:`TCPProxy`.
+
+    Module-scoped so that the alias exists before the test's ``django_db`` setup, which then
+    lets other threads connect through it (``databases="__all__"``).
+    """
+    settings_dict = connections["default"].settings_dict
+    proxy = TCPProxy(settings_dict["HOST"] or "127.0.0.1", int(settings_dict["PORT"] or 5432))
+    proxy.start()
+    connections.settings[PROXIED] = {
+        **settings_dict,
+        "HOST": "127.0.0.1",
+        "PORT": str(proxy.port),
+        "TEST": {**settings_dict.get("TEST", {})},
+    }
+    yield proxy
+    proxy.stop()
+    del connections.settings[PROXIED]
+
+
+@on_postgres
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_a_database_outage_neither_fails_nor_slows_calls_and_loses_nothing(
+    proxied_database: TCPProxy,
+    echo_handler: None,
+    background_writer: Callable[..., BufferedLogWriter],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """PostgreSQL unreachable for 30 s while calls go on: no call fails or slows, no row is lost.
+
+    The shared PostgreSQL server is not stopped (other processes use it): the writer reaches
+    it through a TCP proxy in this process (``tests/tcp_proxy.py``), on a database alias of
+    its own (``rpc_audit_proxied``, same test database). The proxy cuts every open connection
+    and closes its listening port for 30 s, so the writer's connection breaks mid-use and
+    every reconnect is refused (``ECONNREFUSED``); then it listens again on the same port.
+    Calls go through the local transport, one every 2 ms, the whole time. Afterwards: no call
+    raised, the median latency during the outage is within noise of the median before it,
+    the writer retried with backoff, and every call has its row in PostgreSQL.
+    """
+    proxy, alias = proxied_database, PROXIED
+    writer: BufferedLogWriter | None = None
+    try:
+        writer = background_writer(using=alias, max_retry_delay=2.0, batch_size=500)
+        client = get_rpc_client()
+
+        def calls_for(seconds: float, who: str) -> list[float]:
+            latencies = []
+            deadline = time.monotonic() + seconds
+            n = 0
+            while time.monotonic() < deadline:
+                clock = time.perf_counter()
+                client.call("test.echo", {"who": who, "n": n})
+                latencies.append(time.perf_counter() - clock)
+                n += 1
+                time.sleep(0.002)
+            return latencies
+
+        before = calls_for(5, "before")
+        assert writer.flush(timeout=30)
+        assert RPCLog.objects.filter(params__who="before").count() == len(before)
+
+        with caplog.at_level(logging.WARNING, logger="django_rpc_audit.writers"):
+            proxy.cut()
+            during = calls_for(OUTAGE_SECONDS, "during")
+            assert RPCLog.objects.filter(params__who="during").count() == 0
+            assert writer.stats().retries >= 3
+            proxy.restore()
+            assert writer.flush(timeout=60)
+        after = calls_for(2, "after")
+        assert writer.flush(timeout=30)
+
+        total = len(before) + len(during) + len(after)
+        assert RPCLog.objects.filter(status="success").count() == total
+        assert RPCLog.objects.filter(params__who="during").count() == len(during)
+        assert writer.stats().dropped == 0
+        assert "the database is unreachable" in caplog.text
+        assert "RPC log rows are being written again" in caplog.text
+        median_before, median_during = statistics.median(before), statistics.median(during)
+        # Noisy shared machine: generous, but a caller waiting on the database (a connect
+        # attempt, a retry) would take milliseconds, two orders of magnitude above this.
+        assert median_during < 2 * median_before + 0.000_5, (median_before, median_during)
+        assert max(during) < 0.5
+    finally:
+        if proxy.is_cut:
+            proxy.restore()
+        if writer is not None:
+            writer.close(timeout=30)  # closes its connection before the alias goes

@@ -1,0 +1,184 @@
+"""The buffered writer across process boundaries: flush at exit, on SIGTERM, and after fork.
+
+SIGTERM is sent to real servers: gunicorn (sync workers, ``--preload``) and uvicorn (async
+views, so the calls go through ``acall()``).
+
+Each test runs ``tests/writer_process.py`` in a child process (or under gunicorn) with a flush
+interval of an hour, so the rows can only come from the shutdown flush. The child uses a
+SQLite file on the SQLite run (its own thread writing to it, which the in-memory test database
+cannot show) and the PostgreSQL test database on the PostgreSQL run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ChildRunner = Callable[..., list[dict[str, Any]]]
+
+
+@pytest.fixture
+def child_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a child process, with ``DATABASE_URL`` naming a migrated database."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("DJANGO_CFG_RPC__", "PYTEST_"))
+    }
+    env["PYTHONPATH"] = str(ROOT)
+    settings = connection.settings_dict
+    if connection.vendor == "postgresql":
+        auth = settings["USER"] + (f":{settings['PASSWORD']}" if settings["PASSWORD"] else "")
+        host = settings["HOST"] or "127.0.0.1"
+        env["DATABASE_URL"] = (
+            f"postgres://{auth}@{host}:{settings['PORT'] or 5432}/{settings['NAME']}"
+        )
+    else:
+        env["DATABASE_URL"] = f"sqlite:///{tmp_path / 'child.sqlite3'}"
+        run_child(env, "migrate")
+    return env
+
+
+def run_child(
+    env: dict[str, str], scenario: str, count: int = 0, exit_code: int = 0
+) -> list[dict[str, Any]]:
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.writer_process", scenario, str(count)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == exit_code, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rows_are_written_at_normal_interpreter_exit(child_env: dict[str, str]) -> None:
+    (before_exit,) = run_child(child_env, "exit", 250)
+    assert before_exit == {"buffered": 250, "written": 0}  # nothing written before the exit
+    (report,) = run_child(child_env, "report")
+    assert report["count"] == 250
+    assert report["by_who"]["exit"] == 250
+    assert report["statuses"] == ["success"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rows_are_written_when_sigterm_kills_a_bare_process(child_env: dict[str, str]) -> None:
+    (before,) = run_child(child_env, "sigterm", 120, exit_code=-signal.SIGTERM)
+    assert before == {"buffered": 120, "written": 0}
+    (report,) = run_child(child_env, "report")
+    assert report["by_who"]["exit"] == 120
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_forked_child_writes_only_its_own_calls_with_its_own_thread(
+    child_env: dict[str, str],
+) -> None:
+    """``gunicorn --preload`` in miniature: the parent buffered 30 calls, then forked."""
+    child, parent = run_child(child_env, "fork", 30)
+    assert child["who"] == "child"
+    assert child["inherited"] == 0  # the parent's buffer was not carried over
+    assert child["flushed"] is True
+    assert child["written"] == 10  # its own calls only: nothing of the parent's twice
+    assert child["own_thread"] is True
+    assert parent == {"who": "parent", "child_status": 0, "buffered": 30}
+    (report,) = run_child(child_env, "report")
+    assert report["by_who"] == {"parent": 30, "child": 10, "exit": 0, "web": 0}
+    assert report["count"] == 40
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def serve_then_sigterm(
+    command: list[str], env: dict[str, str], port: int, path: str, exit_code: int = 0
+) -> str:
+    """Start a server, make 40 requests to ``path``, SIGTERM it; return its output."""
+    server = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None, server.communicate()[0]
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.1)
+        for n in range(40):
+            url = f"http://127.0.0.1:{port}{path}?who=web&n={n}"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                assert response.status == 200
+        (report,) = run_child(env, "report")
+        assert report["count"] == 0  # an hour's flush interval: all still buffered
+        server.send_signal(signal.SIGTERM)
+        output, _ = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert server.returncode == exit_code, output
+    return output
+
+
+@pytest.mark.django_db(transaction=True)
+def test_gunicorn_workers_write_their_rows_on_sigterm(child_env: dict[str, str]) -> None:
+    """SIGTERM to gunicorn (``--preload``, two workers): each worker flushes as it exits."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "tests.writer_process:application",
+        "--preload",
+        "--workers=2",
+        f"--bind=127.0.0.1:{port}",
+        "--graceful-timeout=30",
+    ]
+    serve_then_sigterm(command, child_env, port, "/sync/call/")
+    (report,) = run_child(child_env, "report")
+    assert report["by_who"]["web"] == 40
+    assert report["statuses"] == ["success"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_uvicorn_writes_its_rows_on_sigterm(child_env: dict[str, str]) -> None:
+    """SIGTERM to uvicorn serving async views (``acall()``): the rows are written at exit."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "tests.writer_process:asgi_application",
+        f"--port={port}",
+        "--host=127.0.0.1",
+        "--lifespan=off",
+    ]
+    # uvicorn shuts down gracefully, then re-raises SIGTERM with its default action: the
+    # process ends killed by the signal, without exit handlers; the SIGTERM flush wrote the rows.
+    serve_then_sigterm(command, child_env, port, "/async/call/", exit_code=-signal.SIGTERM)
+    (report,) = run_child(child_env, "report")
+    assert report["by_who"]["web"] == 40
+    assert report["statuses"] == ["success"]

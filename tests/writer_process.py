@@ -1,0 +1,113 @@
+"""A separate process for the buffered writer's shutdown and fork tests.
+
+Run as ``python -m tests.writer_process SCENARIO [N]`` with ``DATABASE_URL`` naming a database
+that has the schema (``migrate`` makes it), or served by gunicorn as
+``tests.writer_process:application`` or uvicorn as ``tests.writer_process:asgi_application``.
+It uses the buffered writer with a flush interval of an hour, so only a flush at exit (or an
+explicit ``flush()``) can write the rows. Scenarios print one JSON line each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+os.environ.setdefault("DJANGO_CFG_RPC__WRITE_MODE", "buffered")
+os.environ.setdefault("DJANGO_CFG_RPC__BUFFER_FLUSH_INTERVAL", "3600")
+
+import django  # noqa: E402
+
+django.setup()
+
+from django.core.asgi import get_asgi_application  # noqa: E402
+from django.core.wsgi import get_wsgi_application  # noqa: E402
+
+from django_rpc_audit import get_rpc_client  # noqa: E402
+from django_rpc_audit.transports import register_local_handler  # noqa: E402
+from django_rpc_audit.writers import BufferedLogWriter, flush, get_writer, writer_stats  # noqa: E402
+
+register_local_handler("test.echo", lambda params: {"echo": params})
+
+application = get_wsgi_application()
+asgi_application = get_asgi_application()
+
+
+def emit(**values: Any) -> None:
+    print(json.dumps(values), flush=True)
+
+
+def make_calls(count: int, who: str) -> None:
+    client = get_rpc_client()
+    for n in range(count):
+        client.call("test.echo", {"n": n, "who": who})
+
+
+def writer_thread_ident() -> int | None:
+    writer = get_writer()
+    assert isinstance(writer, BufferedLogWriter)
+    thread = writer._thread
+    # The kernel's thread id: unlike ident, never reused while the parent's thread lives.
+    return thread.native_id if thread is not None else None
+
+
+def main(scenario: str, count: int) -> None:
+    if scenario == "migrate":
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0)
+    elif scenario == "report":
+        from django_rpc_audit.models import RPCLog
+
+        rows = list(RPCLog.objects.values_list("params", "status"))
+        emit(
+            count=len(rows),
+            statuses=sorted({status for _, status in rows}),
+            by_who={
+                who: sum(1 for params, _ in rows if params.get("who") == who)
+                for who in ("parent", "child", "exit", "web")
+            },
+        )
+    elif scenario == "exit":
+        # Calls, then a normal interpreter exit: only the atexit flush writes the rows.
+        make_calls(count, "exit")
+        emit(buffered=writer_stats().buffered, written=writer_stats().written)
+    elif scenario == "sigterm":
+        # A bare process killed by SIGTERM runs no exit handler: the SIGTERM flush writes.
+        make_calls(count, "exit")
+        emit(buffered=writer_stats().buffered, written=writer_stats().written)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # not reached: SIGTERM's default action ends the process
+    elif scenario == "fork":
+        make_calls(count, "parent")
+        parent_thread = writer_thread_ident()
+        pid = os.fork()
+        if pid == 0:
+            # The child inherits the parent's buffer in memory; it must write only its own.
+            inherited = writer_stats().buffered
+            make_calls(10, "child")
+            child_thread = writer_thread_ident()
+            flushed = flush(timeout=30)
+            emit(
+                who="child",
+                inherited=inherited,
+                flushed=flushed,
+                written=writer_stats().written,
+                own_thread=child_thread is not None
+                and child_thread != parent_thread
+                and threading.current_thread().native_id != child_thread,
+            )
+            sys.exit(0)
+        _, status = os.waitpid(pid, 0)
+        emit(who="parent", child_status=status, buffered=writer_stats().buffered)
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0)
