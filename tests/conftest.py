@@ -11,6 +11,7 @@ import pytest
 import redis
 from asgiref.sync import SyncToAsync
 from django.db import connections
+from django.test import Client
 
 from django_rpc_audit.conf import clear_config_cache
 from django_rpc_audit.signals import rpc_finished, rpc_started
@@ -145,3 +146,13 @@ def redis_transport(
     rpc_settings(TRANSPORT="redis", REDIS_URL=redis_url, REQUEST_STREAM=stream)
     yield stream
     redis_client.delete(stream)
+
+
+@pytest.fixture
+def admin_client_(db: None) -> Client:
+    """A test client logged in as the superuser ``root``, made by the factory."""
+    from tests.factories import UserFactory
+
+    client = Client()
+    client.force_login(UserFactory(username="root", is_staff=True, is_superuser=True))
+    return client

@@ -1,4 +1,4 @@
-"""factory-boy factories for users and ``RPCLog`` rows."""
+"""factory-boy factories for users and ``RPCLog`` rows, and logged-in test clients."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Any
 
 import factory
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
+from django.test import Client
 from django.utils import timezone
 
 from django_rpc_audit.models import RPCLog, RPCStatus
@@ -42,3 +44,13 @@ class RPCLogFactory(factory.django.DjangoModelFactory):
     user_agent = "pytest"
     created_at = factory.LazyFunction(timezone.now)
     completed_at = factory.LazyFunction(timezone.now)
+
+
+def staff_client(*permissions: str) -> Client:
+    """A test client logged in as a new staff user with these permission codenames."""
+    user = UserFactory(username=f"staff-{uuid.uuid4().hex[:8]}", is_staff=True)
+    for codename in permissions:
+        user.user_permissions.add(Permission.objects.get(codename=codename))
+    client = Client()
+    client.force_login(user)
+    return client

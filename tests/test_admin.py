@@ -6,7 +6,6 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from django.contrib.auth.models import Permission
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -15,27 +14,11 @@ from django.utils import timezone
 
 from django_rpc_audit.admin import duration_speed, format_duration, highlight_json
 from django_rpc_audit.models import RPCLog, RPCStatus
-from tests.factories import RPCLogFactory, UserFactory
+from tests.factories import RPCLogFactory, UserFactory, staff_client
 
 pytestmark = pytest.mark.django_db
 
 CHANGELIST = "admin:django_rpc_audit_rpclog_changelist"
-
-
-@pytest.fixture
-def admin_client_() -> Client:
-    client = Client()
-    client.force_login(UserFactory(username="root", is_staff=True, is_superuser=True))
-    return client
-
-
-def staff_client(*permissions: str) -> Client:
-    user = UserFactory(username=f"staff-{uuid.uuid4().hex[:8]}", is_staff=True)
-    for codename in permissions:
-        user.user_permissions.add(Permission.objects.get(codename=codename))
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def results(response) -> list[RPCLog]:

@@ -14,27 +14,11 @@ from django.urls import reverse
 from django.utils import timezone
 
 from django_rpc_audit.models import RPCLog, RPCStatus
-from tests.factories import RPCLogFactory, UserFactory
+from tests.factories import RPCLogFactory, UserFactory, staff_client
 
 pytestmark = pytest.mark.django_db
 
 DASHBOARD = "admin:django_rpc_audit_rpclog_dashboard"
-
-
-@pytest.fixture
-def admin_client_() -> Client:
-    client = Client()
-    client.force_login(UserFactory(username="root", is_staff=True, is_superuser=True))
-    return client
-
-
-def staff_client(*permissions: str) -> Client:
-    user = UserFactory(username=f"staff-{uuid.uuid4().hex[:8]}", is_staff=True)
-    for codename in permissions:
-        user.user_permissions.add(Permission.objects.get(codename=codename))
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 # -- QuerySet ---------------------------------------------------------------------------------
