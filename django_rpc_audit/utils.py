@@ -1,12 +1,8 @@
-"""Small helpers shared by several modules: URL redaction and JSON-safe copies."""
+"""Small helpers shared by several modules: URL redaction."""
 
 from __future__ import annotations
 
-import json
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
-
-from django.core.serializers.json import DjangoJSONEncoder
 
 REDACTED = "***"
 
@@ -33,25 +29,3 @@ def redact_url(url: str) -> str:
         port = None
     netloc = f"{user}:{REDACTED}@{host}" + (f":{port}" if port is not None else "")
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-class _FallbackEncoder(DjangoJSONEncoder):
-    """DjangoJSONEncoder (dates, decimals, UUIDs, lazy strings), then ``repr`` for anything else."""
-
-    def default(self, o: Any) -> Any:
-        try:
-            return super().default(o)
-        except TypeError:
-            return repr(o)
-
-
-def to_jsonable(value: Any) -> Any:
-    """A copy of ``value`` that a JSON column stores, whatever ``value`` holds.
-
-    Objects JSON cannot express become their ``repr``; circular references and NaN become
-    strings rather than errors, so a log row is never lost to an odd value.
-    """
-    try:
-        return json.loads(json.dumps(value, cls=_FallbackEncoder, allow_nan=False))
-    except (ValueError, TypeError, RecursionError):
-        return repr(value)
