@@ -44,8 +44,10 @@ class RPCLog(models.Model):
     created_at = models.DateTimeField(_("created at"), default=timezone.now)
     completed_at = models.DateTimeField(_("completed at"), null=True, blank=True)
     #: Share of calls like this one that are logged: 1.0 unless successful calls are sampled;
-    #: analytics count each row as ``1 / sample_rate`` calls.
-    sample_rate = models.FloatField(_("sample rate"), default=1.0)
+    #: analytics count each row as ``1 / sample_rate`` calls. A database default too, so rows
+    #: written by code that does not know the column (a release still running during a rolling
+    #: deploy, raw SQL) still land.
+    sample_rate = models.FloatField(_("sample rate"), default=1.0, db_default=1.0)
 
     objects = RPCLogQuerySet.as_manager()
 

@@ -6,6 +6,7 @@ from io import StringIO
 
 import pytest
 from django.core.management import call_command
+from django.utils import timezone
 
 from django_rpc_audit.models import RPCLog, RPCStatus
 from tests.factories import RPCLogFactory, UserFactory
@@ -52,3 +53,25 @@ def test_str_and_finished():
     log = RPCLog(method="m", status=RPCStatus.PENDING, correlation_id="c")
     assert str(log) == "m [pending] c"
     assert log.is_finished is False
+
+
+@pytest.mark.django_db
+def test_rows_written_without_sample_rate_get_the_database_default():
+    """Code that predates the column (an older release mid-deploy, raw SQL) can still insert."""
+    from django.db import connection
+
+    table = connection.ops.quote_name(RPCLog._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} (id, correlation_id, method, params, status, error_code, "  # noqa: S608
+            "error_message, user_agent, created_at) VALUES (%s, %s, %s, %s, %s, '', '', '', %s)",
+            [
+                "0b8d7c1e5f3a4e2b9c6d8e7f1a2b3c4d",
+                "c-raw",
+                "raw.insert",
+                "{}",
+                RPCStatus.SUCCESS,
+                timezone.now(),
+            ],
+        )
+    assert RPCLog.objects.get(correlation_id="c-raw").sample_rate == 1.0

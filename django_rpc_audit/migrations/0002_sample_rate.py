@@ -13,6 +13,6 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='rpclog',
             name='sample_rate',
-            field=models.FloatField(default=1.0, verbose_name='sample rate'),
+            field=models.FloatField(db_default=1.0, default=1.0, verbose_name='sample rate'),
         ),
     ]
