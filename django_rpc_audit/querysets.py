@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import ipaddress
 import json
 import math
@@ -33,6 +35,21 @@ _LOG_ID_NAMESPACE = uuid.UUID("6f1d2c1e-7a53-4c53-9a8e-2f4d1b0c9e71")
 def call_log_id(correlation_id: str, started_at: datetime) -> uuid.UUID:
     """The primary key of the row logging the call ``correlation_id`` started at ``started_at``."""
     return uuid.uuid5(_LOG_ID_NAMESPACE, f"{correlation_id}|{started_at.isoformat()}")
+
+
+_NAMESPACE_BYTES = _LOG_ID_NAMESPACE.bytes
+# uuid5's version and variant bits, as uuid.UUID(..., version=5) sets them.
+_UUID_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
+_UUID_SET = (0x8000 << 48) | (5 << 76)
+
+
+def call_log_id_hex(correlation_id: str, started_at: datetime) -> str:
+    """:func:`call_log_id` as 32 hex digits (what PostgreSQL's ``uuid`` input takes), made
+    without building a ``uuid.UUID``: the same SHA-1 and bits as ``uuid.uuid5``."""
+    name = f"{correlation_id}|{started_at.isoformat()}".encode()
+    digest = hashlib.sha1(_NAMESPACE_BYTES + name, usedforsecurity=False).digest()
+    number = int.from_bytes(digest[:16], "big") & _UUID_CLEAR | _UUID_SET
+    return f"{number:032x}"
 
 
 #: ``error_code`` of rows the reaper marked: the call's outcome was never written.
@@ -213,8 +230,15 @@ def stored_json_text(value: Any, max_bytes: int) -> str:
 def _ip_or_none(value: object) -> str | None:
     if not value:
         return None
+    return _parsed_ip(str(value))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_ip(value: str) -> str | None:
+    """The canonical form of the address ``value``, or ``None``; cached: a site sees the same
+    few addresses again and again, and ``ipaddress`` parses in Python."""
     try:
-        address = ipaddress.ip_address(str(value))
+        address = ipaddress.ip_address(value)
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
@@ -749,25 +773,26 @@ def is_finished_event(event: Mapping[str, Any]) -> bool:
     return "status" in event
 
 
-def event_row_values(event: Mapping[str, Any], *, json_text: bool = False) -> dict[str, Any]:
+def event_row_values(event: Mapping[str, Any], *, for_copy: bool = False) -> dict[str, Any]:
     """Every column of the row an ``rpc_started`` or ``rpc_finished`` event stands for.
 
     A started event gives a ``pending`` row; a finished one (which repeats the started keys)
     the whole row in its final state. Keys the helpers do not take are ignored, so events
-    may carry more than today's keys. With ``json_text`` the JSON columns hold their compact
-    JSON text (``None`` stays ``None``: SQL ``NULL``), as ``COPY`` takes it.
+    may carry more than today's keys. With ``for_copy`` the JSON columns hold their compact
+    JSON text (``None`` stays ``None``: SQL ``NULL``) and ``id`` its hex digits, as ``COPY``
+    takes them.
     """
     started_at = event["started_at"]
     started: dict[str, Any] = {key: event.get(key) for key in STARTED_KEYS}
     values: dict[str, Any] = {
-        "id": call_log_id(event["correlation_id"], started_at),
-        **_started_values(**started, json_text=json_text),
+        "id": (call_log_id_hex if for_copy else call_log_id)(event["correlation_id"], started_at),
+        **_started_values(**started, json_text=for_copy),
         "created_at": _stored_datetime(started_at),
     }
     if is_finished_event(event):
         # rpc_finished always sends the outcome; the receivers add sample_rate (default 1.0).
         outcome: dict[str, Any] = {key: event[key] for key in OUTCOME_KEYS if key in event}
-        values.update(outcome_values(**outcome, json_text=json_text))
+        values.update(outcome_values(**outcome, json_text=for_copy))
     return values
 
 
@@ -868,7 +893,7 @@ def _copy_record_events(
         )
         with cursor.cursor.copy(f"COPY {staging} ({columns}) FROM STDIN") as copy:
             for n, event in enumerate(events, 1):
-                values = event_row_values(event, json_text=True)
+                values = event_row_values(event, for_copy=True)
                 copy.write_row([values.get(name, defaults[name]) for name in attnames])
                 counts[is_finished_event(event)] += 1
                 if n % _ROWS_PER_YIELD == 0:

@@ -11,7 +11,7 @@ import math
 import re
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from django.db import models
@@ -35,6 +35,8 @@ _REPLACEMENT = "\ufffd"
 
 def clean_text(text: str) -> str:
     """``text`` with what PostgreSQL refuses replaced by U+FFFD: NUL and lone surrogates."""
+    if text.isascii():  # no surrogates: skip the regular expression
+        return text.replace("\x00", _REPLACEMENT) if "\x00" in text else text
     if "\x00" in text:
         text = text.replace("\x00", _REPLACEMENT)
     return _SURROGATES.sub(_REPLACEMENT, text)
@@ -173,6 +175,36 @@ def _is_plain(value: Any, depth: int) -> bool:
     return False
 
 
+def _plain_encoder() -> Callable[[Any], str]:
+    """``json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)``, made
+    without building an encoder per call: the C encoder, made once, when the interpreter has it.
+
+    No circular-reference markers: :func:`_is_plain` has bounded the nesting already.
+    """
+    encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return encoder.encode
+    probe = {"a": [1.5, None, True, -(10**20), 'é\x00\\"']}
+    try:
+        iterencode = make(
+            None, None, json.encoder.encode_basestring, None, ":", ",", False, False, False
+        )
+        fast = "".join(iterencode(probe, 0))
+    except Exception:  # another interpreter's private signature: the public encoder
+        return encoder.encode
+    if fast != encoder.encode(probe):
+        return encoder.encode
+
+    def dumps(value: Any) -> str:
+        return "".join(iterencode(value, 0))
+
+    return dumps
+
+
+_dumps_plain = _plain_encoder()
+
+
 def plain_json_text(value: Any) -> str | None:
     """The compact JSON text of ``value`` if :func:`sanitize` would return it unchanged, else
     ``None``: the fast path for the common case, one walk and one ``json.dumps`` instead of a
@@ -182,7 +214,7 @@ def plain_json_text(value: Any) -> str | None:
         if not _is_plain(value, 0):
             return None
         # NaN and infinities raise; sanitize() would have turned them into strings.
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        text = _dumps_plain(value)
     except Exception:  # NaN (ValueError), a dict changed by another thread...: the slow path
         return None
     # NUL is escaped as \u0000 (a literal backslash-u0000 text matches too: slow path, same

@@ -15,7 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from django_rpc_audit.models import RPCLog
-from django_rpc_audit.querysets import bulk_record_events, call_log_id
+from django_rpc_audit.querysets import (
+    _ip_or_none,
+    bulk_record_events,
+    call_log_id,
+    call_log_id_hex,
+)
 from django_rpc_audit.sanitize import (
     MAX_DEPTH,
     MAX_INT_DIGITS,
@@ -219,3 +224,19 @@ def test_bulk_rows_equal_rows_from_the_general_path(
     written = written.values(*columns)
     assert list(written) == list(RPCLog.objects.filter(pk=expected.pk).values(*columns))
     RPCLog.objects.all().delete()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    correlation_id=st.text(st.characters(exclude_categories=["Cs"])),
+    started_at=st.datetimes(timezones=st.none() | st.just(UTC)),
+)
+def test_the_copy_id_is_uuid5s(correlation_id: str, started_at: datetime) -> None:
+    expected = call_log_id(correlation_id, started_at)
+    assert call_log_id_hex(correlation_id, started_at) == expected.hex
+
+
+def test_a_cached_ip_is_the_parsed_one() -> None:
+    for value in ["10.0.0.1", "::ffff:10.0.0.1", "fe80::1%eth0", "2001:DB8::1", "bogus", "1.2.3"]:
+        assert _ip_or_none(value) == reference_ip(value)
+        assert _ip_or_none(value) == reference_ip(value)  # from the cache
