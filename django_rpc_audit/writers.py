@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -243,12 +243,20 @@ class BufferedLogWriter:
         if thread is None or not thread.is_alive():
             return self._write_inline()
         deadline = None if timeout is None else time.monotonic() + timeout
+        # Oldest first, as the thread writes them: each check drops the written head and stops
+        # at the first call still waiting, so a long flush costs O(calls), not O(calls²).
+        # A call once written stays so: a newer event of it has a newer sequence number.
+        pending = deque(waiting)
         while True:
             self._wake.set()
             with self._lock:
                 buffer = self._buffer
-                waiting = [k for k in waiting if k in buffer and buffer[k][0] <= target]
-            if not waiting:
+                while pending:
+                    entry = buffer.get(pending[0])
+                    if entry is not None and entry[0] <= target:
+                        break
+                    pending.popleft()
+            if not pending:
                 return True
             remaining = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
             if remaining <= 0:
