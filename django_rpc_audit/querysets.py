@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import ipaddress
+import json
 import math
 import time
 import uuid
@@ -18,7 +21,7 @@ from django.db.models.functions import Trunc
 from django.utils import timezone
 
 from django_rpc_audit.conf import get_config
-from django_rpc_audit.sanitize import cap_json, cap_text, clean_text, sanitize
+from django_rpc_audit.sanitize import cap_text, clean_text, stored_json_and_text
 from django_rpc_audit.status import RPCStatus
 
 if TYPE_CHECKING:
@@ -32,6 +35,21 @@ _LOG_ID_NAMESPACE = uuid.UUID("6f1d2c1e-7a53-4c53-9a8e-2f4d1b0c9e71")
 def call_log_id(correlation_id: str, started_at: datetime) -> uuid.UUID:
     """The primary key of the row logging the call ``correlation_id`` started at ``started_at``."""
     return uuid.uuid5(_LOG_ID_NAMESPACE, f"{correlation_id}|{started_at.isoformat()}")
+
+
+_NAMESPACE_BYTES = _LOG_ID_NAMESPACE.bytes
+# uuid5's version and variant bits, as uuid.UUID(..., version=5) sets them.
+_UUID_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
+_UUID_SET = (0x8000 << 48) | (5 << 76)
+
+
+def call_log_id_hex(correlation_id: str, started_at: datetime) -> str:
+    """:func:`call_log_id` as 32 hex digits (what PostgreSQL's ``uuid`` input takes), made
+    without building a ``uuid.UUID``: the same SHA-1 and bits as ``uuid.uuid5``."""
+    name = f"{correlation_id}|{started_at.isoformat()}".encode()
+    digest = hashlib.sha1(_NAMESPACE_BYTES + name, usedforsecurity=False).digest()
+    number = int.from_bytes(digest[:16], "big") & _UUID_CLEAR | _UUID_SET
+    return f"{number:032x}"
 
 
 #: ``error_code`` of rows the reaper marked: the call's outcome was never written.
@@ -230,14 +248,26 @@ def _capped_text(value: object, max_bytes: int) -> str:
 
 def stored_json(value: Any, max_bytes: int) -> Any:
     """``value`` as the JSON a JSON column stores: sanitized, then capped at ``max_bytes``."""
-    return cap_json(sanitize(value), max_bytes)
+    return stored_json_and_text(value, max_bytes)[0]
+
+
+def stored_json_text(value: Any, max_bytes: int) -> str:
+    """The compact JSON text of :func:`stored_json`'s value, made without a second dump."""
+    return stored_json_and_text(value, max_bytes)[1]
 
 
 def _ip_or_none(value: object) -> str | None:
     if not value:
         return None
+    return _parsed_ip(str(value))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_ip(value: str) -> str | None:
+    """The canonical form of the address ``value``, or ``None``; cached: a site sees the same
+    few addresses again and again, and ``ipaddress`` parses in Python."""
     try:
-        address = ipaddress.ip_address(str(value))
+        address = ipaddress.ip_address(value)
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
@@ -696,15 +726,18 @@ def outcome_values(
     duration_ms: float | None,
     completed_at: datetime,
     sample_rate: float = 1.0,
+    json_text: bool = False,
 ) -> dict[str, Any]:
     """Column values known when a call ends, made safe to store (sanitized, capped).
 
-    ``sample_rate`` is the share of such calls that are logged (1.0 unless sampled).
+    ``sample_rate`` is the share of such calls that are logged (1.0 unless sampled). With
+    ``json_text`` the JSON column holds its compact JSON text instead (for ``COPY``).
     """
     config = get_config()
+    to_json = stored_json_text if json_text else stored_json
     return {
         "status": status,
-        "response": None if response is None else stored_json(response, config.max_response_bytes),
+        "response": None if response is None else to_json(response, config.max_response_bytes),
         "error_code": _truncate(error_code, 100),
         "error_message": _capped_text(error_message, config.max_error_message_bytes),
         "duration_ms": duration_ms,
@@ -720,18 +753,25 @@ def _started_values(
     user: Any,
     caller_ip: str | None,
     user_agent: str | None,
+    json_text: bool = False,
 ) -> dict[str, Any]:
     """Column values known when a call starts, made safe to store whatever the caller passed.
 
     Params are sanitized (:func:`~django_rpc_audit.sanitize.sanitize`) and capped at
-    ``MAX_PARAMS_BYTES``; the user agent at ``MAX_USER_AGENT_BYTES``.
+    ``MAX_PARAMS_BYTES``; the user agent at ``MAX_USER_AGENT_BYTES``. With ``json_text``
+    the JSON column holds its compact JSON text instead (for ``COPY``).
     """
     config = get_config()
     user_pk = getattr(user, "pk", None) if isinstance(user, models.Model) else None
+    if params is None:
+        stored_params: Any = "{}" if json_text else {}
+    else:
+        to_json = stored_json_text if json_text else stored_json
+        stored_params = to_json(params, config.max_params_bytes)
     return {
         "correlation_id": _truncate(correlation_id, 64),
         "method": _truncate(method, 255),
-        "params": stored_json(params, config.max_params_bytes) if params is not None else {},
+        "params": stored_params,
         "user_id": user_pk,
         "caller_ip": _ip_or_none(caller_ip),
         "user_agent": _capped_text(user_agent, config.max_user_agent_bytes),
@@ -766,24 +806,26 @@ def is_finished_event(event: Mapping[str, Any]) -> bool:
     return "status" in event
 
 
-def event_row_values(event: Mapping[str, Any]) -> dict[str, Any]:
+def event_row_values(event: Mapping[str, Any], *, for_copy: bool = False) -> dict[str, Any]:
     """Every column of the row an ``rpc_started`` or ``rpc_finished`` event stands for.
 
     A started event gives a ``pending`` row; a finished one (which repeats the started keys)
     the whole row in its final state. Keys the helpers do not take are ignored, so events
-    may carry more than today's keys.
+    may carry more than today's keys. With ``for_copy`` the JSON columns hold their compact
+    JSON text (``None`` stays ``None``: SQL ``NULL``) and ``id`` its hex digits, as ``COPY``
+    takes them.
     """
     started_at = event["started_at"]
     started: dict[str, Any] = {key: event.get(key) for key in STARTED_KEYS}
     values: dict[str, Any] = {
-        "id": call_log_id(event["correlation_id"], started_at),
-        **_started_values(**started),
+        "id": (call_log_id_hex if for_copy else call_log_id)(event["correlation_id"], started_at),
+        **_started_values(**started, json_text=for_copy),
         "created_at": _stored_datetime(started_at),
     }
     if is_finished_event(event):
         # rpc_finished always sends the outcome; the receivers add sample_rate (default 1.0).
         outcome: dict[str, Any] = {key: event[key] for key in OUTCOME_KEYS if key in event}
-        values.update(outcome_values(**outcome))
+        values.update(outcome_values(**outcome, json_text=for_copy))
     return values
 
 
@@ -857,12 +899,13 @@ def _copy_record_events(
     is what lets one writer thread keep up with a busy process. Runs inside the caller's
     transaction.
     """
-    from psycopg.types.json import Jsonb
-
     model = queryset.model
     fields = list(model._meta.concrete_fields)
     defaults = {f.attname: f.get_default() for f in fields}
-    json_columns = {f.attname for f in fields if isinstance(f, models.JSONField)}
+    for f in fields:
+        # JSON columns are copied as JSON text (the server parses it), not adapted objects.
+        if isinstance(f, models.JSONField) and defaults[f.attname] is not None:
+            defaults[f.attname] = json.dumps(defaults[f.attname])
     attnames = [f.attname for f in fields]
     table = connection.ops.quote_name(model._meta.db_table)
     staging = connection.ops.quote_name(_STAGING_TABLE)
@@ -883,14 +926,8 @@ def _copy_record_events(
         )
         with cursor.cursor.copy(f"COPY {staging} ({columns}) FROM STDIN") as copy:
             for n, event in enumerate(events, 1):
-                values = event_row_values(event)
-                row = []
-                for name in attnames:
-                    value = values.get(name, defaults[name])
-                    if name in json_columns and value is not None:
-                        value = Jsonb(value)
-                    row.append(value)
-                copy.write_row(row)
+                values = event_row_values(event, for_copy=True)
+                copy.write_row([values.get(name, defaults[name]) for name in attnames])
                 counts[is_finished_event(event)] += 1
                 if n % _ROWS_PER_YIELD == 0:
                     _yield_the_gil()

@@ -11,7 +11,7 @@ import math
 import re
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from django.db import models
@@ -35,6 +35,8 @@ _REPLACEMENT = "\ufffd"
 
 def clean_text(text: str) -> str:
     """``text`` with what PostgreSQL refuses replaced by U+FFFD: NUL and lone surrogates."""
+    if text.isascii():  # no surrogates: skip the regular expression
+        return text.replace("\x00", _REPLACEMENT) if "\x00" in text else text
     if "\x00" in text:
         text = text.replace("\x00", _REPLACEMENT)
     return _SURROGATES.sub(_REPLACEMENT, text)
@@ -147,6 +149,98 @@ def _sanitize_container(value: Any, depth: int, path: set[int]) -> Any:
     return _safe_repr(value)
 
 
+def _is_plain(value: Any, depth: int) -> bool:
+    """True if ``value`` is made only of exact JSON types that :func:`sanitize` returns as they
+    are: ``dict`` with ``str`` keys, ``list``, ``str``, ``int`` below the size limit, ``float``,
+    ``bool``, ``None``, nested at most :data:`MAX_DEPTH` levels (which also ends any cycle).
+
+    Subclasses (enums, named tuples, ``str`` subclasses) are not plain: :func:`sanitize` may
+    change them. NaN, infinities, NUL and lone surrogates are found in the JSON text instead.
+    """
+    kind = type(value)
+    if kind is str or kind is float or kind is bool or value is None:
+        return True
+    if kind is int:
+        return bool(-_MAX_INT < value < _MAX_INT)
+    if depth >= MAX_DEPTH:
+        return False
+    depth += 1
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str or not _is_plain(item, depth):
+                return False
+        return True
+    if kind is list:
+        return all(_is_plain(item, depth) for item in value)
+    return False
+
+
+def _plain_encoder() -> Callable[[Any], str]:
+    """``json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)``, made
+    without building an encoder per call: the C encoder, made once, when the interpreter has it.
+
+    No circular-reference markers: :func:`_is_plain` has bounded the nesting already.
+    """
+    encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return encoder.encode
+    probe = {"a": [1.5, None, True, -(10**20), 'é\x00\\"']}
+    try:
+        iterencode = make(
+            None, None, json.encoder.encode_basestring, None, ":", ",", False, False, False
+        )
+        fast = "".join(iterencode(probe, 0))
+    except Exception:  # another interpreter's private signature: the public encoder
+        return encoder.encode
+    if fast != encoder.encode(probe):
+        return encoder.encode
+
+    def dumps(value: Any) -> str:
+        return "".join(iterencode(value, 0))
+
+    return dumps
+
+
+_dumps_plain = _plain_encoder()
+
+
+def plain_json_text(value: Any) -> str | None:
+    """The compact JSON text of ``value`` if :func:`sanitize` would return it unchanged, else
+    ``None``: the fast path for the common case, one walk and one ``json.dumps`` instead of a
+    copy and two dumps. The text is exactly what :func:`cap_json` measures for ``sanitize(value)``.
+    """
+    try:
+        if not _is_plain(value, 0):
+            return None
+        # NaN and infinities raise; sanitize() would have turned them into strings.
+        text = _dumps_plain(value)
+    except Exception:  # NaN (ValueError), a dict changed by another thread...: the slow path
+        return None
+    # NUL is escaped as \u0000 (a literal backslash-u0000 text matches too: slow path, same
+    # result); lone surrogates are copied as they are.
+    if "\\u0000" in text or _SURROGATES.search(text) is not None:
+        return None
+    return text
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def stored_json_and_text(value: Any, max_bytes: int) -> tuple[Any, str]:
+    """``cap_json(sanitize(value), max_bytes)`` and its compact JSON text, the same as
+    ``json.dumps(..., ensure_ascii=False, separators=(",", ":"))`` of it.
+
+    Plain JSON (:func:`plain_json_text`) that fits is returned as it is, with the text made
+    once; anything else takes :func:`sanitize` and :func:`cap_json`. Never raises.
+    """
+    text = plain_json_text(value)
+    if text is not None and _utf8_size(text) <= max_bytes:
+        return value, text
+    return _cap_json(sanitize(value), max_bytes)
+
+
 def json_size(value: Any) -> int:
     """Bytes of ``value`` as compact UTF-8 JSON (``value`` already sanitized)."""
     return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
@@ -161,10 +255,15 @@ def cap_json(value: Any, max_bytes: int) -> Any:
 
     ``preview`` is the start of the compact JSON text, cut so the whole marker fits.
     """
+    return _cap_json(value, max_bytes)[0]
+
+
+def _cap_json(value: Any, max_bytes: int) -> tuple[Any, str]:
+    """:func:`cap_json` and the compact JSON text of what it returns."""
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    size = len(text.encode("utf-8"))
+    size = _utf8_size(text)
     if size <= max_bytes:
-        return value
+        return value, text
     marker: dict[str, Any] = {TRUNCATED_KEY: True, "original_bytes": size, "preview": ""}
     room = max_bytes - json_size(marker)
     if room > 0:
@@ -173,7 +272,7 @@ def cap_json(value: Any, max_bytes: int) -> Any:
         while preview and json_size({**marker, "preview": preview}) > max_bytes:
             preview = preview[: max(0, len(preview) - max(1, len(preview) // 10))]
         marker["preview"] = preview
-    return marker
+    return marker, json.dumps(marker, ensure_ascii=False, separators=(",", ":"))
 
 
 def cap_text(text: str, max_bytes: int) -> str:

@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -243,12 +243,20 @@ class BufferedLogWriter:
         if thread is None or not thread.is_alive():
             return self._write_inline()
         deadline = None if timeout is None else time.monotonic() + timeout
+        # Oldest first, as the thread writes them: each check drops the written head and stops
+        # at the first call still waiting, so a long flush costs O(calls), not O(calls²).
+        # A call once written stays so: a newer event of it has a newer sequence number.
+        pending = deque(waiting)
         while True:
             self._wake.set()
             with self._lock:
                 buffer = self._buffer
-                waiting = [k for k in waiting if k in buffer and buffer[k][0] <= target]
-            if not waiting:
+                while pending:
+                    entry = buffer.get(pending[0])
+                    if entry is not None and entry[0] <= target:
+                        break
+                    pending.popleft()
+            if not pending:
                 return True
             remaining = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
             if remaining <= 0:
@@ -299,8 +307,12 @@ class BufferedLogWriter:
                 else:
                     self._wake.wait(self.flush_interval)
                 self._wake.clear()
+                # What is buffered now; calls made meanwhile wait for the next wake (a full
+                # batch or the flush interval) instead of keeping the thread writing one small
+                # transaction after another, which took the callers' CPU and GIL all along.
+                limit = None if self._stop.is_set() else len(self._buffer)
                 try:
-                    self._write_buffered(close_on_error=True)
+                    self._write_buffered(close_on_error=True, limit=limit)
                 except DatabaseUnavailable:
                     self._retries += 1
                     delay = min(max(delay * 2, _FIRST_RETRY_DELAY), self.max_retry_delay)
@@ -334,19 +346,22 @@ class BufferedLogWriter:
             )
             self._dropped_reported = dropped
 
-    def _write_buffered(self, *, close_on_error: bool) -> None:
-        """Write the buffer, oldest calls first, one batch per transaction, until it is empty.
+    def _write_buffered(self, *, close_on_error: bool, limit: int | None = None) -> None:
+        """Write the buffer, oldest calls first, one batch per transaction, until it is empty
+        (or, with ``limit``, once at least ``limit`` calls are written).
 
         :raises DatabaseUnavailable: the database could not be reached; what is not written
             stays buffered.
         """
+        written = 0
         with self._write_lock:
-            while True:
+            while limit is None or written < limit:
                 with self._lock:
                     batch = list(itertools.islice(self._buffer.items(), self.batch_size))
                 if not batch:
                     return
                 self._write_batch([event for _, (_, event) in batch], close_on_error)
+                written += len(batch)
                 with self._lock:
                     for key, entry in batch:
                         # A call that finished meanwhile keeps its newer event, written next.

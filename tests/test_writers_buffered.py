@@ -599,3 +599,17 @@ def test_a_database_outage_neither_fails_nor_slows_calls_and_loses_nothing(
             proxy.restore()
         if writer is not None:
             writer.close(timeout=30)  # closes its connection before the alias goes
+
+
+@pytest.mark.django_db
+def test_a_wake_writes_what_was_buffered_not_what_arrives_meanwhile() -> None:
+    """The thread writes the calls buffered when it wakes, whole batches of them, then sleeps
+    until a full batch or the flush interval: a steady trickle of calls does not keep it
+    writing one small transaction after another (which took the callers' CPU and GIL)."""
+    writer = BufferedLogWriter(batch_size=10, background=False)
+    for _ in range(25):
+        writer.finished(finished_event(started_event()))
+    writer._write_buffered(close_on_error=False, limit=12)  # 12 buffered at the wake
+    assert (RPCLog.objects.count(), writer.stats().buffered) == (20, 5)
+    writer._write_buffered(close_on_error=False)  # no limit: a flush or close drains it
+    assert (RPCLog.objects.count(), writer.stats().buffered) == (25, 0)
