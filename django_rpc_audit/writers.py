@@ -566,7 +566,8 @@ def _configure_buffered_writer(config: DjangoCfgRPCConfig) -> BufferedLogWriter:
     with _writer_lock:
         old = _buffered_writer
         options = _buffered_options(config)
-        if old is not None and _buffered_options_of(old) == options:
+        built_from = _buffered_config
+        if old is not None and built_from is not None and _buffered_options(built_from) == options:
             _buffered_config = config
             return old
         _buffered_writer = BufferedLogWriter(**options)
@@ -574,15 +575,6 @@ def _configure_buffered_writer(config: DjangoCfgRPCConfig) -> BufferedLogWriter:
     if old is not None:
         old.close(_shutdown_timeout())
     return _buffered_writer
-
-
-def _buffered_options_of(writer: BufferedLogWriter) -> dict[str, Any]:
-    return {
-        "buffer_size": writer.buffer_size,
-        "batch_size": writer.batch_size,
-        "flush_interval": writer.flush_interval,
-        "max_retry_delay": writer.max_retry_delay,
-    }
 
 
 @contextlib.contextmanager
