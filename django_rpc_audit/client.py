@@ -82,6 +82,8 @@ class RPCClient:
     def __init__(self, config: DjangoCfgRPCConfig, transport: Transport | None = None) -> None:
         self.config = config
         self.transport = transport if transport is not None else build_transport(config)
+        #: Redacts what the signals carry, by ``REDACT_KEYS`` and ``REDACT_METHODS``.
+        self.redactor: Redactor = get_redactor(config.redact_keys, config.redact_methods)
 
     def __repr__(self) -> str:
         return f"<RPCClient {self.transport!r}>"
@@ -135,11 +137,6 @@ class RPCClient:
         except (TypeError, ValueError) as exc:
             raise TypeError(f"RPC params for {method!r} cannot be sent as JSON: {exc}") from exc
         return RPCRequest(method, params, correlation_id, reply_to, float(timeout), body)
-
-    @property
-    def redactor(self) -> Redactor:
-        """Redacts what the signals carry, by ``REDACT_KEYS`` and ``REDACT_METHODS``."""
-        return get_redactor(self.config.redact_keys, self.config.redact_methods)
 
     def _started(
         self, request: RPCRequest, user: Any, caller_ip: str | None, user_agent: str | None
