@@ -33,8 +33,9 @@ _LOG_ID_NAMESPACE = uuid.UUID("6f1d2c1e-7a53-4c53-9a8e-2f4d1b0c9e71")
 
 
 def call_log_id(correlation_id: str, started_at: datetime) -> uuid.UUID:
-    """The primary key of the row logging the call ``correlation_id`` started at ``started_at``."""
-    return uuid.uuid5(_LOG_ID_NAMESPACE, f"{correlation_id}|{started_at.isoformat()}")
+    """The primary key of the row logging the call ``correlation_id`` started at ``started_at``:
+    the uuid5 of both in the package's namespace (see :func:`call_log_id_hex`)."""
+    return uuid.UUID(hex=call_log_id_hex(correlation_id, started_at))
 
 
 _NAMESPACE_BYTES = _LOG_ID_NAMESPACE.bytes
@@ -45,7 +46,8 @@ _UUID_SET = (0x8000 << 48) | (5 << 76)
 
 def call_log_id_hex(correlation_id: str, started_at: datetime) -> str:
     """:func:`call_log_id` as 32 hex digits (what PostgreSQL's ``uuid`` input takes), made
-    without building a ``uuid.UUID``: the same SHA-1 and bits as ``uuid.uuid5``."""
+    without building a ``uuid.UUID``: the same SHA-1 and bits as ``uuid.uuid5`` of
+    ``"<correlation_id>|<started_at ISO>"`` in the package's namespace."""
     name = f"{correlation_id}|{started_at.isoformat()}".encode()
     digest = hashlib.sha1(_NAMESPACE_BYTES + name, usedforsecurity=False).digest()
     number = int.from_bytes(digest[:16], "big") & _UUID_CLEAR | _UUID_SET

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from django_rpc_audit.models import RPCLog
 from django_rpc_audit.querysets import (
+    _LOG_ID_NAMESPACE,
     _ip_or_none,
     bulk_record_events,
     call_log_id,
@@ -232,8 +233,9 @@ def test_bulk_rows_equal_rows_from_the_general_path(
     started_at=st.datetimes(timezones=st.none() | st.just(UTC)),
 )
 def test_the_copy_id_is_uuid5s(correlation_id: str, started_at: datetime) -> None:
-    expected = call_log_id(correlation_id, started_at)
+    expected = uuid.uuid5(_LOG_ID_NAMESPACE, f"{correlation_id}|{started_at.isoformat()}")
     assert call_log_id_hex(correlation_id, started_at) == expected.hex
+    assert call_log_id(correlation_id, started_at) == expected
 
 
 def test_a_cached_ip_is_the_parsed_one() -> None:
