@@ -517,9 +517,7 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
     ) -> RPCLog:
         """Insert the ``pending`` row of a call that has just started (``rpc_started``'s kwargs)."""
         return self.create(
-            id=call_log_id(correlation_id, started_at),
-            **_started_values(correlation_id, method, params, user, caller_ip, user_agent),
-            created_at=_stored_datetime(started_at),
+            **_started_row(correlation_id, method, params, user, caller_ip, user_agent, started_at)
         )
 
     def record_finished(
@@ -559,9 +557,7 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
         if self.filter(pk=log_id).update(**outcome):
             return
         self.create(
-            id=log_id,
-            **_started_values(correlation_id, method, params, user, caller_ip, user_agent),
-            created_at=_stored_datetime(started_at),
+            **_started_row(correlation_id, method, params, user, caller_ip, user_agent, started_at),
             **outcome,
         )
 
@@ -780,6 +776,31 @@ def _started_values(
     }
 
 
+def _started_row(
+    correlation_id: str,
+    method: str,
+    params: Any,
+    user: Any,
+    caller_ip: str | None,
+    user_agent: str | None,
+    started_at: datetime,
+    *,
+    for_copy: bool = False,
+) -> dict[str, Any]:
+    """The ``pending`` row of a call: its id, :func:`_started_values` and ``created_at``.
+
+    With ``for_copy`` the id is hex digits and the JSON columns JSON text, as ``COPY`` takes
+    them.
+    """
+    return {
+        "id": (call_log_id_hex if for_copy else call_log_id)(correlation_id, started_at),
+        **_started_values(
+            correlation_id, method, params, user, caller_ip, user_agent, json_text=for_copy
+        ),
+        "created_at": _stored_datetime(started_at),
+    }
+
+
 # -- bulk writes (buffered writer) ------------------------------------------------------------
 
 #: The event keys :func:`_started_values` takes. Adding a key to an event is one line here.
@@ -817,13 +838,8 @@ def event_row_values(event: Mapping[str, Any], *, for_copy: bool = False) -> dic
     JSON text (``None`` stays ``None``: SQL ``NULL``) and ``id`` its hex digits, as ``COPY``
     takes them.
     """
-    started_at = event["started_at"]
     started: dict[str, Any] = {key: event.get(key) for key in STARTED_KEYS}
-    values: dict[str, Any] = {
-        "id": (call_log_id_hex if for_copy else call_log_id)(event["correlation_id"], started_at),
-        **_started_values(**started, json_text=for_copy),
-        "created_at": _stored_datetime(started_at),
-    }
+    values = _started_row(**started, started_at=event["started_at"], for_copy=for_copy)
     if is_finished_event(event):
         # rpc_finished always sends the outcome; the receivers add sample_rate (default 1.0).
         outcome: dict[str, Any] = {key: event[key] for key in OUTCOME_KEYS if key in event}
