@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import factory
@@ -54,3 +56,20 @@ def staff_client(*permissions: str) -> Client:
     client = Client()
     client.force_login(user)
     return client
+
+
+def bulk_logs(count: int, users: Sequence[Any], *, methods: int) -> None:
+    """Insert ``count`` finished-looking rows in one ``bulk_create``: ``methods`` method names,
+    every status and the ``users`` in turn, one second apart (wrapping after 3,000)."""
+    now = timezone.now()
+    RPCLog.objects.bulk_create(
+        RPCLog(
+            correlation_id=str(uuid.uuid4()),
+            method=f"bulk.m{i % methods}",
+            status=RPCStatus.values[i % 4],
+            duration_ms=float(i % 900),
+            user=users[i % len(users)],
+            created_at=now - timedelta(seconds=i % 3000),
+        )
+        for i in range(count)
+    )

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from django_rpc_audit.admin import duration_speed, format_duration, highlight_json
 from django_rpc_audit.models import RPCLog, RPCStatus
-from tests.factories import RPCLogFactory, UserFactory, staff_client
+from tests.factories import RPCLogFactory, UserFactory, bulk_logs, staff_client
 
 pytestmark = pytest.mark.django_db
 
@@ -183,29 +183,15 @@ def test_changelist_query_count_does_not_grow_with_rows(admin_client_):
     url = reverse(CHANGELIST)
     users = [UserFactory(username=f"bulk{i}") for i in range(5)]
 
-    def add_rows(count: int) -> None:
-        now = timezone.now()
-        RPCLog.objects.bulk_create(
-            RPCLog(
-                correlation_id=str(uuid.uuid4()),
-                method=f"bulk.m{i % 7}",
-                status=RPCStatus.values[i % 4],
-                duration_ms=float(i % 900),
-                user=users[i % 5],
-                created_at=now - timedelta(seconds=i),
-            )
-            for i in range(count)
-        )
-
     def page_queries() -> list[str]:
         with CaptureQueriesContext(connection) as queries:
             response = admin_client_.get(url)
         assert response.status_code == 200
         return [q["sql"] for q in queries]
 
-    add_rows(10)
+    bulk_logs(10, users, methods=7)
     small = page_queries()
-    add_rows(990)
+    bulk_logs(990, users, methods=7)
     large = page_queries()
     assert len(small) == len(large)
     assert len(results(admin_client_.get(url))) == 50

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 
 import pytest
@@ -13,8 +12,8 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from django_rpc_audit.models import RPCLog, RPCStatus
-from tests.factories import RPCLogFactory, UserFactory, staff_client
+from django_rpc_audit.models import RPCLog
+from tests.factories import RPCLogFactory, UserFactory, bulk_logs, staff_client
 
 pytestmark = pytest.mark.django_db
 
@@ -255,29 +254,15 @@ def test_changelist_links_to_the_dashboard(admin_client_):
 def test_dashboard_query_count_does_not_grow_with_rows(admin_client_, window):
     users = [UserFactory(username=f"bulk{i}") for i in range(12)]
 
-    def add_rows(count: int) -> None:
-        now = timezone.now()
-        RPCLog.objects.bulk_create(
-            RPCLog(
-                correlation_id=str(uuid.uuid4()),
-                method=f"bulk.m{i % 9}",
-                status=RPCStatus.values[i % 4],
-                duration_ms=float(i % 700),
-                user=users[i % 12],
-                created_at=now - timedelta(seconds=i % 3000),
-            )
-            for i in range(count)
-        )
-
     def page_queries() -> int:
         with CaptureQueriesContext(connection) as queries:
             response = admin_client_.get(reverse(DASHBOARD), {"window": window})
         assert response.status_code == 200
         return len(queries)
 
-    add_rows(40)
+    bulk_logs(40, users, methods=9)
     small = page_queries()
-    add_rows(960)
+    bulk_logs(960, users, methods=9)
     assert page_queries() == small
 
 
