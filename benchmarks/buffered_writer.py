@@ -97,7 +97,7 @@ def variant_call(variant: str) -> Callable[[int], object]:
     """One call of ``variant``, ready to be timed."""
     from django_rpc_audit import get_rpc_client
     from django_rpc_audit.models import RPCLog
-    from django_rpc_audit.querysets import outcome_values
+    from django_rpc_audit.writers.sink import outcome_values
 
     if variant == "reference":
         configure(ENABLE_LOGGING=False)
@@ -270,7 +270,7 @@ def measure_ingestion(rows: int, batch_size: int) -> None:
     )
     from django.db import connection
 
-    from django_rpc_audit.querysets import event_row_values
+    from django_rpc_audit.writers.sink import event_row_values
 
     # What the writer builds on this database: COPY's text values on PostgreSQL.
     for_copy = connection.vendor == "postgresql"
@@ -278,7 +278,7 @@ def measure_ingestion(rows: int, batch_size: int) -> None:
     for event in events[:20_000]:
         event_row_values(event, for_copy=for_copy)
     values_cpu = (time.process_time() - cpu) / min(rows, 20_000)
-    print(f"  of which building the column values (querysets helpers): {values_cpu * 1e6:.0f} µs")
+    print(f"  of which building the column values (the sink's helpers): {values_cpu * 1e6:.0f} µs")
 
 
 def peak_rss_mb() -> float:

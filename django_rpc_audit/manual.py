@@ -17,6 +17,7 @@ from django_rpc_audit.context import get_caller_context, resolve_user
 from django_rpc_audit.exceptions import RPCError, RPCTimeoutError
 from django_rpc_audit.redaction import Redactor, get_redactor
 from django_rpc_audit.status import RPCStatus
+from django_rpc_audit.writers import sink
 
 if TYPE_CHECKING:
     from django_rpc_audit.models import RPCLog
@@ -56,7 +57,8 @@ class RPCLogger:
         if not get_config().enable_logging:
             return None
         try:
-            return RPCLog.objects.using(router.db_for_write(RPCLog)).record_started(
+            return sink.record_started(
+                RPCLog.objects.using(router.db_for_write(RPCLog)),
                 correlation_id=str(correlation_id),
                 method=method,
                 params=_redactor().params(method, params),
@@ -109,12 +111,11 @@ def _complete(
     error_message: str | None = None,
 ) -> None:
     from django_rpc_audit.models import RPCLog
-    from django_rpc_audit.querysets import outcome_values
 
     if log is None:
         return
     redactor = _redactor()
-    values = outcome_values(
+    values = sink.outcome_values(
         status=status,
         response=redactor.response(log.method, response),
         error_code=error_code,

@@ -1,8 +1,12 @@
-"""Small helpers shared by several modules: URL redaction."""
+"""Small helpers shared by several modules: URL redaction, stored datetimes."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from urllib.parse import urlsplit, urlunsplit
+
+from django.conf import settings
+from django.utils import timezone
 
 REDACTED = "***"
 
@@ -29,3 +33,10 @@ def redact_url(url: str) -> str:
         port = None
     netloc = f"{user}:{REDACTED}@{host}" + (f":{port}" if port is not None else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def stored_datetime(value: datetime) -> datetime:
+    """Signals carry aware UTC datetimes; a project with ``USE_TZ = False`` stores naive ones."""
+    if not settings.USE_TZ and timezone.is_aware(value):
+        return timezone.make_naive(value)
+    return value

@@ -250,12 +250,12 @@ def test_builtin_receivers_are_connected_exactly_once():
 
 @pytest.mark.usefixtures("echo_handler")
 def test_a_failing_log_write_loses_nothing_and_breaks_nothing(monkeypatch, caplog):
-    from django_rpc_audit.querysets import RPCLogQuerySet
+    from django_rpc_audit.writers import sink
 
-    def refuse(self, **kwargs):
+    def refuse(queryset, **kwargs):
         raise RuntimeError("database said no")
 
-    monkeypatch.setattr(RPCLogQuerySet, "record_started", refuse)
+    monkeypatch.setattr(sink, "record_started", refuse)
     with caplog.at_level(logging.ERROR, logger="django_rpc_audit.writers"):
         assert get_rpc_client().call("test.echo", {"a": 2}) == {"echo": {"a": 2}}
     # The pending write failed; the finished write inserted the whole row.

@@ -15,13 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from django_rpc_audit.models import RPCLog
-from django_rpc_audit.querysets import (
-    _LOG_ID_NAMESPACE,
-    _ip_or_none,
-    bulk_record_events,
-    call_log_id,
-    call_log_id_hex,
-)
 from django_rpc_audit.sanitize import (
     MAX_DEPTH,
     MAX_INT_DIGITS,
@@ -30,6 +23,13 @@ from django_rpc_audit.sanitize import (
     plain_json_text,
     sanitize,
     stored_json_and_text,
+)
+from django_rpc_audit.writers.sink import (
+    _LOG_ID_NAMESPACE,
+    _ip_or_none,
+    bulk_record_events,
+    call_log_id,
+    call_log_id_hex,
 )
 from tests.test_sanitize import _keys, _values
 

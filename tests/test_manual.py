@@ -54,12 +54,12 @@ def test_create_log_returns_none_when_logging_is_off(rpc_settings):
 
 
 def test_create_log_swallows_database_errors(monkeypatch, caplog):
-    from django_rpc_audit.querysets import RPCLogQuerySet
+    from django_rpc_audit.writers import sink
 
-    def refuse(self, **kwargs):
+    def refuse(queryset, **kwargs):
         raise RuntimeError("database said no")
 
-    monkeypatch.setattr(RPCLogQuerySet, "record_started", refuse)
+    monkeypatch.setattr(sink, "record_started", refuse)
     with caplog.at_level(logging.ERROR, logger="django_rpc_audit.manual"):
         assert RPCLogger.create_log("cid", "m", {}) is None
     assert "database said no" in caplog.text

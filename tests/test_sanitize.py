@@ -31,6 +31,7 @@ from django_rpc_audit.sanitize import (
     json_size,
     sanitize,
 )
+from django_rpc_audit.writers.sink import record_finished
 
 pytestmark = pytest.mark.django_db
 
@@ -194,7 +195,8 @@ def test_rows_are_capped_by_the_settings(rpc_settings):
         MAX_USER_AGENT_BYTES=128,
     )
     started = timezone.now()
-    RPCLog.objects.record_finished(
+    record_finished(
+        RPCLog.objects.all(),
         correlation_id=str(uuid.uuid4()),
         method="big.call",
         params={"blob": "x" * 10_000},
@@ -279,7 +281,8 @@ def test_any_value_is_written_and_read_back_as_json(params, response, message):
     started = timezone.now()
     correlation_id = str(uuid.uuid4())
     with transaction.atomic():
-        RPCLog.objects.record_finished(
+        record_finished(
+            RPCLog.objects.all(),
             correlation_id=correlation_id,
             method="prop.call",
             params=params,

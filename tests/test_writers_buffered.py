@@ -32,7 +32,6 @@ from django_rpc_audit import get_rpc_client
 from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
 from django_rpc_audit.exceptions import RPCRemoteError
 from django_rpc_audit.models import RPCLog
-from django_rpc_audit.querysets import call_log_id
 from django_rpc_audit.signals import loop_safe, rpc_finished
 from django_rpc_audit.testing import capture_rpc_logs
 from django_rpc_audit.writers import (
@@ -45,6 +44,7 @@ from django_rpc_audit.writers import (
     writer_never_blocks,
     writer_stats,
 )
+from django_rpc_audit.writers.sink import call_log_id
 from tests.factories import UserFactory
 from tests.tcp_proxy import TCPProxy
 from tests.views import ViewFailed
@@ -236,7 +236,7 @@ def test_a_retried_batch_writes_no_duplicates_and_keeps_the_final_state(
     rpc_log_writer: BufferedLogWriter,
 ) -> None:
     """Writes are idempotent: a batch written twice (lost commit reply) changes nothing."""
-    from django_rpc_audit.querysets import bulk_record_events
+    from django_rpc_audit.writers.sink import bulk_record_events
 
     started = started_event()
     finished = finished_event(started, "timeout")

@@ -1,16 +1,7 @@
-"""Log writers turn call events into ``RPCLog`` rows; receivers hand every event to one.
+"""``BufferedLogWriter``: the receivers only enqueue; a background thread writes batches.
 
-Two writers, chosen by ``DJANGO_CFG_RPC["WRITE_MODE"]``:
-
-- :class:`BufferedLogWriter` (``"buffered"``, the default): the receivers only put the event in
-  a bounded in-memory buffer; a background thread writes batches on its own database
-  connection, outside the caller's transaction, retrying with backoff while the database is
-  unreachable.
-- :class:`SyncLogWriter` (``"sync"``): each event is written at once, on the caller's thread
-  and connection.
-
-:func:`flush` writes what is buffered (tests call it, or use the ``rpc_log_writer`` fixture of
-:mod:`django_rpc_audit.testing`); :func:`writer_stats` reports what was written and dropped.
+Also what keeps its rows at the end of a process: the exit flush, the ``SIGTERM`` flush and
+a fresh start in forked children.
 """
 
 from __future__ import annotations
@@ -25,89 +16,23 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
 from django.db import (
     InterfaceError,
     OperationalError,
     connections,
     router,
-    transaction,
 )
 
-from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
-from django_rpc_audit.querysets import RPCLogQuerySet, bulk_record_events
+from django_rpc_audit.conf import get_config
 from django_rpc_audit.status import RPCStatus
+from django_rpc_audit.writers.base import DatabaseUnavailable, WriterStats
+from django_rpc_audit.writers.sink import bulk_record_events
 
 logger = logging.getLogger(__name__)
-
-
-class LogWriter(Protocol):
-    """Where the built-in receivers send call events.
-
-    ``started`` receives ``rpc_started``'s keyword arguments, ``finished`` those of
-    ``rpc_finished``. A writer must never raise into the caller.
-    """
-
-    def started(self, event: dict[str, Any]) -> None: ...
-
-    def finished(self, event: dict[str, Any]) -> None: ...
-
-
-class SyncLogWriter:
-    """Writes each event at once, on the calling thread's database connection.
-
-    A pending row when the call starts, completed when it finishes. Each write runs in its own
-    atomic block, so a failing write inside the caller's transaction rolls back to a savepoint
-    instead of breaking that transaction.
-    """
-
-    def started(self, event: dict[str, Any]) -> None:
-        self._write(RPCLogQuerySet.record_started, event)
-
-    def finished(self, event: dict[str, Any]) -> None:
-        self._write(RPCLogQuerySet.record_finished, event)
-
-    @staticmethod
-    def _write(operation: Callable[..., object], event: dict[str, Any]) -> None:
-        from django_rpc_audit.models import RPCLog
-
-        try:
-            alias = router.db_for_write(RPCLog)
-            with transaction.atomic(using=alias):
-                operation(RPCLog.objects.using(alias), **event)
-        except Exception:
-            # A lost pending row is written whole when the call finishes (record_finished).
-            logger.exception(
-                "Could not write the RPC log row of %s (%s, %s).",
-                event.get("method"),
-                event.get("correlation_id"),
-                event.get("status", "pending"),
-            )
-
-
-@dataclass(frozen=True, slots=True)
-class WriterStats:
-    """Counters of a :class:`BufferedLogWriter` since it started (in this process)."""
-
-    #: Calls waiting in the buffer.
-    buffered: int = 0
-    #: Rows written: inserts and completions of pending rows.
-    written: int = 0
-    #: Calls dropped because the buffer was full (successful ones first).
-    dropped: int = 0
-    #: Rows the database refused (a data error, logged); not retried.
-    failed: int = 0
-    #: Write attempts that failed because the database was unreachable, then retried.
-    retries: int = 0
-
-
-class DatabaseUnavailable(Exception):
-    """A batch could not be written because the database could not be reached."""
 
 
 # One buffer entry per call: its latest event, with the sequence number it was accepted with.
@@ -133,7 +58,7 @@ class BufferedLogWriter:
 
     While the database is unreachable the thread retries the same batch with exponential
     backoff (up to ``max_retry_delay`` seconds) and loses nothing that fits in the buffer.
-    Writes are idempotent (see :func:`~django_rpc_audit.querysets.bulk_record_events`), so
+    Writes are idempotent (see :func:`~django_rpc_audit.writers.sink.bulk_record_events`), so
     retrying a batch whose commit reply was lost writes no duplicates.
 
     With ``background=False`` no thread is started and nothing is written until :meth:`flush`,
@@ -375,7 +300,7 @@ class BufferedLogWriter:
         from django_rpc_audit.models import RPCLog
 
         alias = self.using or router.db_for_write(RPCLog)
-        queryset: RPCLogQuerySet = RPCLog.objects.using(alias)
+        queryset = RPCLog.objects.using(alias)
         try:
             self._written += bulk_record_events(queryset, events)
             return
@@ -479,7 +404,7 @@ def _register_atexit() -> None:
 
 
 def _close_all_at_exit() -> None:
-    timeout = _shutdown_timeout()
+    timeout = shutdown_timeout()
     for writer in list(_live_writers):
         if writer._thread is not None:
             writer.close(timeout)
@@ -506,7 +431,7 @@ def install_sigterm_flush() -> bool:
         for writer in list(_live_writers):
             if writer._thread is not None:
                 writer.flush_interval = min(writer.flush_interval, _DRAINING_FLUSH_INTERVAL)
-                writer.flush(_shutdown_timeout())
+                writer.flush(shutdown_timeout())
         if callable(previous):
             previous(signum, frame)
         elif previous in (signal.SIG_DFL, None):
@@ -522,110 +447,8 @@ def install_sigterm_flush() -> bool:
 _DRAINING_FLUSH_INTERVAL = 0.01
 
 
-def _shutdown_timeout() -> float:
+def shutdown_timeout() -> float:
     try:
         return get_config().buffer_shutdown_timeout
     except Exception:
         return 10.0  # the setting's default, when the settings themselves are broken
-
-
-# -- the process-wide writer --------------------------------------------------------------------
-
-_sync_writer = SyncLogWriter()
-_buffered_writer: BufferedLogWriter | None = None
-_buffered_config: DjangoCfgRPCConfig | None = None
-_override: LogWriter | None = None
-_writer_lock = threading.Lock()
-
-
-def _buffered_options(config: DjangoCfgRPCConfig) -> dict[str, Any]:
-    return {
-        "buffer_size": config.buffer_size,
-        "batch_size": config.buffer_batch_size,
-        "flush_interval": config.buffer_flush_interval,
-        "max_retry_delay": config.buffer_max_retry_delay,
-    }
-
-
-def get_writer() -> LogWriter:
-    """The writer the receivers use: per ``WRITE_MODE``, unless :func:`use_writer` set one."""
-    if _override is not None:
-        return _override
-    config = get_config()
-    if config.write_mode == "sync":
-        return _sync_writer
-    writer = _buffered_writer
-    if writer is None or _buffered_config is not config:
-        writer = _configure_buffered_writer(config)
-    return writer
-
-
-def _configure_buffered_writer(config: DjangoCfgRPCConfig) -> BufferedLogWriter:
-    """Build the buffered writer, or rebuild it when its settings changed."""
-    global _buffered_writer, _buffered_config
-    with _writer_lock:
-        old = _buffered_writer
-        options = _buffered_options(config)
-        built_from = _buffered_config
-        if old is not None and built_from is not None and _buffered_options(built_from) == options:
-            _buffered_config = config
-            return old
-        _buffered_writer = BufferedLogWriter(**options)
-        _buffered_config = config
-    if old is not None:
-        old.close(_shutdown_timeout())
-    return _buffered_writer
-
-
-@contextlib.contextmanager
-def use_writer(writer: LogWriter) -> Iterator[LogWriter]:
-    """Send every event to ``writer`` within the block, whatever ``WRITE_MODE`` says."""
-    global _override
-    previous, _override = _override, writer
-    try:
-        yield writer
-    finally:
-        _override = previous
-
-
-def flush(timeout: float | None = 30.0) -> bool:
-    """Write every call logged so far; True once they are all in the database.
-
-    A no-op (True) with the synchronous writer. ::
-
-        get_rpc_client().call("system.ping")
-        flush()
-        assert RPCLog.objects.count() == 1
-    """
-    writer = get_writer()
-    if isinstance(writer, BufferedLogWriter):
-        return writer.flush(timeout)
-    return True
-
-
-def writer_never_blocks() -> bool:
-    """True when handing an event to the writer in use cannot block: it only buffers."""
-    return not get_config().enable_logging or isinstance(get_writer(), BufferedLogWriter)
-
-
-def writer_stats() -> WriterStats:
-    """Counters of the buffered writer in use (all zero with the synchronous writer)."""
-    writer = get_writer()
-    if isinstance(writer, BufferedLogWriter):
-        return writer.stats()
-    return WriterStats()
-
-
-__all__ = [
-    "BufferedLogWriter",
-    "DatabaseUnavailable",
-    "LogWriter",
-    "SyncLogWriter",
-    "WriterStats",
-    "flush",
-    "get_writer",
-    "install_sigterm_flush",
-    "use_writer",
-    "writer_never_blocks",
-    "writer_stats",
-]

@@ -1,0 +1,50 @@
+"""Log writers: how call events become ``RPCLog`` rows, all in this package.
+
+The built-in receivers hand each ``rpc_started`` / ``rpc_finished`` event to the writer
+:func:`get_writer` returns; the writer decides when and where it is written, and the sink
+writes it.
+
+- :mod:`~django_rpc_audit.writers.base`: the :class:`LogWriter` interface every writer
+  implements and the :class:`WriterStats` counters.
+- :mod:`~django_rpc_audit.writers.sync`: :class:`SyncLogWriter` (``WRITE_MODE = "sync"``),
+  each event written at once on the caller's thread and connection.
+- :mod:`~django_rpc_audit.writers.buffered`: :class:`BufferedLogWriter` (``"buffered"``, the
+  default), a bounded in-memory buffer written in batches by a background thread on its own
+  connection, flushed at exit, on ``SIGTERM`` and never shared with a forked child.
+- :mod:`~django_rpc_audit.writers.sink`: the rows themselves; column values made safe to store,
+  single-row writes and idempotent batch writes (``COPY`` on PostgreSQL). Every writer ends
+  here.
+- :mod:`~django_rpc_audit.writers.registry`: the process-wide writer chosen by
+  ``WRITE_MODE``, :func:`use_writer`, :func:`flush` and :func:`writer_stats`.
+
+Import the public names from this package::
+
+    from django_rpc_audit.writers import flush, writer_stats
+"""
+
+from __future__ import annotations
+
+from django_rpc_audit.writers.base import DatabaseUnavailable, LogWriter, WriterStats
+from django_rpc_audit.writers.buffered import BufferedLogWriter, install_sigterm_flush
+from django_rpc_audit.writers.registry import (
+    flush,
+    get_writer,
+    use_writer,
+    writer_never_blocks,
+    writer_stats,
+)
+from django_rpc_audit.writers.sync import SyncLogWriter
+
+__all__ = [
+    "BufferedLogWriter",
+    "DatabaseUnavailable",
+    "LogWriter",
+    "SyncLogWriter",
+    "WriterStats",
+    "flush",
+    "get_writer",
+    "install_sigterm_flush",
+    "use_writer",
+    "writer_never_blocks",
+    "writer_stats",
+]

@@ -1,0 +1,38 @@
+"""What every writer shares: the :class:`LogWriter` interface and the writers' counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class LogWriter(Protocol):
+    """Where the built-in receivers send call events.
+
+    ``started`` receives ``rpc_started``'s keyword arguments, ``finished`` those of
+    ``rpc_finished``. A writer must never raise into the caller.
+    """
+
+    def started(self, event: dict[str, Any]) -> None: ...
+
+    def finished(self, event: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WriterStats:
+    """Counters of a :class:`BufferedLogWriter` since it started (in this process)."""
+
+    #: Calls waiting in the buffer.
+    buffered: int = 0
+    #: Rows written: inserts and completions of pending rows.
+    written: int = 0
+    #: Calls dropped because the buffer was full (successful ones first).
+    dropped: int = 0
+    #: Rows the database refused (a data error, logged); not retried.
+    failed: int = 0
+    #: Write attempts that failed because the database was unreachable, then retried.
+    retries: int = 0
+
+
+class DatabaseUnavailable(Exception):
+    """A batch could not be written because the database could not be reached."""
