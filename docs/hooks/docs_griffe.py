@@ -17,10 +17,12 @@ import griffe
 
 # Griffe loads this file by path; its sibling comes from the same folder.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_markup import comment_above, rst_to_markdown  # noqa: E402
+from docs_markup import comment_above, rst_to_markdown
+
+Found = griffe.Object | griffe.Alias
 
 
-def _lookup(scope: griffe.Object | griffe.Alias, dotted: str) -> griffe.Object | griffe.Alias | None:
+def _lookup(scope: Found, dotted: str) -> Found | None:
     try:
         return scope.get_member(dotted)
     except (KeyError, ValueError, griffe.AliasResolutionError, griffe.CyclicAliasError):
@@ -77,9 +79,11 @@ def _resolver(obj: griffe.Object, loader: griffe.GriffeLoader) -> Any:
     root = obj.package.name
 
     def resolve(target: str) -> str | None:
-        found = None
-        if target.split(".", 1)[0] == root:
-            found = _lookup(loader.modules_collection[root], target.split(".", 1)[1]) if "." in target else loader.modules_collection[root]
+        found: Found | None = None
+        head, _, rest = target.partition(".")
+        if head == root:
+            package = loader.modules_collection[root]
+            found = _lookup(package, rest) if rest else package
         else:
             for scope in scopes:
                 found = _lookup(scope, target)

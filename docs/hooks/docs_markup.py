@@ -124,6 +124,7 @@ class Setting:
     """One key of ``DJANGO_CFG_RPC``, as the settings reference shows it."""
 
     key: str
+    group: str
     type: str
     default: str
     environment: str
@@ -147,22 +148,47 @@ def comment_above(lines: list[str], lineno: int) -> str | None:
     return " ".join(reversed(found)) or None
 
 
+def _class_fields(source: str, class_name: str) -> list[ast.AnnAssign]:
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            return [
+                statement
+                for statement in node.body
+                if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
+            ]
+    raise LookupError(f"No class {class_name} in the source.")
+
+
 def doc_comments(source: str, class_name: str) -> dict[str, str]:
     """The ``#:`` doc comment of each annotated field of ``class_name`` in ``source``.
 
     A field with no ``#:`` line directly above it gets no entry.
     """
     lines = source.splitlines()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ClassDef) and node.name == class_name:
-            return {
-                statement.target.id: comment
-                for statement in node.body
-                if isinstance(statement, ast.AnnAssign)
-                and isinstance(statement.target, ast.Name)
-                and (comment := comment_above(lines, statement.lineno)) is not None
-            }
-    raise LookupError(f"No class {class_name} in the source.")
+    return {
+        statement.target.id: comment  # type: ignore[union-attr]
+        for statement in _class_fields(source, class_name)
+        if (comment := comment_above(lines, statement.lineno)) is not None
+    }
+
+
+#: ``# -- data hygiene`` above a run of fields names their group.
+GROUP_COMMENT = re.compile(r"^\s*# -- (.+?)\s*$")
+
+
+def field_groups(source: str, class_name: str, first: str = "General") -> dict[str, str]:
+    """The group of each field: the last ``# -- <group>`` comment above it (else ``first``)."""
+    lines = source.splitlines()
+    groups: dict[str, str] = {}
+    group, seen = first, 0
+    for statement in _class_fields(source, class_name):
+        for line in lines[seen : statement.lineno - 1]:
+            match = GROUP_COMMENT.match(line)
+            if match:
+                group = match.group(1)[0].upper() + match.group(1)[1:]
+        groups[statement.target.id] = group  # type: ignore[union-attr]
+        seen = statement.end_lineno or statement.lineno
+    return groups
 
 
 def config_fields() -> list[dataclasses.Field[Any]]:
@@ -172,11 +198,15 @@ def config_fields() -> list[dataclasses.Field[Any]]:
     return list(dataclasses.fields(DjangoCfgRPCConfig))
 
 
-def config_comments() -> dict[str, str]:
-    """The ``#:`` doc comment of every field of ``DjangoCfgRPCConfig`` that has one."""
+def _config_source() -> str:
     from django_rpc_audit import conf
 
-    return doc_comments(Path(conf.__file__).read_text(encoding="utf-8"), "DjangoCfgRPCConfig")
+    return Path(conf.__file__).read_text(encoding="utf-8")
+
+
+def config_comments() -> dict[str, str]:
+    """The ``#:`` doc comment of every field of ``DjangoCfgRPCConfig`` that has one."""
+    return doc_comments(_config_source(), "DjangoCfgRPCConfig")
 
 
 def _type_name(hint: Any) -> str:
@@ -188,7 +218,9 @@ def _type_name(hint: Any) -> str:
         item = args[0]
         if typing.get_origin(item) is tuple and len(typing.get_args(item)) == 2:
             key, value = typing.get_args(item)
-            return f"dict of {_type_name(key)} to {_type_name(value)}"
+            # Rules normalised from the dicts the settings give are read as dicts.
+            value_name = _type_name(value) if value in (str, int, float, bool) else "dict"
+            return f"dict of {_type_name(key)} to {value_name}"
         return f"list of {_type_name(item)}"
     if isinstance(hint, type):
         return {"str": "str", "int": "int", "float": "float", "bool": "bool"}.get(
@@ -219,10 +251,12 @@ def settings_reference(resolve: Resolver) -> list[Setting]:
     from django_rpc_audit.conf import ENV_PREFIX
 
     comments = config_comments()
+    groups = field_groups(_config_source(), "DjangoCfgRPCConfig")
     hints = _hints()
     return [
         Setting(
             key=field.name.upper(),
+            group=groups[field.name],
             type=_type_name(hints[field.name]),
             default=_default(field),
             environment=f"`{ENV_PREFIX}{field.name.upper()}`",
@@ -232,14 +266,21 @@ def settings_reference(resolve: Resolver) -> list[Setting]:
     ]
 
 
-def settings_table(resolve: Resolver) -> str:
-    """The settings reference as a Markdown table, one anchored row per key."""
-    rows = ["| key | type | default | environment variable | meaning |", "| --- | --- | --- | --- | --- |"]
+def settings_markdown(resolve: Resolver) -> str:
+    """The settings reference: a section per group, a heading per key (anchor: its name)."""
+    out: list[str] = []
+    group = None
     for setting in settings_reference(resolve):
-        meaning = setting.meaning.replace("|", "\\|")
-        anchor = f'<a id="{setting.key.lower()}"></a>'
-        rows.append(
-            f"| {anchor}`{setting.key}` | {setting.type} | {setting.default} | "
-            f"{setting.environment} | {meaning} |"
-        )
-    return "\n".join(rows)
+        if setting.group != group:
+            group = setting.group
+            out += [f"## {group}", ""]
+        out += [
+            f"### `{setting.key}` {{#{setting.key.lower()}}}",
+            "",
+            f"**Type** {setting.type} · **Default** {setting.default} · "
+            f"**Environment** {setting.environment}",
+            "",
+            setting.meaning,
+            "",
+        ]
+    return "\n".join(out)

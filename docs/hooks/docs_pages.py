@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from docs_markup import settings_table
+from docs_markup import settings_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS_MARKER = "<!-- settings-reference -->"
@@ -65,5 +65,5 @@ def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
     if page.file.src_uri == "index.md":
         markdown = readme_as_index((ROOT / "README.md").read_text(encoding="utf-8"))
     if SETTINGS_MARKER in markdown:
-        markdown = markdown.replace(SETTINGS_MARKER, settings_table(resolve_package_path))
+        markdown = markdown.replace(SETTINGS_MARKER, settings_markdown(resolve_package_path))
     return markdown
