@@ -117,7 +117,7 @@ class DjangoCfgRPCConfig:
     #: Most calls the buffered writer holds in memory. When full, successful calls are dropped
     #: first (counted and logged); failures and timeouts are kept.
     buffer_size: int = 100_000
-    #: Rows per ``INSERT`` (and per commit) of the buffered writer.
+    #: Rows per batch of the buffered writer: one ``COPY`` (or ``INSERT``) and one commit.
     buffer_batch_size: int = 1_000
     #: Seconds between the buffered writer's flushes (sooner once a batch is full).
     buffer_flush_interval: float = 0.5
