@@ -279,46 +279,31 @@ def test_roles_become_cross_references_or_code():
     )
 
 
-def test_literal_blocks_become_fenced_code():
-    text = (
-        "Use it so::\n\n    client.call('x')\n    client.close()\n\n"
-        "Then more.\n\n::\n\n    $ not python\n"
-    )
-    assert docs_markup.rst_to_markdown(text, _resolve).splitlines() == [
-        "Use it so:",
-        "",
-        "```python",
-        "client.call('x')",
-        "client.close()",
-        "```",
-        "",
-        "Then more.",
-        "",
-        "",
-        "```",
-        "$ not python",
-        "```",
-    ]
+LITERAL_BLOCKS = (
+    "Use it so::\n\n    client.call('x')\n    client.close()\n\n"
+    "Then more.\n\n::\n\n    $ not python\n",
+    [
+        *("Use it so:", "", "```python", "client.call('x')", "client.close()", "```", ""),
+        *("Then more.", "", "", "```", "$ not python", "```"),
+    ],
+)
+DEFINITION_LISTS = (
+    "Keyword arguments:\n\n``method`` (str)\n    The RPC method\n    name.\n"
+    "``user``\n    The user.\n\n:raises RPCError: unchanged\n    continued.\n",
+    [
+        *("Keyword arguments:", "", "``method`` (str)", ":   The RPC method name.", ""),
+        *("``user``", ":   The user.", "", "", ":raises RPCError: unchanged", "    continued."),
+    ],
+)
 
 
-def test_definition_lists_become_markdown_definition_lists():
-    text = (
-        "Keyword arguments:\n\n``method`` (str)\n    The RPC method\n    name.\n"
-        "``user``\n    The user.\n\n:raises RPCError: unchanged\n    continued.\n"
-    )
-    assert docs_markup.rst_to_markdown(text, _resolve).splitlines() == [
-        "Keyword arguments:",
-        "",
-        "``method`` (str)",
-        ":   The RPC method name.",
-        "",
-        "``user``",
-        ":   The user.",
-        "",
-        "",
-        ":raises RPCError: unchanged",
-        "    continued.",
-    ]
+@pytest.mark.parametrize(
+    ("rst", "markdown"),
+    [LITERAL_BLOCKS, DEFINITION_LISTS],
+    ids=["literal blocks become fenced code", "definition lists; field lists unchanged"],
+)
+def test_rst_to_markdown(rst, markdown):
+    assert docs_markup.rst_to_markdown(rst, _resolve).splitlines() == markdown
 
 
 # -- README as the front page
