@@ -9,6 +9,7 @@ docstring.
 
 from __future__ import annotations
 
+import builtins
 import sys
 from pathlib import Path
 from typing import Any
@@ -84,15 +85,19 @@ def _resolver(obj: griffe.Object, loader: griffe.GriffeLoader) -> Any:
         if head == root:
             package = loader.modules_collection[root]
             found = _lookup(package, rest) if rest else package
+        elif head in vars(builtins):
+            return None  # ValueError, dict, ...: shown as code
         else:
             for scope in scopes:
                 found = _lookup(scope, target)
                 if found is not None:
                     break
         if found is None:
-            return None
+            # Another package's object (no inventory of it here: shown as code), or a name
+            # that does not exist: left as a link, which fails the strict build.
+            return None if "." in target and head != root else target
         # An imported name points at its definition: ours (documented there), or another
-        # package's (no inventory of it here: shown as code).
+        # package's (shown as code).
         path = found.target_path if isinstance(found, griffe.Alias) else found.path
         if path.split(".", 1)[0] != root or _is_private(path):
             return None

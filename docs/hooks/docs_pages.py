@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import importlib
 import re
 from pathlib import Path
 from typing import Any
@@ -45,20 +44,16 @@ def readme_as_index(readme: str) -> str:
 
 
 def resolve_package_path(target: str) -> str | None:
-    """``target`` when it names a public object of ``django_rpc_audit``, else ``None``."""
-    if not target.startswith("django_rpc_audit") or any(
+    """Where a role in a ``#:`` comment points: our public objects by their dotted path.
+
+    A path that does not exist stays a link, and the strict build fails on it. Other packages'
+    objects and private ones are shown as code.
+    """
+    if target.split(".", 1)[0] != "django_rpc_audit" or any(
         part.startswith("_") and not part.startswith("__") for part in target.split(".")
     ):
         return None
-    module_name, _, attribute = target.rpartition(".")
-    for name, attr in ((target, None), (module_name, attribute)):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if attr is None or hasattr(module, attr):
-            return target
-    return None
+    return target
 
 
 def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
