@@ -103,6 +103,12 @@ def screenshot(page: Any, name: str, *, docs: str | None = None, fit: bool = Fal
         page.set_viewport_size(size)
 
 
+def finished_call(**fields: Any) -> Any:
+    """A logged call that completed ``duration_ms`` after it was created (the row's timeline)."""
+    completed_at = fields["created_at"] + timedelta(milliseconds=fields["duration_ms"])
+    return RPCLogFactory(completed_at=completed_at, **fields)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_admin_and_dashboard_in_a_browser(live_server, browser_page):
     page = browser_page
@@ -113,14 +119,14 @@ def test_admin_and_dashboard_in_a_browser(live_server, browser_page):
     methods = ["notifications.send", "users.sync", "notifications.send", "reports.export"]
     now = timezone.now()
     for minute in range(0, 55, 2):
-        RPCLogFactory(
+        finished_call(
             method=methods[minute // 2 % len(methods)],
             user=users[minute // 2 % len(users)],
             duration_ms=20.0 + minute * 3,
             params={"to": "alice@example.com", "subject": f"Report {minute}"},
             created_at=now - timedelta(minutes=minute),
         )
-    RPCLogFactory(
+    finished_call(
         method="billing.charge",
         status="failed",
         user=alice,
@@ -131,7 +137,7 @@ def test_admin_and_dashboard_in_a_browser(live_server, browser_page):
         duration_ms=812.0,
         created_at=now - timedelta(minutes=3),
     )
-    RPCLogFactory(
+    finished_call(
         method="inventory.reserve",
         status="timeout",
         error_code="TIMEOUT",
