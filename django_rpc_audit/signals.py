@@ -67,6 +67,7 @@ class RPCSignal(Signal):
     async def asend_robust(
         self, sender: Any, **named: Any
     ) -> list[tuple[Callable[..., Any], Exception | Any]]:
+        """Django's ``asend_robust``, calling :func:`loop_safe` receivers on the event loop."""
         if not self.receivers:
             return []
         sync_receivers, async_receivers = self._live_receivers(sender)
