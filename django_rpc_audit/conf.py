@@ -119,6 +119,14 @@ class DjangoCfgRPCConfig:
     #: Seconds the process waits at exit for the buffered writer to write what it holds.
     buffer_shutdown_timeout: float = 10.0
 
+    def __repr__(self) -> str:
+        # The dataclass repr would print REDIS_URL with its password.
+        fields = ", ".join(
+            f"{f.name}={redact_url(self.redis_url) if f.name == 'redis_url' else getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+        )
+        return f"DjangoCfgRPCConfig({fields})"
+
     def __post_init__(self) -> None:
         if isinstance(self.trusted_proxy_ips, list | set | frozenset):
             # Settings naturally give lists; a tuple keeps the frozen config hashable.

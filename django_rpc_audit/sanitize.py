@@ -303,4 +303,4 @@ def _cut_utf8(text: str, max_bytes: int) -> str:
 def _last_utf8(text: str, max_bytes: int) -> str:
     """The longest end of ``text`` that is at most ``max_bytes`` bytes in UTF-8."""
     data = text[-max_bytes:].encode("utf-8", "surrogatepass") if max_bytes else b""
-    return data[len(data) - max_bytes :].decode("utf-8", "ignore") if max_bytes else ""
+    return data[max(0, len(data) - max_bytes) :].decode("utf-8", "ignore") if max_bytes else ""
