@@ -218,8 +218,9 @@ def _scheme_spans(data: bytes, spans: list[tuple[int, int, bytes]], cut: bool) -
 def _assignment_spans(
     data: bytes, spans: list[tuple[int, int, bytes]], extra: frozenset[str]
 ) -> None:
+    covered = 0  # end of the last value redacted: keys inside it are hidden already
     for match in _assignment_pattern(extra).finditer(data):
-        if not _is_secret(match[1].decode("ascii", "replace"), extra):
+        if match.start() < covered or not _is_secret(match[1].decode("ascii", "replace"), extra):
             continue
         position = match.end()
         first = data[position : position + 1]
@@ -242,6 +243,7 @@ def _assignment_spans(
             start += 1
             if end > start and data[end - 1 : end] == first and end - 1 >= start:
                 end -= 1
+        covered = max(covered, value.end())
         if end <= start or data[start:end] == _REDACTED_BYTES:
             continue
         spans.append((start, end, _REDACTED_BYTES))
