@@ -58,7 +58,11 @@ class _Outcome:
             self.error_code, self.error_message = "client_error", f"{type(exc).__name__}: {exc}"
 
     def as_kwargs(
-        self, duration_ms: float, request: RPCRequest, redactor: Redactor, config: DjangoCfgRPCConfig
+        self,
+        duration_ms: float,
+        request: RPCRequest,
+        redactor: Redactor,
+        config: DjangoCfgRPCConfig,
     ) -> dict[str, Any]:
         """``rpc_finished``'s own arguments in their stored form: capped, then redacted (the
         caller gets the originals)."""

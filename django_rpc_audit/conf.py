@@ -121,10 +121,9 @@ class DjangoCfgRPCConfig:
 
     def __repr__(self) -> str:
         # The dataclass repr would print REDIS_URL with its password.
-        fields = ", ".join(
-            f"{f.name}={redact_url(self.redis_url) if f.name == 'redis_url' else getattr(self, f.name)!r}"
-            for f in dataclasses.fields(self)
-        )
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["redis_url"] = redact_url(self.redis_url)
+        fields = ", ".join(f"{name}={value!r}" for name, value in shown.items())
         return f"DjangoCfgRPCConfig({fields})"
 
     def __post_init__(self) -> None:

@@ -215,7 +215,7 @@ class _Walker:
         if isinstance(value, set | frozenset):
             items = self.sequence(value, depth, pair=False)
             # Sets have no order; a stable one makes equal sets log equal rows.
-            return sorted(items, key=lambda item: _dumps_plain(item))
+            return sorted(items, key=_dumps_plain)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             fields = {f.name: getattr(value, f.name, None) for f in dataclasses.fields(value)}
             return self.mapping(fields, fields.items(), depth)
@@ -381,4 +381,3 @@ def _stored_text(text: str, max_bytes: int, redactor: Redactor | None) -> str:
         tail = _last_utf8(tail, tail_bytes)
     capped = head + note + tail
     return capped if _utf8_size(capped) <= max_bytes else _cut_utf8(capped, max_bytes)
-

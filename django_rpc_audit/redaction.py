@@ -8,11 +8,10 @@ case-insensitively, so ``db_password``, ``X-Api-Key`` and ``accessToken`` are se
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import functools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -154,7 +153,7 @@ def _looks_like_credential(value: str) -> bool:
     """Tell ``Bearer eyJ0eXAi...`` from ``Basic authentication failed``."""
     if len(value) < 8:
         return False
-    return any(char.isdigit() or char in "-._~+/=\"" for char in value) or any(
+    return any(char.isdigit() or char in '-._~+/="' for char in value) or any(
         char.isupper() for char in value[1:]
     )
 
@@ -257,10 +256,9 @@ def _splice(data: bytes, spans: list[tuple[int, int, bytes]]) -> bytes:
     for start, end, replacement in spans:
         if end <= position:
             continue  # inside a span already replaced
-        if start < position:
-            start = position
-        else:
+        if start >= position:
             pieces += [data[position:start], replacement]
+        # else: it overlaps the previous span, whose replacement stands for both
         position = end
     pieces.append(data[position:])
     return b"".join(pieces)

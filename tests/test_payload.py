@@ -190,7 +190,9 @@ def test_the_client_sends_receivers_the_capped_form(echo_handler, signals, rpc_s
     assert started["params"]["_truncated"] is True
     assert len(started["params_json"].encode()) <= 1_024
     # the size the params had on the wire
-    assert started["params"]["original_bytes"] == len(json.dumps({"name": "a.pdf", "data": blob}, separators=(",", ":")))
+    assert started["params"]["original_bytes"] == len(
+        json.dumps({"name": "a.pdf", "data": blob}, separators=(",", ":"))
+    )
     assert finished["response"]["_truncated"] is True
     assert len(finished["response_json"].encode()) <= 1_024
 
@@ -248,6 +250,8 @@ def test_the_buffer_holds_at_most_its_byte_bound_and_keeps_failures():
     # A call already buffered is completed, never left pending.
     started = _event(10, None)
     writer.started(started)
-    writer.finished({**_event(60_000, "success"), **{k: started[k] for k in ("correlation_id", "started_at")}})
+    writer.finished(
+        {**_event(60_000, "success"), **{k: started[k] for k in ("correlation_id", "started_at")}}
+    )
     key = (started["correlation_id"], started["started_at"])
     assert writer._buffer[key][1].get("status") == "success"

@@ -184,8 +184,12 @@ def test_cap_text_counts_bytes_and_keeps_the_start_and_the_end():
     assert len(capped.encode("utf-8")) <= 1_000
     head, note, tail = capped.partition(" ... [truncated, 10000 bytes] ... ")
     assert note
-    assert head.startswith("üüü") and set(head) == {"ü"} and len(head.encode()) > 500
-    assert tail.endswith("äää") and set(tail) == {"ä"} and len(tail.encode()) > 250
+    assert head.startswith("üüü")
+    assert set(head) == {"ü"}
+    assert len(head.encode()) > 500
+    assert tail.endswith("äää")
+    assert set(tail) == {"ä"}
+    assert len(tail.encode()) > 250
     assert cap_text("short", 1_000) == "short"
 
 
@@ -221,7 +225,8 @@ def test_rows_are_capped_by_the_settings(rpc_settings):
     assert json_size(row.response) <= 256
     assert len(row.error_message.encode()) <= 200
     assert "[truncated, 5000 bytes]" in row.error_message
-    assert row.error_message.startswith("eee") and row.error_message.endswith("eee")
+    assert row.error_message.startswith("eee")
+    assert row.error_message.endswith("eee")
     assert len(row.user_agent.encode()) <= 128
     assert row.user_agent.startswith("UA/yyy")
 

@@ -46,7 +46,10 @@ def test_django_password_change_form_fields_are_not_stored(echo_handler, signals
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("Authorization: Token 9944b09199c62bcf9418ad846dd0e4bbdfc6ee4b", "Authorization: Token ***"),
+        (
+            "Authorization: Token 9944b09199c62bcf9418ad846dd0e4bbdfc6ee4b",
+            "Authorization: Token ***",
+        ),
         ("Authorization: ApiKey 9944b09199c62bcf", "Authorization: ApiKey ***"),
         ('Authorization: Digest username="bob", response="6629fae4"', "Authorization: Digest ***"),
         ("Proxy-Authorization: Basic dXNlcjpwYXNz", "Proxy-Authorization: Basic ***"),
@@ -155,9 +158,7 @@ def test_invalid_urls_hide_their_password_in_errors_and_checks(password, rpc_set
 
 
 def test_method_rules_apply_in_the_order_written(local_handler, signals, rpc_settings):
-    rpc_settings(
-        REDACT_METHODS={"auth.login*": {"params": "drop"}, "auth.*": {"params": ["user"]}}
-    )
+    rpc_settings(REDACT_METHODS={"auth.login*": {"params": "drop"}, "auth.*": {"params": ["user"]}})
     local_handler("auth.login_sso", lambda params: {"ok": True})
     get_rpc_client().call("auth.login_sso", {"user": "ann", "otp_code": "123456"})
     assert signals.started[0]["params"] == {"_redacted": "dropped by a per-method rule"}
@@ -177,9 +178,7 @@ def test_sample_rates_apply_in_the_order_written(rpc_settings):
 # -- item 17: deep params ------------------------------------------------------------------------
 
 
-def test_params_nested_5000_levels_raise_type_error_before_anything_is_sent(
-    echo_handler, signals
-):
+def test_params_nested_5000_levels_raise_type_error_before_anything_is_sent(echo_handler, signals):
     deep: object = "leaf"
     for _ in range(5_000):
         deep = [deep]

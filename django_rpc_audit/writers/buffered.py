@@ -53,9 +53,9 @@ class BufferedLogWriter:
 
     Bounded: at most ``buffer_size`` calls and about ``buffer_max_bytes`` bytes
     (:func:`~django_rpc_audit.writers.sink.event_bytes`) are held. When the buffer is full, a
-    started event is not buffered (the call's row is written whole from its finished event), a successful call
-    is dropped, and a failed or timed-out call takes the place of the oldest buffered
-    successful one; every dropped call is counted (:meth:`stats`) and logged.
+    started event is not buffered (the call's row is written whole from its finished event), a
+    successful call is dropped, and a failed or timed-out call takes the place of the oldest
+    buffered successful one; every dropped call is counted (:meth:`stats`) and logged.
 
     While the database is unreachable the thread retries the same batch with exponential
     backoff (up to ``max_retry_delay`` seconds) and loses nothing that fits in the buffer.
