@@ -47,7 +47,6 @@ from django_rpc_audit.sanitize import (
     _sanitize,
     _utf8_size,
     clean_text,
-    json_size,
 )
 from django_rpc_audit.utils import REDACTED
 
@@ -128,8 +127,7 @@ def _stored(
         original_bytes = size
     elif original_bytes is None:
         original_bytes = _json_size(value)
-    marker = _marker(text, original_bytes, max_bytes)
-    return Stored(marker, _dumps_plain(marker), truncated=True)
+    return _marker(text, original_bytes, max_bytes)
 
 
 def _json_size(value: Any) -> int | None:
@@ -141,17 +139,21 @@ def _json_size(value: Any) -> int | None:
         return None
 
 
-def _marker(text: str, original_bytes: int | None, max_bytes: int) -> dict[str, Any]:
-    marker: dict[str, Any] = {TRUNCATED_KEY: True, "original_bytes": original_bytes}
-    marker["preview"] = ""
-    room = max_bytes - json_size(marker)
-    if room > 0:
-        preview = _cut_utf8(text, room)
-        # Escapes (quotes, backslashes, control characters) grow the preview inside JSON.
-        while preview and json_size({**marker, "preview": preview}) > max_bytes:
-            preview = preview[: max(0, len(preview) - max(1, len(preview) // 10))]
-        marker["preview"] = preview
-    return marker
+def _marker(text: str, original_bytes: int | None, max_bytes: int) -> Stored:
+    """The truncation marker of ``text``, its own text made with one encoding of the preview."""
+    head = f'{{"{TRUNCATED_KEY}":true,"original_bytes":{json.dumps(original_bytes)},"preview":'
+    room = max_bytes - len(head) - 3  # the preview's quotes and the closing brace
+    preview = _cut_utf8(text, room) if room > 0 else ""
+    encoded = _encode_string(preview)
+    # Escapes (quotes, backslashes, control characters) grow the preview inside JSON.
+    while preview and len(head) + _utf8_size(encoded) + 1 > max_bytes:
+        preview = preview[: max(0, len(preview) - max(1, len(preview) // 10))]
+        encoded = _encode_string(preview)
+    marker = {TRUNCATED_KEY: True, "original_bytes": original_bytes, "preview": preview}
+    return Stored(marker, f"{head}{encoded}}}", truncated=True)
+
+
+_encode_string = json.encoder.encode_basestring  # what _dumps_plain writes for a str
 
 
 class _Walker:
