@@ -45,7 +45,22 @@ from buffered_writer import (  # noqa: E402
 )
 from call_overhead import responder  # noqa: E402
 
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly", "judge"]
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "judge",
+]
 
 
 def prose(size: int) -> dict[str, Any]:
