@@ -117,6 +117,10 @@ class DjangoCfgRPCConfig:
     #: Most calls the buffered writer holds in memory. When full, successful calls are dropped
     #: first (counted and logged); failures and timeouts are kept.
     buffer_size: int = 100_000
+    #: Most bytes the buffered writer holds in memory, estimated from the calls' stored texts
+    #: (params and response JSON, counted twice, error message, user agent, 1 KB a call). When
+    #: it would go over, successful calls are dropped first (counted and logged).
+    buffer_max_bytes: int = 64 * 2**20
     #: Rows per batch of the buffered writer: one ``COPY`` (or ``INSERT``) and one commit.
     buffer_batch_size: int = 1_000
     #: Seconds between the buffered writer's flushes (sooner once a batch is full).
@@ -126,6 +130,13 @@ class DjangoCfgRPCConfig:
     buffer_max_retry_delay: float = 10.0
     #: Seconds the process waits at exit for the buffered writer to write what it holds.
     buffer_shutdown_timeout: float = 10.0
+
+    def __repr__(self) -> str:
+        # The dataclass repr would print REDIS_URL with its password.
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["redis_url"] = redact_url(self.redis_url)
+        fields = ", ".join(f"{name}={value!r}" for name, value in shown.items())
+        return f"DjangoCfgRPCConfig({fields})"
 
     def __post_init__(self) -> None:
         if isinstance(self.trusted_proxy_ips, list | set | frozenset):
@@ -206,9 +217,10 @@ def _validate(config: DjangoCfgRPCConfig) -> None:
 
 
 def _pairs(value: object) -> object:
-    """A settings dict (or ``key=value`` strings from the environment) as sorted pairs."""
+    """A settings dict (or ``key=value`` strings from the environment) as pairs, in the order
+    written: glob rules are tried in that order (the first match wins)."""
     if isinstance(value, Mapping):
-        return tuple(sorted(value.items(), key=lambda item: str(item[0])))
+        return tuple(value.items())
     if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
         pairs = []
         for item in value:
@@ -362,6 +374,16 @@ def _validate_buffered_writer(config: DjangoCfgRPCConfig) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise _fail(name.upper(), f"must be a positive integer, not {value!r}.")
+    one_call = 2 * (config.max_params_bytes + config.max_response_bytes) + (
+        config.max_error_message_bytes + config.max_user_agent_bytes + 1_024
+    )
+    max_bytes = config.buffer_max_bytes
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < one_call:
+        raise _fail(
+            "BUFFER_MAX_BYTES",
+            f"must be a whole number of bytes that holds at least one call of the largest size "
+            f"the MAX_*_BYTES caps allow ({one_call}), not {max_bytes!r}.",
+        )
     for name in ("buffer_flush_interval", "buffer_max_retry_delay", "buffer_shutdown_timeout"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
