@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 _Key = tuple[str, datetime]
 _Entry = tuple[int, dict[str, Any]]
 
+#: Outcomes dropped first when the buffer is full: successes, and calls a rate limit refused
+#: (a flood of those must not push out the failures).
+_EXPENDABLE = frozenset({RPCStatus.SUCCESS.value, RPCStatus.RATE_LIMITED.value})
+
 #: First wait before retrying an unreachable database; doubled up to BUFFER_MAX_RETRY_DELAY.
 _FIRST_RETRY_DELAY = 0.1
 
@@ -52,9 +56,10 @@ class BufferedLogWriter:
     a call still running at write time is inserted as ``pending`` and completed later.
 
     Bounded: at most ``buffer_size`` calls are held. When the buffer is full, a started event is
-    not buffered (the call's row is written whole from its finished event), a successful call
-    is dropped, and a failed or timed-out call takes the place of the oldest buffered
-    successful one; every dropped call is counted (:meth:`stats`) and logged.
+    not buffered (the call's row is written whole from its finished event), a successful (or
+    rate-limited) call is dropped, and a failed or timed-out call takes the place of the
+    oldest buffered successful or rate-limited one; every dropped call is counted
+    (:meth:`stats`) and logged.
 
     While the database is unreachable the thread retries the same batch with exponential
     backoff (up to ``max_retry_delay`` seconds) and loses nothing that fits in the buffer.
@@ -88,7 +93,8 @@ class BufferedLogWriter:
     def _reset_state(self) -> None:
         self._lock = threading.Lock()
         self._buffer: dict[_Key, _Entry] = {}
-        # Buffered successful calls, oldest first: what goes when a failure needs room.
+        # Buffered successful (and rate-limited) calls, oldest first: what goes when a failure
+        # needs room.
         self._successes: OrderedDict[_Key, None] = OrderedDict()
         self._seq = 0
         self._wake = threading.Event()
@@ -128,7 +134,7 @@ class BufferedLogWriter:
             if full and not self._make_room(status):
                 return
             buffer[key] = (self._seq, event)
-            if status == RPCStatus.SUCCESS:
+            if status in _EXPENDABLE:
                 self._successes[key] = None
             size = len(buffer)
         if self._thread is None and self.background:
@@ -141,11 +147,11 @@ class BufferedLogWriter:
         if status is None:
             # Not buffering a started event loses nothing: the finished one makes the row.
             return False
-        if status != RPCStatus.SUCCESS and self._successes:
+        if status not in _EXPENDABLE and self._successes:
             victim, _ = self._successes.popitem(last=False)
             del self._buffer[victim]
         self._dropped += 1
-        return status != RPCStatus.SUCCESS and len(self._buffer) < self.buffer_size
+        return status not in _EXPENDABLE and len(self._buffer) < self.buffer_size
 
     # -- flushing -----------------------------------------------------------------------------
 
