@@ -94,13 +94,25 @@ def rate_limit_stats() -> RateLimitStats:
 # -- subjects -----------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4096)
 def ip_subject(caller_ip: str, ipv6_prefix: int = 64) -> str:
     """``"ip:<address>"``; an IPv6 address stands for its ``/ipv6_prefix`` network.
 
     One host commonly holds a whole IPv6 /64, so keying by the full address would hand it
-    billions of budgets. An IPv4-mapped IPv6 address counts as its IPv4 address.
+    billions of budgets. An IPv4-mapped IPv6 address counts as its IPv4 address. Parsed once
+    per address (a site sees the same few again and again); no address is that long, so a
+    longer string is never cached.
     """
+    if len(caller_ip) > _LONGEST_ADDRESS:
+        return f"ip:{_bounded(caller_ip)}"
+    return _ip_subject(caller_ip, ipv6_prefix)
+
+
+#: An IPv6 address with an IPv4 tail and a zone index fits in this.
+_LONGEST_ADDRESS = 100
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip_subject(caller_ip: str, ipv6_prefix: int) -> str:
     try:
         address = ipaddress.ip_address(caller_ip.partition("%")[0])
     except ValueError:
@@ -226,40 +238,43 @@ class RateLimiter:
 
         :raises RPCRateLimitedError: over the limit.
         """
-        ticket = self.ticket(request.method, user, caller_ip)
-        if ticket is None:
-            return request
-        if self.combined:
-            return dataclasses.replace(request, rate_limit=ticket)
-        if self.backing_off():
-            self.pass_unchecked(ticket)
-            return request
-        try:
-            wait = gcra.run(self.client, [ticket.key], self.arguments(ticket))
-        except redis.RedisError as exc:
-            self.failed(ticket, exc)
-            return request
-        self.decided(ticket, wait)
+        request, ticket = self._to_check(request, user, caller_ip)
+        if ticket is not None:
+            try:
+                wait = gcra.run(self.client, [ticket.key], self.arguments(ticket))
+            except redis.RedisError as exc:
+                self.failed(ticket, exc)
+            else:
+                self.decided(ticket, wait)
         return request
 
     async def alimit(self, request: RPCRequest, user: Any, caller_ip: str | None) -> RPCRequest:
         """The ``async`` twin of :meth:`limit`; never blocks the event loop."""
+        request, ticket = self._to_check(request, user, caller_ip)
+        if ticket is not None:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    client = self._async_client()
+                    wait = await gcra.arun(client, [ticket.key], self.arguments(ticket))
+            except (redis.RedisError, TimeoutError) as exc:
+                self.failed(ticket, exc)
+            else:
+                self.decided(ticket, wait)
+        return request
+
+    def _to_check(
+        self, request: RPCRequest, user: Any, caller_ip: str | None
+    ) -> tuple[RPCRequest, RateLimitTicket | None]:
+        """The request to send, and the ticket :meth:`limit` must still check (or ``None``)."""
         ticket = self.ticket(request.method, user, caller_ip)
         if ticket is None:
-            return request
+            return request, None
         if self.combined:
-            return dataclasses.replace(request, rate_limit=ticket)
+            return dataclasses.replace(request, rate_limit=ticket), None
         if self.backing_off():
             self.pass_unchecked(ticket)
-            return request
-        try:
-            async with asyncio.timeout(self.timeout):
-                wait = await gcra.arun(self._async_client(), [ticket.key], self.arguments(ticket))
-        except (redis.RedisError, TimeoutError) as exc:
-            self.failed(ticket, exc)
-            return request
-        self.decided(ticket, wait)
-        return request
+            return request, None
+        return request, ticket
 
     def ticket(self, method: str, user: Any, caller_ip: str | None) -> RateLimitTicket | None:
         """The check a call of ``method`` needs, or ``None`` when it is not limited.
