@@ -121,12 +121,14 @@ def test_four_processes_get_no_more_than_the_limit_through(
     refused = sum(report["refused"] for report in reports)
     window = max(report["ended"] for report in reports) - go
     # Every call either went through or was refused with RPCRateLimitedError; nothing else.
-    assert [report["errors"] for report in reports] == [[]] * len(PROCESSES)
-    assert all(report["refused_otherwise"] == 0 for report in reports)
-    assert all(report["allowed"] and report["refused"] for report in reports)
+    # (Which process got the allowed calls is the scheduler's business: only totals count.)
+    assert [report["errors"] for report in reports] == [[]] * len(PROCESSES), reports
+    assert all(report["refused_otherwise"] == 0 for report in reports), reports
+    assert all(report["allowed"] + report["refused"] for report in reports), reports
+    assert refused, reports
     # GCRA's bound over the window the calls were made in: burst + window / T.
     bound = LIMIT.burst + window * 1_000_000 / LIMIT.interval_us
-    assert LIMIT.burst < allowed <= bound, (allowed, bound, window)
+    assert LIMIT.burst < allowed <= bound, (allowed, bound, window, reports)
     # No refused caller was told to wait longer than one emission interval.
     assert max(r["longest_retry_after"] for r in reports) <= LIMIT.interval_us / 1_000_000
 
