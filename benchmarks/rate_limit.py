@@ -94,8 +94,9 @@ def measure(calls: int, settings: dict[str, Any]) -> tuple[list[float], float, i
     return samples, cpu_per_call, refused
 
 
-def limiter_cost(calls: int) -> tuple[float, float]:
-    """ns per ``RateLimiter.limit()`` of an unlimited method, and bytes allocated per call."""
+def limiter_cost(calls: int) -> tuple[float, float, float]:
+    """ns per ``RateLimiter.limit()`` of an unlimited method, bytes allocated per such call,
+    and ns per ``RateLimiter.ticket()`` of a limited one (the Python work before Redis)."""
     from django_rpc_audit.conf import DjangoCfgRPCConfig
     from django_rpc_audit.ratelimit import RateLimiter
     from django_rpc_audit.transports import LocalTransport, RPCRequest
@@ -115,7 +116,11 @@ def limiter_cost(calls: int) -> tuple[float, float]:
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
     allocated = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
-    return ns, allocated / calls
+    started = time.perf_counter()
+    for _ in range(calls):
+        limiter.ticket(LIMITED, None, "192.0.2.1")
+    ticket_ns = (time.perf_counter() - started) * 1e9 / calls
+    return ns, allocated / calls, ticket_ns
 
 
 def main() -> None:
@@ -172,8 +177,9 @@ def main() -> None:
             f"{name:<30}{median:>10.1f}{p99:>10.1f}{median / base:>7.3f}"
             f"{cpu_median:>8.1f}{cpu_median / base_cpu:>7.3f}{refused[name]:>9}"
         )
-    ns, allocated = limiter_cost(200_000)
+    ns, allocated, ticket_ns = limiter_cost(200_000)
     print(f"RateLimiter.limit(), unlimited method: {ns:.0f} ns/call, {allocated:.3f} bytes/call")
+    print(f"RateLimiter.ticket(), limited method (no Redis): {ticket_ns:.0f} ns/call")
 
 
 if __name__ == "__main__":

@@ -293,17 +293,16 @@ class RateLimiter:
         if user is not None and self._exempt(user):
             return None
         pattern, limit = rule
-        call = RateLimitCall(method, user, caller_ip, limit, self.subject(user, caller_ip))
+        subject = self.subject(user, caller_ip)
         if self.policy is not None:
-            decided = self._apply_policy(call)
+            decided = self._apply_policy(RateLimitCall(method, user, caller_ip, limit, subject))
             if decided is None:
                 return None
-            call = decided
-        scope = f"p:{pattern}" if call.limit.shared else f"m:{method}"
-        scope, subject = _bounded(scope), _bounded(call.subject)
+            limit, subject = decided.limit, decided.subject
+        scope = _bounded(f"p:{pattern}" if limit.shared else f"m:{method}")
         # The scope's length first: no method name can make two keys collide.
-        key = f"{self.key_prefix}{len(scope)}:{scope}:{subject}"
-        return RateLimitTicket(self, method, key, call.limit)
+        key = f"{self.key_prefix}{len(scope)}:{scope}:{_bounded(subject)}"
+        return RateLimitTicket(self, method, key, limit)
 
     def subject(self, user: Any, caller_ip: str | None) -> str:
         """Whose budget a call draws on: ``"user:<pk>"``, else ``"ip:<address>"``, else
