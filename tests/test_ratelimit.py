@@ -37,6 +37,7 @@ from django_rpc_audit.ratelimit.limiter import RateLimiter, ip_subject
 from django_rpc_audit.ratelimit.rules import match_rule
 from django_rpc_audit.transports import LocalTransport, RPCRequest
 from scripts.ipc_server import free_port
+from tests.conftest import unavailable
 from tests.factories import UserFactory
 from tests.test_transports_redis import Responder, echo
 
@@ -153,7 +154,7 @@ def private_redis() -> Iterator[PrivateRedis]:
     try:
         server.start()
     except FileNotFoundError:
-        pytest.skip("redis-server is not installed")
+        unavailable("redis-server is not installed")
     yield server
     server.stop()
 
