@@ -561,6 +561,18 @@ def test_a_limit_on_another_redis_checks_before_sending(
     private.close()
 
 
+@pytest.mark.redis
+@pytest.mark.django_db
+def test_refused_calls_are_logged_whatever_the_sample_rate(limits, echo_handler) -> None:
+    limits({"test.echo": "1/hour"}, SAMPLE_RATE=0.0)
+    client = get_rpc_client()
+    with rpc_context(caller_ip="198.51.100.10"):
+        client.call("test.echo")
+        refused(lambda: client.call("test.echo"))
+    row = RPCLog.objects.get()  # the success was sampled away, the refusal was not
+    assert (row.status, row.sample_rate) == (RPCStatus.RATE_LIMITED, 1.0)
+
+
 # -- whose budget ----------------------------------------------------------------------------
 
 
