@@ -18,6 +18,8 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
 from django_rpc_audit.context import aresolve_user, get_caller_context, resolve_user
 from django_rpc_audit.exceptions import RPCDisabledError, RPCError, RPCTimeoutError
+from django_rpc_audit.integrations import build_instrumentation
+from django_rpc_audit.integrations.base import CallProbe
 from django_rpc_audit.redaction import Redactor, get_redactor
 from django_rpc_audit.signals import rpc_finished, rpc_started
 from django_rpc_audit.status import RPCStatus
@@ -84,6 +86,8 @@ class RPCClient:
         self.transport = transport if transport is not None else build_transport(config)
         #: Redacts what the signals carry, by ``REDACT_KEYS`` and ``REDACT_METHODS``.
         self.redactor: Redactor = get_redactor(config.redact_keys, config.redact_methods)
+        #: Tracing and metrics (``OTEL_*``, ``PROMETHEUS_METRICS``); ``None`` when all are off.
+        self.instrumentation = build_instrumentation(config)
 
     def __repr__(self) -> str:
         return f"<RPCClient {self.transport!r}>"
@@ -138,8 +142,20 @@ class RPCClient:
             raise TypeError(f"RPC params for {method!r} cannot be sent as JSON: {exc}") from exc
         return RPCRequest(method, params, correlation_id, reply_to, float(timeout), body)
 
+    def _probe(self, request: RPCRequest) -> CallProbe | None:
+        """Start the call's span (its trace context joins ``probe.request``); ``None`` when
+        tracing and metrics are off."""
+        if self.instrumentation is None:
+            return None
+        return self.instrumentation.start(request)
+
     def _started(
-        self, request: RPCRequest, user: Any, caller_ip: str | None, user_agent: str | None
+        self,
+        request: RPCRequest,
+        user: Any,
+        caller_ip: str | None,
+        user_agent: str | None,
+        probe: CallProbe | None = None,
     ) -> dict[str, Any]:
         """The keyword arguments of ``rpc_started``; explicit values win over the context.
 
@@ -155,10 +171,14 @@ class RPCClient:
             "caller_ip": caller_ip if caller_ip is not None else context.caller_ip,
             "user_agent": user_agent if user_agent is not None else context.user_agent,
             "started_at": datetime.now(UTC),
+            "trace_id": probe.trace_id if probe is not None else None,
+            "span_id": probe.span_id if probe is not None else None,
         }
 
     @contextlib.contextmanager
-    def _reported(self, started: dict[str, Any]) -> Iterator[_Outcome]:
+    def _reported(
+        self, started: dict[str, Any], probe: CallProbe | None = None
+    ) -> Iterator[_Outcome]:
         """Send ``rpc_started``, time the block, then send ``rpc_finished`` whatever happened."""
         rpc_started.send_robust(sender=type(self), **started)
         outcome = _Outcome()
@@ -171,10 +191,16 @@ class RPCClient:
         finally:
             duration_ms = (time.perf_counter() - clock) * 1000
             finished = outcome.as_kwargs(duration_ms, started["method"], self.redactor)
+            if probe is not None:
+                probe.finish(
+                    outcome.status, outcome.error_code, finished["error_message"], duration_ms
+                )
             rpc_finished.send_robust(sender=type(self), **started, **finished)
 
     @contextlib.asynccontextmanager
-    async def _areported(self, started: dict[str, Any]) -> AsyncIterator[_Outcome]:
+    async def _areported(
+        self, started: dict[str, Any], probe: CallProbe | None = None
+    ) -> AsyncIterator[_Outcome]:
         """The ``async`` twin of :meth:`_reported`."""
         await rpc_started.asend_robust(sender=type(self), **started)
         outcome = _Outcome()
@@ -186,11 +212,12 @@ class RPCClient:
             raise
         finally:
             duration_ms = (time.perf_counter() - clock) * 1000
-            finished = rpc_finished.asend_robust(
-                sender=type(self),
-                **started,
-                **outcome.as_kwargs(duration_ms, started["method"], self.redactor),
-            )
+            kwargs = outcome.as_kwargs(duration_ms, started["method"], self.redactor)
+            if probe is not None:
+                probe.finish(
+                    outcome.status, outcome.error_code, kwargs["error_message"], duration_ms
+                )
+            finished = rpc_finished.asend_robust(sender=type(self), **started, **kwargs)
             # A cancelled call still reports how it ended: shield the report from a second
             # cancellation of the task.
             await asyncio.shield(finished)
@@ -226,8 +253,10 @@ class RPCClient:
         request = self._request(method, params, timeout, correlation_id)
         if user is None:
             user = resolve_user(get_caller_context())
-        with self._reported(self._started(request, user, caller_ip, user_agent)) as outcome:
-            outcome.succeed(self.transport.call(request))
+        probe = self._probe(request)
+        started = self._started(request, user, caller_ip, user_agent, probe)
+        with self._reported(started, probe) as outcome:
+            outcome.succeed(self.transport.call(probe.request if probe else request))
         return outcome.result
 
     async def acall(
@@ -250,8 +279,10 @@ class RPCClient:
         request = self._request(method, params, timeout, correlation_id)
         if user is None:
             user = await aresolve_user(get_caller_context())
-        async with self._areported(self._started(request, user, caller_ip, user_agent)) as outcome:
-            outcome.succeed(await self.transport.acall(request))
+        probe = self._probe(request)
+        started = self._started(request, user, caller_ip, user_agent, probe)
+        async with self._areported(started, probe) as outcome:
+            outcome.succeed(await self.transport.acall(probe.request if probe else request))
         return outcome.result
 
     def fire_and_forget(self, method: str, params: Mapping[str, Any] | None = None) -> str:
@@ -264,8 +295,9 @@ class RPCClient:
         _refuse_on_event_loop("fire_and_forget")
         request = self._request(method, params, None, None)
         user = resolve_user(get_caller_context())
-        with self._reported(self._started(request, user, None, None)) as outcome:
-            self.transport.send(request)
+        probe = self._probe(request)
+        with self._reported(self._started(request, user, None, None, probe), probe) as outcome:
+            self.transport.send(probe.request if probe else request)
             outcome.succeed(None)
         return request.correlation_id
 

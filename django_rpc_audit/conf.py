@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -114,6 +115,26 @@ class DjangoCfgRPCConfig:
     buffer_max_retry_delay: float = 10.0
     #: Seconds the process waits at exit for the buffered writer to write what it holds.
     buffer_shutdown_timeout: float = 10.0
+    # -- metrics and traces (integrations/)
+    #: Trace every call as an OpenTelemetry CLIENT span of the global tracer provider (needs
+    #: ``django-rpc-audit[otel]`` and an SDK), send its W3C trace context with the request and
+    #: store its trace and span ids on the row.
+    otel_traces: bool = False
+    #: Record the histogram ``rpc.client.call.duration`` (seconds) through the OpenTelemetry
+    #: metrics API.
+    otel_metrics: bool = False
+    #: Attribute that carries a failed call's error code on spans and metrics:
+    #: ``rpc.response.status_code`` (semantic conventions 1.39 to 1.44; ``rpc.status_code``
+    #: after them). Empty: not set.
+    otel_status_code_attribute: str = "rpc.response.status_code"
+    #: Count and time calls and the log pipeline in prometheus-client's registry (needs
+    #: ``django-rpc-audit[prometheus]``).
+    prometheus_metrics: bool = False
+    #: Distinct method names a process uses as metric labels; any further one is ``_OTHER``.
+    metrics_max_methods: int = 100
+    #: The admin links a row to its trace with this URL; ``{trace_id}`` (and ``{span_id}``) are
+    #: replaced by the row's ids. Empty: no link.
+    trace_url_template: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.trusted_proxy_ips, list | set | frozenset):
@@ -191,6 +212,7 @@ def _validate(config: DjangoCfgRPCConfig) -> None:
     _validate_data_hygiene(config)
     _validate_admin(config)
     _validate_buffered_writer(config)
+    _validate_integrations(config)
 
 
 def _pairs(value: object) -> object:
@@ -354,6 +376,35 @@ def _validate_buffered_writer(config: DjangoCfgRPCConfig) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise _fail(name.upper(), f"must be a positive number of seconds, not {value!r}.")
+
+
+#: A span attribute key: dotted lower-case words (``rpc.response.status_code``).
+_ATTRIBUTE_KEY = re.compile(r"^[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)*$")
+
+
+def _validate_integrations(config: DjangoCfgRPCConfig) -> None:
+    for name in ("otel_traces", "otel_metrics", "prometheus_metrics"):
+        if not isinstance(getattr(config, name), bool):
+            raise _fail(name.upper(), f"must be True or False, not {getattr(config, name)!r}.")
+    key = config.otel_status_code_attribute
+    if not isinstance(key, str) or (key and not _ATTRIBUTE_KEY.match(key)):
+        raise _fail(
+            "OTEL_STATUS_CODE_ATTRIBUTE",
+            f"must be an attribute key such as 'rpc.response.status_code', or '', not {key!r}.",
+        )
+    limit = config.metrics_max_methods
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise _fail("METRICS_MAX_METHODS", f"must be a positive integer, not {limit!r}.")
+    template = config.trace_url_template
+    if not isinstance(template, str):
+        raise _fail("TRACE_URL_TEMPLATE", f"must be a URL string, not {template!r}.")
+    if template:
+        scheme = urlsplit(template).scheme
+        if scheme not in ("http", "https") or "{trace_id}" not in template:
+            raise _fail(
+                "TRACE_URL_TEMPLATE",
+                f"must be an http(s) URL containing '{{trace_id}}', not {template!r}.",
+            )
 
 
 def validate_redis_url(url: object) -> None:

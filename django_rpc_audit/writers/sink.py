@@ -147,6 +147,8 @@ def _started_values(
     caller_ip: str | None,
     user_agent: str | None,
     json_text: bool = False,
+    trace_id: str | None = None,
+    span_id: str | None = None,
 ) -> dict[str, Any]:
     """Column values known when a call starts, made safe to store whatever the caller passed.
 
@@ -168,6 +170,8 @@ def _started_values(
         "user_id": user_pk,
         "caller_ip": _ip_or_none(caller_ip),
         "user_agent": _capped_text(user_agent, config.max_user_agent_bytes),
+        "trace_id": _truncate(trace_id, 32),
+        "span_id": _truncate(span_id, 16),
     }
 
 
@@ -181,6 +185,8 @@ def _started_row(
     started_at: datetime,
     *,
     for_copy: bool = False,
+    trace_id: str | None = None,
+    span_id: str | None = None,
 ) -> dict[str, Any]:
     """The ``pending`` row of a call: its id, :func:`_started_values` and ``created_at``.
 
@@ -190,7 +196,15 @@ def _started_row(
     return {
         "id": (call_log_id_hex if for_copy else call_log_id)(correlation_id, started_at),
         **_started_values(
-            correlation_id, method, params, user, caller_ip, user_agent, json_text=for_copy
+            correlation_id,
+            method,
+            params,
+            user,
+            caller_ip,
+            user_agent,
+            json_text=for_copy,
+            trace_id=trace_id,
+            span_id=span_id,
         ),
         "created_at": stored_datetime(started_at),
     }
@@ -209,11 +223,23 @@ def record_started(
     caller_ip: str | None,
     user_agent: str | None,
     started_at: datetime,
+    trace_id: str | None = None,
+    span_id: str | None = None,
     **extra: Any,
 ) -> RPCLog:
     """Insert the ``pending`` row of a call that has just started (``rpc_started``'s kwargs)."""
     return queryset.create(
-        **_started_row(correlation_id, method, params, user, caller_ip, user_agent, started_at)
+        **_started_row(
+            correlation_id,
+            method,
+            params,
+            user,
+            caller_ip,
+            user_agent,
+            started_at,
+            trace_id=trace_id,
+            span_id=span_id,
+        )
     )
 
 
@@ -234,6 +260,8 @@ def record_finished(
     duration_ms: float | None,
     completed_at: datetime,
     sample_rate: float = 1.0,
+    trace_id: str | None = None,
+    span_id: str | None = None,
     **extra: Any,
 ) -> None:
     """Complete the row of a finished call (``rpc_finished``'s kwargs).
@@ -254,7 +282,17 @@ def record_finished(
     if queryset.filter(pk=log_id).update(**outcome):
         return
     queryset.create(
-        **_started_row(correlation_id, method, params, user, caller_ip, user_agent, started_at),
+        **_started_row(
+            correlation_id,
+            method,
+            params,
+            user,
+            caller_ip,
+            user_agent,
+            started_at,
+            trace_id=trace_id,
+            span_id=span_id,
+        ),
         **outcome,
     )
 
@@ -269,6 +307,8 @@ STARTED_KEYS: tuple[str, ...] = (
     "user",
     "caller_ip",
     "user_agent",
+    "trace_id",
+    "span_id",
 )
 #: The ``rpc_finished`` keys :func:`outcome_values` takes (the event has the started ones too).
 OUTCOME_KEYS: tuple[str, ...] = (
