@@ -52,7 +52,11 @@ class CallTracer(Protocol):
     """Starts and ends the span of a call (OpenTelemetry's is the one built in)."""
 
     def start(self, method: str) -> TracedCall:
-        """Start the span of a call to ``method``; what goes on the wire and on the row."""
+        """Start the span of a call to ``method``; its ids for the row."""
+        ...
+
+    def wire_fields(self, span: Any) -> Mapping[str, str]:
+        """The trace context of ``span`` as request message fields (``traceparent``)."""
         ...
 
     def end(
@@ -77,10 +81,9 @@ class CallRecorder(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class TracedCall:
-    """A started span, the fields its context adds to the request, and the ids for the row."""
+    """A started span and the ids the row stores (``None`` unless the trace is sampled)."""
 
     span: Any
-    wire_fields: Mapping[str, str]
     trace_id: str | None = None
     span_id: str | None = None
 
@@ -132,14 +135,15 @@ class Instrumentation:
         if self.tracer is not None:
             try:
                 traced = self.tracer.start(request.method)
-                probe.span, probe.trace_id, probe.span_id = (
-                    traced.span,
-                    traced.trace_id,
-                    traced.span_id,
-                )
-                probe.request = with_wire_fields(request, traced.wire_fields)
             except Exception:
                 self._failed("start the span of")
+                return probe
+            probe.span, probe.trace_id, probe.span_id = traced.span, traced.trace_id, traced.span_id
+            try:
+                probe.request = with_wire_fields(request, self.tracer.wire_fields(traced.span))
+            except Exception:
+                # The call is still traced; only its server cannot continue the trace.
+                self._failed("send the trace context of")
         return probe
 
     def finish(

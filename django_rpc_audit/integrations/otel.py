@@ -63,20 +63,22 @@ class OTelTracer:
             method, kind=SpanKind.CLIENT, attributes={**self.attributes, "rpc.method": method}
         )
         context = span.get_span_context()
-        if not context.is_valid:
-            return TracedCall(span, {})
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier, context=trace.set_span_in_context(span))
-        if not context.trace_flags.sampled:
-            # The trace is not recorded: its context still goes on (the server must not
-            # sample it either), but the row gets no link to a trace that does not exist.
-            return TracedCall(span, carrier)
+        if not context.is_valid or not context.trace_flags.sampled:
+            # Not recorded: the row gets no link to a trace that does not exist (the context
+            # still goes on the wire, so that the server does not sample it either).
+            return TracedCall(span)
         return TracedCall(
             span,
-            carrier,
             trace_id=trace.format_trace_id(context.trace_id),
             span_id=trace.format_span_id(context.span_id),
         )
+
+    def wire_fields(self, span: Any) -> dict[str, str]:
+        """``traceparent`` and ``tracestate`` (or what the global propagator writes)."""
+        carrier: dict[str, str] = {}
+        if span.get_span_context().is_valid:
+            propagate.inject(carrier, context=trace.set_span_in_context(span))
+        return carrier
 
     def end(
         self,
