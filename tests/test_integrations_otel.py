@@ -61,9 +61,7 @@ def client_spans(sdk: OTelSDK) -> list[Any]:
 
 
 def span_ids(span: Any) -> tuple[str, str]:
-    return trace.format_trace_id(span.context.trace_id), trace.format_span_id(
-        span.context.span_id
-    )
+    return trace.format_trace_id(span.context.trace_id), trace.format_span_id(span.context.span_id)
 
 
 def duration_ms(span: Any) -> float:
@@ -91,7 +89,8 @@ def test_the_row_stores_the_spans_ids_and_its_duration_is_the_spans(traced, echo
     (span,) = traced.spans()
     log = RPCLog.objects.get()
     assert (log.trace_id, log.span_id) == span_ids(span)
-    assert len(log.trace_id) == 32 and len(log.span_id) == 16
+    assert len(log.trace_id) == 32
+    assert len(log.span_id) == 16
     # The span lasts exactly what the row says the call lasted (to the nanosecond).
     assert duration_ms(span) == pytest.approx(log.duration_ms, abs=1e-6)
 
@@ -203,7 +202,9 @@ def django_instrumented() -> Iterator[None]:
 
 
 @pytest.mark.parametrize("path", ["/sync/call/", "/async/call/"])
-def test_the_span_sits_under_the_django_request_span(traced, echo_handler, django_instrumented, path):
+def test_the_span_sits_under_the_django_request_span(
+    traced, echo_handler, django_instrumented, path
+):
     response = Client().get(path, {"who": "otel"})
 
     assert response.status_code == 200
@@ -227,9 +228,7 @@ def sent_message(redis_client: redis.Redis, stream: str) -> dict[str, Any]:
 
 
 @pytest.mark.redis
-def test_traceparent_goes_on_the_wire_with_the_spans_context(
-    traced, redis_transport, redis_client
-):
+def test_traceparent_goes_on_the_wire_with_the_spans_context(traced, redis_transport, redis_client):
     correlation_id = get_rpc_client().fire_and_forget("notify.send", {"user_id": "1"})
 
     (span,) = traced.spans()
@@ -370,7 +369,8 @@ def test_methods_beyond_the_bound_are_recorded_as_other(measured, rpc_settings, 
     }
     assert counts[methods[0]] == 2
     assert counts[methods[1]] == 1
-    assert methods[2] not in counts and methods[3] not in counts
+    assert methods[2] not in counts
+    assert methods[3] not in counts
     assert counts["_OTHER"] >= 2  # the other tests' overflow lands there too
 
 
