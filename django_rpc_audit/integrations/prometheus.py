@@ -199,3 +199,27 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
     django-prometheus, use its ``/metrics`` instead: it shows these metrics as well.
     """
     return HttpResponse(exposition(), content_type=CONTENT_TYPE_LATEST)
+
+
+# -- gunicorn (multiprocess mode) ---------------------------------------------------------------
+# In gunicorn.conf.py:
+#     from django_rpc_audit.integrations.prometheus import child_exit, on_starting
+
+
+def on_starting(server: object) -> None:
+    """gunicorn's ``on_starting`` hook: empty ``PROMETHEUS_MULTIPROC_DIR`` of an earlier run's
+    files, which would otherwise be summed into this run's metrics."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.remove(os.path.join(directory, name))
+
+
+def child_exit(server: object, worker: object) -> None:
+    """gunicorn's ``child_exit`` hook: forget a dead worker's live gauges (its buffer depth);
+    its counters stay, so totals never go down."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[attr-defined,no-untyped-call]
