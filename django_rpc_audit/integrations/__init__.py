@@ -64,8 +64,9 @@ def missing_packages(config: DjangoCfgRPCConfig) -> dict[str, tuple[str, str]]:
 def build_instrumentation(config: DjangoCfgRPCConfig) -> Instrumentation | None:
     """The tracing and metrics of a client built from ``config``; ``None`` when all are off.
 
-    An integration whose package is missing is left out (``manage.py check`` reports it as
-    ``django_rpc_audit.E004``): calls never fail for want of it.
+    Never raises: an integration whose package is missing (``manage.py check`` reports it as
+    ``django_rpc_audit.E003``) or that cannot be set up is logged and left out, and calls go on
+    without it.
     """
     if not (config.otel_traces or config.otel_metrics or config.prometheus_metrics):
         return None
@@ -76,18 +77,21 @@ def build_instrumentation(config: DjangoCfgRPCConfig) -> Instrumentation | None:
         logger.error("DJANGO_CFG_RPC[%r] is on but %s is not installed; it is off.", key, extra)
     tracer: CallTracer | None = None
     recorders: list[CallRecorder] = []
-    if config.otel_traces and "OTEL_TRACES" not in missing:
-        from django_rpc_audit.integrations.otel import OTelTracer
+    try:
+        if config.otel_traces and "OTEL_TRACES" not in missing:
+            from django_rpc_audit.integrations.otel import OTelTracer
 
-        tracer = OTelTracer(config)
-    if config.otel_metrics and "OTEL_METRICS" not in missing:
-        from django_rpc_audit.integrations.otel import OTelDurationRecorder
+            tracer = OTelTracer(config)
+        if config.otel_metrics and "OTEL_METRICS" not in missing:
+            from django_rpc_audit.integrations.otel import OTelDurationRecorder
 
-        recorders.append(OTelDurationRecorder(config))
-    if config.prometheus_metrics and "PROMETHEUS_METRICS" not in missing:
-        from django_rpc_audit.integrations.prometheus import PrometheusCallRecorder
+            recorders.append(OTelDurationRecorder(config))
+        if config.prometheus_metrics and "PROMETHEUS_METRICS" not in missing:
+            from django_rpc_audit.integrations.prometheus import PrometheusCallRecorder
 
-        recorders.append(PrometheusCallRecorder())
+            recorders.append(PrometheusCallRecorder())
+    except Exception:
+        logger.exception("Could not set up RPC call metrics or traces; calls go on without them.")
     if tracer is None and not recorders:
         return None
     return Instrumentation(tracer, recorders, max_methods=config.metrics_max_methods)
@@ -97,6 +101,10 @@ def build_writer_observer(config: DjangoCfgRPCConfig) -> WriterObserver | None:
     """What publishes the buffered writer's health: Prometheus when it is on, else nothing."""
     if not config.prometheus_metrics or "PROMETHEUS_METRICS" in missing_packages(config):
         return None
-    from django_rpc_audit.integrations.prometheus import PipelineMetrics
+    try:
+        from django_rpc_audit.integrations.prometheus import PipelineMetrics
 
-    return PipelineMetrics()
+        return PipelineMetrics()
+    except Exception:
+        logger.exception("Could not set up the RPC log pipeline's metrics.")
+        return None
