@@ -1,0 +1,325 @@
+"""What tracing and metrics cost the caller: ``call()`` and ``acall()`` over real Redis with
+each integration on, against all of them off, interleaved in rounds in one process.
+
+A responder process answers the django-ipc protocol (``XREAD`` the stream, ``LPUSH`` the reply);
+the rows go through the default buffered writer into the database (PostgreSQL with
+``DATABASE_URL``, a SQLite file otherwise), as in production. The OpenTelemetry SDK is set up
+as a project would: a ``BatchSpanProcessor`` and a ``PeriodicExportingMetricReader`` (every
+second) whose exporters take the data and drop it, on their own threads.
+
+Variants: ``off`` (every integration off: the caller's path as before them), ``traces``
+(``OTEL_TRACES``), ``otel-metrics`` (``OTEL_METRICS``), ``prometheus``
+(``PROMETHEUS_METRICS``), ``all`` (the three). Per variant: median and p99 µs per call, the
+ratio of medians to ``off``, and process CPU µs per call (every thread: writer, exporters).
+
+    createdb -h 127.0.0.1 -U postgres rpc_bench
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/rpc_bench .venv/bin/python \\
+        benchmarks/telemetry_overhead.py --redis redis://127.0.0.1:6379/9
+
+``--multiprocess`` runs prometheus-client in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``
+in a temporary directory), as under gunicorn. ``--baseline PATH`` instead compares the ``off``
+path of this tree with the tree at PATH (a checkout of an earlier commit): child processes,
+alternately of each tree, each time 1,000 calls with logging on and no integration, over the
+same Redis; medians of their medians and CPU per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+VARIANTS: dict[str, dict[str, bool]] = {
+    "off": {},
+    "traces": {"OTEL_TRACES": True},
+    "otel-metrics": {"OTEL_METRICS": True},
+    "prometheus": {"PROMETHEUS_METRICS": True},
+    "all": {"OTEL_TRACES": True, "OTEL_METRICS": True, "PROMETHEUS_METRICS": True},
+}
+KEYS = ("OTEL_TRACES", "OTEL_METRICS", "PROMETHEUS_METRICS")
+
+
+def setup_django(database_url: str | None, redis_url: str, stream: str) -> str:
+    import django
+    import environ
+    from django.conf import settings
+
+    if database_url is None:
+        database_url = f"sqlite:///{Path(tempfile.mkdtemp()) / 'bench.sqlite3'}"
+    settings.configure(
+        DATABASES={"default": environ.Env.db_url_config(database_url)},
+        INSTALLED_APPS=["django.contrib.auth", "django.contrib.contenttypes", "django_rpc_audit"],
+        USE_TZ=True,
+        DJANGO_CFG_RPC={"TRANSPORT": "redis", "REDIS_URL": redis_url, "REQUEST_STREAM": stream},
+    )
+    django.setup()
+    from django.core.management import call_command
+    from django.db import connection
+
+    call_command("migrate", verbosity=0)
+    return f"{connection.vendor} (database {connection.settings_dict['NAME']})"
+
+
+def configure(**keys: Any) -> None:
+    from django.conf import settings
+
+    from django_rpc_audit.conf import clear_config_cache
+
+    settings.DJANGO_CFG_RPC = {**settings.DJANGO_CFG_RPC, **keys}
+    clear_config_cache()
+
+
+def setup_otel_sdk() -> dict[str, int]:
+    """Global providers as a project sets them up; exporters that count and drop."""
+    from opentelemetry import metrics, trace
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import (
+        MetricExporter,
+        MetricExportResult,
+        PeriodicExportingMetricReader,
+    )
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    exported = {"spans": 0, "metric_exports": 0}
+
+    class DropSpans(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            exported["spans"] += len(spans)
+            return SpanExportResult.SUCCESS
+
+    class DropMetrics(MetricExporter):
+        def export(self, metrics_data: Any, timeout_millis: float = 0, **kwargs: Any) -> Any:
+            exported["metric_exports"] += 1
+            return MetricExportResult.SUCCESS
+
+        def force_flush(self, timeout_millis: float = 0) -> bool:
+            return True
+
+        def shutdown(self, timeout_millis: float = 0, **kwargs: Any) -> None:
+            pass
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(DropSpans()))
+    trace.set_tracer_provider(provider)
+    reader = PeriodicExportingMetricReader(DropMetrics(), export_interval_millis=1000)
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    return exported
+
+
+def timed_calls(calls: int) -> tuple[list[float], float]:
+    """µs per call, and process CPU µs per call."""
+    from django_rpc_audit import get_rpc_client
+
+    client = get_rpc_client()
+    samples = []
+    cpu = time.process_time()
+    for n in range(calls):
+        started = time.perf_counter()
+        client.call("bench.echo", {"n": n, "who": "benchmark"})
+        samples.append((time.perf_counter() - started) * 1e6)
+    return samples, (time.process_time() - cpu) / calls * 1e6
+
+
+async def timed_acalls(calls: int) -> tuple[list[float], float]:
+    from django_rpc_audit import get_rpc_client
+
+    client = get_rpc_client()
+    samples = []
+    cpu = time.process_time()
+    for n in range(calls):
+        started = time.perf_counter()
+        await client.acall("bench.echo", {"n": n, "who": "benchmark"})
+        samples.append((time.perf_counter() - started) * 1e6)
+    return samples, (time.process_time() - cpu) / calls * 1e6
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+
+def print_table(title: str, results: dict[str, list[float]], cpu: dict[str, list[float]]) -> None:
+    base = statistics.median(results["off"])
+    base_cpu = statistics.median(cpu["off"])
+    print(f"\n{title}")
+    print(
+        f"{'variant':<14}{'median µs':>11}{'p99 µs':>10}{'overhead µs':>13}{'ratio':>8}"
+        f"{'CPU µs/call':>13}{'CPU ratio':>11}"
+    )
+    for variant, samples in results.items():
+        median = statistics.median(samples)
+        cpu_median = statistics.median(cpu[variant])
+        print(
+            f"{variant:<14}{median:>11.1f}{percentile(samples, 0.99):>10.1f}"
+            f"{median - base:>13.1f}{median / base:>8.3f}{cpu_median:>13.1f}"
+            f"{cpu_median / base_cpu:>11.3f}"
+        )
+
+
+def measure(calls: int, rounds: int) -> None:
+    from django_rpc_audit.writers import flush
+
+    results: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    async_results: dict[str, list[float]] = {v: [] for v in ("off", "all")}
+    async_cpu: dict[str, list[float]] = {v: [] for v in ("off", "all")}
+
+    def use(variant: str) -> None:
+        configure(**{key: VARIANTS[variant].get(key, False) for key in KEYS})
+
+    for variant in VARIANTS:  # warm-up: connections, caches, instruments, threads
+        use(variant)
+        timed_calls(200)
+        asyncio.run(timed_acalls(50))
+    for _round in range(rounds):
+        for variant in VARIANTS:
+            use(variant)
+            samples, per_call = timed_calls(calls)
+            results[variant].extend(samples)
+            cpu[variant].append(per_call)
+            flush()  # the next variant does not pay for this one's rows
+        for variant in ("off", "all"):
+            use(variant)
+            samples, per_call = asyncio.run(timed_acalls(calls))
+            async_results[variant].extend(samples)
+            async_cpu[variant].append(per_call)
+            flush()
+    print_table(f"call() over Redis, {rounds} rounds x {calls} calls per variant", results, cpu)
+    print_table(f"acall() over Redis, {rounds} rounds x {calls} calls", async_results, async_cpu)
+
+
+def wait_for_responder() -> None:
+    from django_rpc_audit import get_rpc_client
+    from django_rpc_audit.exceptions import RPCTimeoutError
+
+    for _ in range(20):
+        try:
+            get_rpc_client().call("bench.echo", timeout=0.5)
+            return
+        except RPCTimeoutError:
+            continue
+    raise SystemExit("the responder process does not answer")
+
+
+def with_responder(redis_url: str, stream: str, body: Any) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from call_overhead import responder
+
+    stop = multiprocessing.get_context("fork").Event()
+    answering = multiprocessing.get_context("fork").Process(
+        target=responder, args=(redis_url, stream, stop), daemon=True
+    )
+    answering.start()
+    try:
+        wait_for_responder()
+        body()
+    finally:
+        stop.set()
+        answering.join(5)
+
+
+def child_off(redis_url: str, calls: int) -> None:
+    """One baseline child: ``calls`` timed calls with logging on and no integration."""
+    stream = f"bench:{uuid.uuid4().hex}"
+    setup_django(None, redis_url, stream)
+
+    def body() -> None:
+        from django_rpc_audit.writers import flush
+
+        timed_calls(200)
+        flush()
+        samples, per_call = timed_calls(calls)
+        flush()
+        print(json.dumps({"median": statistics.median(samples), "cpu": per_call}))
+
+    with_responder(redis_url, stream, body)
+
+
+def compare_trees(baseline: Path, redis_url: str, calls: int, rounds: int) -> None:
+    trees = {"this tree": ROOT, "baseline": baseline.resolve()}
+    medians: dict[str, list[float]] = {name: [] for name in trees}
+    cpus: dict[str, list[float]] = {name: [] for name in trees}
+    for _round in range(rounds):
+        for name, tree in trees.items():
+            env = {**os.environ, "PYTHONPATH": str(tree)}
+            env.pop("DATABASE_URL", None)
+            output = subprocess.run(
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--child-off",
+                    "--redis",
+                    redis_url,
+                    "--calls",
+                    str(calls),
+                ],
+                env=env,
+                cwd=tree,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            figures = json.loads(output.strip().splitlines()[-1])
+            medians[name].append(figures["median"])
+            cpus[name].append(figures["cpu"])
+    base, base_cpu = statistics.median(medians["baseline"]), statistics.median(cpus["baseline"])
+    print(
+        f"\nintegrations off, this tree vs {baseline}: {rounds} alternating child processes "
+        f"each, {calls} calls each (SQLite file, buffered writer, Redis)"
+    )
+    print(f"{'tree':<12}{'median µs':>11}{'ratio':>8}{'CPU µs/call':>13}{'CPU ratio':>11}")
+    for name in trees:
+        median, cpu = statistics.median(medians[name]), statistics.median(cpus[name])
+        print(f"{name:<12}{median:>11.1f}{median / base:>8.3f}{cpu:>13.1f}{cpu / base_cpu:>11.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--redis", metavar="URL", default="redis://127.0.0.1:6379/9")
+    parser.add_argument("--calls", type=int, default=1000, help="calls per variant per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--multiprocess", action="store_true")
+    parser.add_argument("--baseline", type=Path, metavar="PATH")
+    parser.add_argument("--child-off", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_off:
+        child_off(args.redis, args.calls)
+        return
+    if args.baseline is not None:
+        compare_trees(args.baseline, args.redis, args.calls, args.rounds)
+        return
+    if args.multiprocess:
+        # Before prometheus-client is imported: it picks its value class at import.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bench-prometheus-")
+    sys.path.insert(0, str(ROOT))
+    stream = f"bench:{uuid.uuid4().hex}"
+    database = setup_django(os.environ.get("DATABASE_URL"), args.redis, stream)
+    exported = setup_otel_sdk()
+    print(
+        f"database: {database}; Redis {args.redis} with a responder process; "
+        f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs; prometheus-client "
+        f"{'multiprocess' if args.multiprocess else 'single-process'} mode"
+    )
+    with_responder(args.redis, stream, lambda: measure(args.calls, args.rounds))
+    from opentelemetry import metrics, trace
+
+    trace.get_tracer_provider().force_flush()  # type: ignore[attr-defined]
+    metrics.get_meter_provider().force_flush()  # type: ignore[attr-defined]
+    print(f"\nexported: {exported['spans']} spans, {exported['metric_exports']} metric exports")
+
+
+if __name__ == "__main__":
+    main()
