@@ -10,7 +10,9 @@ second) whose exporters take the data and drop it, on their own threads.
 Variants: ``off`` (every integration off: the caller's path as before them), ``traces``
 (``OTEL_TRACES``), ``otel-metrics`` (``OTEL_METRICS``), ``prometheus``
 (``PROMETHEUS_METRICS``), ``all`` (the three). Per variant: median and p99 µs per call, the
-ratio of medians to ``off``, and process CPU µs per call (every thread: writer, exporters).
+ratio to ``off`` (the median over rounds of the ratio within each round, so that the machine's
+drift between rounds cancels out), and CPU µs per call of the calling thread (the caller's own
+cost) and of the whole process (the writer's and the exporters' threads too).
 
     createdb -h 127.0.0.1 -U postgres rpc_bench
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/rpc_bench .venv/bin/python \\
@@ -36,6 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,31 +122,42 @@ def setup_otel_sdk() -> dict[str, int]:
     return exported
 
 
-def timed_calls(calls: int) -> tuple[list[float], float]:
-    """µs per call, and process CPU µs per call."""
+@dataclass
+class Round:
+    """One variant's calls in one round: µs per call, and CPU µs per call of the calling thread
+    and of the whole process (writer and exporter threads included)."""
+
+    samples: list[float]
+    thread_cpu: float
+    process_cpu: float
+
+
+def timed_calls(calls: int) -> Round:
     from django_rpc_audit import get_rpc_client
 
     client = get_rpc_client()
     samples = []
-    cpu = time.process_time()
+    thread, process = time.thread_time(), time.process_time()
     for n in range(calls):
         started = time.perf_counter()
         client.call("bench.echo", {"n": n, "who": "benchmark"})
         samples.append((time.perf_counter() - started) * 1e6)
-    return samples, (time.process_time() - cpu) / calls * 1e6
+    thread, process = time.thread_time() - thread, time.process_time() - process
+    return Round(samples, thread / calls * 1e6, process / calls * 1e6)
 
 
-async def timed_acalls(calls: int) -> tuple[list[float], float]:
+async def timed_acalls(calls: int) -> Round:
     from django_rpc_audit import get_rpc_client
 
     client = get_rpc_client()
     samples = []
-    cpu = time.process_time()
+    thread, process = time.thread_time(), time.process_time()
     for n in range(calls):
         started = time.perf_counter()
         await client.acall("bench.echo", {"n": n, "who": "benchmark"})
         samples.append((time.perf_counter() - started) * 1e6)
-    return samples, (time.process_time() - cpu) / calls * 1e6
+    thread, process = time.thread_time() - thread, time.process_time() - process
+    return Round(samples, thread / calls * 1e6, process / calls * 1e6)
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -151,31 +165,39 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
-def print_table(title: str, results: dict[str, list[float]], cpu: dict[str, list[float]]) -> None:
-    base = statistics.median(results["off"])
-    base_cpu = statistics.median(cpu["off"])
+def round_ratio(rounds: list[Round], base: list[Round], figure: Any) -> float:
+    """The median over rounds of this variant's figure over ``off``'s in the same round: the
+    machine's drift between rounds cancels out."""
+    return statistics.median(figure(r) / figure(b) for r, b in zip(rounds, base, strict=True))
+
+
+def print_table(title: str, results: dict[str, list[Round]]) -> None:
+    base = results["off"]
+    base_median = statistics.median(s for r in base for s in r.samples)
     print(f"\n{title}")
     print(
         f"{'variant':<14}{'median µs':>11}{'p99 µs':>10}{'overhead µs':>13}{'ratio':>8}"
-        f"{'CPU µs/call':>13}{'CPU ratio':>11}"
+        f"{'caller CPU µs':>15}{'ratio':>8}{'process CPU µs':>16}{'ratio':>8}"
     )
-    for variant, samples in results.items():
+    for variant, rounds in results.items():
+        samples = [s for r in rounds for s in r.samples]
         median = statistics.median(samples)
-        cpu_median = statistics.median(cpu[variant])
         print(
             f"{variant:<14}{median:>11.1f}{percentile(samples, 0.99):>10.1f}"
-            f"{median - base:>13.1f}{median / base:>8.3f}{cpu_median:>13.1f}"
-            f"{cpu_median / base_cpu:>11.3f}"
+            f"{median - base_median:>13.1f}"
+            f"{round_ratio(rounds, base, lambda r: statistics.median(r.samples)):>8.3f}"
+            f"{statistics.median(r.thread_cpu for r in rounds):>15.1f}"
+            f"{round_ratio(rounds, base, lambda r: r.thread_cpu):>8.3f}"
+            f"{statistics.median(r.process_cpu for r in rounds):>16.1f}"
+            f"{round_ratio(rounds, base, lambda r: r.process_cpu):>8.3f}"
         )
 
 
 def measure(calls: int, rounds: int) -> None:
     from django_rpc_audit.writers import flush
 
-    results: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    async_results: dict[str, list[float]] = {v: [] for v in ("off", "all")}
-    async_cpu: dict[str, list[float]] = {v: [] for v in ("off", "all")}
+    results: dict[str, list[Round]] = {v: [] for v in VARIANTS}
+    async_results: dict[str, list[Round]] = {v: [] for v in ("off", "all")}
 
     def use(variant: str) -> None:
         configure(**{key: VARIANTS[variant].get(key, False) for key in KEYS})
@@ -187,18 +209,14 @@ def measure(calls: int, rounds: int) -> None:
     for _round in range(rounds):
         for variant in VARIANTS:
             use(variant)
-            samples, per_call = timed_calls(calls)
-            results[variant].extend(samples)
-            cpu[variant].append(per_call)
+            results[variant].append(timed_calls(calls))
             flush()  # the next variant does not pay for this one's rows
         for variant in ("off", "all"):
             use(variant)
-            samples, per_call = asyncio.run(timed_acalls(calls))
-            async_results[variant].extend(samples)
-            async_cpu[variant].append(per_call)
+            async_results[variant].append(asyncio.run(timed_acalls(calls)))
             flush()
-    print_table(f"call() over Redis, {rounds} rounds x {calls} calls per variant", results, cpu)
-    print_table(f"acall() over Redis, {rounds} rounds x {calls} calls", async_results, async_cpu)
+    print_table(f"call() over Redis, {rounds} rounds x {calls} calls per variant", results)
+    print_table(f"acall() over Redis, {rounds} rounds x {calls} calls", async_results)
 
 
 def wait_for_responder() -> None:
@@ -241,9 +259,9 @@ def child_off(redis_url: str, calls: int) -> None:
 
         timed_calls(200)
         flush()
-        samples, per_call = timed_calls(calls)
+        timed = timed_calls(calls)
         flush()
-        print(json.dumps({"median": statistics.median(samples), "cpu": per_call}))
+        print(json.dumps({"median": statistics.median(timed.samples), "cpu": timed.thread_cpu}))
 
     with_responder(redis_url, stream, body)
 
@@ -280,17 +298,17 @@ def compare_trees(baseline: Path, redis_url: str, calls: int, rounds: int) -> No
         f"\nintegrations off, this tree vs {baseline}: {rounds} alternating child processes "
         f"each, {calls} calls each (SQLite file, buffered writer, Redis)"
     )
-    print(f"{'tree':<12}{'median µs':>11}{'ratio':>8}{'CPU µs/call':>13}{'CPU ratio':>11}")
+    print(f"{'tree':<12}{'median µs':>11}{'ratio':>8}{'caller CPU µs':>15}{'ratio':>8}")
     for name in trees:
         median, cpu = statistics.median(medians[name]), statistics.median(cpus[name])
-        print(f"{name:<12}{median:>11.1f}{median / base:>8.3f}{cpu:>13.1f}{cpu / base_cpu:>11.3f}")
+        print(f"{name:<12}{median:>11.1f}{median / base:>8.3f}{cpu:>15.1f}{cpu / base_cpu:>8.3f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--redis", metavar="URL", default="redis://127.0.0.1:6379/9")
-    parser.add_argument("--calls", type=int, default=1000, help="calls per variant per round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=250, help="calls per variant per round")
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--multiprocess", action="store_true")
     parser.add_argument("--baseline", type=Path, metavar="PATH")
     parser.add_argument("--child-off", action="store_true", help=argparse.SUPPRESS)
