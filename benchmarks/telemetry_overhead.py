@@ -43,6 +43,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from buffered_writer import configure, setup_django, wait_for_responder  # noqa: E402
+from call_overhead import responder  # noqa: E402
 
 VARIANTS: dict[str, dict[str, bool]] = {
     "off": {},
@@ -52,36 +57,6 @@ VARIANTS: dict[str, dict[str, bool]] = {
     "all": {"OTEL_TRACES": True, "OTEL_METRICS": True, "PROMETHEUS_METRICS": True},
 }
 KEYS = ("OTEL_TRACES", "OTEL_METRICS", "PROMETHEUS_METRICS")
-
-
-def setup_django(database_url: str | None, redis_url: str, stream: str) -> str:
-    import django
-    import environ
-    from django.conf import settings
-
-    if database_url is None:
-        database_url = f"sqlite:///{Path(tempfile.mkdtemp()) / 'bench.sqlite3'}"
-    settings.configure(
-        DATABASES={"default": environ.Env.db_url_config(database_url)},
-        INSTALLED_APPS=["django.contrib.auth", "django.contrib.contenttypes", "django_rpc_audit"],
-        USE_TZ=True,
-        DJANGO_CFG_RPC={"TRANSPORT": "redis", "REDIS_URL": redis_url, "REQUEST_STREAM": stream},
-    )
-    django.setup()
-    from django.core.management import call_command
-    from django.db import connection
-
-    call_command("migrate", verbosity=0)
-    return f"{connection.vendor} (database {connection.settings_dict['NAME']})"
-
-
-def configure(**keys: Any) -> None:
-    from django.conf import settings
-
-    from django_rpc_audit.conf import clear_config_cache
-
-    settings.DJANGO_CFG_RPC = {**settings.DJANGO_CFG_RPC, **keys}
-    clear_config_cache()
 
 
 def setup_otel_sdk() -> dict[str, int]:
@@ -200,7 +175,8 @@ def measure(calls: int, rounds: int) -> None:
     async_results: dict[str, list[Round]] = {v: [] for v in ("off", "all")}
 
     def use(variant: str) -> None:
-        configure(**{key: VARIANTS[variant].get(key, False) for key in KEYS})
+        keys = {key: VARIANTS[variant].get(key, False) for key in KEYS}
+        configure(ENABLE_LOGGING=True, WRITE_MODE="buffered", **keys)
 
     for variant in VARIANTS:  # warm-up: connections, caches, instruments, threads
         use(variant)
@@ -219,23 +195,7 @@ def measure(calls: int, rounds: int) -> None:
     print_table(f"acall() over Redis, {rounds} rounds x {calls} calls", async_results)
 
 
-def wait_for_responder() -> None:
-    from django_rpc_audit import get_rpc_client
-    from django_rpc_audit.exceptions import RPCTimeoutError
-
-    for _ in range(20):
-        try:
-            get_rpc_client().call("bench.echo", timeout=0.5)
-            return
-        except RPCTimeoutError:
-            continue
-    raise SystemExit("the responder process does not answer")
-
-
 def with_responder(redis_url: str, stream: str, body: Any) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from call_overhead import responder
-
     stop = multiprocessing.get_context("fork").Event()
     answering = multiprocessing.get_context("fork").Process(
         target=responder, args=(redis_url, stream, stop), daemon=True
@@ -249,14 +209,21 @@ def with_responder(redis_url: str, stream: str, body: Any) -> None:
         answering.join(5)
 
 
-def child_off(redis_url: str, calls: int) -> None:
-    """One baseline child: ``calls`` timed calls with logging on and no integration."""
+def child_off(tree: Path, redis_url: str, calls: int) -> None:
+    """One baseline child: ``calls`` timed calls of the package in ``tree``, logging on (the
+    buffered writer) and no integration."""
+    # Before anything imports the package: the tree's copy, not this script's.
+    sys.path.insert(0, str(tree))
     stream = f"bench:{uuid.uuid4().hex}"
     setup_django(None, redis_url, stream)
+    import django_rpc_audit
+
+    assert Path(django_rpc_audit.__file__).is_relative_to(tree), django_rpc_audit.__file__
 
     def body() -> None:
         from django_rpc_audit.writers import flush
 
+        configure(ENABLE_LOGGING=True)
         timed_calls(200)
         flush()
         timed = timed_calls(calls)
@@ -272,13 +239,13 @@ def compare_trees(baseline: Path, redis_url: str, calls: int, rounds: int) -> No
     cpus: dict[str, list[float]] = {name: [] for name in trees}
     for _round in range(rounds):
         for name, tree in trees.items():
-            env = {**os.environ, "PYTHONPATH": str(tree)}
-            env.pop("DATABASE_URL", None)
+            env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
             output = subprocess.run(
                 [
                     sys.executable,
                     str(Path(__file__).resolve()),
                     "--child-off",
+                    str(tree),
                     "--redis",
                     redis_url,
                     "--calls",
@@ -311,10 +278,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--multiprocess", action="store_true")
     parser.add_argument("--baseline", type=Path, metavar="PATH")
-    parser.add_argument("--child-off", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-off", type=Path, metavar="TREE", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child_off:
-        child_off(args.redis, args.calls)
+    if args.child_off is not None:
+        child_off(args.child_off, args.redis, args.calls)
         return
     if args.baseline is not None:
         compare_trees(args.baseline, args.redis, args.calls, args.rounds)
@@ -322,7 +289,6 @@ def main() -> None:
     if args.multiprocess:
         # Before prometheus-client is imported: it picks its value class at import.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bench-prometheus-")
-    sys.path.insert(0, str(ROOT))
     stream = f"bench:{uuid.uuid4().hex}"
     database = setup_django(os.environ.get("DATABASE_URL"), args.redis, stream)
     exported = setup_otel_sdk()

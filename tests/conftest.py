@@ -226,3 +226,18 @@ def otel_sdk() -> Iterator[OTelSDK]:
     _otel_sdk.broken = False
     yield _otel_sdk
     _otel_sdk.broken = False
+
+
+@pytest.fixture
+def hide_package(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """Make ``importlib.util.find_spec`` report a package as not installed, for one test."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    hidden: set[str] = set()
+
+    def find_spec(name: str, *args: Any) -> Any:
+        return None if name in hidden else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    return hidden.add

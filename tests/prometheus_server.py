@@ -16,10 +16,9 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
-from scripts.ipc_server import free_port
+from scripts.ipc_server import LoopbackServer, free_port
 
 SCRAPE_INTERVAL = 0.5
 
@@ -28,7 +27,7 @@ def prometheus_binary() -> str | None:
     return shutil.which("prometheus")
 
 
-class PrometheusServer:
+class PrometheusServer(LoopbackServer):
     """``with PrometheusServer({"live": "127.0.0.1:8000"}) as prometheus: ...`` scrapes
     ``/metrics/`` of each target, one job per name."""
 
@@ -41,8 +40,6 @@ class PrometheusServer:
         self.metrics_path = metrics_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-        self._workdir: tempfile.TemporaryDirectory[str] | None = None
 
     def _config(self) -> str:
         # YAML is a superset of JSON: no YAML library needed.
@@ -61,7 +58,7 @@ class PrometheusServer:
             }
         )
 
-    def start(self, timeout: float = 60.0) -> PrometheusServer:
+    def start(self, timeout: float = 60.0) -> Self:
         self._workdir = tempfile.TemporaryDirectory(prefix="prometheus-")
         workdir = Path(self._workdir.name)
         (workdir / "prometheus.yml").write_text(self._config())
@@ -91,32 +88,6 @@ class PrometheusServer:
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"prometheus was not ready in {timeout} s")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            if self.process.stderr:
-                self.process.stderr.close()
-            self.process = None
-        if self._workdir is not None:
-            self._workdir.cleanup()
-            self._workdir = None
-
-    def __enter__(self) -> PrometheusServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- the HTTP API -----------------------------------------------------------------------
 

@@ -63,15 +63,8 @@ def test_slow_threshold_is_fine_without_sampling_or_below_the_timeout(rpc_settin
     assert ids(checks.check_sampling()) == ["django_rpc_audit.W004"]
 
 
-def test_an_integration_without_its_package_is_e003(rpc_settings, monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *args: None if name == "prometheus_client" else real(name, *args),
-    )
+def test_an_integration_without_its_package_is_e003(rpc_settings, hide_package):
+    hide_package("prometheus_client")
     rpc_settings(PROMETHEUS_METRICS=True, OTEL_TRACES=True)
     messages = checks.check_integrations()
     assert ids(messages) == ["django_rpc_audit.E003"]

@@ -131,18 +131,11 @@ def test_a_part_that_cannot_be_set_up_is_left_out_and_calls_go_on(
 
 
 def test_a_missing_package_turns_its_integration_off(
-    rpc_settings, echo_handler, monkeypatch, caplog
+    rpc_settings, echo_handler, hide_package, caplog
 ):
-    import importlib.util
-
     from django_rpc_audit.conf import get_config
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *args: None if name == "opentelemetry" else real(name, *args),
-    )
+    hide_package("opentelemetry")
     rpc_settings(OTEL_TRACES=True, PROMETHEUS_METRICS=True)
 
     instrumentation = build_instrumentation(get_config())

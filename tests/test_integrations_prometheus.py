@@ -242,6 +242,16 @@ def families(text: str) -> dict[str, Any]:
     return {family.name: family for family in text_string_to_metric_families(text)}
 
 
+def calls_of(exposed: dict[str, Any], method: str) -> float:
+    """The ``rpc_audit_calls_total`` sample of ``method`` in a parsed exposition."""
+    (sample,) = [
+        s
+        for s in exposed["rpc_audit_calls"].samples
+        if s.labels.get("method") == method and s.name.endswith("_total")
+    ]
+    return float(sample.value)
+
+
 def test_metrics_view_exposes_every_family_in_the_text_format(prometheus_on, local_handler):
     method = unique_method()
     local_handler(method, lambda params: {})
@@ -263,12 +273,7 @@ def test_metrics_view_exposes_every_family_in_the_text_format(prometheus_on, loc
         "rpc_audit_log_write_duration_seconds",
     ):
         assert name in exposed, name
-    (ours,) = [
-        s
-        for s in exposed["rpc_audit_calls"].samples
-        if s.labels.get("method") == method and s.name.endswith("_total")
-    ]
-    assert ours.value == 1
+    assert calls_of(exposed, method) == 1
 
 
 urlpatterns = [path("", include("django_prometheus.urls"))]
@@ -284,10 +289,5 @@ def test_django_prometheus_metrics_endpoint_shows_our_metrics(prometheus_on, loc
 
     assert response.status_code == 200
     exposed = families(response.content.decode())
-    (ours,) = [
-        s
-        for s in exposed["rpc_audit_calls"].samples
-        if s.labels.get("method") == method and s.name.endswith("_total")
-    ]
-    assert ours.value == 1
+    assert calls_of(exposed, method) == 1
     assert "rpc_audit_log_rows_written" in exposed

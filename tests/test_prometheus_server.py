@@ -20,7 +20,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,7 +41,7 @@ from django_rpc_audit.transports import register_local_handler, unregister_local
 from scripts.ipc_server import free_port
 from tests.conftest import unavailable
 from tests.prometheus_server import PrometheusServer, prometheus_binary
-from tests.test_writers_process import run_child
+from tests.test_writers_process import run_child, wait_for_port
 
 pytestmark = pytest.mark.prometheus
 
@@ -63,18 +62,6 @@ class Scenario:
     multiproc_dir: Path | None = None
     killed_pid: int | None = None
     done_at: float = 0.0
-
-
-def wait_for_port(port: int, process: subprocess.Popen[str], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            assert process.poll() is None, process.communicate()[0]
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.1)
 
 
 def get_json(url: str) -> dict[str, Any]:
@@ -120,7 +107,7 @@ def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Pa
         text=True,
     )
     try:
-        wait_for_port(port, server)
+        wait_for_port(port, server, timeout=60)
         yield port, multiproc_dir, database
     finally:
         server.send_signal(signal.SIGTERM)
@@ -140,7 +127,9 @@ def live_calls(prefix: str, counts: dict[str, int]) -> None:
 
 
 @pytest.fixture(scope="module")
-def scenario(live_server: Any, gunicorn: tuple[int, Path, Path]) -> Iterator[Scenario]:
+def scenario(
+    live_server: Any, gunicorn: tuple[int, Path, Path], django_db_blocker: Any
+) -> Iterator[Scenario]:
     if prometheus_binary() is None:
         unavailable("prometheus is not installed (Debian: apt-get install prometheus)")
     port, multiproc_dir, _ = gunicorn
@@ -159,6 +148,9 @@ def scenario(live_server: Any, gunicorn: tuple[int, Path, Path]) -> Iterator[Sce
         "ENABLE_LOGGING": False,  # rows are the gunicorn workers' part
     }
     with (
+        # The live server's thread touches its database connection on every request (Django's
+        # request_started closes stale connections), /metrics/ included.
+        django_db_blocker.unblock(),
         override_settings(DJANGO_CFG_RPC=rpc),
         PrometheusServer({"live": live, "gunicorn": f"127.0.0.1:{port}"}) as prometheus,
     ):

@@ -213,46 +213,23 @@ def _started_row(
 # -- single rows (synchronous writer, manual logging) -------------------------------------------
 
 
-def record_started(
-    queryset: RPCLogQuerySet,
-    *,
-    correlation_id: str,
-    method: str,
-    params: Any,
-    user: Any,
-    caller_ip: str | None,
-    user_agent: str | None,
-    started_at: datetime,
-    trace_id: str | None = None,
-    span_id: str | None = None,
-    **extra: Any,
-) -> RPCLog:
-    """Insert the ``pending`` row of a call that has just started (``rpc_started``'s kwargs)."""
-    return queryset.create(
-        **_started_row(
-            correlation_id,
-            method,
-            params,
-            user,
-            caller_ip,
-            user_agent,
-            started_at,
-            trace_id=trace_id,
-            span_id=span_id,
-        )
-    )
+def _started_row_of(started: Mapping[str, Any], *, for_copy: bool = False) -> dict[str, Any]:
+    """:func:`_started_row` of ``rpc_started``'s keyword arguments (or ``rpc_finished``'s,
+    which repeat them); keys it does not take are ignored."""
+    values: dict[str, Any] = {key: started.get(key) for key in STARTED_KEYS}
+    return _started_row(**values, started_at=started["started_at"], for_copy=for_copy)
+
+
+def record_started(queryset: RPCLogQuerySet, **started: Any) -> RPCLog:
+    """Insert the ``pending`` row of a call that has just started (``rpc_started``'s kwargs:
+    ``correlation_id``, ``method``, ``params``, ``user``, ``caller_ip``, ``user_agent``,
+    ``started_at``, and optionally ``trace_id`` and ``span_id``)."""
+    return queryset.create(**_started_row_of(started))
 
 
 def record_finished(
     queryset: RPCLogQuerySet,
     *,
-    correlation_id: str,
-    method: str,
-    params: Any,
-    user: Any,
-    caller_ip: str | None,
-    user_agent: str | None,
-    started_at: datetime,
     status: str,
     response: Any,
     error_code: str | None,
@@ -260,16 +237,15 @@ def record_finished(
     duration_ms: float | None,
     completed_at: datetime,
     sample_rate: float = 1.0,
-    trace_id: str | None = None,
-    span_id: str | None = None,
-    **extra: Any,
+    **started: Any,
 ) -> None:
-    """Complete the row of a finished call (``rpc_finished``'s kwargs).
+    """Complete the row of a finished call (``rpc_finished``'s kwargs: the outcome here, the
+    call's ``rpc_started`` kwargs in ``started``).
 
     If the ``pending`` row is missing (its write failed, or nobody wrote it), the whole row is
     inserted now: a finished call never loses its row.
     """
-    log_id = call_log_id(correlation_id, started_at)
+    log_id = call_log_id(started["correlation_id"], started["started_at"])
     outcome = outcome_values(
         status=status,
         response=response,
@@ -281,20 +257,7 @@ def record_finished(
     )
     if queryset.filter(pk=log_id).update(**outcome):
         return
-    queryset.create(
-        **_started_row(
-            correlation_id,
-            method,
-            params,
-            user,
-            caller_ip,
-            user_agent,
-            started_at,
-            trace_id=trace_id,
-            span_id=span_id,
-        ),
-        **outcome,
-    )
+    queryset.create(**_started_row_of(started), **outcome)
 
 
 # -- bulk writes (buffered writer) ------------------------------------------------------------
@@ -336,8 +299,7 @@ def event_row_values(event: Mapping[str, Any], *, for_copy: bool = False) -> dic
     JSON text (``None`` stays ``None``: SQL ``NULL``) and ``id`` its hex digits, as ``COPY``
     takes them.
     """
-    started: dict[str, Any] = {key: event.get(key) for key in STARTED_KEYS}
-    values = _started_row(**started, started_at=event["started_at"], for_copy=for_copy)
+    values = _started_row_of(event, for_copy=for_copy)
     if is_finished_event(event):
         # rpc_finished always sends the outcome; the receivers add sample_rate (default 1.0).
         outcome: dict[str, Any] = {key: event[key] for key in OUTCOME_KEYS if key in event}
