@@ -21,8 +21,9 @@ cost) and of the whole process (the writer's and the exporters' threads too).
 ``--multiprocess`` runs prometheus-client in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``
 in a temporary directory), as under gunicorn. ``--baseline PATH`` instead compares the ``off``
 path of this tree with the tree at PATH (a checkout of an earlier commit): child processes,
-alternately of each tree, each time 1,000 calls with logging on and no integration, over the
-same Redis; medians of their medians and CPU per call.
+alternately of each tree, each time ``--calls`` calls with no integration, over the same Redis
+with logging on (with ``--local``: the in-process transport, logging off, the client's path
+alone); the ratios within each round and their median.
 """
 
 from __future__ import annotations
@@ -209,9 +210,10 @@ def with_responder(redis_url: str, stream: str, body: Any) -> None:
         answering.join(5)
 
 
-def child_off(tree: Path, redis_url: str, calls: int) -> None:
-    """One baseline child: ``calls`` timed calls of the package in ``tree``, logging on (the
-    buffered writer) and no integration."""
+def child_off(tree: Path, redis_url: str, calls: int, local: bool) -> None:
+    """One baseline child: ``calls`` timed calls of the package in ``tree`` with no
+    integration; over Redis with logging on (the buffered writer), or with ``local`` over the
+    in-process transport with logging off (the client's own path alone, little noise)."""
     # Before anything imports the package: the tree's copy, not this script's.
     sys.path.insert(0, str(tree))
     stream = f"bench:{uuid.uuid4().hex}"
@@ -223,17 +225,24 @@ def child_off(tree: Path, redis_url: str, calls: int) -> None:
     def body() -> None:
         from django_rpc_audit.writers import flush
 
-        configure(ENABLE_LOGGING=True)
         timed_calls(200)
         flush()
         timed = timed_calls(calls)
         flush()
         print(json.dumps({"median": statistics.median(timed.samples), "cpu": timed.thread_cpu}))
 
-    with_responder(redis_url, stream, body)
+    if local:
+        from django_rpc_audit.transports import register_local_handler
+
+        register_local_handler("bench.echo", lambda params: {"echo": params})
+        configure(TRANSPORT="local", ENABLE_LOGGING=False)
+        body()
+    else:
+        configure(ENABLE_LOGGING=True)
+        with_responder(redis_url, stream, body)
 
 
-def compare_trees(baseline: Path, redis_url: str, calls: int, rounds: int) -> None:
+def compare_trees(baseline: Path, redis_url: str, calls: int, rounds: int, local: bool) -> None:
     trees = {"this tree": ROOT, "baseline": baseline.resolve()}
     medians: dict[str, list[float]] = {name: [] for name in trees}
     cpus: dict[str, list[float]] = {name: [] for name in trees}
@@ -250,6 +259,7 @@ def compare_trees(baseline: Path, redis_url: str, calls: int, rounds: int) -> No
                     redis_url,
                     "--calls",
                     str(calls),
+                    *(["--local"] if local else []),
                 ],
                 env=env,
                 cwd=tree,
@@ -260,15 +270,26 @@ def compare_trees(baseline: Path, redis_url: str, calls: int, rounds: int) -> No
             figures = json.loads(output.strip().splitlines()[-1])
             medians[name].append(figures["median"])
             cpus[name].append(figures["cpu"])
-    base, base_cpu = statistics.median(medians["baseline"]), statistics.median(cpus["baseline"])
     print(
-        f"\nintegrations off, this tree vs {baseline}: {rounds} alternating child processes "
-        f"each, {calls} calls each (SQLite file, buffered writer, Redis)"
+        f"\nintegrations off, this tree vs {baseline}: {rounds} rounds of one child process per "
+        f"tree, alternating, {calls} calls each "
+        f"({'local transport, logging off' if local else 'Redis, buffered writer, SQLite file'})"
     )
-    print(f"{'tree':<12}{'median µs':>11}{'ratio':>8}{'caller CPU µs':>15}{'ratio':>8}")
+    print(
+        f"{'tree':<12}{'median µs':>11}{'ratio':>8}{'caller CPU µs':>15}{'ratio':>8}"
+        f"{'CPU ratio range':>19}"
+    )
     for name in trees:
-        median, cpu = statistics.median(medians[name]), statistics.median(cpus[name])
-        print(f"{name:<12}{median:>11.1f}{median / base:>8.3f}{cpu:>15.1f}{cpu / base_cpu:>8.3f}")
+        # Ratios within each round (the two children ran one after the other), then their
+        # median: the machine's drift between rounds cancels out.
+        ratios = [a / b for a, b in zip(medians[name], medians["baseline"], strict=True)]
+        cpu_ratios = sorted(a / b for a, b in zip(cpus[name], cpus["baseline"], strict=True))
+        print(
+            f"{name:<12}{statistics.median(medians[name]):>11.1f}"
+            f"{statistics.median(ratios):>8.3f}{statistics.median(cpus[name]):>15.1f}"
+            f"{statistics.median(cpu_ratios):>8.3f}"
+            f"{f'{cpu_ratios[0]:.3f}-{cpu_ratios[-1]:.3f}':>19}"
+        )
 
 
 def main() -> None:
@@ -278,13 +299,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--multiprocess", action="store_true")
     parser.add_argument("--baseline", type=Path, metavar="PATH")
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="with --baseline: the in-process transport, logging off (the client's path alone)",
+    )
     parser.add_argument("--child-off", type=Path, metavar="TREE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_off is not None:
-        child_off(args.child_off, args.redis, args.calls)
+        child_off(args.child_off, args.redis, args.calls, args.local)
         return
     if args.baseline is not None:
-        compare_trees(args.baseline, args.redis, args.calls, args.rounds)
+        compare_trees(args.baseline, args.redis, args.calls, args.rounds, args.local)
         return
     if args.multiprocess:
         # Before prometheus-client is imported: it picks its value class at import.
