@@ -187,8 +187,9 @@ def scenario(
         # A worker dies (gunicorn starts another, child_exit marks it dead); wait until
         # Prometheus has scraped the directory without the dead worker's live gauge.
         result.killed_pid = next(iter(result.gunicorn_pids))
-        os.kill(result.killed_pid, signal.SIGTERM)
         gauge = multiproc_dir / f"gauge_livesum_{result.killed_pid}.db"
+        assert gauge.exists()  # the worker's buffer depth, summed while it lives
+        os.kill(result.killed_pid, signal.SIGTERM)
         deadline = time.monotonic() + 60
         while gauge.exists():
             assert time.monotonic() < deadline, "child_exit never marked the worker dead"
