@@ -196,6 +196,41 @@ def measure(calls: int, rounds: int) -> None:
     print_table(f"acall() over Redis, {rounds} rounds x {calls} calls", async_results)
 
 
+def measure_parts(repeat: int = 5000) -> None:
+    """CPU of the calling thread for one call's share of each integration alone: the probe
+    started and finished (span, trace context added to the message, metrics), no transport."""
+    import json as json_module
+
+    from django_rpc_audit import get_rpc_client
+    from django_rpc_audit.transports import RPCRequest
+
+    message = {"type": "rpc", "method": "bench.echo", "params": {"n": 1, "who": "benchmark"}}
+    request = RPCRequest(
+        "bench.echo",
+        message["params"],
+        str(uuid.uuid4()),
+        "list:response:x",
+        5.0,
+        json_module.dumps(message),
+    )
+    print(f"\none call's share alone (probe started and finished), {repeat} times x 7")
+    print(f"{'variant':<14}{'caller CPU µs':>15}")
+    for variant in ("traces", "otel-metrics", "prometheus", "all"):
+        configure(**{key: VARIANTS[variant].get(key, False) for key in KEYS})
+        instrumentation = get_rpc_client().instrumentation
+        assert instrumentation is not None
+
+        for _ in range(1000):
+            instrumentation.start(request).finish("success", None, None, 1.0)
+        figures = []
+        for _ in range(7):
+            started = time.thread_time()
+            for _ in range(repeat):
+                instrumentation.start(request).finish("success", None, None, 1.0)
+            figures.append((time.thread_time() - started) / repeat * 1e6)
+        print(f"{variant:<14}{statistics.median(figures):>15.1f}")
+
+
 def with_responder(redis_url: str, stream: str, body: Any) -> None:
     stop = multiprocessing.get_context("fork").Event()
     answering = multiprocessing.get_context("fork").Process(
@@ -324,6 +359,7 @@ def main() -> None:
         f"{'multiprocess' if args.multiprocess else 'single-process'} mode"
     )
     with_responder(args.redis, stream, lambda: measure(args.calls, args.rounds))
+    measure_parts()
     from opentelemetry import metrics, trace
 
     trace.get_tracer_provider().force_flush()  # type: ignore[attr-defined]
