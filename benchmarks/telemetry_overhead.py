@@ -169,22 +169,22 @@ def print_table(title: str, results: dict[str, list[Round]]) -> None:
         )
 
 
-def measure(calls: int, rounds: int) -> None:
+def measure(calls: int, rounds: int, variants: list[str]) -> None:
     from django_rpc_audit.writers import flush
 
-    results: dict[str, list[Round]] = {v: [] for v in VARIANTS}
+    results: dict[str, list[Round]] = {v: [] for v in variants}
     async_results: dict[str, list[Round]] = {v: [] for v in ("off", "all")}
 
     def use(variant: str) -> None:
         keys = {key: VARIANTS[variant].get(key, False) for key in KEYS}
         configure(ENABLE_LOGGING=True, WRITE_MODE="buffered", **keys)
 
-    for variant in VARIANTS:  # warm-up: connections, caches, instruments, threads
+    for variant in variants:  # warm-up: connections, caches, instruments, threads
         use(variant)
         timed_calls(200)
         asyncio.run(timed_acalls(50))
     for _round in range(rounds):
-        for variant in VARIANTS:
+        for variant in variants:
             use(variant)
             results[variant].append(timed_calls(calls))
             flush()  # the next variant does not pay for this one's rows
@@ -333,6 +333,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=250, help="calls per variant per round")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--multiprocess", action="store_true")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated; off is always measured"
+    )
     parser.add_argument("--baseline", type=Path, metavar="PATH")
     parser.add_argument(
         "--local",
@@ -358,7 +361,11 @@ def main() -> None:
         f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs; prometheus-client "
         f"{'multiprocess' if args.multiprocess else 'single-process'} mode"
     )
-    with_responder(args.redis, stream, lambda: measure(args.calls, args.rounds))
+    variants = ["off", *(v for v in args.variants.split(",") if v != "off")]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    with_responder(args.redis, stream, lambda: measure(args.calls, args.rounds, variants))
     measure_parts()
     from opentelemetry import metrics, trace
 
