@@ -28,7 +28,7 @@ def check_settings(
         return [
             Error(
                 f"{SETTING_NAME} is invalid: {exc}",
-                hint="See the settings table in django-rpc-audit's README.",
+                hint="See the settings reference in django-rpc-audit's docs (docs/settings.md).",
                 id="django_rpc_audit.E001",
             )
         ]
@@ -121,10 +121,34 @@ def check_sampling(
 
 
 @register(Tags.compatibility)
+def check_rate_limit_policy(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """E003: ``RATE_LIMIT_POLICY`` cannot be imported or is not callable."""
+    from django_rpc_audit.ratelimit.limiter import load_policy
+
+    try:
+        path = get_config().rate_limit_policy
+    except ImproperlyConfigured:
+        return []  # E001 reports it
+    try:
+        load_policy(path)
+    except ImproperlyConfigured as exc:
+        return [
+            Error(
+                str(exc),
+                hint="Give the dotted path of a function taking a RateLimitCall.",
+                id="django_rpc_audit.E003",
+            )
+        ]
+    return []
+
+
+@register(Tags.compatibility)
 def check_integrations(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
-    """E003: a metrics or tracing integration is on but its package is not installed;
+    """E004: a metrics or tracing integration is on but its package is not installed;
     W005: ``PROMETHEUS_MULTIPROC_DIR`` is set but is not a writable directory."""
     try:
         config = get_config()
@@ -137,7 +161,7 @@ def check_integrations(
             f"{SETTING_NAME}[{key!r}] is on but the {module!r} package is not installed: "
             "the integration is off.",
             hint=f"pip install {extra!r}",
-            id="django_rpc_audit.E003",
+            id="django_rpc_audit.E004",
         )
         for key, (module, extra) in missing_packages(config).items()
     ]

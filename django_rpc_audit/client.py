@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import threading
 import time
 import uuid
@@ -17,9 +16,16 @@ from django.core.serializers.json import DjangoJSONEncoder
 
 from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
 from django_rpc_audit.context import aresolve_user, get_caller_context, resolve_user
-from django_rpc_audit.exceptions import RPCDisabledError, RPCError, RPCTimeoutError
+from django_rpc_audit.exceptions import (
+    RPCDisabledError,
+    RPCError,
+    RPCRateLimitedError,
+    RPCTimeoutError,
+)
 from django_rpc_audit.integrations import build_instrumentation
 from django_rpc_audit.integrations.base import CallProbe
+from django_rpc_audit.payload import Stored, stored, stored_text
+from django_rpc_audit.ratelimit import RateLimiter, build_rate_limiter
 from django_rpc_audit.redaction import Redactor, get_redactor
 from django_rpc_audit.signals import rpc_finished, rpc_started
 from django_rpc_audit.status import RPCStatus
@@ -52,6 +58,8 @@ class _Outcome:
     def record(self, exc: BaseException) -> None:
         timed_out = isinstance(exc, RPCTimeoutError)
         self.status = (RPCStatus.TIMEOUT if timed_out else RPCStatus.FAILED).value
+        if isinstance(exc, RPCRateLimitedError):
+            self.status = RPCStatus.RATE_LIMITED.value
         if isinstance(exc, RPCError):
             self.error_code, self.error_message = exc.code, exc.message
         elif isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
@@ -59,13 +67,32 @@ class _Outcome:
         else:
             self.error_code, self.error_message = "client_error", f"{type(exc).__name__}: {exc}"
 
-    def as_kwargs(self, duration_ms: float, method: str, redactor: Redactor) -> dict[str, Any]:
-        """``rpc_finished``'s own arguments, secrets redacted (the caller gets the originals)."""
+    def as_kwargs(
+        self,
+        duration_ms: float,
+        request: RPCRequest,
+        redactor: Redactor,
+        config: DjangoCfgRPCConfig,
+    ) -> dict[str, Any]:
+        """``rpc_finished``'s own arguments in their stored form: capped, then redacted (the
+        caller gets the originals)."""
+        response: Stored | None = None
+        if self.response is not None:
+            response = stored(
+                self.response,
+                config.max_response_bytes,
+                redactor,
+                redactor.rule_for(request.method).response,
+                original_bytes=request.wire.get("reply_bytes"),
+            )
         return {
             "status": self.status,
-            "response": redactor.response(method, self.response),
+            "response": None if response is None else response.value,
+            "response_json": None if response is None else response.text,
             "error_code": self.error_code,
-            "error_message": redactor.text(self.error_message),
+            "error_message": stored_text(
+                self.error_message, config.max_error_message_bytes, redactor
+            ),
             "duration_ms": duration_ms,
             "completed_at": datetime.now(UTC),
         }
@@ -86,6 +113,8 @@ class RPCClient:
         self.transport = transport if transport is not None else build_transport(config)
         #: Redacts what the signals carry, by ``REDACT_KEYS`` and ``REDACT_METHODS``.
         self.redactor: Redactor = get_redactor(config.redact_keys, config.redact_methods)
+        #: Applies ``RATE_LIMITS``; ``None`` when there are none.
+        self.rate_limiter: RateLimiter | None = build_rate_limiter(config, self.transport)
         #: Tracing and metrics (``OTEL_*``, ``PROMETHEUS_METRICS``); ``None`` when all are off.
         self.instrumentation = build_instrumentation(config)
 
@@ -126,28 +155,31 @@ class RPCClient:
                 ) from None
         reply_to = f"{self.config.response_key_prefix}{correlation_id}"
         try:
-            body = json.dumps(
-                {
-                    "type": "rpc",
-                    "method": method,
-                    "params": params,
-                    "correlation_id": correlation_id,
-                    "reply_to": reply_to,
-                    "timeout": wire_timeout(timeout),
-                },
-                cls=DjangoJSONEncoder,
-                allow_nan=False,
-            )
+            params_json = _WIRE_ENCODER.encode(params)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"RPC params for {method!r} cannot be sent as JSON: {exc}") from exc
-        return RPCRequest(method, params, correlation_id, reply_to, float(timeout), body)
+        except RecursionError:
+            raise TypeError(
+                f"RPC params for {method!r} cannot be sent as JSON: nested too deeply."
+            ) from None
+        # The envelope around the params, as json.dumps would write it: the params' own text
+        # is encoded once and its size (ASCII: one byte a character) is known for the log.
+        body = (
+            f'{{"type":"rpc","method":{_WIRE_ENCODER.encode(method)},"params":{params_json},'
+            f'"correlation_id":"{correlation_id}","reply_to":{_WIRE_ENCODER.encode(reply_to)},'
+            f'"timeout":{wire_timeout(timeout)}}}'
+        )
+        request = RPCRequest(method, params, correlation_id, reply_to, float(timeout), body)
+        request.wire["params_bytes"] = len(params_json)
+        return request
 
-    def _probe(self, request: RPCRequest) -> CallProbe | None:
-        """Start the call's span (its trace context joins ``probe.request``); ``None`` when
-        tracing and metrics are off."""
+    def _instrumented(self, request: RPCRequest) -> tuple[RPCRequest, CallProbe | None]:
+        """Start the call's span and return the request to send (its trace context added)
+        with its probe; the request itself and ``None`` when tracing and metrics are off."""
         if self.instrumentation is None:
-            return None
-        return self.instrumentation.start(request)
+            return request, None
+        probe = self.instrumentation.start(request)
+        return probe.request, probe
 
     def _started(
         self,
@@ -159,14 +191,23 @@ class RPCClient:
     ) -> dict[str, Any]:
         """The keyword arguments of ``rpc_started``; explicit values win over the context.
 
-        The params are a redacted copy: the request (already encoded in ``request.body``) goes
-        over the wire unchanged, while no receiver ever sees a secret.
+        The params are their stored form, capped then redacted
+        (:func:`~django_rpc_audit.payload.stored`): the request (already encoded in
+        ``request.body``) goes over the wire unchanged, while no receiver ever sees a secret.
         """
         context = get_caller_context()
+        params = stored(
+            request.params,
+            self.config.max_params_bytes,
+            self.redactor,
+            self.redactor.rule_for(request.method).params,
+            original_bytes=request.wire.get("params_bytes"),
+        )
         return {
             "correlation_id": request.correlation_id,
             "method": request.method,
-            "params": self.redactor.params(request.method, request.params),
+            "params": params.value,
+            "params_json": params.text,
             "user": user,
             "caller_ip": caller_ip if caller_ip is not None else context.caller_ip,
             "user_agent": user_agent if user_agent is not None else context.user_agent,
@@ -177,7 +218,7 @@ class RPCClient:
 
     @contextlib.contextmanager
     def _reported(
-        self, started: dict[str, Any], probe: CallProbe | None = None
+        self, request: RPCRequest, started: dict[str, Any], probe: CallProbe | None = None
     ) -> Iterator[_Outcome]:
         """Send ``rpc_started``, time the block, then send ``rpc_finished`` whatever happened."""
         rpc_started.send_robust(sender=type(self), **started)
@@ -190,7 +231,7 @@ class RPCClient:
             raise
         finally:
             duration_ms = (time.perf_counter() - clock) * 1000
-            finished = outcome.as_kwargs(duration_ms, started["method"], self.redactor)
+            finished = outcome.as_kwargs(duration_ms, request, self.redactor, self.config)
             if probe is not None:
                 probe.finish(
                     outcome.status, outcome.error_code, finished["error_message"], duration_ms
@@ -199,7 +240,7 @@ class RPCClient:
 
     @contextlib.asynccontextmanager
     async def _areported(
-        self, started: dict[str, Any], probe: CallProbe | None = None
+        self, request: RPCRequest, started: dict[str, Any], probe: CallProbe | None = None
     ) -> AsyncIterator[_Outcome]:
         """The ``async`` twin of :meth:`_reported`."""
         await rpc_started.asend_robust(sender=type(self), **started)
@@ -212,7 +253,7 @@ class RPCClient:
             raise
         finally:
             duration_ms = (time.perf_counter() - clock) * 1000
-            kwargs = outcome.as_kwargs(duration_ms, started["method"], self.redactor)
+            kwargs = outcome.as_kwargs(duration_ms, request, self.redactor, self.config)
             if probe is not None:
                 probe.finish(
                     outcome.status, outcome.error_code, kwargs["error_message"], duration_ms
@@ -247,16 +288,19 @@ class RPCClient:
         :raises RPCRemoteError: the server answered with an error (its code and text).
         :raises RPCTimeoutError: no reply within ``timeout`` (default ``RPC_TIMEOUT``).
         :raises RPCConnectionError: Redis could not be reached.
+        :raises RPCRateLimitedError: over its ``RATE_LIMITS`` limit; nothing was sent.
         :raises RuntimeError: called from a running event loop (use :meth:`acall` there).
         """
         _refuse_on_event_loop("call")
         request = self._request(method, params, timeout, correlation_id)
         if user is None:
             user = resolve_user(get_caller_context())
-        probe = self._probe(request)
+        request, probe = self._instrumented(request)
         started = self._started(request, user, caller_ip, user_agent, probe)
-        with self._reported(started, probe) as outcome:
-            outcome.succeed(self.transport.call(probe.request if probe else request))
+        with self._reported(request, started, probe) as outcome:
+            if self.rate_limiter is not None:
+                request = self.rate_limiter.limit(request, user, started["caller_ip"])
+            outcome.succeed(self.transport.call(request))
         return outcome.result
 
     async def acall(
@@ -279,10 +323,12 @@ class RPCClient:
         request = self._request(method, params, timeout, correlation_id)
         if user is None:
             user = await aresolve_user(get_caller_context())
-        probe = self._probe(request)
+        request, probe = self._instrumented(request)
         started = self._started(request, user, caller_ip, user_agent, probe)
-        async with self._areported(started, probe) as outcome:
-            outcome.succeed(await self.transport.acall(probe.request if probe else request))
+        async with self._areported(request, started, probe) as outcome:
+            if self.rate_limiter is not None:
+                request = await self.rate_limiter.alimit(request, user, started["caller_ip"])
+            outcome.succeed(await self.transport.acall(request))
         return outcome.result
 
     def fire_and_forget(self, method: str, params: Mapping[str, Any] | None = None) -> str:
@@ -291,19 +337,26 @@ class RPCClient:
         The signals fire as for :meth:`call`. Since no reply is awaited, a successful send is
         reported with ``status="success"`` and ``response=None``: the row records that the
         request reached the stream, not what the server did with it.
+
+        :raises RPCRateLimitedError: over its ``RATE_LIMITS`` limit; nothing was sent.
         """
         _refuse_on_event_loop("fire_and_forget")
         request = self._request(method, params, None, None)
         user = resolve_user(get_caller_context())
-        probe = self._probe(request)
-        with self._reported(self._started(request, user, None, None, probe), probe) as outcome:
-            self.transport.send(probe.request if probe else request)
+        request, probe = self._instrumented(request)
+        started = self._started(request, user, None, None, probe)
+        with self._reported(request, started, probe) as outcome:
+            if self.rate_limiter is not None:
+                request = self.rate_limiter.limit(request, user, started["caller_ip"])
+            self.transport.send(request)
             outcome.succeed(None)
         return request.correlation_id
 
     def close(self) -> None:
-        """Close the transport's connections."""
+        """Close the transport's (and the rate limiter's) connections."""
         self.transport.close()
+        if self.rate_limiter is not None:
+            self.rate_limiter.close()
 
 
 def _refuse_on_event_loop(name: str) -> None:
@@ -317,6 +370,9 @@ def _refuse_on_event_loop(name: str) -> None:
         "use 'await RPCClient.acall()' in async code."
     )
 
+
+#: The wire's JSON: Django's encoder (dates, decimals, UUIDs), compact, no NaN.
+_WIRE_ENCODER = DjangoJSONEncoder(separators=(",", ":"), allow_nan=False)
 
 _client: RPCClient | None = None
 _client_lock = threading.Lock()

@@ -67,7 +67,7 @@ def test_an_integration_without_its_package_is_e003(rpc_settings, hide_package):
     hide_package("prometheus_client")
     rpc_settings(PROMETHEUS_METRICS=True, OTEL_TRACES=True)
     messages = checks.check_integrations()
-    assert ids(messages) == ["django_rpc_audit.E003"]
+    assert ids(messages) == ["django_rpc_audit.E004"]
     assert "PROMETHEUS_METRICS" in messages[0].msg
     assert "django-rpc-audit[prometheus]" in messages[0].hint
 

@@ -65,7 +65,7 @@ def build_instrumentation(config: DjangoCfgRPCConfig) -> Instrumentation | None:
     """The tracing and metrics of a client built from ``config``; ``None`` when all are off.
 
     Never raises: an integration whose package is missing (``manage.py check`` reports it as
-    ``django_rpc_audit.E003``) or that cannot be set up is logged and left out, and calls go on
+    ``django_rpc_audit.E004``) or that cannot be set up is logged and left out, and calls go on
     without it.
     """
     if not (config.otel_traces or config.otel_metrics or config.prometheus_metrics):

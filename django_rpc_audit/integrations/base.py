@@ -200,4 +200,4 @@ def with_wire_fields(request: RPCRequest, fields: Mapping[str, str]) -> RPCReque
     body = request.body
     if not body.endswith("}"):
         return request
-    return replace(request, body=f"{body[:-1]}, {json.dumps(extra)[1:]}")
+    return replace(request, body=f"{body[:-1]},{json.dumps(extra, separators=(',', ':'))[1:]}")
