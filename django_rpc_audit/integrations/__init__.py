@@ -5,9 +5,11 @@ settings (:func:`build_instrumentation`; ``None`` when every integration is off,
 then pays for nothing) and asks it for a probe at the start of every call and ends the probe
 when the call ends.
 
-- :mod:`~django_rpc_audit.integrations.base`: that seam: :class:`Instrumentation`, the
-  per-call :class:`CallProbe`, the bounded method labels (``_OTHER``) and the trace context
-  added to the request message. Imports no optional package.
+- :mod:`~django_rpc_audit.integrations.base`: that seam:
+  :class:`~django_rpc_audit.integrations.base.Instrumentation`, the per-call
+  :class:`~django_rpc_audit.integrations.base.CallProbe`, the bounded method labels
+  (``_OTHER``) and the trace context added to the request message. Imports no optional
+  package.
 - :mod:`~django_rpc_audit.integrations.otel`: OpenTelemetry (extra ``[otel]``): a CLIENT span
   per call from the global tracer provider, W3C ``traceparent``/``tracestate`` on the wire,
   and the histogram ``rpc.client.call.duration`` through the metrics API.
