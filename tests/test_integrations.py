@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from typing import Any
 
 import pytest
@@ -144,3 +145,43 @@ def test_a_missing_package_turns_its_integration_off(
     assert [type(r).__name__ for r in instrumentation.recorders] == ["PrometheusCallRecorder"]
     assert "django-rpc-audit[otel] is not installed" in caplog.text
     assert get_rpc_client().call("test.echo") == {"echo": {}}
+
+
+@pytest.mark.redis
+def test_rate_limited_calls_are_traced_and_counted_and_the_sent_one_carries_its_context(
+    rpc_settings, redis_transport, redis_client, otel_sdk
+):
+    """With rate limits on, the trace context is added before the limiter's script sends the
+    request; a refused call is a failed span and a ``rate_limited`` count."""
+    from prometheus_client import REGISTRY
+
+    from django_rpc_audit.exceptions import RPCRateLimitedError
+
+    prefix = f"rpc_audit_test:{uuid.uuid4().hex}:rl:"
+    method = f"limited.{uuid.uuid4().hex[:8]}"
+    rpc_settings(
+        OTEL_TRACES=True,
+        PROMETHEUS_METRICS=True,
+        RATE_LIMITS={method: "1/minute"},
+        RATE_LIMIT_KEY_PREFIX=prefix,
+    )
+    try:
+        sent = get_rpc_client().fire_and_forget(method)
+        with pytest.raises(RPCRateLimitedError) as refused:
+            get_rpc_client().fire_and_forget(method)
+    finally:
+        for key in redis_client.scan_iter(f"{prefix}*"):
+            redis_client.delete(key)
+
+    ((_, fields),) = redis_client.xrange(redis_transport)  # only the first was sent
+    message = json.loads(fields[b"payload"])
+    assert message["correlation_id"] == sent
+    ok_span, refused_span = otel_sdk.spans()
+    assert message["traceparent"].split("-")[2] == f"{ok_span.context.span_id:016x}"
+    assert refused_span.status.status_code.name == "ERROR"
+    assert refused_span.attributes["error.type"] == refused.value.code
+    labels = {"method": method, "status": "rate_limited", "error_type": refused.value.code}
+    assert REGISTRY.get_sample_value("rpc_audit_calls_total", labels) == 1
+    assert RPCLog.objects.get(status="rate_limited").trace_id == (
+        f"{refused_span.context.trace_id:032x}"
+    )
