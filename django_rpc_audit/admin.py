@@ -16,7 +16,7 @@ from typing import Any
 from django.apps import apps
 from django.contrib import admin
 from django.core.exceptions import ValidationError
-from django.db.models import Max, Min, Model, QuerySet
+from django.db.models import Max, Min, Model, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.loader import render_to_string
 from django.urls import NoReverseMatch, URLPattern, path, reverse
@@ -49,6 +49,8 @@ STATUS_VARIANTS: dict[str, str] = {
 # A correlation id as the client makes it (a UUID, with or without dashes) or as a server
 # echoes it: a search term shaped like one is looked up exactly, by its index.
 _CORRELATION_ID = re.compile(r"^[0-9a-fA-F]{8}-?(?:[0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
+# An OpenTelemetry trace id (32 hex digits, as Grafana, Tempo and Jaeger show it).
+_TRACE_ID = re.compile(r"^[0-9a-fA-F]{32}$")
 
 _JSON_TOKEN = re.compile(
     r'(?P<key>"(?:\\.|[^"\\])*")(?=\s*:)'
@@ -121,6 +123,14 @@ def user_admin_url(user: Model, site_name: str = "admin") -> str | None:
         )
     except NoReverseMatch:
         return None
+
+
+def trace_url(trace_id: str, span_id: str = "") -> str | None:
+    """The ``TRACE_URL_TEMPLATE`` link to a trace; ``None`` without a template or a trace."""
+    template = get_config().trace_url_template
+    if not template or not trace_id:
+        return None
+    return template.replace("{trace_id}", trace_id).replace("{span_id}", span_id)
 
 
 def changelist_url(site_name: str = "admin", **params: Any) -> str:
@@ -287,7 +297,8 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
     list_filter = ("status", MethodFilter, ("created_at", admin.DateFieldListFilter), UserFilter)
     search_fields = ("method", "user__username", "user__email", "error_message")
     search_help_text = _(
-        "Method, username, email or error message; a correlation id is looked up exactly."
+        "Method, username, email or error message; a correlation id or trace id is looked up "
+        "exactly."
     )
     list_select_related = ("user",)
     date_hierarchy = "created_at"
@@ -304,6 +315,7 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
         "method",
         "correlation_id_copy",
         "related_calls",
+        "trace",
         "error_box",
         "timeline",
         "user_link",
@@ -341,6 +353,9 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
         self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
     ) -> tuple[QuerySet[Any], bool]:
         term = search_term.strip()
+        if _TRACE_ID.match(term):
+            # 32 hex digits: a trace id, or a correlation id written without its dashes.
+            return queryset.filter(Q(trace_id=term.lower()) | Q(correlation_id=term)), False
         if _CORRELATION_ID.match(term):
             return queryset.filter(correlation_id=term), False
         return super().get_search_results(request, queryset, search_term)  # type: ignore[no-any-return]
@@ -382,6 +397,8 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
             RPCStatus.RATE_LIMITED,
         ):
             call = (*call[:2], "error_box", *call[2:])
+        if obj is not None and obj.trace_id:
+            call = (*call, "trace")
         return [
             (None, {"fields": call}),
             (_("Caller"), {"fields": ("user_link", "caller_ip", "user_agent")}),
@@ -429,6 +446,36 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
             " · ",
             '<a href="{}" class="text-primary-600 dark:text-primary-500">{}</a>',
             links,
+        )
+
+    @display(description=_("trace"))
+    def trace(self, obj: RPCLog) -> str:
+        if not obj.trace_id:
+            return "-"
+        url = trace_url(obj.trace_id, obj.span_id)
+        external = (
+            format_html(
+                ' · <a href="{}" class="text-primary-600 dark:text-primary-500" target="_blank" '
+                'rel="noopener noreferrer" data-trace-url>{}</a>',
+                url,
+                _("Open the trace"),
+            )
+            if url is not None
+            else ""
+        )
+        return format_html(
+            '<span class="flex flex-row flex-wrap gap-2 items-center">'
+            '<code style="user-select: all; {}" data-trace-id>{}</code>'
+            '<span class="text-subtle">{}</span><code style="{}" data-span-id>{}</code>'
+            ' · <a href="{}" class="text-primary-600 dark:text-primary-500">{}</a>{}</span>',
+            _MONO,
+            obj.trace_id,
+            _("span"),
+            _MONO,
+            obj.span_id or "-",
+            changelist_url(self.admin_site.name, trace_id=obj.trace_id),
+            _("Calls of this trace"),
+            external,
         )
 
     @display(description=_("error"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -141,3 +142,41 @@ def check_rate_limit_policy(
             )
         ]
     return []
+
+
+@register(Tags.compatibility)
+def check_integrations(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """E004: a metrics or tracing integration is on but its package is not installed;
+    W005: ``PROMETHEUS_MULTIPROC_DIR`` is set but is not a writable directory."""
+    try:
+        config = get_config()
+    except ImproperlyConfigured:
+        return []  # E001 reports it
+    from django_rpc_audit.integrations import missing_packages
+
+    messages: list[CheckMessage] = [
+        Error(
+            f"{SETTING_NAME}[{key!r}] is on but the {module!r} package is not installed: "
+            "the integration is off.",
+            hint=f"pip install {extra!r}",
+            id="django_rpc_audit.E004",
+        )
+        for key, (module, extra) in missing_packages(config).items()
+    ]
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if (
+        config.prometheus_metrics
+        and directory
+        and not (os.path.isdir(directory) and os.access(directory, os.W_OK))
+    ):
+        messages.append(
+            Warning(
+                f"PROMETHEUS_MULTIPROC_DIR ({directory!r}) is not a writable directory: "
+                "prometheus-client cannot keep the metrics, so none are recorded.",
+                hint="Create the directory before the server starts, writable by its workers.",
+                id="django_rpc_audit.W005",
+            )
+        )
+    return messages

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -159,6 +160,27 @@ class DjangoCfgRPCConfig:
     #: or subject per call (plans, organisations), or ``None`` to exempt it.
     rate_limit_policy: str = ""
 
+    # -- metrics and traces (integrations/)
+    #: Trace every call as an OpenTelemetry CLIENT span of the global tracer provider (needs
+    #: ``django-rpc-audit[otel]`` and an SDK), send its W3C trace context with the request and
+    #: store its trace and span ids on the row.
+    otel_traces: bool = False
+    #: Record the histogram ``rpc.client.call.duration`` (seconds) through the OpenTelemetry
+    #: metrics API.
+    otel_metrics: bool = False
+    #: Attribute that carries a failed call's error code on spans and metrics:
+    #: ``rpc.response.status_code`` (semantic conventions 1.39 to 1.44; ``rpc.status_code``
+    #: after them). Empty: not set.
+    otel_status_code_attribute: str = "rpc.response.status_code"
+    #: Count and time calls and the log pipeline in prometheus-client's registry (needs
+    #: ``django-rpc-audit[prometheus]``).
+    prometheus_metrics: bool = False
+    #: Distinct method names a process uses as metric labels; any further one is ``_OTHER``.
+    metrics_max_methods: int = 100
+    #: The admin links a row to its trace with this URL; ``{trace_id}`` (and ``{span_id}``) are
+    #: replaced by the row's ids. Empty: no link.
+    trace_url_template: str = ""
+
     def __repr__(self) -> str:
         # The dataclass repr would print REDIS_URL with its password.
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -244,6 +266,7 @@ def _validate(config: DjangoCfgRPCConfig) -> None:
     _validate_admin(config)
     _validate_buffered_writer(config)
     _validate_rate_limits(config)
+    _validate_integrations(config)
 
 
 def _pairs(value: object) -> object:
@@ -462,6 +485,35 @@ def _validate_rate_limits(config: DjangoCfgRPCConfig) -> None:
             "RATE_LIMIT_POLICY",
             f"must be the dotted path of a callable ('myapp.limits.policy'), not {policy!r}.",
         )
+
+
+#: A span attribute key: dotted lower-case words (``rpc.response.status_code``).
+_ATTRIBUTE_KEY = re.compile(r"^[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)*$")
+
+
+def _validate_integrations(config: DjangoCfgRPCConfig) -> None:
+    for name in ("otel_traces", "otel_metrics", "prometheus_metrics"):
+        if not isinstance(getattr(config, name), bool):
+            raise _fail(name.upper(), f"must be True or False, not {getattr(config, name)!r}.")
+    key = config.otel_status_code_attribute
+    if not isinstance(key, str) or (key and not _ATTRIBUTE_KEY.match(key)):
+        raise _fail(
+            "OTEL_STATUS_CODE_ATTRIBUTE",
+            f"must be an attribute key such as 'rpc.response.status_code', or '', not {key!r}.",
+        )
+    limit = config.metrics_max_methods
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise _fail("METRICS_MAX_METHODS", f"must be a positive integer, not {limit!r}.")
+    template = config.trace_url_template
+    if not isinstance(template, str):
+        raise _fail("TRACE_URL_TEMPLATE", f"must be a URL string, not {template!r}.")
+    if template:
+        scheme = urlsplit(template).scheme
+        if scheme not in ("http", "https") or "{trace_id}" not in template:
+            raise _fail(
+                "TRACE_URL_TEMPLATE",
+                f"must be an http(s) URL containing '{{trace_id}}', not {template!r}.",
+            )
 
 
 def validate_redis_url(url: object, key: str = "REDIS_URL") -> None:

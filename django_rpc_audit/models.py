@@ -48,6 +48,10 @@ class RPCLog(models.Model):
     #: written by code that does not know the column (a release still running during a rolling
     #: deploy, raw SQL) still land.
     sample_rate = models.FloatField(_("sample rate"), default=1.0, db_default=1.0)
+    #: The OpenTelemetry trace and span of the call (32 and 16 hex digits) when ``OTEL_TRACES``
+    #: traced it and the trace is sampled; empty otherwise.
+    trace_id = models.CharField(_("trace id"), max_length=32, blank=True, default="", db_default="")
+    span_id = models.CharField(_("span id"), max_length=16, blank=True, default="", db_default="")
 
     objects = RPCLogQuerySet.as_manager()
 
@@ -68,6 +72,8 @@ class RPCLog(models.Model):
             models.Index(fields=["user", "created_at"], name="rpclog_user_created_idx"),
             # Looking a call up by the id shared with the server's logs.
             models.Index(fields=["correlation_id"], name="rpclog_correlation_idx"),
+            # From a trace (Grafana, Tempo, Jaeger) to its calls: the admin's trace id search.
+            models.Index(fields=["trace_id"], name="rpclog_trace_idx"),
         )
 
     def __str__(self) -> str:

@@ -129,6 +129,9 @@ Keyword arguments:
     The request's ``User-Agent``, or the one given explicitly.
 ``started_at`` (datetime)
     Aware UTC time the call started.
+``trace_id``, ``span_id`` (str | None)
+    The call's OpenTelemetry trace and span ids (32 and 16 hex digits) when ``OTEL_TRACES``
+    traced it and the trace is sampled; ``None`` otherwise.
 """
 
 rpc_finished = RPCSignal()

@@ -193,3 +193,88 @@ def child_env(tmp_path: Path) -> dict[str, str]:
             timeout=120,
         )
     return env
+
+
+class OTelSDK:
+    """The OpenTelemetry SDK set up once per test process as the global providers: spans go to
+    an in-memory exporter, metrics to an in-memory reader. ``broken`` makes the exporter and
+    an extra span processor raise, as a failing backend would."""
+
+    def __init__(self) -> None:
+        from opentelemetry import metrics, trace
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+            InMemorySpanExporter,
+        )
+
+        sdk = self
+        self.broken = False
+
+        class Exporter(InMemorySpanExporter):
+            def export(self, spans: Any) -> Any:
+                if sdk.broken:
+                    raise ConnectionError("the tracing backend is down")
+                return super().export(spans)
+
+        class BrokenProcessor(SpanProcessor):
+            def on_end(self, span: Any) -> None:
+                if sdk.broken:
+                    raise RuntimeError("a span processor failed")
+
+        self.exporter = Exporter()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.tracer_provider.add_span_processor(BrokenProcessor())
+        trace.set_tracer_provider(self.tracer_provider)
+        self.reader = InMemoryMetricReader()
+        metrics.set_meter_provider(MeterProvider(metric_readers=[self.reader]))
+
+    def spans(self) -> list[Any]:
+        return list(self.exporter.get_finished_spans())
+
+    def data_points(self, name: str) -> list[Any]:
+        """The data points of the metric ``name`` collected now (cumulative)."""
+        data = self.reader.get_metrics_data()
+        points: list[Any] = []
+        for resource in data.resource_metrics if data else ():
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == name:
+                        points.extend(
+                            {"unit": metric.unit, "point": point}
+                            for point in metric.data.data_points
+                        )
+        return points
+
+
+_otel_sdk: OTelSDK | None = None
+
+
+@pytest.fixture
+def otel_sdk() -> Iterator[OTelSDK]:
+    """The process's OpenTelemetry SDK (global providers), its spans cleared for the test."""
+    global _otel_sdk
+    if _otel_sdk is None:
+        _otel_sdk = OTelSDK()
+    _otel_sdk.exporter.clear()
+    _otel_sdk.broken = False
+    yield _otel_sdk
+    _otel_sdk.broken = False
+
+
+@pytest.fixture
+def hide_package(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """Make ``importlib.util.find_spec`` report a package as not installed, for one test."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    hidden: set[str] = set()
+
+    def find_spec(name: str, *args: Any) -> Any:
+        return None if name in hidden else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    return hidden.add

@@ -86,6 +86,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_for_port(port: int, server: subprocess.Popen[str], timeout: float = 30.0) -> None:
+    """Wait until ``server`` accepts connections on ``port``; fail if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert server.poll() is None, server.communicate()[0]
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+
+
 def serve_then_sigterm(
     command: list[str], env: dict[str, str], port: int, path: str, exit_code: int = 0
 ) -> str:
@@ -94,15 +107,7 @@ def serve_then_sigterm(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None, server.communicate()[0]
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.1)
+        wait_for_port(port, server)
         for n in range(40):
             url = f"http://127.0.0.1:{port}{path}?who=web&n={n}"
             with urllib.request.urlopen(url, timeout=10) as response:

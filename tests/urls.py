@@ -1,6 +1,7 @@
 from django.contrib import admin
 from django.urls import path
 
+from django_rpc_audit.integrations.prometheus import metrics_view
 from tests import views
 
 urlpatterns = [
@@ -11,4 +12,6 @@ urlpatterns = [
     path("async/no-call/", views.async_no_call),
     path("sync/raises/", views.sync_raises),
     path("async/raises/", views.async_raises),
+    path("call/<str:method>/", views.call_method),
+    path("metrics/", metrics_view),
 ]

@@ -39,3 +39,16 @@ class WriterStats:
 
 class DatabaseUnavailable(Exception):
     """A batch could not be written because the database could not be reached."""
+
+
+class WriterObserver(Protocol):
+    """Told what a :class:`BufferedLogWriter` does, on its own thread, never on the caller's
+    (the Prometheus integration's pipeline metrics are one). Must never raise."""
+
+    def batch_written(self, rows: int, seconds: float) -> None:
+        """A batch of ``rows`` rows was written in ``seconds``."""
+        ...
+
+    def counts(self, stats: WriterStats) -> None:
+        """The writer's counters now; called each time its thread wakes."""
+        ...

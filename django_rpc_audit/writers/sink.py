@@ -148,6 +148,8 @@ def _started_values(
     caller_ip: str | None,
     user_agent: str | None,
     json_text: bool = False,
+    trace_id: str | None = None,
+    span_id: str | None = None,
 ) -> dict[str, Any]:
     """Column values known when a call starts, made safe to store whatever the caller passed.
 
@@ -169,6 +171,8 @@ def _started_values(
         "user_id": user_pk,
         "caller_ip": _ip_or_none(caller_ip),
         "user_agent": _capped_text(user_agent, config.max_user_agent_bytes),
+        "trace_id": _truncate(trace_id, 32),
+        "span_id": _truncate(span_id, 16),
     }
 
 
@@ -182,6 +186,8 @@ def _started_row(
     started_at: datetime,
     *,
     for_copy: bool = False,
+    trace_id: str | None = None,
+    span_id: str | None = None,
 ) -> dict[str, Any]:
     """The ``pending`` row of a call: its id, :func:`_started_values` and ``created_at``.
 
@@ -191,7 +197,15 @@ def _started_row(
     return {
         "id": (call_log_id_hex if for_copy else call_log_id)(correlation_id, started_at),
         **_started_values(
-            correlation_id, method, params, user, caller_ip, user_agent, json_text=for_copy
+            correlation_id,
+            method,
+            params,
+            user,
+            caller_ip,
+            user_agent,
+            json_text=for_copy,
+            trace_id=trace_id,
+            span_id=span_id,
         ),
         "created_at": stored_datetime(started_at),
     }
@@ -200,34 +214,23 @@ def _started_row(
 # -- single rows (synchronous writer, manual logging) -------------------------------------------
 
 
-def record_started(
-    queryset: RPCLogQuerySet,
-    *,
-    correlation_id: str,
-    method: str,
-    params: Any,
-    user: Any,
-    caller_ip: str | None,
-    user_agent: str | None,
-    started_at: datetime,
-    **extra: Any,
-) -> RPCLog:
-    """Insert the ``pending`` row of a call that has just started (``rpc_started``'s kwargs)."""
-    return queryset.create(
-        **_started_row(correlation_id, method, params, user, caller_ip, user_agent, started_at)
-    )
+def _started_row_of(started: Mapping[str, Any], *, for_copy: bool = False) -> dict[str, Any]:
+    """:func:`_started_row` of ``rpc_started``'s keyword arguments (or ``rpc_finished``'s,
+    which repeat them); keys it does not take are ignored."""
+    values: dict[str, Any] = {key: started.get(key) for key in STARTED_KEYS}
+    return _started_row(**values, started_at=started["started_at"], for_copy=for_copy)
+
+
+def record_started(queryset: RPCLogQuerySet, **started: Any) -> RPCLog:
+    """Insert the ``pending`` row of a call that has just started (``rpc_started``'s kwargs:
+    ``correlation_id``, ``method``, ``params``, ``user``, ``caller_ip``, ``user_agent``,
+    ``started_at``, and optionally ``trace_id`` and ``span_id``)."""
+    return queryset.create(**_started_row_of(started))
 
 
 def record_finished(
     queryset: RPCLogQuerySet,
     *,
-    correlation_id: str,
-    method: str,
-    params: Any,
-    user: Any,
-    caller_ip: str | None,
-    user_agent: str | None,
-    started_at: datetime,
     status: str,
     response: Any,
     error_code: str | None,
@@ -235,14 +238,15 @@ def record_finished(
     duration_ms: float | None,
     completed_at: datetime,
     sample_rate: float = 1.0,
-    **extra: Any,
+    **started: Any,
 ) -> None:
-    """Complete the row of a finished call (``rpc_finished``'s kwargs).
+    """Complete the row of a finished call (``rpc_finished``'s kwargs: the outcome here, the
+    call's ``rpc_started`` kwargs in ``started``).
 
     If the ``pending`` row is missing (its write failed, or nobody wrote it), the whole row is
     inserted now: a finished call never loses its row.
     """
-    log_id = call_log_id(correlation_id, started_at)
+    log_id = call_log_id(started["correlation_id"], started["started_at"])
     outcome = outcome_values(
         status=status,
         response=response,
@@ -254,10 +258,7 @@ def record_finished(
     )
     if queryset.filter(pk=log_id).update(**outcome):
         return
-    queryset.create(
-        **_started_row(correlation_id, method, params, user, caller_ip, user_agent, started_at),
-        **outcome,
-    )
+    queryset.create(**_started_row_of(started), **outcome)
 
 
 # -- bulk writes (buffered writer) ------------------------------------------------------------
@@ -270,6 +271,8 @@ STARTED_KEYS: tuple[str, ...] = (
     "user",
     "caller_ip",
     "user_agent",
+    "trace_id",
+    "span_id",
 )
 #: The ``rpc_finished`` keys :func:`outcome_values` takes (the event has the started ones too).
 OUTCOME_KEYS: tuple[str, ...] = (
