@@ -15,11 +15,12 @@ from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
 
+from django_rpc_audit.alerts.slow import SlowVerdict, judge_call, slow_arguments
 from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
 from django_rpc_audit.context import aresolve_user, get_caller_context, resolve_user
 from django_rpc_audit.exceptions import RPCDisabledError, RPCError, RPCTimeoutError
 from django_rpc_audit.redaction import Redactor, get_redactor
-from django_rpc_audit.signals import rpc_finished, rpc_started
+from django_rpc_audit.signals import rpc_finished, rpc_slow, rpc_started
 from django_rpc_audit.status import RPCStatus
 from django_rpc_audit.transports import (
     Result,
@@ -39,6 +40,7 @@ class _Outcome:
     response: Result | None = None
     error_code: str | None = None
     error_message: str | None = None
+    slow: SlowVerdict | None = None
 
     @property
     def result(self) -> Result:
@@ -59,6 +61,7 @@ class _Outcome:
 
     def as_kwargs(self, duration_ms: float, method: str, redactor: Redactor) -> dict[str, Any]:
         """``rpc_finished``'s own arguments, secrets redacted (the caller gets the originals)."""
+        self.slow = judge_call(method, self.status, duration_ms)
         return {
             "status": self.status,
             "response": redactor.response(method, self.response),
@@ -66,6 +69,7 @@ class _Outcome:
             "error_message": redactor.text(self.error_message),
             "duration_ms": duration_ms,
             "completed_at": datetime.now(UTC),
+            "slow": self.slow,
         }
 
 
@@ -172,6 +176,10 @@ class RPCClient:
             duration_ms = (time.perf_counter() - clock) * 1000
             finished = outcome.as_kwargs(duration_ms, started["method"], self.redactor)
             rpc_finished.send_robust(sender=type(self), **started, **finished)
+            if outcome.slow is not None:
+                rpc_slow.send_robust(
+                    sender=type(self), **started, **finished, **slow_arguments(outcome.slow)
+                )
 
     @contextlib.asynccontextmanager
     async def _areported(self, started: dict[str, Any]) -> AsyncIterator[_Outcome]:
@@ -186,14 +194,16 @@ class RPCClient:
             raise
         finally:
             duration_ms = (time.perf_counter() - clock) * 1000
-            finished = rpc_finished.asend_robust(
-                sender=type(self),
-                **started,
-                **outcome.as_kwargs(duration_ms, started["method"], self.redactor),
-            )
+            arguments = outcome.as_kwargs(duration_ms, started["method"], self.redactor)
+            finished = rpc_finished.asend_robust(sender=type(self), **started, **arguments)
             # A cancelled call still reports how it ended: shield the report from a second
             # cancellation of the task.
             await asyncio.shield(finished)
+            if outcome.slow is not None:
+                slow = slow_arguments(outcome.slow)
+                await asyncio.shield(
+                    rpc_slow.asend_robust(sender=type(self), **started, **arguments, **slow)
+                )
 
     def call(
         self,

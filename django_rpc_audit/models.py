@@ -9,10 +9,11 @@ from django.db import models
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from django_rpc_audit.alerts.models import WebhookDelivery, WebhookEndpointState
 from django_rpc_audit.querysets import RPCLogQuerySet
 from django_rpc_audit.status import RPCStatus
 
-__all__ = ["RPCLog", "RPCStatus"]
+__all__ = ["RPCLog", "RPCStatus", "WebhookDelivery", "WebhookEndpointState"]
 
 
 class RPCLog(models.Model):
@@ -48,6 +49,8 @@ class RPCLog(models.Model):
     #: written by code that does not know the column (a release still running during a rolling
     #: deploy, raw SQL) still land.
     sample_rate = models.FloatField(_("sample rate"), default=1.0, db_default=1.0)
+    #: Slower than its method's recent normal (``django_rpc_audit.alerts.slow``).
+    is_slow = models.BooleanField(_("slow"), default=False, db_default=False)
 
     objects = RPCLogQuerySet.as_manager()
 
@@ -68,6 +71,8 @@ class RPCLog(models.Model):
             models.Index(fields=["user", "created_at"], name="rpclog_user_created_idx"),
             # Looking a call up by the id shared with the server's logs.
             models.Index(fields=["correlation_id"], name="rpclog_correlation_idx"),
+            # The slow calls within a window (dashboard panel, changelist filter).
+            models.Index(fields=["is_slow", "created_at"], name="rpclog_slow_created_idx"),
         )
 
     def __str__(self) -> str:

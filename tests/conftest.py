@@ -149,6 +149,29 @@ def redis_transport(
 
 
 @pytest.fixture
+def webhook_receiver() -> Iterator[Any]:
+    """A real HTTP endpoint on a free loopback port recording the webhooks it gets."""
+    from tests.webhook_receiver import WebhookReceiver
+
+    with WebhookReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture
+def clean_storm_windows(redis_client: redis.Redis) -> Iterator[None]:
+    """No storm-control window of an earlier test (or run) is open in Redis."""
+    from django_rpc_audit.alerts.storm import KEY_PREFIX
+
+    def clean() -> None:
+        for key in redis_client.scan_iter(f"{KEY_PREFIX}*"):
+            redis_client.delete(key)
+
+    clean()
+    yield
+    clean()
+
+
+@pytest.fixture
 def admin_client_(db: None) -> Client:
     """A test client logged in as the superuser ``root``, made by the factory."""
     from tests.factories import UserFactory

@@ -38,6 +38,7 @@ FINISHED_KEYS = STARTED_KEYS | {
     "error_message",
     "duration_ms",
     "completed_at",
+    "slow",
 }
 
 
