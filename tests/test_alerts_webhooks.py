@@ -32,7 +32,7 @@ from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
 from django_rpc_audit.exceptions import RPCRemoteError
 from django_rpc_audit.models import RPCLog
 from django_rpc_audit.writers import BufferedLogWriter, use_writer
-from tests.factories import UserFactory
+from tests.factories import UserFactory, staff_client
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 
@@ -459,10 +459,8 @@ def test_a_slow_call_sends_rpc_slow(hooks, rpc_settings, webhook_receiver, local
 
 @pytest.mark.django_db
 def test_the_admin_lists_deliveries_and_sends_again_with_permission(
-    hooks, webhook_receiver, admin_client_, client
+    hooks, webhook_receiver, admin_client_
 ):
-    from django.contrib.auth.models import Permission
-
     webhook_receiver.answers = [400]
     fail_call()
     deliver_due()
@@ -475,11 +473,8 @@ def test_the_admin_lists_deliveries_and_sends_again_with_permission(
     assert b"send_notification" in page.content
     assert admin_client_.get(f"{url}{row.pk}/change/").status_code == 200
 
-    staff = UserFactory(is_staff=True)
-    staff.user_permissions.add(Permission.objects.get(codename="view_webhookdelivery"))
-    client.force_login(staff)
     form = {"action": "send_again", "_selected_action": [str(row.pk)]}
-    client.post(url, form)
+    staff_client("view_webhookdelivery").post(url, form)
     row.refresh_from_db()
     assert row.state == DeliveryState.FAILED  # no resend permission: nothing happens
 

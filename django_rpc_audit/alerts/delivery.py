@@ -171,21 +171,28 @@ def _claim(
             .filter(disabled_at__isnull=False)
             .values_list("name", flat=True)
         )
+        # Fresh events by kind, oldest first: storm control decides once per kind and batch.
+        fresh: dict[tuple[str, str], list[WebhookDelivery]] = {}
         for row in rows:
             endpoint = endpoints.get(row.endpoint)
             if endpoint is None or row.endpoint in disabled:
                 why = "endpoint disabled" if endpoint is not None else "endpoint not configured"
                 _finish(alias, row, DeliveryState.CANCELLED, error=why)
                 report.cancelled += 1
-                continue
-            fresh_event = row.kind == DeliveryKind.EVENT and not row.storm_checked
-            if fresh_event and not _open_or_join_window(config, alias, row, endpoint, now):
-                report.grouped += 1
-                continue
-            due_digest = row.kind == DeliveryKind.DIGEST and row.payload is None
-            if due_digest and not _freeze_digest(config, alias, row, endpoint):
-                report.skipped += 1
-                continue
+            elif row.kind == DeliveryKind.EVENT and not row.storm_checked:
+                fresh.setdefault((row.endpoint, row.group_key), []).append(row)
+            elif row.kind == DeliveryKind.DIGEST and row.payload is None:
+                if _freeze_digest(config, alias, row, endpoint):
+                    claimed.append((row, endpoint))
+                else:
+                    report.skipped += 1
+            else:
+                claimed.append((row, endpoint))
+        for (name, _), events in fresh.items():
+            send_now = _open_or_join_window(config, alias, events, endpoints[name], now)
+            report.grouped += len(events) - len(send_now)
+            claimed += [(row, endpoints[name]) for row in send_now]
+        for row, _ in claimed:
             row.attempts += 1
             row.last_attempt_at = now
             row.next_attempt_at = now + lease
@@ -196,10 +203,10 @@ def _claim(
                     "last_attempt_at",
                     "next_attempt_at",
                     "storm_checked",
+                    "digest_id",
                     "payload",
                 ],
             )
-            claimed.append((row, endpoint))
     return claimed
 
 
@@ -212,14 +219,18 @@ def _window_seconds(config: DjangoCfgRPCConfig, endpoint: WebhookEndpoint) -> fl
 def _open_or_join_window(
     config: DjangoCfgRPCConfig,
     alias: str,
-    row: WebhookDelivery,
+    events: list[WebhookDelivery],
     endpoint: WebhookEndpoint,
     now: datetime,
-) -> bool:
-    """Storm control for one event; True to send it now, False when it joined a digest."""
+) -> list[WebhookDelivery]:
+    """Storm control for fresh events of one kind (oldest first); returns those to send now.
+
+    One Redis command for the batch: the first event opens the window (and is sent) or joins
+    the open one; the others join the same window and are counted in its digest.
+    """
+    first = events[0]
     seconds = _window_seconds(config, endpoint)
-    window = storm_control(config).window(endpoint.name, row.group_key, seconds)
-    row.storm_checked = True
+    window = storm_control(config).window(endpoint.name, first.group_key, seconds)
     due = datetime.fromtimestamp(window.ends_at, tz=now.tzinfo) + timedelta(
         seconds=digest_settle_seconds(seconds)
     )
@@ -229,13 +240,13 @@ def _open_or_join_window(
         [
             WebhookDelivery(
                 id=window.digest_id,
-                endpoint=row.endpoint,
-                event=row.event,
+                endpoint=first.endpoint,
+                event=first.event,
                 kind=DeliveryKind.DIGEST,
-                method=row.method,
-                error_code=row.error_code,
-                group_key=row.group_key,
-                occurred_at=row.occurred_at,
+                method=first.method,
+                error_code=first.error_code,
+                group_key=first.group_key,
+                occurred_at=first.occurred_at,
                 payload=None,
                 storm_checked=True,
                 next_attempt_at=due,
@@ -243,19 +254,25 @@ def _open_or_join_window(
         ],
         ignore_conflicts=True,
     )
-    if window.opened:
-        return True
-    # Serialise with the digest's freeze: an event joins only a digest not yet counted.
+    for row in events:
+        row.storm_checked = True
+        row.digest_id = window.digest_id
+    send_now, joiners = (events[:1], events[1:]) if window.opened else ([], events)
+    if not joiners:
+        return send_now
+    # Serialise with the digest's freeze: events join only a digest not yet counted.
     digest = (
         WebhookDelivery.objects.using(alias).select_for_update().filter(pk=window.digest_id).first()
     )
     if digest is None or digest.payload is not None or digest.state != DeliveryState.PENDING:
-        return True  # its digest is counted already: this one goes out on its own
-    row.state = DeliveryState.GROUPED
-    row.digest_id = window.digest_id
-    row.next_attempt_at = None
-    row.save(using=alias, update_fields=["state", "digest_id", "storm_checked", "next_attempt_at"])
-    return False
+        return events  # its digest is counted already (a rare race): each goes out on its own
+    WebhookDelivery.objects.using(alias).filter(pk__in=[row.pk for row in joiners]).update(
+        state=DeliveryState.GROUPED,
+        storm_checked=True,
+        digest_id=window.digest_id,
+        next_attempt_at=None,
+    )
+    return send_now
 
 
 def _freeze_digest(

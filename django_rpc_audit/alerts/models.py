@@ -57,7 +57,8 @@ class WebhookDelivery(models.Model):
     payload = models.JSONField(_("payload"), null=True, blank=True)
     #: Storm control has decided on this event (sent on its own, or grouped).
     storm_checked = models.BooleanField(_("storm checked"), default=False)
-    #: The digest this event was grouped into.
+    #: The window's digest: the one this event was grouped into, or that counts the events
+    #: after it when this event opened the window (sent on its own).
     digest_id = models.UUIDField(_("digest"), null=True, blank=True)
     attempts = models.PositiveIntegerField(_("attempts"), default=0)
     next_attempt_at = models.DateTimeField(_("next try"), null=True, blank=True)
