@@ -61,3 +61,13 @@ def test_slow_threshold_is_fine_without_sampling_or_below_the_timeout(rpc_settin
     assert checks.check_sampling() == []
     rpc_settings(SAMPLE_RATE=1.0, SAMPLE_RATES={"system.*": 0.5}, ALWAYS_LOG_SLOWER_THAN_MS=10_000)
     assert ids(checks.check_sampling()) == ["django_rpc_audit.W004"]
+
+
+def test_webhooks_without_logging_is_w005(rpc_settings):
+    endpoint = {"NAME": "ops", "URL": "https://hooks.example.com/", "FORMAT": "slack"}
+    rpc_settings(WEBHOOKS=[endpoint], ENABLE_LOGGING=False)
+    messages = checks.check_alerts()
+    assert ids(messages) == ["django_rpc_audit.W005"]
+    assert "ENABLE_LOGGING" in messages[0].msg
+    rpc_settings(ENABLE_LOGGING=True)
+    assert checks.check_alerts() == []
