@@ -147,7 +147,8 @@ def measure(calls: int, rounds: int, webhook_url: str) -> None:
             flush()  # the next variant does not pay for this one's backlog
     base = statistics.median(results["off"])
     print(
-        f"\ncall() over Redis, {rounds} rounds x {calls} calls per variant, 1 in {FAIL_EVERY} failing"
+        f"\ncall() over Redis, {rounds} rounds x {calls} calls per variant, "
+        f"1 in {FAIL_EVERY} failing"
     )
     print(f"{'variant':<14}{'median µs':>11}{'p99 µs':>10}{'ratio':>8}{'CPU µs/call':>13}")
     for name, label in labels.items():
@@ -176,7 +177,8 @@ def measure_detector(observations: int) -> None:
         detector.observe(methods[n % 50], "success", durations[n % 1000])
     per_call = (time.process_time() - cpu) / observations
     print(
-        f"\nSlowCallDetector.observe(): {per_call * 1e6:.2f} µs CPU per call ({observations:,} calls, 50 methods)"
+        f"\nSlowCallDetector.observe(): {per_call * 1e6:.2f} µs CPU per call "
+        f"({observations:,} calls, 50 methods)"
     )
 
 
