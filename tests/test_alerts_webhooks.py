@@ -397,6 +397,19 @@ def test_a_storm_sends_the_first_at_once_and_the_rest_as_one_digest(hooks, webho
 
 
 @pytest.mark.django_db
+def test_an_event_never_joins_a_digest_already_counted(hooks, webhook_receiver):
+    fail_call()
+    deliver_due()  # opens the window
+    digest = WebhookDelivery.objects.get(kind=DeliveryKind.DIGEST)
+    WebhookDelivery.objects.filter(pk=digest.pk).update(payload={"count": 0})  # counted
+    fail_call()  # its window (30 s) is still open in Redis, with that digest
+    deliver_due()
+    # The second is sent on its own, not lost in a digest that will never count it.
+    assert list(events().values_list("state", flat=True)) == [DeliveryState.DELIVERED] * 2
+    assert [body["type"] for body in webhook_receiver.verified(SECRET)] == ["rpc.failed"] * 2
+
+
+@pytest.mark.django_db
 def test_a_lone_alert_sends_no_digest(hooks, webhook_receiver):
     hooks(GROUP_WINDOW_SECONDS=0.2)
     fail_call()

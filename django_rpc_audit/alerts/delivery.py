@@ -222,6 +222,8 @@ def _open_or_join_window(
     events: list[WebhookDelivery],
     endpoint: WebhookEndpoint,
     now: datetime,
+    *,
+    again: bool = True,
 ) -> list[WebhookDelivery]:
     """Storm control for fresh events of one kind (oldest first); returns those to send now.
 
@@ -265,7 +267,11 @@ def _open_or_join_window(
         WebhookDelivery.objects.using(alias).select_for_update().filter(pk=window.digest_id).first()
     )
     if digest is None or digest.payload is not None or digest.state != DeliveryState.PENDING:
-        return events  # its digest is counted already (a rare race): each goes out on its own
+        # Its digest was counted meanwhile (this claim outlived the window and its settling
+        # time): the window has closed in Redis too, so ask for a new one, once.
+        if again:
+            return _open_or_join_window(config, alias, events, endpoint, now, again=False)
+        return events
     WebhookDelivery.objects.using(alias).filter(pk__in=[row.pk for row in joiners]).update(
         state=DeliveryState.GROUPED,
         storm_checked=True,
