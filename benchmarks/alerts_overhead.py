@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from buffered_writer import configure, percentile, setup_django  # noqa: E402
+from buffered_writer import configure, print_table, setup_django  # noqa: E402
 
 FAIL_EVERY = 20
 
@@ -145,19 +145,14 @@ def measure(calls: int, rounds: int, webhook_url: str) -> None:
             cpu[name] += seconds
             variant("logging", webhook_url)
             flush()  # the next variant does not pay for this one's backlog
-    base = statistics.median(results["off"])
-    print(
-        f"\ncall() over Redis, {rounds} rounds x {calls} calls per variant, "
-        f"1 in {FAIL_EVERY} failing"
+    print_table(
+        f"call() over Redis, {rounds} rounds x {calls} calls per variant, "
+        f"1 in {FAIL_EVERY} failing",
+        results,
+        labels,
     )
-    print(f"{'variant':<14}{'median µs':>11}{'p99 µs':>10}{'ratio':>8}{'CPU µs/call':>13}")
     for name, label in labels.items():
-        samples = results[name]
-        median = statistics.median(samples)
-        print(
-            f"{label:<14}{median:>11.1f}{percentile(samples, 0.99):>10.1f}"
-            f"{median / base:>8.3f}{cpu[name] / len(samples) * 1e6:>13.1f}"
-        )
+        print(f"{label}: process CPU {cpu[name] / len(results[name]) * 1e6:.1f} µs per call")
     alerts = statistics.median(results["alerts"]) / statistics.median(results["logging"])
     print(f"alerts on / logging on: {alerts:.3f}")
     print(

@@ -30,8 +30,19 @@ _STATE_LABELS = {
 }
 
 
+class _ReadOnly:
+    """Nobody adds or edits these rows by hand: the outbox and the endpoints' state are the
+    delivery loop's; staff act on them through the actions."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
 @admin.register(WebhookDelivery)
-class WebhookDeliveryAdmin(ModelAdmin):  # type: ignore[misc]
+class WebhookDeliveryAdmin(_ReadOnly, ModelAdmin):  # type: ignore[misc]
     """Each delivery: state, attempts, last response code, next try; "send again"."""
 
     list_display = (
@@ -76,12 +87,6 @@ class WebhookDeliveryAdmin(ModelAdmin):  # type: ignore[misc]
     )
     exclude = ("group_key", "storm_checked")
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
     def has_resend_permission(self, request: HttpRequest) -> bool:
         user: Any = request.user
         return bool(user.is_staff and user.has_perm("django_rpc_audit.resend_webhookdelivery"))
@@ -111,18 +116,12 @@ class WebhookDeliveryAdmin(ModelAdmin):  # type: ignore[misc]
 
 
 @admin.register(WebhookEndpointState)
-class WebhookEndpointStateAdmin(ModelAdmin):  # type: ignore[misc]
+class WebhookEndpointStateAdmin(_ReadOnly, ModelAdmin):  # type: ignore[misc]
     """Endpoints disabled after answering 410 Gone; "enable again" re-arms one."""
 
     list_display = ("name", "disabled_at", "disabled_reason", "updated_at")
     readonly_fields = ("name", "disabled_at", "disabled_reason", "updated_at")
     actions = ("enable_again",)
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def has_enable_permission(self, request: HttpRequest) -> bool:
         user: Any = request.user

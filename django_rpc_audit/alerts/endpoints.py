@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 #: The events an endpoint can subscribe to.
@@ -113,7 +114,8 @@ def parse_endpoints(value: object) -> tuple[WebhookEndpoint, ...]:
 
 def _endpoint(index: int, item: object) -> WebhookEndpoint:
     if isinstance(item, WebhookEndpoint):
-        item = _as_mapping(item)
+        # Its field names are the setting's keys, lower-cased: validate it like a dict.
+        item = {key.upper(): value for key, value in dataclasses.asdict(item).items()}
     if not isinstance(item, Mapping):
         raise ValueError(f"entry {index} must be a dict, not {type(item).__name__}")
     unknown = sorted(set(item) - _KEYS)
@@ -175,18 +177,3 @@ def _strings(where: str, key: str, value: object) -> tuple[str, ...]:
     ):
         raise ValueError(f"{where}: {key} must be a list of strings")
     return tuple(value)
-
-
-def _as_mapping(endpoint: WebhookEndpoint) -> dict[str, Any]:
-    return {
-        "NAME": endpoint.name,
-        "URL": endpoint.url,
-        "SECRET": endpoint.secret,
-        "EVENTS": endpoint.events,
-        "METHODS": endpoint.methods,
-        "FORMAT": endpoint.format,
-        "INCLUDE_PARAMS": endpoint.include_params,
-        "INCLUDE_RESPONSE": endpoint.include_response,
-        "INCLUDE_USER_EMAIL": endpoint.include_user_email,
-        "GROUP_WINDOW_SECONDS": endpoint.group_window_seconds,
-    }

@@ -14,13 +14,6 @@ from django_rpc_audit.alerts.worker import run_loop
 from django_rpc_audit.conf import get_config
 
 
-def positive_number(raw: str) -> float:
-    value = float(raw)
-    if not value > 0:
-        raise ValueError(raw)
-    return value
-
-
 class Command(BaseCommand):
     help = (
         "Deliver the webhook alerts in the outbox: retries, digests, and alerts left by "
@@ -33,12 +26,14 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--max-seconds",
-            type=positive_number,
+            type=float,
             default=None,
             help="Stop the loop after this many seconds (default: run until stopped).",
         )
 
     def handle(self, *args: Any, once: bool, max_seconds: float | None, **options: Any) -> None:
+        if max_seconds is not None and not max_seconds > 0:
+            raise CommandError("--max-seconds must be a positive number of seconds.")
         if not get_config().webhooks:
             raise CommandError("No webhook endpoints: DJANGO_CFG_RPC['WEBHOOKS'] is empty.")
         total = DeliveryReport()
