@@ -9,6 +9,8 @@ writer and, unless ``ALERTS_THREAD=0``, the background delivery thread. Prints J
   delivering until terminated.
 - ``crash``: one failing call, logged (flushed), then wait to be killed.
 - ``deliver``: ``manage.py rpc_webhooks_deliver`` until terminated.
+- ``report``: the outbox rows and the failed calls' ids, as the database has them (the
+  test's own connection cannot read the children's SQLite file).
 """
 
 from __future__ import annotations
@@ -98,6 +100,18 @@ def main(scenario: str, count: int) -> None:
         from django.core.management import call_command
 
         call_command("rpc_webhooks_deliver", "--max-seconds", "60")
+    elif scenario == "report":
+        from django_rpc_audit.models import RPCLog, WebhookDelivery
+
+        fields = ("id", "kind", "state", "attempts", "last_status_code")
+        emit(
+            deliveries=[
+                {**row, "id": row["id"].hex} for row in WebhookDelivery.objects.values(*fields)
+            ],
+            failed=list(
+                RPCLog.objects.filter(status="failed").values_list("correlation_id", flat=True)
+            ),
+        )
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
 

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -139,7 +140,7 @@ def test_a_process_killed_mid_delivery_leaves_its_alert_to_another(
     killed with SIGKILL before the endpoint answers; a ``rpc_webhooks_deliver`` process sends
     the alert again, with the same ``webhook-id``, once the dead process's lease has run out
     (about 5 s: two Django processes and a 3 s lease)."""
-    hold = Answer(200, hold=__import__("threading").Event())
+    hold = Answer(200, hold=threading.Event())
     webhook_receiver.answers = [hold]
     env = {**alerts_env, "ALERTS_TIMEOUT": "1"}
     web = spawn(env, "crash")
@@ -150,23 +151,35 @@ def test_a_process_killed_mid_delivery_leaves_its_alert_to_another(
         web.send_signal(signal.SIGKILL)
         web.wait(30)
         assert web.returncode == -signal.SIGKILL
-        hold.hold.set()  # type: ignore[union-attr]
-        row = WebhookDelivery.objects.get(kind=DeliveryKind.EVENT)
-        assert (row.state, row.attempts) == (DeliveryState.PENDING, 1)
+        assert hold.hold is not None
+        hold.hold.set()
+        (event,) = [row for row in report(env)["deliveries"] if row["kind"] == "event"]
+        assert (event["state"], event["attempts"]) == ("pending", 1)
         worker = spawn({**env, "ALERTS_THREAD": "0"}, "deliver")
         assert len(webhook_receiver.wait_for(2)) == 2
-        assert wait_until(
-            lambda: WebhookDelivery.objects.filter(
-                kind=DeliveryKind.EVENT, state=DeliveryState.DELIVERED
-            ).exists(),
-            timeout=30,
-        )
+        # SIGTERM: the worker finishes its pass (recording the answer), then exits.
+        stop(worker)
+        assert worker.returncode == 0, worker.stderr.read() if worker.stderr else ""
     finally:
         stop(*(p for p in (web, worker) if p is not None))
+    final = report(env)
+    (event,) = [row for row in final["deliveries"] if row["kind"] == "event"]
+    assert (event["state"], event["attempts"], event["last_status_code"]) == ("delivered", 2, 200)
     first, second = webhook_receiver.requests
-    assert first.webhook_id == second.webhook_id == f"msg_{row.id.hex}"
-    assert [body["data"]["correlation_id"] for body in webhook_receiver.verified(SECRET)] == [
-        RPCLog.objects.get(status="failed").correlation_id
-    ] * 2
-    row.refresh_from_db()
-    assert (row.state, row.attempts, row.last_status_code) == (DeliveryState.DELIVERED, 2, 200)
+    assert first.webhook_id == second.webhook_id == f"msg_{event['id']}"
+    verified = webhook_receiver.verified(SECRET)
+    assert [body["data"]["correlation_id"] for body in verified] == final["failed"] * 2
+
+
+def report(env: dict[str, str]) -> dict[str, Any]:
+    """The outbox and failed calls as the children's database has them."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.alerts_process", "report"],
+        cwd=ROOT,
+        env={**env, "ALERTS_THREAD": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return dict(json.loads(result.stdout.splitlines()[-1]))
