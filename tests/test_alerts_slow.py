@@ -200,6 +200,31 @@ async def test_a_method_steady_at_2s_is_never_flagged(rpc_settings, slow_signals
 
 @pytest.mark.django_db
 @pytest.mark.usefixtures("sleeper")
+def test_the_buffered_writer_marks_slow_rows(rpc_settings, rpc_log_writer):
+    """The batch path (COPY on PostgreSQL) writes ``is_slow`` like the synchronous writer."""
+    rpc_settings(SLOW_CALL_THRESHOLDS_MS={"test.sleep": 20})
+    client = get_rpc_client()
+    client.call("test.sleep", {"ms": 1})
+    client.call("test.sleep", {"ms": 40})
+    rpc_log_writer.flush()
+    assert sorted(RPCLog.objects.values_list("is_slow", flat=True)) == [False, True]
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("sleeper")
+async def test_acall_sends_rpc_slow_too(rpc_settings, slow_signals):
+    rpc_settings(SLOW_CALL_THRESHOLDS_MS={"test.asleep": 20}, ENABLE_LOGGING=False)
+    client = get_rpc_client()
+    await client.acall("test.asleep", {"ms": 1})
+    await client.acall("test.asleep", {"ms": 40})
+    (slow,) = slow_signals.calls
+    assert slow["method"] == "test.asleep"
+    assert (slow["threshold_ms"], slow["baseline_ms"]) == (20.0, None)
+    assert slow["slow"].rule == "explicit"
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("sleeper")
 def test_detection_off_flags_nothing(rpc_settings, slow_signals):
     rpc_settings(SLOW_CALL_DETECTION=False, SLOW_CALL_THRESHOLDS_MS={"test.sleep": 1})
     get_rpc_client().call("test.sleep", {"ms": 5})
