@@ -11,9 +11,9 @@ real database (PostgreSQL with ``DATABASE_URL``; a SQLite file otherwise):
   server in another process) for ``rpc.failed``, ``rpc.timeout`` and ``rpc.slow``: the writer
   thread queues the alerts with the rows and this process's delivery thread sends them.
 
-Per variant: median and p99 latency per call, the ratio to logging off, and the process CPU
-time per call (callers, writer and delivery threads together). Then the detector alone: CPU
-time per ``observe()``.
+Rounds rotate the variants' order. Per variant: median and p99 latency per call, the ratio
+to logging off, and the process CPU time per call (callers, writer and delivery threads
+together). Then the detector alone: CPU time per ``observe()``.
 
     createdb -h 127.0.0.1 -U postgres rpc_bench_alerts
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/rpc_bench_alerts .venv/bin/python \\
@@ -137,8 +137,10 @@ def measure(calls: int, rounds: int, webhook_url: str) -> None:
     for name in labels:  # warm-up: connections, caches, threads, baselines
         variant(name, webhook_url)
         timed(300)
-    for _round in range(rounds):
-        for name in labels:
+    names = list(labels)
+    for round_ in range(rounds):
+        # Each round starts with another variant, so none always follows the same one.
+        for name in names[round_ % 3 :] + names[: round_ % 3]:
             variant(name, webhook_url)
             samples, seconds = timed(calls)
             results[name] += samples
@@ -180,8 +182,8 @@ def measure_detector(observations: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--redis", metavar="URL", default="redis://127.0.0.1:6379/9")
-    parser.add_argument("--calls", type=int, default=1000, help="calls per variant per round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=500, help="calls per variant per round")
+    parser.add_argument("--rounds", type=int, default=12)
     args = parser.parse_args()
 
     stream = f"bench:{uuid.uuid4().hex}"
