@@ -216,6 +216,26 @@ def test_params_email_only_when_the_endpoint_opts_in_and_then_redacted(hooks, we
 
 
 @pytest.mark.django_db
+def test_huge_input_still_makes_a_body_under_20_kb(hooks, webhook_receiver, local_handler):
+    hooks(INCLUDE_PARAMS=True, INCLUDE_RESPONSE=True)
+
+    def huge_failure(params: dict[str, Any]) -> dict[str, Any]:
+        # Words, not one run of letters: the client's text redaction is quadratic on a long
+        # run (a defect of redaction.py's URL-password pattern, outside the alerts).
+        raise RPCRemoteError("boom", "word " * 200_000)
+
+    local_handler("send_notification", huge_failure)
+    with pytest.raises(RPCRemoteError):
+        get_rpc_client().call("send_notification", {"blob": "é" * 500_000, "deep": [[[[1]]]] * 999})
+    deliver_due()
+    (request,) = webhook_receiver.requests
+    assert len(request.body) < 20_000
+    (verified,) = webhook_receiver.verified(SECRET)
+    assert verified["data"]["params"]["_truncated"] is True
+    assert len(verified["data"]["error_message"].encode()) <= 2_048
+
+
+@pytest.mark.django_db
 def test_filters_by_event_and_method_glob(hooks, rpc_settings, webhook_receiver, local_handler):
     local_handler("billing.charge", failing)
     settings = hooks(METHODS=["billing.*"], EVENTS=["rpc.timeout"])

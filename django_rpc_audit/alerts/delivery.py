@@ -338,8 +338,14 @@ _opener = urllib.request.build_opener(_NoRedirects)
 def send(endpoint: WebhookEndpoint, row: WebhookDelivery) -> Attempt:
     """POST ``row`` to ``endpoint``, signed; never raises."""
     config = get_config()
-    body = request_body(endpoint, row)
-    headers = signed_headers(endpoint.key, row.webhook_id, int(time.time()), body)
+    try:
+        body = request_body(endpoint, row)
+        headers = signed_headers(endpoint.key, row.webhook_id, int(time.time()), body)
+    except Exception as exc:
+        # Retried on the schedule, then failed, its error visible in the admin; never a loop
+        # that stops every other delivery.
+        logger.exception("Could not build webhook %s for %r.", row.webhook_id, row.endpoint)
+        return Attempt(None, f"could not build the request: {type(exc).__name__}: {exc}"[:500])
     headers["User-Agent"] = "django-rpc-audit-webhooks"
     # The URL is an http(s) endpoint validated in the settings (no file: or custom schemes).
     request = urllib.request.Request(  # noqa: S310
