@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connections, router, transaction
-from django.db.models import Max, Min
+from django.db.models import F, Max, Min
 from django.utils import timezone
 
 from django_rpc_audit.alerts import payload as payloads
@@ -192,21 +192,14 @@ def _claim(
             send_now = _open_or_join_window(config, alias, events, endpoints[name], now)
             report.grouped += len(events) - len(send_now)
             claimed += [(row, endpoints[name]) for row in send_now]
+        # One statement leases every row to send (the per-row changes were written above).
         for row, _ in claimed:
             row.attempts += 1
             row.last_attempt_at = now
             row.next_attempt_at = now + lease
-            row.save(
-                using=alias,
-                update_fields=[
-                    "attempts",
-                    "last_attempt_at",
-                    "next_attempt_at",
-                    "storm_checked",
-                    "digest_id",
-                    "payload",
-                ],
-            )
+        WebhookDelivery.objects.using(alias).filter(pk__in=[row.pk for row, _ in claimed]).update(
+            attempts=F("attempts") + 1, last_attempt_at=now, next_attempt_at=now + lease
+        )
     return claimed
 
 
@@ -236,36 +229,40 @@ def _open_or_join_window(
     due = datetime.fromtimestamp(window.ends_at, tz=now.tzinfo) + timedelta(
         seconds=digest_settle_seconds(seconds)
     )
-    # Made by whoever opened the window; also by a joiner, in case the opener died before
-    # committing it (ignored when it exists).
-    WebhookDelivery.objects.using(alias).bulk_create(
-        [
-            WebhookDelivery(
-                id=window.digest_id,
-                endpoint=first.endpoint,
-                event=first.event,
-                kind=DeliveryKind.DIGEST,
-                method=first.method,
-                error_code=first.error_code,
-                group_key=first.group_key,
-                occurred_at=first.occurred_at,
-                payload=None,
-                storm_checked=True,
-                next_attempt_at=due,
-            )
-        ],
-        ignore_conflicts=True,
-    )
+    digests = WebhookDelivery.objects.using(alias).filter(pk=window.digest_id)
+    digest = None if window.opened else digests.select_for_update().first()
+    if digest is None:
+        # Made by whoever opened the window; also by a joiner, in case the opener died before
+        # committing it (ignored when it exists).
+        WebhookDelivery.objects.using(alias).bulk_create(
+            [
+                WebhookDelivery(
+                    id=window.digest_id,
+                    endpoint=first.endpoint,
+                    event=first.event,
+                    kind=DeliveryKind.DIGEST,
+                    method=first.method,
+                    error_code=first.error_code,
+                    group_key=first.group_key,
+                    occurred_at=first.occurred_at,
+                    payload=None,
+                    storm_checked=True,
+                    next_attempt_at=due,
+                )
+            ],
+            ignore_conflicts=True,
+        )
     for row in events:
         row.storm_checked = True
         row.digest_id = window.digest_id
+    if window.opened:
+        events[0].save(using=alias, update_fields=["storm_checked", "digest_id"])
     send_now, joiners = (events[:1], events[1:]) if window.opened else ([], events)
     if not joiners:
         return send_now
-    # Serialise with the digest's freeze: events join only a digest not yet counted.
-    digest = (
-        WebhookDelivery.objects.using(alias).select_for_update().filter(pk=window.digest_id).first()
-    )
+    if digest is None:
+        # Serialise with the digest's freeze: events join only a digest not yet counted.
+        digest = digests.select_for_update().first()
     if digest is None or digest.payload is not None or digest.state != DeliveryState.PENDING:
         # Its digest was counted meanwhile (this claim outlived the window and its settling
         # time): the window has closed in Redis too, so ask for a new one, once.
@@ -297,7 +294,7 @@ def _freeze_digest(
             : payloads.DIGEST_SAMPLE_IDS
         ]
     )
-    row.payload = payloads.digest_data(
+    payload = payloads.digest_data(
         event_type=row.event,
         method=row.method,
         error_code=row.error_code,
@@ -308,6 +305,8 @@ def _freeze_digest(
         correlation_ids=ids,
         admin_base_url=config.admin_base_url,
     )
+    row.payload = payload
+    row.save(using=alias, update_fields=["payload"])
     return True
 
 
