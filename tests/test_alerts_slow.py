@@ -1,14 +1,14 @@
 """Slow-call detection: the per-method baseline, the ``rpc_slow`` signal, ``is_slow`` rows.
 
-The detector is first tested with exact durations (deterministic), then through the client
-with controlled durations: local handlers that sleep, so the durations are real.
+The detector is first tested with exact durations, then through the client with controlled
+durations: local handlers that advance the client's clock by exactly the duration asked
+(``controlled_clock``), and, for the method steady at 2 s, handlers that really sleep.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-import time
 from typing import Any
 
 import pytest
@@ -125,17 +125,12 @@ def test_min_samples_above_the_window_is_refused() -> None:
 
 @pytest.fixture
 def sleeper(local_handler: Any) -> None:
-    """``test.sleep`` takes ``params["ms"]`` milliseconds; ``test.asleep`` the same, async."""
-
-    def sleep(params: dict[str, Any]) -> dict[str, Any]:
-        time.sleep(params["ms"] / 1000)
-        return {}
+    """``test.asleep`` really sleeps ``params["ms"]`` milliseconds, on the event loop."""
 
     async def asleep(params: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(params["ms"] / 1000)
         return {}
 
-    local_handler("test.sleep", sleep)
     local_handler("test.asleep", asleep)
 
 
@@ -156,27 +151,27 @@ def slow_signals() -> Any:
 
 
 @pytest.mark.django_db
-@pytest.mark.usefixtures("sleeper")
+@pytest.mark.usefixtures("controlled_clock")
 def test_steady_5ms_then_one_100ms_call_flags_exactly_that_call(
     rpc_settings, slow_signals, signals
 ):
     rpc_settings(SLOW_CALL_MIN_SAMPLES=20)
     client = get_rpc_client()
     for _ in range(25):
-        client.call("test.sleep", {"ms": 5})
-    client.call("test.sleep", {"ms": 100})
-    client.call("test.sleep", {"ms": 5})
+        client.call("test.took", {"ms": 5})
+    client.call("test.took", {"ms": 100})
+    client.call("test.took", {"ms": 5})
     slow_rows = list(RPCLog.objects.filter(is_slow=True))
     assert len(slow_rows) == 1
-    assert slow_rows[0].duration_ms >= 100
+    assert slow_rows[0].duration_ms == pytest.approx(100)
     (slow,) = slow_signals.calls
     assert slow["correlation_id"] == slow_rows[0].correlation_id
     # rpc_slow carries all of rpc_finished's arguments, plus the threshold and the baseline.
     finished = next(f for f in signals.finished if f["correlation_id"] == slow["correlation_id"])
     assert set(slow) == (set(finished) - {"sender"}) | {"threshold_ms", "baseline_ms"}
     assert slow["slow"] is finished["slow"]
-    assert slow["threshold_ms"] >= 50.0
-    assert 5 <= slow["baseline_ms"] < 50
+    assert slow["threshold_ms"] == 50.0  # the floor: above 3 x 5 ms and 5 ms + 3.5 x 0
+    assert slow["baseline_ms"] == pytest.approx(5)
     assert slow["duration_ms"] > slow["threshold_ms"]
     assert [f["slow"] is not None for f in signals.finished].count(True) == 1
 
@@ -199,35 +194,35 @@ async def test_a_method_steady_at_2s_is_never_flagged(rpc_settings, slow_signals
 
 
 @pytest.mark.django_db
-@pytest.mark.usefixtures("sleeper")
+@pytest.mark.usefixtures("controlled_clock")
 def test_the_buffered_writer_marks_slow_rows(rpc_settings, rpc_log_writer):
     """The batch path (COPY on PostgreSQL) writes ``is_slow`` like the synchronous writer."""
-    rpc_settings(SLOW_CALL_THRESHOLDS_MS={"test.sleep": 20})
+    rpc_settings(SLOW_CALL_THRESHOLDS_MS={"test.took": 20})
     client = get_rpc_client()
-    client.call("test.sleep", {"ms": 1})
-    client.call("test.sleep", {"ms": 40})
+    client.call("test.took", {"ms": 1})
+    client.call("test.took", {"ms": 40})
     rpc_log_writer.flush()
     assert sorted(RPCLog.objects.values_list("is_slow", flat=True)) == [False, True]
 
 
 @pytest.mark.asyncio
-@pytest.mark.usefixtures("sleeper")
+@pytest.mark.usefixtures("controlled_clock")
 async def test_acall_sends_rpc_slow_too(rpc_settings, slow_signals):
-    rpc_settings(SLOW_CALL_THRESHOLDS_MS={"test.asleep": 20}, ENABLE_LOGGING=False)
+    rpc_settings(SLOW_CALL_THRESHOLDS_MS={"test.atook": 20}, ENABLE_LOGGING=False)
     client = get_rpc_client()
-    await client.acall("test.asleep", {"ms": 1})
-    await client.acall("test.asleep", {"ms": 40})
+    await client.acall("test.atook", {"ms": 1})
+    await client.acall("test.atook", {"ms": 40})
     (slow,) = slow_signals.calls
-    assert slow["method"] == "test.asleep"
+    assert slow["method"] == "test.atook"
     assert (slow["threshold_ms"], slow["baseline_ms"]) == (20.0, None)
     assert slow["slow"].rule == "explicit"
 
 
 @pytest.mark.django_db
-@pytest.mark.usefixtures("sleeper")
+@pytest.mark.usefixtures("controlled_clock")
 def test_detection_off_flags_nothing(rpc_settings, slow_signals):
-    rpc_settings(SLOW_CALL_DETECTION=False, SLOW_CALL_THRESHOLDS_MS={"test.sleep": 1})
-    get_rpc_client().call("test.sleep", {"ms": 5})
+    rpc_settings(SLOW_CALL_DETECTION=False, SLOW_CALL_THRESHOLDS_MS={"test.took": 1})
+    get_rpc_client().call("test.took", {"ms": 5})
     assert slow_signals.calls == []
     assert not RPCLog.objects.filter(is_slow=True).exists()
 

@@ -469,12 +469,11 @@ def test_slack_format_posts_text(hooks, webhook_receiver):
 
 
 @pytest.mark.django_db
-def test_a_slow_call_sends_rpc_slow(hooks, rpc_settings, webhook_receiver, local_handler):
-    local_handler("test.sleep", lambda params: time.sleep(params["s"]) or {})
-    rpc_settings(SLOW_CALL_THRESHOLDS_MS={"test.sleep": 20})
+def test_a_slow_call_sends_rpc_slow(hooks, rpc_settings, webhook_receiver, controlled_clock):
+    rpc_settings(SLOW_CALL_THRESHOLDS_MS={"test.took": 20})
     client = get_rpc_client()
-    client.call("test.sleep", {"s": 0})
-    client.call("test.sleep", {"s": 0.05})
+    client.call("test.took", {"ms": 1})
+    client.call("test.took", {"ms": 50})
     assert list(RPCLog.objects.order_by("created_at").values_list("is_slow", flat=True)) == [
         False,
         True,
@@ -484,7 +483,7 @@ def test_a_slow_call_sends_rpc_slow(hooks, rpc_settings, webhook_receiver, local
     assert verified["type"] == "rpc.slow"
     assert verified["data"]["threshold_ms"] == 20.0
     assert verified["data"]["threshold_rule"] == "explicit"
-    assert verified["data"]["duration_ms"] > 20
+    assert verified["data"]["duration_ms"] == pytest.approx(50)
 
 
 # -- admin --------------------------------------------------------------------------------------
