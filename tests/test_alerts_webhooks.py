@@ -539,3 +539,22 @@ def test_rpc_webhooks_deliver_refuses_without_endpoints():
 
     with pytest.raises(CommandError, match="WEBHOOKS"):
         call_command("rpc_webhooks_deliver", "--once")
+
+
+@pytest.mark.django_db
+def test_cleanup_prunes_old_deliveries_but_keeps_pending_ones(hooks, webhook_receiver):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    for _ in range(3):
+        fail_call()
+    deliver_due()  # one delivered, two grouped; their digest stays pending
+    old = timezone.now() - timedelta(days=40)
+    WebhookDelivery.objects.update(created_at=old)
+    out = StringIO()
+    call_command("rpc_logs_cleanup", "--days", "30", stdout=out)
+    assert "Deleted 3 webhook delivery row(s) older than 30 day(s)." in out.getvalue()
+    assert list(WebhookDelivery.objects.values_list("kind", "state")) == [
+        (DeliveryKind.DIGEST, DeliveryState.PENDING)
+    ]

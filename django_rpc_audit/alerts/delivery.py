@@ -451,3 +451,22 @@ def resend(queryset: Any) -> int:
             last_error="",
         )
     )
+
+
+def prune_deliveries(days: float, *, batch_size: int = 5_000, dry_run: bool = False) -> int:
+    """Delete deliveries created more than ``days`` days ago that are done with (every state
+    but ``pending``), in batches of ``batch_size``, each its own transaction; return how many
+    (with ``dry_run``: would be). ``rpc_logs_cleanup`` calls it with the logs' retention."""
+    alias = router.db_for_write(WebhookDelivery)
+    done = WebhookDelivery.objects.using(alias).exclude(state=DeliveryState.PENDING)
+    old = done.filter(created_at__lt=timezone.now() - timedelta(days=days))
+    if dry_run:
+        return old.count()
+    deleted = 0
+    while True:
+        with transaction.atomic(using=alias):
+            ids = list(old.order_by("created_at").values_list("pk", flat=True)[:batch_size])
+            count = WebhookDelivery.objects.using(alias).filter(pk__in=ids).delete()[0]
+        deleted += count
+        if count < batch_size:
+            return deleted
