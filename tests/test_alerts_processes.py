@@ -25,7 +25,6 @@ from django.db import connection
 
 from django_rpc_audit.alerts.models import DeliveryKind, DeliveryState, WebhookDelivery
 from django_rpc_audit.models import RPCLog
-from tests.test_writers_process import child_env  # noqa: F401  (the fixture)
 from tests.webhook_receiver import Answer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +67,7 @@ def wait_until(condition: Any, timeout: float = 60.0) -> bool:
 
 
 @pytest.fixture
-def alerts_env(child_env: dict[str, str], webhook_receiver: Any, redis_url: str) -> dict[str, str]:  # noqa: F811
+def alerts_env(child_env: dict[str, str], webhook_receiver: Any, redis_url: str) -> dict[str, str]:
     return {
         **child_env,
         "REDIS_URL": redis_url,
