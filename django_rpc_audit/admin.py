@@ -294,7 +294,13 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
 
     list_display = ("status_badge", "method", "duration", "user_link", "caller_ip", "created_at")
     list_display_links = ("status_badge", "method")
-    list_filter = ("status", MethodFilter, ("created_at", admin.DateFieldListFilter), UserFilter)
+    list_filter = (
+        "status",
+        "is_slow",
+        MethodFilter,
+        ("created_at", admin.DateFieldListFilter),
+        UserFilter,
+    )
     search_fields = ("method", "user__username", "user__email", "error_message")
     search_help_text = _(
         "Method, username, email or error message; a correlation id or trace id is looked up "
@@ -346,7 +352,13 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
             # A from/to date range when the project has Unfold's filters app.
             from unfold.contrib.filters.admin import RangeDateTimeFilter
 
-            return ("status", MethodFilter, ("created_at", RangeDateTimeFilter), UserFilter)
+            return (
+                "status",
+                "is_slow",
+                MethodFilter,
+                ("created_at", RangeDateTimeFilter),
+                UserFilter,
+            )
         return self.list_filter
 
     def get_search_results(
@@ -539,3 +551,7 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
             ),
             *super().get_urls(),
         ]
+
+
+# The alerts' admin (webhook deliveries, endpoints) registers itself on import.
+from django_rpc_audit.alerts import admin as _alerts_admin  # noqa: E402, F401

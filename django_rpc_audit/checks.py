@@ -180,3 +180,27 @@ def check_integrations(
             )
         )
     return messages
+
+
+@register(Tags.compatibility)
+def check_alerts(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """W006: webhook endpoints are configured while ``ENABLE_LOGGING`` is off.
+
+    Alerts are written to the outbox with the calls' log rows; with no rows, none are sent.
+    """
+    try:
+        config = get_config()
+    except ImproperlyConfigured:
+        return []  # E001 reports it
+    if config.webhooks and not config.enable_logging:
+        return [
+            Warning(
+                f"{SETTING_NAME}['WEBHOOKS'] is set but ENABLE_LOGGING is off: alerts are "
+                "queued with the calls' log rows, so none will be sent.",
+                hint="Turn ENABLE_LOGGING on, or remove WEBHOOKS.",
+                id="django_rpc_audit.W006",
+            )
+        ]
+    return []

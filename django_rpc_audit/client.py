@@ -14,6 +14,7 @@ from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
 
+from django_rpc_audit.alerts.slow import SlowVerdict, judge_call, slow_arguments
 from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
 from django_rpc_audit.context import aresolve_user, get_caller_context, resolve_user
 from django_rpc_audit.exceptions import (
@@ -27,7 +28,7 @@ from django_rpc_audit.integrations.base import CallProbe
 from django_rpc_audit.payload import Stored, stored, stored_text
 from django_rpc_audit.ratelimit import RateLimiter, build_rate_limiter
 from django_rpc_audit.redaction import Redactor, get_redactor
-from django_rpc_audit.signals import rpc_finished, rpc_started
+from django_rpc_audit.signals import rpc_finished, rpc_slow, rpc_started
 from django_rpc_audit.status import RPCStatus
 from django_rpc_audit.transports import (
     Result,
@@ -47,6 +48,7 @@ class _Outcome:
     response: Result | None = None
     error_code: str | None = None
     error_message: str | None = None
+    slow: SlowVerdict | None = None
 
     @property
     def result(self) -> Result:
@@ -76,6 +78,7 @@ class _Outcome:
     ) -> dict[str, Any]:
         """``rpc_finished``'s own arguments in their stored form: capped, then redacted (the
         caller gets the originals)."""
+        self.slow = judge_call(request.method, self.status, duration_ms)
         response: Stored | None = None
         if self.response is not None:
             response = stored(
@@ -95,6 +98,7 @@ class _Outcome:
             ),
             "duration_ms": duration_ms,
             "completed_at": datetime.now(UTC),
+            "slow": self.slow,
         }
 
 
@@ -237,6 +241,10 @@ class RPCClient:
                     outcome.status, outcome.error_code, finished["error_message"], duration_ms
                 )
             rpc_finished.send_robust(sender=type(self), **started, **finished)
+            if outcome.slow is not None:
+                rpc_slow.send_robust(
+                    sender=type(self), **started, **finished, **slow_arguments(outcome.slow)
+                )
 
     @contextlib.asynccontextmanager
     async def _areported(
@@ -262,6 +270,11 @@ class RPCClient:
             # A cancelled call still reports how it ended: shield the report from a second
             # cancellation of the task.
             await asyncio.shield(finished)
+            if outcome.slow is not None:
+                slow = slow_arguments(outcome.slow)
+                await asyncio.shield(
+                    rpc_slow.asend_robust(sender=type(self), **started, **kwargs, **slow)
+                )
 
     def call(
         self,

@@ -9,10 +9,11 @@ from django.db import models
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from django_rpc_audit.alerts.models import WebhookDelivery, WebhookEndpointState
 from django_rpc_audit.querysets import RPCLogQuerySet
 from django_rpc_audit.status import RPCStatus
 
-__all__ = ["RPCLog", "RPCStatus"]
+__all__ = ["RPCLog", "RPCStatus", "WebhookDelivery", "WebhookEndpointState"]
 
 
 class RPCLog(models.Model):
@@ -52,6 +53,8 @@ class RPCLog(models.Model):
     #: traced it and the trace is sampled; empty otherwise.
     trace_id = models.CharField(_("trace id"), max_length=32, blank=True, default="", db_default="")
     span_id = models.CharField(_("span id"), max_length=16, blank=True, default="", db_default="")
+    #: Slower than its method's recent normal (``django_rpc_audit.alerts.slow``).
+    is_slow = models.BooleanField(_("slow"), default=False, db_default=False)
 
     objects = RPCLogQuerySet.as_manager()
 
@@ -74,6 +77,8 @@ class RPCLog(models.Model):
             models.Index(fields=["correlation_id"], name="rpclog_correlation_idx"),
             # From a trace (Grafana, Tempo, Jaeger) to its calls: the admin's trace id search.
             models.Index(fields=["trace_id"], name="rpclog_trace_idx"),
+            # The slow calls within a window (dashboard panel, changelist filter).
+            models.Index(fields=["is_slow", "created_at"], name="rpclog_slow_created_idx"),
         )
 
     def __str__(self) -> str:

@@ -247,6 +247,10 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
         """Finished calls that took at least ``ms`` milliseconds."""
         return self.filter(duration_ms__gte=ms)
 
+    def flagged_slow(self) -> RPCLogQuerySet:
+        """Calls that slow-call detection flagged: slower than their method's recent normal."""
+        return self.filter(is_slow=True)
+
     def for_user(self, user: models.Model | int | str | None) -> RPCLogQuerySet:
         """Calls attributed to ``user`` (an instance or a primary key); ``None``: anonymous."""
         if user is None:

@@ -152,6 +152,74 @@ def redis_transport(
     redis_client.delete(stream)
 
 
+class ControlledClock:
+    """The client's monotonic clock, advanced only by the ``test.took`` handlers."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def advance(self, ms: float) -> None:
+        self.now += ms / 1000
+
+
+@pytest.fixture
+def controlled_clock(
+    monkeypatch: pytest.MonkeyPatch, local_handler: Callable[[str, Any], None]
+) -> ControlledClock:
+    """Calls of exact durations: ``test.took`` / ``test.atook`` (async) take ``params["ms"]``.
+
+    The client's clock (``time.perf_counter`` as ``client.py`` sees it) is replaced by one
+    that only these local handlers move, so a call's ``duration_ms`` is what the test says,
+    however busy the machine (a real 5 ms sleep can take 60 ms on a loaded one).
+    """
+    import types
+
+    from django_rpc_audit import client as client_module
+
+    clock = ControlledClock()
+    monkeypatch.setattr(
+        client_module, "time", types.SimpleNamespace(perf_counter=clock.perf_counter)
+    )
+
+    def took(params: dict[str, Any]) -> dict[str, Any]:
+        clock.advance(params["ms"])
+        return {}
+
+    async def atook(params: dict[str, Any]) -> dict[str, Any]:
+        clock.advance(params["ms"])
+        return {}
+
+    local_handler("test.took", took)
+    local_handler("test.atook", atook)
+    return clock
+
+
+@pytest.fixture
+def webhook_receiver() -> Iterator[Any]:
+    """A real HTTP endpoint on a free loopback port recording the webhooks it gets."""
+    from tests.webhook_receiver import WebhookReceiver
+
+    with WebhookReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture
+def clean_storm_windows(redis_client: redis.Redis) -> Iterator[None]:
+    """No storm-control window of an earlier test (or run) is open in Redis."""
+    from django_rpc_audit.alerts.storm import KEY_PREFIX
+
+    def clean() -> None:
+        for key in redis_client.scan_iter(f"{KEY_PREFIX}*"):
+            redis_client.delete(key)
+
+    clean()
+    yield
+    clean()
+
+
 @pytest.fixture
 def admin_client_(db: None) -> Client:
     """A test client logged in as the superuser ``root``, made by the factory."""

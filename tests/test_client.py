@@ -42,6 +42,7 @@ FINISHED_KEYS = STARTED_KEYS | {
     "error_message",
     "duration_ms",
     "completed_at",
+    "slow",
 }
 
 

@@ -119,12 +119,14 @@ def outcome_values(
     duration_ms: float | None,
     completed_at: datetime,
     sample_rate: float = 1.0,
+    slow: Any = None,
     json_text: bool = False,
 ) -> dict[str, Any]:
     """Column values known when a call ends, made safe to store (sanitized, capped).
 
-    ``sample_rate`` is the share of such calls that are logged (1.0 unless sampled). With
-    ``json_text`` the JSON column holds its compact JSON text instead (for ``COPY``).
+    ``sample_rate`` is the share of such calls that are logged (1.0 unless sampled); ``slow``
+    the slow-call verdict (``rpc_finished``'s). With ``json_text`` the JSON column holds its
+    compact JSON text instead (for ``COPY``).
     """
     config = get_config()
     to_json = stored_json_text if json_text else stored_json
@@ -137,6 +139,7 @@ def outcome_values(
         "duration_ms": None if status == RPCStatus.RATE_LIMITED else duration_ms,
         "completed_at": stored_datetime(completed_at),
         "sample_rate": sample_rate,
+        "is_slow": slow is not None,
     }
 
 
@@ -238,10 +241,11 @@ def record_finished(
     duration_ms: float | None,
     completed_at: datetime,
     sample_rate: float = 1.0,
+    slow: Any = None,
     **started: Any,
 ) -> None:
     """Complete the row of a finished call (``rpc_finished``'s kwargs: the outcome here, the
-    call's ``rpc_started`` kwargs in ``started``).
+    call's ``rpc_started`` kwargs in ``started``), and queue its alerts.
 
     If the ``pending`` row is missing (its write failed, or nobody wrote it), the whole row is
     inserted now: a finished call never loses its row.
@@ -255,10 +259,14 @@ def record_finished(
         duration_ms=duration_ms,
         completed_at=completed_at,
         sample_rate=sample_rate,
+        slow=slow,
     )
-    if queryset.filter(pk=log_id).update(**outcome):
-        return
-    queryset.create(**_started_row_of(started), **outcome)
+    if not queryset.filter(pk=log_id).update(**outcome):
+        queryset.create(**_started_row_of(started), **outcome)
+    event = {key: started.get(key) for key in ("correlation_id", "method", "params", "user")}
+    event |= {"started_at": started["started_at"], "status": status, "response": response}
+    event |= {"slow": slow, "error_code": error_code, "error_message": error_message}
+    queue_alerts(queryset.db, [event | {"duration_ms": duration_ms, "completed_at": completed_at}])
 
 
 # -- bulk writes (buffered writer) ------------------------------------------------------------
@@ -283,6 +291,7 @@ OUTCOME_KEYS: tuple[str, ...] = (
     "duration_ms",
     "completed_at",
     "sample_rate",
+    "slow",
 )
 
 
@@ -364,7 +373,9 @@ def bulk_record_events(queryset: RPCLogQuerySet, events: Sequence[Mapping[str, A
     connection = connections[queryset.db]
     if connection.vendor == "postgresql" and _copy_supported(connection):
         with transaction.atomic(using=queryset.db):
-            return _copy_record_events(queryset, connection, events)
+            written = _copy_record_events(queryset, connection, events)
+            queue_alerts(queryset.db, events)
+            return written
     model = queryset.model
     finished: list[RPCLog] = []
     pending: list[RPCLog] = []
@@ -382,7 +393,16 @@ def bulk_record_events(queryset: RPCLogQuerySet, events: Sequence[Mapping[str, A
             )
         if pending:
             queryset.bulk_create(pending, ignore_conflicts=True)
+        queue_alerts(queryset.db, events)
     return len(finished) + len(pending)
+
+
+def queue_alerts(using: str, events: Sequence[Mapping[str, Any]]) -> None:
+    """Put the alerts (webhooks) of the finished calls among ``events`` in the outbox, in the
+    transaction writing their rows: see :mod:`django_rpc_audit.alerts.outbox`."""
+    from django_rpc_audit.alerts.outbox import enqueue_alerts
+
+    enqueue_alerts(using, events)
 
 
 def _yield_the_gil() -> None:

@@ -59,3 +59,9 @@ class Command(BaseCommand):
         shown = int(days) if float(days).is_integer() else days
         verb = "Would delete" if dry_run else "Deleted"
         self.stdout.write(f"{verb} {count} RPC log row(s) older than {shown} day(s).")
+        # The alerts' outbox keeps the same days (its pending rows stay until delivered).
+        from django_rpc_audit.alerts.delivery import prune_deliveries
+
+        alerts = prune_deliveries(days, batch_size=batch_size, dry_run=dry_run)
+        if alerts or get_config().webhooks:
+            self.stdout.write(f"{verb} {alerts} webhook delivery row(s) older than {shown} day(s).")
