@@ -6,7 +6,7 @@ views, so the calls go through ``acall()``).
 Each test runs ``tests/writer_process.py`` in a child process (or under gunicorn) with a flush
 interval of an hour, so the rows can only come from the shutdown flush. The child uses a
 SQLite file on the SQLite run (its own thread writing to it, which the in-memory test database
-cannot show) and the PostgreSQL test database on the PostgreSQL run.
+cannot show) and the test database itself on the PostgreSQL and MariaDB runs.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 ChildRunner = Callable[..., list[dict[str, Any]]]
 
+#: django-environ's URL scheme and the default port of each server database the child uses.
+SERVER_DATABASES = {"postgresql": ("postgres", 5432), "mysql": ("mysql", 3306)}
+
 
 @pytest.fixture
 def child_env(tmp_path: Path) -> dict[str, str]:
@@ -41,11 +44,12 @@ def child_env(tmp_path: Path) -> dict[str, str]:
     }
     env["PYTHONPATH"] = str(ROOT)
     settings = connection.settings_dict
-    if connection.vendor == "postgresql":
+    scheme, default_port = SERVER_DATABASES.get(connection.vendor, (None, None))
+    if scheme is not None:
         auth = settings["USER"] + (f":{settings['PASSWORD']}" if settings["PASSWORD"] else "")
         host = settings["HOST"] or "127.0.0.1"
         env["DATABASE_URL"] = (
-            f"postgres://{auth}@{host}:{settings['PORT'] or 5432}/{settings['NAME']}"
+            f"{scheme}://{auth}@{host}:{settings['PORT'] or default_port}/{settings['NAME']}"
         )
     else:
         env["DATABASE_URL"] = f"sqlite:///{tmp_path / 'child.sqlite3'}"
