@@ -522,8 +522,8 @@ def proxied_database(django_db_setup: None) -> Iterator[TCPProxy]:
     lets other threads connect through it (``databases="__all__"``).
     """
     settings_dict = connections["default"].settings_dict
-    default_port = {"postgresql": 5432, "mysql": 3306}.get(connections["default"].vendor, 0)
-    proxy = TCPProxy(settings_dict["HOST"] or "127.0.0.1", int(settings_dict["PORT"] or default_port))
+    port = settings_dict["PORT"] or {"postgresql": 5432, "mysql": 3306}[connections["default"].vendor]
+    proxy = TCPProxy(settings_dict["HOST"] or "127.0.0.1", int(port))
     proxy.start()
     connections.settings[PROXIED] = {
         **settings_dict,

@@ -26,6 +26,7 @@ the buffered writer gives up on such a row instead of retrying it for ever.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -132,6 +133,9 @@ def bulk_record_events(
     values = f"INTO {table} ({columns}) VALUES ({placeholders})"
     try:
         with transaction.atomic(using=queryset.db), connection.cursor() as cursor:
+            _refuse_oversized_rows(
+                connection.connection, cursor, [*finished, *pending], len(values) + 2 * len(pk) + 64
+            )
             if finished:
                 cursor.executemany(f"REPLACE {values}", finished)
             if pending:
@@ -141,6 +145,38 @@ def bulk_record_events(
             raise DataError(*exc.args) from exc
         raise
     return len(finished) + len(pending)
+
+
+#: ``max_allowed_packet`` of each open connection (it is read once per connection).
+_packet_limits: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def _refuse_oversized_rows(
+    raw: Any, cursor: Any, rows: Sequence[Sequence[Any]], overhead: int
+) -> None:
+    """Raise :class:`DataError` if a row would not fit in one statement of at most the
+    server's ``max_allowed_packet`` bytes (``raw``: the driver's connection).
+
+    Such a row must not be sent: the server refuses it and drops the connection, and when the
+    row is several times the limit, the client only sees the connection lost (error 2006),
+    which reads as "unreachable", so the writer would retry it for ever and write nothing
+    else. Each value takes at most four bytes per character once escaped, so only rows whose
+    text is a quarter of the limit are measured exactly.
+    """
+    limit = _packet_limits.get(raw)
+    if limit is None:
+        cursor.execute("SELECT @@max_allowed_packet")
+        limit = _packet_limits[raw] = int(cursor.fetchone()[0])
+    for row in rows:
+        rough = sum(4 * len(value) + 3 for value in row if isinstance(value, str))
+        if rough + 32 * len(row) + overhead <= limit:
+            continue
+        exact = sum(len(raw.literal(value)) + 2 for value in row) + overhead
+        if exact > limit:
+            raise DataError(
+                f"An RPC log row of {exact} bytes does not fit in max_allowed_packet "
+                f"({limit} bytes): raise it, or lower DJANGO_CFG_RPC's MAX_*_BYTES caps."
+            )
 
 
 def _row_maker(
