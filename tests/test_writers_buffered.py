@@ -522,7 +522,8 @@ def proxied_database(django_db_setup: None) -> Iterator[TCPProxy]:
     lets other threads connect through it (``databases="__all__"``).
     """
     settings_dict = connections["default"].settings_dict
-    port = settings_dict["PORT"] or {"postgresql": 5432, "mysql": 3306}[connections["default"].vendor]
+    vendor = connections["default"].vendor
+    port = settings_dict["PORT"] or {"postgresql": 5432, "mysql": 3306}[vendor]
     proxy = TCPProxy(settings_dict["HOST"] or "127.0.0.1", int(port))
     proxy.start()
     connections.settings[PROXIED] = {

@@ -187,8 +187,7 @@ def utf8mb3_user_agent() -> Iterator[None]:
     def alter(charset: str) -> None:
         with connection.cursor() as cursor:
             cursor.execute(
-                f"ALTER TABLE {table} MODIFY `user_agent` longtext CHARACTER SET {charset} "
-                "NOT NULL"
+                f"ALTER TABLE {table} MODIFY `user_agent` longtext CHARACTER SET {charset} NOT NULL"
             )
 
     alter("utf8mb3")
