@@ -478,6 +478,25 @@ def test_a_row_the_database_refuses_does_not_hold_back_the_others(
 
 @on_server_database
 @pytest.mark.django_db(transaction=True)
+def test_a_pending_row_the_database_refuses_is_counted_not_dropped_silently(
+    background_writer: Callable[..., BufferedLogWriter], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call still running at write time whose row is refused: logged and counted, never
+    skipped without a word (as MySQL's ``INSERT IGNORE`` would)."""
+    writer = background_writer(flush_interval=3600)
+    ghost = get_user_model()(pk=987_654, username="ghost")  # never saved: a dangling key
+    writer.started(started_event(user=ghost))
+    kept = started_event()
+    writer.started(kept)
+    with caplog.at_level(logging.ERROR, logger="django_rpc_audit.writers"):
+        assert writer.flush(timeout=30)
+    assert list(RPCLog.objects.values_list("correlation_id", flat=True)) == [kept["correlation_id"]]
+    assert writer.stats().failed == 1
+    assert "The database refused the RPC log row of test.echo" in caplog.text
+
+
+@on_server_database
+@pytest.mark.django_db(transaction=True)
 def test_rows_survive_an_atomic_request_that_fails(
     echo_handler: None,
     background_writer: Callable[..., BufferedLogWriter],
