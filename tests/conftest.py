@@ -156,3 +156,28 @@ def admin_client_(db: None) -> Client:
     client = Client()
     client.force_login(UserFactory(username="root", is_staff=True, is_superuser=True))
     return client
+
+
+@pytest.fixture
+def utf8mb3_user_agent() -> Iterator[None]:
+    """The log table of a site whose database was made with MySQL's old 3-byte ``utf8``.
+
+    DDL commits on MySQL, so the tests using it run outside a transaction, and the column is
+    put back afterwards.
+    """
+    from django_rpc_audit.models import RPCLog
+
+    connection = connections["default"]
+    table = connection.ops.quote_name(RPCLog._meta.db_table)
+
+    def alter(charset: str) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"ALTER TABLE {table} MODIFY `user_agent` longtext CHARACTER SET {charset} NOT NULL"
+            )
+
+    alter("utf8mb3")
+    try:
+        yield
+    finally:
+        alter("utf8mb4")

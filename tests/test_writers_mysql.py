@@ -10,11 +10,10 @@ import contextlib
 import logging
 import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import MySQLdb
 import pytest
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, OperationalError, connection, transaction
@@ -27,6 +26,8 @@ from django_rpc_audit.writers.sink import bulk_record_events
 pytestmark = pytest.mark.skipif(
     connection.vendor != "mysql", reason="the MySQL / MariaDB path of the sink"
 )
+# mysqlclient, which only the MariaDB run installs for sure (the ``mysql`` extra).
+MySQLdb = pytest.importorskip("MySQLdb")
 
 
 def started_event(**overrides: Any) -> dict[str, Any]:
@@ -173,28 +174,6 @@ def test_a_row_over_max_allowed_packet_is_refused_before_it_is_sent(
     ]
     assert (writer.stats().failed, writer.stats().retries) == (1, 0)
     assert "does not fit in max_allowed_packet" in caplog.text  # not the server's 1153
-
-
-@pytest.fixture
-def utf8mb3_user_agent() -> Iterator[None]:
-    """The log table of a site whose database was made with MySQL's old 3-byte ``utf8``.
-
-    DDL commits on MySQL, so the tests using it run outside a transaction, and the column is
-    put back afterwards.
-    """
-    table = connection.ops.quote_name(RPCLog._meta.db_table)
-
-    def alter(charset: str) -> None:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"ALTER TABLE {table} MODIFY `user_agent` longtext CHARACTER SET {charset} NOT NULL"
-            )
-
-    alter("utf8mb3")
-    try:
-        yield
-    finally:
-        alter("utf8mb4")
 
 
 @pytest.mark.django_db(transaction=True)
