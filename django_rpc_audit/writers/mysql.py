@@ -125,14 +125,16 @@ def bulk_record_events(
     row_of = _row_maker(fields, connection)
     finished: list[list[Any]] = []
     pending: list[list[Any]] = []
-    for n, event in enumerate(events, 1):
-        (finished if is_finished_event(event) else pending).append(row_of(event))
-        if n % _ROWS_PER_YIELD == 0:
-            _yield_the_gil()
     # Identifiers come from the model, quoted; every value is bound.
     values = f"INTO {table} ({columns}) VALUES ({placeholders})"
     try:
+        # Connected first: while the server is unreachable a retry fails at once, without
+        # building its rows again (CPU and garbage, hence collector pauses, for the callers).
         with transaction.atomic(using=queryset.db), connection.cursor() as cursor:
+            for n, event in enumerate(events, 1):
+                (finished if is_finished_event(event) else pending).append(row_of(event))
+                if n % _ROWS_PER_YIELD == 0:
+                    _yield_the_gil()
             _refuse_oversized_rows(
                 connection.connection, cursor, [*finished, *pending], len(values) + 2 * len(pk) + 64
             )
