@@ -494,11 +494,14 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
         :meth:`stats_by_method` without its percentile, which sorts every call: this one is
         a single hash aggregation, cheap enough for a dashboard's week of calls.
         """
+        grouped = self.order_by().values("method")
+        if connections[self.db].vendor == "mysql":
+            # Grouped by the collation key too (the same groups), so MySQL / MariaDB cannot
+            # group by reading the whole (method, created_at) index: ten times slower.
+            grouped = grouped.annotate(method_group=group_key("method", self.db))
         rows = cast(
             "Iterable[dict[str, Any]]",
-            self.order_by()
-            .values("method")
-            .annotate(
+            grouped.annotate(
                 **_outcome_counts(),
                 avg_duration_ms=Avg("duration_ms"),
                 max_duration_ms=Max("duration_ms"),

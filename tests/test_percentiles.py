@@ -116,6 +116,11 @@ def test_stats_by_method_pairs_each_group_with_its_own_percentile():
         assert item["p95_duration_ms"] == percentile_cont(durations, 0.95)
     merged = connection.vendor == "mysql"
     assert len(stats) == (2 if merged else 3)
+    # The dashboard's per-method table groups the same way.
+    calls = RPCLog.objects.calls_by_method()
+    assert [(c["method"].lower(), c["total_calls"]) for c in calls] == [
+        (item["method"].lower(), item["total_calls"]) for item in stats
+    ]
 
 
 def test_the_group_key_is_the_collation_key_on_mysql():
