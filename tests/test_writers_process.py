@@ -12,7 +12,6 @@ cannot show) and the test database itself on the PostgreSQL and MariaDB runs.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -24,37 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import connection
 
 ROOT = Path(__file__).resolve().parent.parent
 
 ChildRunner = Callable[..., list[dict[str, Any]]]
-
-#: django-environ's URL scheme and the default port of each server database the child uses.
-SERVER_DATABASES = {"postgresql": ("postgres", 5432), "mysql": ("mysql", 3306)}
-
-
-@pytest.fixture
-def child_env(tmp_path: Path) -> dict[str, str]:
-    """The environment of a child process, with ``DATABASE_URL`` naming a migrated database."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("DJANGO_CFG_RPC__", "PYTEST_"))
-    }
-    env["PYTHONPATH"] = str(ROOT)
-    settings = connection.settings_dict
-    scheme, default_port = SERVER_DATABASES.get(connection.vendor, (None, None))
-    if scheme is not None:
-        auth = settings["USER"] + (f":{settings['PASSWORD']}" if settings["PASSWORD"] else "")
-        host = settings["HOST"] or "127.0.0.1"
-        env["DATABASE_URL"] = (
-            f"{scheme}://{auth}@{host}:{settings['PORT'] or default_port}/{settings['NAME']}"
-        )
-    else:
-        env["DATABASE_URL"] = f"sqlite:///{tmp_path / 'child.sqlite3'}"
-        run_child(env, "migrate")
-    return env
 
 
 def run_child(
