@@ -1,6 +1,6 @@
 """The databases that can hold the log table, and what each needs from its server.
 
-The facts behind the database system checks (registered in :mod:`django_rpc_audit.checks`):
+The facts behind the database system checks (registered in ``django_rpc_audit.checks``):
 a database django-rpc-audit cannot write to must stop ``migrate`` with an error, never leave
 a site with an empty table. PostgreSQL, MySQL / MariaDB (Django's backend with mysqlclient)
 and SQLite are supported; see ``docs/databases.md``.
@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 
 #: The vendors whose SQL the writers and analytics speak (``connection.vendor``).
 SUPPORTED_VENDORS = {"postgresql": "PostgreSQL", "mysql": "MySQL / MariaDB", "sqlite": "SQLite"}
-#: Oldest server versions supported: window functions (percentiles) and Django 5.2's floor.
+#: Oldest MariaDB supported: window functions (percentiles) and Django 5.2's floor.
 MINIMUM_MARIADB = (10, 5)
+#: Oldest MySQL supported: window functions (percentiles) and Django 5.2's floor.
 MINIMUM_MYSQL = (8, 0, 11)
 
 _DOCS = "See docs/databases.md in django-rpc-audit."
