@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -22,38 +20,13 @@ from django_rpc_audit.models import RPCLog
 from django_rpc_audit.writers import BufferedLogWriter
 from django_rpc_audit.writers.mysql import refused_by_server
 from django_rpc_audit.writers.sink import bulk_record_events
+from tests.test_writers_buffered import finished_event, started_event
 
 pytestmark = pytest.mark.skipif(
     connection.vendor != "mysql", reason="the MySQL / MariaDB path of the sink"
 )
 # mysqlclient, which only the MariaDB run installs for sure (the ``mysql`` extra).
 MySQLdb = pytest.importorskip("MySQLdb")
-
-
-def started_event(**overrides: Any) -> dict[str, Any]:
-    event: dict[str, Any] = {
-        "correlation_id": str(uuid.uuid4()),
-        "method": "test.echo",
-        "params": {"n": 1},
-        "user": None,
-        "caller_ip": "10.0.0.1",
-        "user_agent": "pytest",
-        "started_at": datetime.now(UTC),
-    }
-    return {**event, **overrides}
-
-
-def finished_event(started: dict[str, Any], **overrides: Any) -> dict[str, Any]:
-    return {
-        **started,
-        "status": "success",
-        "response": {"ok": True},
-        "error_code": None,
-        "error_message": None,
-        "duration_ms": 1.5,
-        "completed_at": datetime.now(UTC),
-        **overrides,
-    }
 
 
 def raw_connection() -> Any:
@@ -148,6 +121,21 @@ def test_a_batch_bigger_than_one_statement_is_written_whole() -> None:
     assert not RPCLog.objects.filter(status="pending").exists()
 
 
+def assert_only_the_second_is_written(
+    refused: dict[str, Any], kept: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both calls through an inline buffered writer: the first row is given up (logged,
+    counted as failed, never retried), the second written."""
+    writer = BufferedLogWriter(background=False)
+    writer.finished(finished_event(refused))
+    writer.finished(finished_event(kept))
+    with caplog.at_level(logging.ERROR, logger="django_rpc_audit.writers"):
+        assert writer.flush() is True
+    written = list(RPCLog.objects.values_list("correlation_id", flat=True))
+    assert written == [kept["correlation_id"]]
+    assert (writer.stats().failed, writer.stats().retries) == (1, 0)
+
+
 @pytest.fixture
 def packet_limit() -> int:
     with connection.cursor() as cursor:
@@ -162,17 +150,9 @@ def test_a_row_over_max_allowed_packet_is_refused_before_it_is_sent(
     """Sent, a row just over the limit is refused (error 1153), but one several times it
     only breaks the connection (2006, "unreachable"): it would be retried for ever and hold
     back every other row. Such rows are refused before they are sent."""
-    rpc_settings(MAX_PARAMS_BYTES=4 * packet_limit)
-    writer = BufferedLogWriter(background=False)
-    big, small = started_event(params={"x": "y" * (packet_limit + 1000)}), started_event()
-    writer.finished(finished_event(big))
-    writer.finished(finished_event(small))
-    with caplog.at_level(logging.ERROR, logger="django_rpc_audit.writers"):
-        assert writer.flush() is True
-    assert list(RPCLog.objects.values_list("correlation_id", flat=True)) == [
-        small["correlation_id"]
-    ]
-    assert (writer.stats().failed, writer.stats().retries) == (1, 0)
+    rpc_settings(MAX_PARAMS_BYTES=4 * packet_limit, BUFFER_MAX_BYTES=64 * packet_limit)
+    big = started_event(params={"x": "y" * (packet_limit + 1000)})
+    assert_only_the_second_is_written(big, started_event(), caplog)
     assert "does not fit in max_allowed_packet" in caplog.text  # not the server's 1153
 
 
@@ -182,14 +162,6 @@ def test_a_character_the_column_cannot_hold_refuses_that_row_only(
 ) -> None:
     """MySQL reports it as an ``OperationalError`` (1366), the class of a lost connection: it
     is told apart, so the writer gives the row up instead of retrying it for ever."""
-    writer = BufferedLogWriter(background=False)
-    emoji, plain = started_event(user_agent="bot \U0001f916"), started_event()
-    writer.finished(finished_event(emoji))
-    writer.finished(finished_event(plain))
-    with caplog.at_level(logging.ERROR, logger="django_rpc_audit.writers"):
-        assert writer.flush() is True
-    assert list(RPCLog.objects.values_list("correlation_id", flat=True)) == [
-        plain["correlation_id"]
-    ]
-    assert (writer.stats().failed, writer.stats().retries) == (1, 0)
+    emoji = started_event(user_agent="bot \U0001f916")
+    assert_only_the_second_is_written(emoji, started_event(), caplog)
     assert "Incorrect string value" in caplog.text
