@@ -68,8 +68,9 @@ def test_an_unsupported_vendor_is_e101(
 
     monkeypatch.setattr("django.db.router.routers", [LogsElsewhere()])
     assert ids(checks.check_database_backend()) == ["django_rpc_audit.E101"]
+    # (Only the checks that need no database: Django 6 would run the server checks too.)
     with pytest.raises(SystemCheckError, match="E101"):
-        call_command("check")
+        call_command("check", "--tag", "compatibility")
 
 
 def test_mysql_needs_mysqlclient_not_a_stand_in() -> None:
