@@ -120,6 +120,34 @@ def check_sampling(
     return []
 
 
+@register(Tags.compatibility, Tags.database)
+def check_database_backend(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """E101: the log table's database is not supported; E102: MySQL / MariaDB without
+    Django's backend and mysqlclient. Needs no connection, so it also runs without
+    ``--database``."""
+    from django_rpc_audit.databases import backend_problems, log_aliases
+
+    return [message for alias in log_aliases() for message in backend_problems(alias)]
+
+
+@register(Tags.database)
+def check_database_server(
+    app_configs: Sequence[AppConfig] | None = None,
+    databases: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> list[CheckMessage]:
+    """E103-E105, W101: what the MySQL / MariaDB server holding the log table lacks. Runs
+    when the checks are given databases (``migrate``, ``check --database``)."""
+    from django_rpc_audit.databases import log_aliases, server_problems
+
+    if not databases:
+        return []
+    aliases = [alias for alias in log_aliases() if alias in databases]
+    return [message for alias in aliases for message in server_problems(alias)]
+
+
 @register(Tags.compatibility)
 def check_rate_limit_policy(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any

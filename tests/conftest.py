@@ -230,12 +230,16 @@ def admin_client_(db: None) -> Client:
     return client
 
 
+#: django-environ's URL scheme and the default port of each server database a child uses.
+SERVER_DATABASES = {"postgresql": ("postgres", 5432), "mysql": ("mysql", 3306)}
+
+
 @pytest.fixture
 def child_env(tmp_path: Path) -> dict[str, str]:
     """The environment of a child process, with ``DATABASE_URL`` naming a migrated database.
 
-    On PostgreSQL, the test database itself (tests using it need ``transaction=True``); on
-    SQLite, a file of the test's own, which other processes can open.
+    On PostgreSQL and MariaDB, the test database itself (tests using it need
+    ``transaction=True``); on SQLite, a file of the test's own, which other processes can open.
     """
     env = {
         key: value
@@ -244,11 +248,12 @@ def child_env(tmp_path: Path) -> dict[str, str]:
     }
     env["PYTHONPATH"] = str(ROOT)
     settings = connections["default"].settings_dict
-    if connections["default"].vendor == "postgresql":
+    scheme, default_port = SERVER_DATABASES.get(connections["default"].vendor, (None, None))
+    if scheme is not None:
         auth = settings["USER"] + (f":{settings['PASSWORD']}" if settings["PASSWORD"] else "")
         host = settings["HOST"] or "127.0.0.1"
         env["DATABASE_URL"] = (
-            f"postgres://{auth}@{host}:{settings['PORT'] or 5432}/{settings['NAME']}"
+            f"{scheme}://{auth}@{host}:{settings['PORT'] or default_port}/{settings['NAME']}"
         )
     else:
         env["DATABASE_URL"] = f"sqlite:///{tmp_path / 'child.sqlite3'}"
@@ -346,3 +351,28 @@ def hide_package(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     return hidden.add
+
+
+@pytest.fixture
+def utf8mb3_user_agent() -> Iterator[None]:
+    """The log table of a site whose database was made with MySQL's old 3-byte ``utf8``.
+
+    DDL commits on MySQL, so the tests using it run outside a transaction, and the column is
+    put back afterwards.
+    """
+    from django_rpc_audit.models import RPCLog
+
+    connection = connections["default"]
+    table = connection.ops.quote_name(RPCLog._meta.db_table)
+
+    def alter(charset: str) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"ALTER TABLE {table} MODIFY `user_agent` longtext CHARACTER SET {charset} NOT NULL"
+            )
+
+    alter("utf8mb3")
+    try:
+        yield
+    finally:
+        alter("utf8mb4")

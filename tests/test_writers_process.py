@@ -6,7 +6,7 @@ views, so the calls go through ``acall()``).
 Each test runs ``tests/writer_process.py`` in a child process (or under gunicorn) with a flush
 interval of an hour, so the rows can only come from the shutdown flush. The child uses a
 SQLite file on the SQLite run (its own thread writing to it, which the in-memory test database
-cannot show) and the PostgreSQL test database on the PostgreSQL run.
+cannot show) and the test database itself on the PostgreSQL and MariaDB runs.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ writes it.
 - :mod:`~django_rpc_audit.writers.sink`: the rows themselves; column values made safe to store,
   single-row writes and idempotent batch writes (``COPY`` on PostgreSQL). Every writer ends
   here.
+- :mod:`~django_rpc_audit.writers.mysql`: the sink's batch writes on MySQL and MariaDB
+  (multi-row upserts) and which of their errors refuse a row rather than the connection.
 - :mod:`~django_rpc_audit.writers.registry`: the process-wide writer chosen by
   ``WRITE_MODE``, :func:`use_writer`, :func:`flush` and :func:`writer_stats`.
 

@@ -5,6 +5,7 @@
 - Single-row writes on the caller's connection (:func:`record_started`,
   :func:`record_finished`), for the synchronous writer and manual logging.
 - Idempotent batch writes (:func:`bulk_record_events`): ``COPY`` and an upsert on PostgreSQL,
+  multi-row upserts on MySQL and MariaDB (:mod:`~django_rpc_audit.writers.mysql`),
   ``bulk_create`` with conflict handling elsewhere, for the buffered writer.
 """
 
@@ -371,6 +372,10 @@ def bulk_record_events(queryset: RPCLogQuerySet, events: Sequence[Mapping[str, A
     never turns a finished row back to ``pending``.
     """
     connection = connections[queryset.db]
+    if connection.vendor == "mysql":  # MySQL and MariaDB
+        from django_rpc_audit.writers import mysql
+
+        return mysql.bulk_record_events(queryset, connection, events)
     if connection.vendor == "postgresql" and _copy_supported(connection):
         with transaction.atomic(using=queryset.db):
             written = _copy_record_events(queryset, connection, events)
