@@ -10,6 +10,7 @@ from typing import Any
 from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
 from django_rpc_audit.writers.base import LogWriter, WriterStats
 from django_rpc_audit.writers.buffered import BufferedLogWriter, shutdown_timeout
+from django_rpc_audit.writers.stream import StreamLogWriter
 from django_rpc_audit.writers.sync import SyncLogWriter
 
 _sync_writer = SyncLogWriter()
@@ -20,12 +21,19 @@ _writer_lock = threading.Lock()
 
 
 def _buffered_options(config: DjangoCfgRPCConfig) -> dict[str, Any]:
-    return {
+    options: dict[str, Any] = {
         "buffer_size": config.buffer_size,
         "batch_size": config.buffer_batch_size,
         "flush_interval": config.buffer_flush_interval,
         "max_retry_delay": config.buffer_max_retry_delay,
     }
+    if config.write_mode == "stream":
+        options.update(
+            redis_url=config.log_stream_url,
+            stream=config.log_stream,
+            maxlen=config.log_stream_maxlen,
+        )
+    return options
 
 
 def get_writer() -> LogWriter:
@@ -51,7 +59,8 @@ def _configure_buffered_writer(config: DjangoCfgRPCConfig) -> BufferedLogWriter:
         if old is not None and built_from is not None and _buffered_options(built_from) == options:
             _buffered_config = config
             return old
-        _buffered_writer = BufferedLogWriter(**options)
+        kind = StreamLogWriter if config.write_mode == "stream" else BufferedLogWriter
+        _buffered_writer = kind(**options)
         _buffered_config = config
     if old is not None:
         old.close(shutdown_timeout())
@@ -70,7 +79,8 @@ def use_writer(writer: LogWriter) -> Iterator[LogWriter]:
 
 
 def flush(timeout: float | None = 30.0) -> bool:
-    """Write every call logged so far; True once they are all in the database.
+    """Write every call logged so far; True once they are all in the database (with
+    ``WRITE_MODE = "stream"``: in the log stream).
 
     A no-op (True) with the synchronous writer. ::
 
