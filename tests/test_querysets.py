@@ -123,10 +123,16 @@ def test_percentile_cont_matches_postgres_definition(values, fraction, expected)
     ("queryset", "index"),
     [
         (lambda: RPCLog.objects.recent(hours=1), "rpclog_created_idx"),
-        (lambda: RPCLog.objects.recent(hours=1).failed(), "rpclog_status_created_idx"),
+        # The partial index of unsuccessful calls serves every status but success.
+        (lambda: RPCLog.objects.recent(hours=1).failed(), "rpclog_unsuccess_created_idx"),
+        (lambda: RPCLog.objects.recent(hours=1).timed_out(), "rpclog_unsuccess_created_idx"),
+        (lambda: RPCLog.objects.recent(hours=1).unsuccessful(), "rpclog_unsuccess_created_idx"),
+        (RPCLog.objects.stale, "rpclog_unsuccess_created_idx"),
+        (lambda: RPCLog.objects.failed().order_by("-created_at")[:50], "rpclog_unsuccess_"),
+        (lambda: RPCLog.objects.order_by("-created_at")[:100], "rpclog_created_idx"),
         (lambda: RPCLog.objects.recent(hours=1).for_method("m"), "rpclog_method_created_idx"),
         (lambda: RPCLog.objects.recent(hours=1).for_user(1), "rpclog_user_created_idx"),
-        (lambda: RPCLog.objects.filter(correlation_id="x"), "rpclog_correlation_idx"),
+        (lambda: RPCLog.objects.filter(correlation_id="x"), "rpclog_correlation_hash"),
     ],
 )
 def test_documented_queries_use_their_index(queryset, index):
