@@ -17,7 +17,8 @@ writes it.
 - :mod:`~django_rpc_audit.writers.entry`: a stored row as one compact, exact stream entry.
 - :mod:`~django_rpc_audit.writers.ingest`: :class:`IngestWorker` (``rpc_logs_ingest``), a
   consumer-group worker writing the stream's rows to the database, and
-  :func:`stream_backlog`, the group's lag for monitoring.
+  :func:`stream_backlog` (the group's lag) and :func:`worker_stats` (the running workers'
+  counters) for monitoring.
 - :mod:`~django_rpc_audit.writers.sink`: the rows themselves; column values made safe to store,
   single-row writes and idempotent batch writes (``COPY`` on PostgreSQL). Every writer ends
   here.
@@ -38,7 +39,12 @@ from django_rpc_audit.writers.base import (
     WriterStats,
 )
 from django_rpc_audit.writers.buffered import BufferedLogWriter, install_sigterm_flush
-from django_rpc_audit.writers.ingest import IngestStats, IngestWorker, stream_backlog
+from django_rpc_audit.writers.ingest import (
+    IngestStats,
+    IngestWorker,
+    stream_backlog,
+    worker_stats,
+)
 from django_rpc_audit.writers.registry import (
     flush,
     get_writer,
@@ -65,6 +71,7 @@ __all__ = [
     "install_sigterm_flush",
     "stream_backlog",
     "use_writer",
+    "worker_stats",
     "writer_never_blocks",
     "writer_stats",
 ]

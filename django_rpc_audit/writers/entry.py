@@ -66,12 +66,13 @@ def _text(name: str, value: Any) -> str:
             raise ValueError(f"{name} is None")
         return ""
     if name == "user_id":
-        return f"i{value}" if isinstance(value, int) else f"s{value}"
-    if isinstance(value, datetime):
+        text = f"i{value}" if isinstance(value, int) else f"s{value}"
+    elif isinstance(value, datetime):
         return value.isoformat()
-    if isinstance(value, float):
+    elif isinstance(value, float):
         return repr(value)
-    text = value if isinstance(value, str) else str(value)
+    else:
+        text = value if isinstance(value, str) else str(value)
     if SEPARATOR in text:  # never from the sink; replaced as the sink would
         text = text.replace(SEPARATOR, "\ufffd")
     return text

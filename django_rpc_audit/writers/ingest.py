@@ -23,9 +23,10 @@ import queue
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 from django.db import DatabaseError, InterfaceError, OperationalError, connections, router
@@ -124,8 +125,12 @@ class IngestWorker:
         worker = IngestWorker.from_config()
         worker.run()  # returns once stop() was called and the last batch is written
 
-    :meth:`stats` is safe to call from any thread.
+    :meth:`stats` is safe to call from any thread; :func:`worker_stats` gives those of every
+    worker running in the process.
     """
+
+    #: The workers whose :meth:`run` is under way in this process.
+    running: ClassVar[weakref.WeakSet[IngestWorker]] = weakref.WeakSet()
 
     def __init__(
         self,
@@ -203,6 +208,7 @@ class IngestWorker:
         unreachable database.
         """
         self.ensure_group()
+        IngestWorker.running.add(self)
         writer = threading.Thread(target=self._write_loop, name="rpc-audit-ingest", daemon=True)
         writer.start()
         next_stats = time.monotonic() + self.stats_interval
@@ -213,6 +219,7 @@ class IngestWorker:
         finally:
             self._batches.put(None)
             writer.join()
+            IngestWorker.running.discard(self)
             self._refresh_backlog()
             if on_stats is not None:
                 on_stats(self.stats())
@@ -543,6 +550,13 @@ class IngestWorker:
             backlog_at=at,
             **counts,
         )
+
+
+def worker_stats() -> list[IngestStats]:
+    """:meth:`IngestWorker.stats` of each worker running in this process (what a metrics
+    integration reads; the group's ``lag`` and ``pending`` are refreshed by the workers every
+    ``stats_interval`` seconds)."""
+    return [worker.stats() for worker in list(IngestWorker.running)]
 
 
 def _id_text(value: bytes | str) -> str:
