@@ -120,8 +120,8 @@ class DjangoCfgRPCConfig:
     #: Redis Stream the stream writer adds rows to and ``rpc_logs_ingest`` reads.
     log_stream: str = "rpc_audit:log"
     #: Approximate ``MAXLEN`` of the log stream: the backlog it holds while the workers cannot
-    #: write (an entry takes about 0.5 KB of Redis memory). Older entries are trimmed, ingested
-    #: or not: keep it above the longest backlog you want to survive.
+    #: write (an entry takes about 250 bytes of Redis memory plus its params and response).
+    #: Older entries are trimmed, ingested or not: keep it above the longest backlog to survive.
     log_stream_maxlen: int = 1_000_000
     #: Redis server of the log stream; empty: ``REDIS_URL``.
     log_stream_redis_url: str = ""
