@@ -31,6 +31,7 @@ from django.db import connection
 from django_rpc_audit import get_rpc_client
 from django_rpc_audit.models import RPCLog
 from django_rpc_audit.writers import StreamLogWriter, use_writer
+from tests.calls import calls_for
 from tests.tcp_proxy import TCPProxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,30 +213,18 @@ def test_postgres_unreachable_for_30_s_neither_fails_nor_slows_calls_and_loses_n
     worker = start_worker(env, "w", "--stats-interval", "1")
     client = get_rpc_client()
 
-    def calls_for(seconds: float, who: str) -> list[float]:
-        latencies = []
-        deadline = time.monotonic() + seconds
-        n = 0
-        while time.monotonic() < deadline:
-            clock = time.perf_counter()
-            client.call("test.echo", {"who": who, "n": n})
-            latencies.append(time.perf_counter() - clock)
-            n += 1
-            time.sleep(0.002)
-        return latencies
-
     try:
         with use_writer(writer):
-            before = calls_for(3, "before")
+            before = calls_for(client, 3, "before")
             wait_for(lambda: rows("before") == len(before))
             proxy.cut()
-            during = calls_for(OUTAGE_SECONDS, "during")
+            during = calls_for(client, OUTAGE_SECONDS, "during")
             assert writer.flush(timeout=30)  # in the stream: the web side is unaffected
             assert rows("during") == 0
             lag, pending = backlog(redis_client, stream)
             assert lag + pending >= len(during)  # the stream holds the backlog
             proxy.restore()
-            after = calls_for(2, "after")
+            after = calls_for(client, 2, "after")
             assert writer.flush(timeout=30)
         wait_for(lambda: rows() == len(before) + len(during) + len(after))
         out, err = stop_worker(worker)

@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from django_rpc_audit.writers.sink import OUTCOME_KEYS
+
 #: The only field of an entry.
 FIELD = "r"
 #: Version of the entry layout, first in the entry; a worker refuses versions it does not know.
@@ -39,16 +41,9 @@ STARTED_COLUMNS: tuple[str, ...] = (
     "user_agent",
     "created_at",
 )
-#: Columns a finished call's entry carries after :data:`STARTED_COLUMNS`.
-OUTCOME_COLUMNS: tuple[str, ...] = (
-    "status",
-    "response",
-    "error_code",
-    "error_message",
-    "duration_ms",
-    "completed_at",
-    "sample_rate",
-)
+#: Columns a finished call's entry carries after :data:`STARTED_COLUMNS` (named as the
+#: ``rpc_finished`` keys they come from).
+OUTCOME_COLUMNS: tuple[str, ...] = OUTCOME_KEYS
 _ALL_COLUMNS = STARTED_COLUMNS + OUTCOME_COLUMNS
 _PENDING_LENGTH = 1 + len(STARTED_COLUMNS)
 _FINISHED_LENGTH = 1 + len(_ALL_COLUMNS)
@@ -98,42 +93,36 @@ def decode_row(text: str | bytes) -> dict[str, Any]:
     values = text.split(SEPARATOR)
     if values[0] != VERSION:
         raise MalformedEntry(f"unknown entry version {values[0][:40]!r}")
+    if len(values) not in (_PENDING_LENGTH, _FINISHED_LENGTH):
+        raise MalformedEntry(
+            f"{len(values)} values, expected {_PENDING_LENGTH} or {_FINISHED_LENGTH}"
+        )
     try:
+        (_, id_, correlation_id, method, params, user, ip, agent, created) = values[:9]
+        row: dict[str, Any] = {
+            "id": id_,
+            "correlation_id": correlation_id,
+            "method": method,
+            "params": params,
+            "user_id": _user_key(user),
+            "caller_ip": ip or None,
+            "user_agent": agent,
+            "created_at": datetime.fromisoformat(created),
+        }
         if len(values) == _FINISHED_LENGTH:
-            (_, id_, correlation_id, method, params, user, ip, agent, created) = values[:9]
             (status, response, code, message, duration, completed, rate) = values[9:]
-            return {
-                "id": id_,
-                "correlation_id": correlation_id,
-                "method": method,
-                "params": params,
-                "user_id": _user_key(user),
-                "caller_ip": ip or None,
-                "user_agent": agent,
-                "created_at": datetime.fromisoformat(created),
-                "status": status,
-                "response": response or None,
-                "error_code": code,
-                "error_message": message,
-                "duration_ms": float(duration) if duration else None,
-                "completed_at": datetime.fromisoformat(completed) if completed else None,
-                "sample_rate": float(rate),
-            }
-        if len(values) == _PENDING_LENGTH:
-            (_, id_, correlation_id, method, params, user, ip, agent, created) = values
-            return {
-                "id": id_,
-                "correlation_id": correlation_id,
-                "method": method,
-                "params": params,
-                "user_id": _user_key(user),
-                "caller_ip": ip or None,
-                "user_agent": agent,
-                "created_at": datetime.fromisoformat(created),
-            }
+            row.update(
+                status=status,
+                response=response or None,
+                error_code=code,
+                error_message=message,
+                duration_ms=float(duration) if duration else None,
+                completed_at=datetime.fromisoformat(completed) if completed else None,
+                sample_rate=float(rate),
+            )
     except ValueError as exc:
         raise MalformedEntry(str(exc)) from None
-    raise MalformedEntry(f"{len(values)} values, expected {_PENDING_LENGTH} or {_FINISHED_LENGTH}")
+    return row
 
 
 def _user_key(text: str) -> int | str | None:
