@@ -280,10 +280,17 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1000, help="calls per variant per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip", nargs="*", default=[], choices=["ingest", "lag", "caller"])
+    parser.add_argument(
+        "--no-migrate",
+        action="store_true",
+        help="keep the database's schema as it is (to measure an older set of indexes)",
+    )
     args = parser.parse_args()
 
     request_stream = f"bench:{uuid.uuid4().hex}"
-    database = setup_django(os.environ.get("DATABASE_URL"), args.redis, request_stream)
+    database = setup_django(
+        os.environ.get("DATABASE_URL"), args.redis, request_stream, migrate=not args.no_migrate
+    )
     print(
         f"database: {database}; Redis {args.redis}; python {sys.version.split()[0]}; "
         f"{os.cpu_count()} CPUs; load {loadavg()}"
