@@ -181,7 +181,10 @@ def test_a_web_process_killed_right_after_shipping_loses_no_row(
     web = web_process(pipeline_env, 500, "killed-web", wait=True)
     assert web.stdout is not None
     report = json.loads(web.stdout.readline())
-    assert report == {"shipped": True, "written": 500, "dropped": 0}
+    # Entries: one per call, two for a call in flight when a batch was shipped.
+    assert report["shipped"] is True
+    assert report["dropped"] == 0
+    assert report["written"] >= 500
     web.send_signal(signal.SIGKILL)  # no exit handler, no flush
     web.wait()
     assert rows() == 0  # the web process never writes to the database in stream mode
