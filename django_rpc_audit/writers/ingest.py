@@ -207,7 +207,12 @@ class IngestWorker:
         command prints). Raises if the writer thread failed on something other than an
         unreachable database.
         """
-        self.ensure_group()
+        while not self._stop.is_set():
+            try:
+                self.ensure_group()
+                break
+            except redis.ConnectionError as exc:  # Redis not up yet: wait for it
+                self._redis_error("reach the log stream's Redis", exc)
         IngestWorker.running.add(self)
         writer = threading.Thread(target=self._write_loop, name="rpc-audit-ingest", daemon=True)
         writer.start()
@@ -217,8 +222,9 @@ class IngestWorker:
             self._read_loop(start="0")
             self._read_loop(start=">", on_stats=on_stats, next_stats=next_stats)
         finally:
-            self._batches.put(None)
-            writer.join()
+            if writer.is_alive():
+                self._batches.put(None)
+                writer.join()
             IngestWorker.running.discard(self)
             self._refresh_backlog()
             if on_stats is not None:
