@@ -27,7 +27,7 @@ def check_settings(
         return [
             Error(
                 f"{SETTING_NAME} is invalid: {exc}",
-                hint="See the settings table in django-rpc-audit's README.",
+                hint="See the settings reference in django-rpc-audit's docs (docs/settings.md).",
                 id="django_rpc_audit.E001",
             )
         ]

@@ -49,16 +49,19 @@ class DjangoCfgRPCConfig:
     Either way, environment variables ``DJANGO_CFG_RPC__<KEY>`` win over what the settings say.
     """
 
+    # -- calls and transport
     #: Master switch. When false, :func:`~django_rpc_audit.get_rpc_client` raises
     #: :class:`~django_rpc_audit.exceptions.RPCDisabledError`.
     enabled: bool = True
-    #: Redis server the django-ipc peer listens on. A password in it never appears in errors.
+    #: Redis server the django-ipc peer listens on: a ``redis://``, ``rediss://`` or ``unix://``
+    #: URL. A password in it never appears in errors.
     redis_url: str = "redis://localhost:6379/2"
     #: Write an ``RPCLog`` row for every call. Off: calls and signals go on, no rows are written.
     enable_logging: bool = True
     #: ``"redis"`` (the django-ipc wire protocol) or ``"local"`` (in-process handlers).
     transport: Transport = "redis"
-    #: Seconds a call waits for its reply before it is a timeout.
+    #: Seconds a call waits for its reply before it is a timeout (sent to the server rounded up
+    #: to whole seconds).
     rpc_timeout: float = 30.0
     #: Redis Stream the requests are added to.
     request_stream: str = "stream:requests"
@@ -68,6 +71,7 @@ class DjangoCfgRPCConfig:
     stream_maxlen: int = 10_000
     #: Addresses (or prefixes) of the reverse proxies whose ``X-Forwarded-For`` is trusted.
     #: Empty, and with no ``IPWARE_*`` setting either, the caller IP is ``REMOTE_ADDR`` only.
+    #: Passed to django-ipware as ``proxy_trusted_ips``.
     trusted_proxy_ips: tuple[str, ...] = field(default=())
 
     # -- data hygiene
@@ -75,11 +79,16 @@ class DjangoCfgRPCConfig:
     redact_keys: tuple[str, ...] = field(default=())
     #: Per-method rules, by exact name or glob: ``{"auth.*": {"params": "drop",
     #: "response": ["user_id"]}}`` drops the params and keeps only ``user_id`` of the response.
+    #: Settings only: an environment variable cannot express these rules.
     redact_methods: tuple[tuple[str, MethodRule], ...] = field(default=())
-    #: Largest params, response, error message and user agent stored, in UTF-8 bytes.
+    #: Largest params stored, in bytes of compact UTF-8 JSON; bigger ones are stored as a
+    #: truncation marker (valid JSON with the original size and a preview). At least 128.
     max_params_bytes: int = 65_536
+    #: Largest response stored, in bytes of compact UTF-8 JSON, truncated like the params.
     max_response_bytes: int = 65_536
+    #: Longest error message stored, in UTF-8 bytes; a longer one keeps its start and end.
     max_error_message_bytes: int = 16_384
+    #: Longest user agent kept, in UTF-8 bytes; a longer one keeps its start and end.
     max_user_agent_bytes: int = 1_024
     #: Share of *successful* calls that are logged (0..1); failures are always logged.
     sample_rate: float = 1.0
@@ -95,8 +104,10 @@ class DjangoCfgRPCConfig:
     #: Calls at least this slow (milliseconds) show their duration in the admin's warning colour.
     admin_duration_warn_ms: float = 500.0
     #: Calls at least this slow (milliseconds) show their duration in the admin's danger colour.
+    #: Must be above ``ADMIN_DURATION_WARN_MS``.
     admin_duration_slow_ms: float = 2000.0
-    #: Seconds between the analytics dashboard's automatic refreshes; 0 turns them off.
+    #: Seconds between the analytics dashboard's automatic refreshes for the last hour (longer
+    #: windows refresh less often); 0 turns them off.
     admin_dashboard_refresh_seconds: int = 5
     # -- buffered writer
     #: ``"buffered"``: the receivers only enqueue, a background thread writes batches on its own
@@ -108,11 +119,16 @@ class DjangoCfgRPCConfig:
     #: Most calls the buffered writer holds in memory. When full, successful calls are dropped
     #: first (counted and logged); failures and timeouts are kept.
     buffer_size: int = 100_000
-    #: Rows per ``INSERT`` (and per commit) of the buffered writer.
+    #: Most bytes the buffered writer holds in memory, estimated from the calls' stored texts
+    #: (params and response JSON, counted twice, error message, user agent, 1 KB a call). When
+    #: it would go over, successful calls are dropped first (counted and logged).
+    buffer_max_bytes: int = 64 * 2**20
+    #: Rows per batch of the buffered writer: one ``COPY`` (or ``INSERT``) and one commit.
     buffer_batch_size: int = 1_000
     #: Seconds between the buffered writer's flushes (sooner once a batch is full).
     buffer_flush_interval: float = 0.5
-    #: Longest wait, in seconds, between retries while the database is unreachable.
+    #: Longest wait, in seconds, between retries while the database is unreachable (the backoff
+    #: starts at 0.1 s and doubles).
     buffer_max_retry_delay: float = 10.0
     #: Seconds the process waits at exit for the buffered writer to write what it holds.
     buffer_shutdown_timeout: float = 10.0
@@ -139,6 +155,13 @@ class DjangoCfgRPCConfig:
     def log_stream_url(self) -> str:
         """The Redis URL of the log stream: ``LOG_STREAM_REDIS_URL``, else ``REDIS_URL``."""
         return self.log_stream_redis_url or self.redis_url
+
+    def __repr__(self) -> str:
+        # The dataclass repr would print REDIS_URL with its password.
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["redis_url"] = redact_url(self.redis_url)
+        fields = ", ".join(f"{name}={value!r}" for name, value in shown.items())
+        return f"DjangoCfgRPCConfig({fields})"
 
     def __post_init__(self) -> None:
         if isinstance(self.trusted_proxy_ips, list | set | frozenset):
@@ -219,9 +242,10 @@ def _validate(config: DjangoCfgRPCConfig) -> None:
 
 
 def _pairs(value: object) -> object:
-    """A settings dict (or ``key=value`` strings from the environment) as sorted pairs."""
+    """A settings dict (or ``key=value`` strings from the environment) as pairs, in the order
+    written: glob rules are tried in that order (the first match wins)."""
     if isinstance(value, Mapping):
-        return tuple(sorted(value.items(), key=lambda item: str(item[0])))
+        return tuple(value.items())
     if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
         pairs = []
         for item in value:
@@ -375,6 +399,16 @@ def _validate_buffered_writer(config: DjangoCfgRPCConfig) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise _fail(name.upper(), f"must be a positive integer, not {value!r}.")
+    one_call = 2 * (config.max_params_bytes + config.max_response_bytes) + (
+        config.max_error_message_bytes + config.max_user_agent_bytes + 1_024
+    )
+    max_bytes = config.buffer_max_bytes
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < one_call:
+        raise _fail(
+            "BUFFER_MAX_BYTES",
+            f"must be a whole number of bytes that holds at least one call of the largest size "
+            f"the MAX_*_BYTES caps allow ({one_call}), not {max_bytes!r}.",
+        )
     for name in ("buffer_flush_interval", "buffer_max_retry_delay", "buffer_shutdown_timeout"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:

@@ -338,8 +338,8 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
         held and inserts go on meanwhile. A row still ``pending`` and younger than
         ``RPC_TIMEOUT`` plus ``REAP_MARGIN_SECONDS`` is never deleted: its call may still be
         running. Bigger batches are not faster: on a million rows PostgreSQL plans a table
-        scan per batch at 20,000 (see README, Performance). Applies to the rows this queryset
-        selects::
+        scan per batch at 20,000 (see "Pruning a big table" in the docs). Applies to the rows
+        this queryset selects::
 
             RPCLog.objects.prune(days=30)
             RPCLog.objects.for_method("system.ping").prune(days=1)

@@ -11,7 +11,7 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import redis
@@ -25,6 +25,7 @@ from django_rpc_audit.exceptions import (
     RPCRemoteError,
     RPCTimeoutError,
 )
+from django_rpc_audit.redaction import redact_text
 from django_rpc_audit.utils import redact_url
 
 if TYPE_CHECKING:
@@ -37,7 +38,11 @@ Result: TypeAlias = dict[str, Any]
 
 @dataclass(frozen=True, slots=True)
 class RPCRequest:
-    """One call as it goes on the wire. ``body`` is the JSON payload, encoded once."""
+    """One call as it goes on the wire. ``body`` is the JSON payload, encoded once.
+
+    ``wire`` records sizes seen on the wire, for the log's truncation markers:
+    ``"params_bytes"`` (set by the client) and ``"reply_bytes"`` (set by the transport).
+    """
 
     method: str
     params: dict[str, Any]
@@ -45,6 +50,7 @@ class RPCRequest:
     reply_to: str
     timeout: float
     body: str
+    wire: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
 
 class Transport(Protocol):
@@ -69,10 +75,13 @@ def parse_reply(raw: bytes | str, request: RPCRequest) -> Result:
     The reply has no ``type`` key: ``success`` says how the call ended, and on failure the
     server's own ``error_code`` and ``error`` are what the caller sees.
     """
+    request.wire["reply_bytes"] = len(raw)
     try:
         reply = json.loads(raw)
     except ValueError as exc:
         raise RPCProtocolError(f"Reply to {request.method!r} is not JSON.") from exc
+    except RecursionError:
+        raise RPCProtocolError(f"Reply to {request.method!r} is nested too deeply.") from None
     if not isinstance(reply, dict) or not isinstance(reply.get("success"), bool):
         raise RPCProtocolError(f"Reply to {request.method!r} has no boolean 'success' field.")
     if reply.get("correlation_id") not in (None, request.correlation_id):
@@ -156,7 +165,9 @@ class RedisTransport:
             return RPCConnectionError(
                 f"Cannot reach Redis at {redact_url(self.redis_url)}: {type(exc).__name__}."
             )
-        return RPCError(f"Redis at {redact_url(self.redis_url)} refused the request: {exc}")
+        # Redis's own error text, redacted like any error message (it may echo arguments).
+        detail = redact_text(str(exc))
+        return RPCError(f"Redis at {redact_url(self.redis_url)} refused the request: {detail}")
 
     def call(self, request: RPCRequest) -> Result:
         client = self.client
@@ -334,11 +345,13 @@ class LocalTransport:
                 "not a dict."
             )
         try:
-            result: Result = json.loads(json.dumps(dict(outcome), allow_nan=False))
-        except (TypeError, ValueError) as exc:
+            text = json.dumps(dict(outcome), allow_nan=False)
+            result: Result = json.loads(text)
+        except (TypeError, ValueError, RecursionError) as exc:
             raise RPCProtocolError(
                 f"Local handler for {request.method!r} returned a result that is not JSON."
             ) from exc
+        request.wire["reply_bytes"] = len(text)
         return result
 
 

@@ -34,7 +34,7 @@ from django_rpc_audit.writers.base import (
     DestinationUnavailable,
     WriterStats,
 )
-from django_rpc_audit.writers.sink import bulk_record_events
+from django_rpc_audit.writers.sink import bulk_record_events, event_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +55,11 @@ class BufferedLogWriter:
     so a call that finishes before its batch is written is inserted once, in its final state;
     a call still running at write time is inserted as ``pending`` and completed later.
 
-    Bounded: at most ``buffer_size`` calls are held. When the buffer is full, a started event is
-    not buffered (the call's row is written whole from its finished event), a successful call
-    is dropped, and a failed or timed-out call takes the place of the oldest buffered
-    successful one; every dropped call is counted (:meth:`stats`) and logged.
+    Bounded: at most ``buffer_size`` calls and about ``buffer_max_bytes`` bytes
+    (:func:`~django_rpc_audit.writers.sink.event_bytes`) are held. When the buffer is full, a
+    started event is not buffered (the call's row is written whole from its finished event), a
+    successful call is dropped, and a failed or timed-out call takes the place of the oldest
+    buffered successful one; every dropped call is counted (:meth:`stats`) and logged.
 
     While the database is unreachable the thread retries the same batch with exponential
     backoff (up to ``max_retry_delay`` seconds) and loses nothing that fits in the buffer.
@@ -79,6 +80,7 @@ class BufferedLogWriter:
         self,
         *,
         buffer_size: int = 100_000,
+        buffer_max_bytes: int = 64 * 2**20,
         batch_size: int = 1_000,
         flush_interval: float = 0.5,
         max_retry_delay: float = 10.0,
@@ -86,6 +88,7 @@ class BufferedLogWriter:
         background: bool = True,
     ) -> None:
         self.buffer_size = buffer_size
+        self.buffer_max_bytes = buffer_max_bytes
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.max_retry_delay = max_retry_delay
@@ -99,6 +102,9 @@ class BufferedLogWriter:
         self._buffer: dict[_Key, _Entry] = {}
         # Buffered successful calls, oldest first: what goes when a failure needs room.
         self._successes: OrderedDict[_Key, None] = OrderedDict()
+        # Bytes each buffered call holds (sink.event_bytes) and their sum: BUFFER_MAX_BYTES.
+        self._sizes: dict[_Key, int] = {}
+        self._bytes = 0
         self._seq = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -130,13 +136,18 @@ class BufferedLogWriter:
     def _put(self, event: dict[str, Any]) -> None:
         key = (event["correlation_id"], event["started_at"])
         status = event.get("status")
+        size = event_bytes(event)
         buffer = self._buffer
         with self._lock:
             self._seq += 1
             full = key not in buffer and len(buffer) >= self.buffer_size
             if full and not self._make_room(status):
                 return
+            if not self._make_byte_room(key, status, size - self._sizes.get(key, 0)):
+                return
             buffer[key] = (self._seq, event)
+            self._bytes += size - self._sizes.get(key, 0)
+            self._sizes[key] = size
             if status == RPCStatus.SUCCESS:
                 self._successes[key] = None
             size = len(buffer)
@@ -153,8 +164,30 @@ class BufferedLogWriter:
         if status != RPCStatus.SUCCESS and self._successes:
             victim, _ = self._successes.popitem(last=False)
             del self._buffer[victim]
+            self._bytes -= self._sizes.pop(victim, 0)
         self._dropped += 1
         return status != RPCStatus.SUCCESS and len(self._buffer) < self.buffer_size
+
+    def _make_byte_room(self, key: _Key, status: str | None, growth: int) -> bool:
+        """Would the buffer go over ``buffer_max_bytes``? Then a failure, or a call already
+        buffered, takes the room of the oldest buffered successful calls; a new started or
+        successful call is dropped. A call already buffered is never left with only its
+        started event (its row would stay pending): if no success can go, it goes over by
+        that one event. (Lock held.)"""
+        limit = self.buffer_max_bytes
+        if self._bytes + growth <= limit:
+            return True
+        buffered = key in self._buffer
+        if buffered or status not in (None, RPCStatus.SUCCESS):
+            while self._successes and self._bytes + growth > limit:
+                victim, _ = self._successes.popitem(last=False)
+                del self._buffer[victim]
+                self._bytes -= self._sizes.pop(victim, 0)
+                self._dropped += 1
+            if buffered or self._bytes + growth <= limit:
+                return True
+        self._dropped += 1
+        return False
 
     # -- flushing -----------------------------------------------------------------------------
 
@@ -212,6 +245,7 @@ class BufferedLogWriter:
         """What this writer has written, dropped and retried so far."""
         return WriterStats(
             buffered=len(self._buffer),
+            buffered_bytes=self._bytes,
             written=self._written,
             dropped=self._dropped,
             failed=self._failed,
@@ -273,9 +307,10 @@ class BufferedLogWriter:
         dropped = self._dropped
         if dropped > self._dropped_reported:
             logger.warning(
-                "RPC log buffer full (BUFFER_SIZE=%d): dropped %d call(s), %d in all; "
-                "failures and timeouts are kept before successful calls.",
+                "RPC log buffer full (BUFFER_SIZE=%d, BUFFER_MAX_BYTES=%d): dropped %d "
+                "call(s), %d in all; failures and timeouts are kept before successful calls.",
                 self.buffer_size,
+                self.buffer_max_bytes,
                 dropped - self._dropped_reported,
                 dropped,
             )
@@ -303,6 +338,7 @@ class BufferedLogWriter:
                         if self._buffer.get(key) is entry:
                             del self._buffer[key]
                             self._successes.pop(key, None)
+                            self._bytes -= self._sizes.pop(key, 0)
                 with self._progress:
                     self._progress.notify_all()
 
