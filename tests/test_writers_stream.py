@@ -190,11 +190,12 @@ def test_write_mode_stream_builds_the_stream_writer(
 # -- the ingest worker ------------------------------------------------------------------------
 
 
-def drain(worker: IngestWorker) -> None:
-    """Run ``worker`` in a thread until its group has nothing left, as the command would."""
+def drain(worker: IngestWorker, lag: int = 0) -> None:
+    """Run ``worker`` in a thread until its group has nothing left, as the command would
+    (``lag``: what Redis still counts as undelivered once unread entries were trimmed)."""
 
     def stop_when_done(stats: Any) -> None:
-        if stats.lag == 0 and stats.pending == 0:
+        if stats.lag == lag and stats.pending == 0 and stats.backlog_at is not None:
             worker.stop()
 
     worker.stats_interval = 0.05
@@ -357,3 +358,20 @@ def test_the_command_ingests_and_prints_its_progress(
     assert f"Ingesting {log_stream} as c1 in group rpc_audit_ingest" in out
     assert "rows=3 " in out
     assert "Stopped: 3 row(s) written" in out
+
+
+@pytest.mark.django_db(transaction=True)
+def test_pending_entries_trimmed_from_the_stream_are_counted_as_lost(
+    redis_url: str, redis_client: redis.Redis, log_stream: str
+) -> None:
+    ship(redis_url, log_stream, [event(n) for n in range(10)])
+    worker = ingest_worker(redis_url, log_stream, claim_idle_seconds=0.2)
+    worker.ensure_group()
+    redis_client.xreadgroup("g", "dead-consumer", {log_stream: ">"}, count=4)
+    redis_client.xtrim(log_stream, maxlen=0)  # LOG_STREAM_MAXLEN reached past them
+    # The six never delivered are lost too; no worker sees them, Redis's lag keeps counting them.
+    drain(worker, lag=6)
+    assert worker.stats().trimmed == 4
+    assert RPCLog.objects.count() == 0
+    # No dangling references left in the group's pending list.
+    assert stream_backlog(worker._client, log_stream, "g") == (6, 0)

@@ -320,16 +320,19 @@ class IngestWorker:
                 batch.rows[position] = row
                 batch.row_ids[position] = entry_id
             batch.payloads[entry_id] = payload
-        if trimmed:
-            self._count("trimmed", len(trimmed))
-            logger.error(
-                "%d log stream entries were trimmed (LOG_STREAM_MAXLEN) before they were "
-                "ingested: their rows are lost.",
-                len(trimmed),
-            )
+        self._lost_to_trimming(len(trimmed))
         for entry_id, fields, reason in dead:
             self._dead_letter(entry_id, fields, reason)
         self._put(batch)
+
+    def _lost_to_trimming(self, count: int) -> None:
+        if count:
+            self._count("trimmed", count)
+            logger.error(
+                "%d pending log stream entries were trimmed (LOG_STREAM_MAXLEN) before they "
+                "were ingested: their rows are lost.",
+                count,
+            )
 
     def _put(self, batch: _Batch) -> None:
         while True:
@@ -377,14 +380,8 @@ class IngestWorker:
             return
         entries = reply[1] if len(reply) > 1 else []
         deleted = reply[2] if len(reply) > 2 else []
-        if deleted:
-            # Redis 7 drops them from the pending list itself.
-            self._count("trimmed", len(deleted))
-            logger.error(
-                "%d pending log stream entries were trimmed (LOG_STREAM_MAXLEN) before they "
-                "were ingested: their rows are lost.",
-                len(deleted),
-            )
+        # Redis 7 drops them from the pending list itself.
+        self._lost_to_trimming(len(deleted))
         if entries:
             self._count("claimed", len(entries))
             logger.info("Claimed %d idle log stream entries.", len(entries))
