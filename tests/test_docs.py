@@ -252,7 +252,7 @@ def test_settings_reference_shows_every_key_with_its_facts():
     assert "**Default** `100,000`" in markdown  # BUFFER_SIZE
     assert "## Data hygiene" in markdown
     assert "## Buffered writer" in markdown
-    assert "## Log stream (WRITE_MODE \"stream\") and its ingest workers" in markdown
+    assert '## Log stream (WRITE_MODE "stream") and its ingest workers' in markdown
     # A role in a comment becomes a link the strict build checks.
     assert "[`get_rpc_client`][django_rpc_audit.get_rpc_client]" in markdown
 
