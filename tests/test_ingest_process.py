@@ -120,6 +120,11 @@ def ship(env: dict[str, str], events: int, who: str) -> None:
     assert json.loads(out.splitlines()[-1])["shipped"] is True
 
 
+def consumers(client: redis.Redis, stream: str) -> int:
+    groups = client.xinfo_groups(stream)
+    return int(groups[0]["consumers"]) if groups else 0
+
+
 def backlog(client: redis.Redis, stream: str) -> tuple[int, int]:
     (group,) = client.xinfo_groups(stream)
     return int(group["lag"] or 0), int(group["pending"])
@@ -156,11 +161,14 @@ def test_two_workers_share_one_stream_without_duplicates_or_losses(
     pipeline_env: dict[str, str], redis_client: redis.Redis
 ) -> None:
     workers = [start_worker(pipeline_env, name, "--batch-size", "200") for name in "ab"]
+    stream = pipeline_env["DJANGO_CFG_RPC__LOG_STREAM"]
+    # Both in the group, waiting for entries, before any arrives (a slow start would leave
+    # the other all the work).
+    wait_for(lambda: redis_client.exists(stream) and consumers(redis_client, stream) == 2)
     webs = [web_process(pipeline_env, 800, f"web{n}") for n in range(2)]
     for web in webs:
         _, err = web.communicate(timeout=120)
         assert web.returncode == 0, err
-    stream = pipeline_env["DJANGO_CFG_RPC__LOG_STREAM"]
     wait_for(lambda: rows() == 1_600 and backlog(redis_client, stream) == (0, 0))
     written = []
     for worker in workers:
