@@ -117,3 +117,27 @@ def check_sampling(
             )
         ]
     return []
+
+
+@register(Tags.compatibility)
+def check_rate_limit_policy(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """E003: ``RATE_LIMIT_POLICY`` cannot be imported or is not callable."""
+    from django_rpc_audit.ratelimit.limiter import load_policy
+
+    try:
+        path = get_config().rate_limit_policy
+    except ImproperlyConfigured:
+        return []  # E001 reports it
+    try:
+        load_policy(path)
+    except ImproperlyConfigured as exc:
+        return [
+            Error(
+                str(exc),
+                hint="Give the dotted path of a function taking a RateLimitCall.",
+                id="django_rpc_audit.E003",
+            )
+        ]
+    return []

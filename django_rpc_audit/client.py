@@ -16,8 +16,14 @@ from django.core.serializers.json import DjangoJSONEncoder
 
 from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
 from django_rpc_audit.context import aresolve_user, get_caller_context, resolve_user
-from django_rpc_audit.exceptions import RPCDisabledError, RPCError, RPCTimeoutError
+from django_rpc_audit.exceptions import (
+    RPCDisabledError,
+    RPCError,
+    RPCRateLimitedError,
+    RPCTimeoutError,
+)
 from django_rpc_audit.payload import Stored, stored, stored_text
+from django_rpc_audit.ratelimit import RateLimiter, build_rate_limiter
 from django_rpc_audit.redaction import Redactor, get_redactor
 from django_rpc_audit.signals import rpc_finished, rpc_started
 from django_rpc_audit.status import RPCStatus
@@ -50,6 +56,8 @@ class _Outcome:
     def record(self, exc: BaseException) -> None:
         timed_out = isinstance(exc, RPCTimeoutError)
         self.status = (RPCStatus.TIMEOUT if timed_out else RPCStatus.FAILED).value
+        if isinstance(exc, RPCRateLimitedError):
+            self.status = RPCStatus.RATE_LIMITED.value
         if isinstance(exc, RPCError):
             self.error_code, self.error_message = exc.code, exc.message
         elif isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
@@ -103,6 +111,8 @@ class RPCClient:
         self.transport = transport if transport is not None else build_transport(config)
         #: Redacts what the signals carry, by ``REDACT_KEYS`` and ``REDACT_METHODS``.
         self.redactor: Redactor = get_redactor(config.redact_keys, config.redact_methods)
+        #: Applies ``RATE_LIMITS``; ``None`` when there are none.
+        self.rate_limiter: RateLimiter | None = build_rate_limiter(config, self.transport)
 
     def __repr__(self) -> str:
         return f"<RPCClient {self.transport!r}>"
@@ -252,6 +262,7 @@ class RPCClient:
         :raises RPCRemoteError: the server answered with an error (its code and text).
         :raises RPCTimeoutError: no reply within ``timeout`` (default ``RPC_TIMEOUT``).
         :raises RPCConnectionError: Redis could not be reached.
+        :raises RPCRateLimitedError: over its ``RATE_LIMITS`` limit; nothing was sent.
         :raises RuntimeError: called from a running event loop (use :meth:`acall` there).
         """
         _refuse_on_event_loop("call")
@@ -260,6 +271,8 @@ class RPCClient:
             user = resolve_user(get_caller_context())
         started = self._started(request, user, caller_ip, user_agent)
         with self._reported(request, started) as outcome:
+            if self.rate_limiter is not None:
+                request = self.rate_limiter.limit(request, user, started["caller_ip"])
             outcome.succeed(self.transport.call(request))
         return outcome.result
 
@@ -285,6 +298,8 @@ class RPCClient:
             user = await aresolve_user(get_caller_context())
         started = self._started(request, user, caller_ip, user_agent)
         async with self._areported(request, started) as outcome:
+            if self.rate_limiter is not None:
+                request = await self.rate_limiter.alimit(request, user, started["caller_ip"])
             outcome.succeed(await self.transport.acall(request))
         return outcome.result
 
@@ -294,18 +309,25 @@ class RPCClient:
         The signals fire as for :meth:`call`. Since no reply is awaited, a successful send is
         reported with ``status="success"`` and ``response=None``: the row records that the
         request reached the stream, not what the server did with it.
+
+        :raises RPCRateLimitedError: over its ``RATE_LIMITS`` limit; nothing was sent.
         """
         _refuse_on_event_loop("fire_and_forget")
         request = self._request(method, params, None, None)
         user = resolve_user(get_caller_context())
-        with self._reported(request, self._started(request, user, None, None)) as outcome:
+        started = self._started(request, user, None, None)
+        with self._reported(request, started) as outcome:
+            if self.rate_limiter is not None:
+                request = self.rate_limiter.limit(request, user, started["caller_ip"])
             self.transport.send(request)
             outcome.succeed(None)
         return request.correlation_id
 
     def close(self) -> None:
-        """Close the transport's connections."""
+        """Close the transport's (and the rate limiter's) connections."""
         self.transport.close()
+        if self.rate_limiter is not None:
+            self.rate_limiter.close()
 
 
 def _refuse_on_event_loop(name: str) -> None:

@@ -17,6 +17,7 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 from redis.connection import parse_url
 
+from django_rpc_audit.ratelimit.rules import Rule, parse_rules
 from django_rpc_audit.redaction import FieldRule, MethodRule, key_words
 from django_rpc_audit.utils import redact_url
 
@@ -156,10 +157,40 @@ class DjangoCfgRPCConfig:
         """The Redis URL of the log stream: ``LOG_STREAM_REDIS_URL``, else ``REDIS_URL``."""
         return self.log_stream_redis_url or self.redis_url
 
+    # -- rate limits (docs/rate-limits.md)
+    #: Limits by exact method name or glob, exact names first, then the first matching pattern
+    #: in the order given: ``{"send_notification": "10/minute", "reports.*": {"rate":
+    #: "100/hour", "burst": 10}, "system.ping": None, "*": "1000/minute"}``.
+    rate_limits: tuple[Rule, ...] = field(default=())
+    #: Redis the limiter keeps its state in; empty: ``REDIS_URL`` (then a limited call's check
+    #: runs in the same script as its request's ``XADD``).
+    rate_limit_redis_url: str = ""
+    #: When the limiter's Redis fails: True lets limited calls through unchecked (counted and
+    #: logged), False refuses them with ``RPCRateLimitedError``.
+    rate_limit_fail_open: bool = True
+    #: Seconds the limiter waits for its own Redis (connect and answer) before failing.
+    rate_limit_timeout: float = 0.25
+    #: Seconds after a limiter failure during which limited calls skip the check.
+    rate_limit_backoff_seconds: float = 1.0
+    #: Prefix of the limiter's Redis keys.
+    rate_limit_key_prefix: str = "rpc_audit:ratelimit:"
+    #: Anonymous IPv6 callers share the budget of their ``/N`` network (one host usually
+    #: holds a whole /64).
+    rate_limit_ipv6_prefix: int = 64
+    #: Staff users (``is_staff``) are not limited.
+    rate_limit_exempt_staff: bool = False
+    #: Usernames that are not limited.
+    rate_limit_exempt_users: tuple[str, ...] = field(default=())
+    #: Dotted path to ``policy(call: RateLimitCall) -> RateLimitCall | None``: another limit
+    #: or subject per call (plans, organisations), or ``None`` to exempt it.
+    rate_limit_policy: str = ""
+
     def __repr__(self) -> str:
-        # The dataclass repr would print REDIS_URL with its password.
+        # The dataclass repr would print the Redis URLs with their passwords.
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        shown["redis_url"] = redact_url(self.redis_url)
+        for name, value in shown.items():
+            if name.endswith("redis_url") and value:
+                shown[name] = redact_url(value)
         fields = ", ".join(f"{name}={value!r}" for name, value in shown.items())
         return f"DjangoCfgRPCConfig({fields})"
 
@@ -168,6 +199,7 @@ class DjangoCfgRPCConfig:
             # Settings naturally give lists; a tuple keeps the frozen config hashable.
             object.__setattr__(self, "trusted_proxy_ips", tuple(self.trusted_proxy_ips))
         _normalise_data_hygiene(self)
+        _normalise_rate_limits(self)
         _validate(self)
 
     @classmethod
@@ -239,6 +271,7 @@ def _validate(config: DjangoCfgRPCConfig) -> None:
     _validate_data_hygiene(config)
     _validate_admin(config)
     _validate_buffered_writer(config)
+    _validate_rate_limits(config)
 
 
 def _pairs(value: object) -> object:
@@ -434,6 +467,50 @@ def _validate_log_stream(config: DjangoCfgRPCConfig) -> None:
         raise _fail("LOG_STREAM_REDIS_URL", "must be a Redis URL or empty.")
     if config.log_stream_redis_url:
         validate_redis_url(config.log_stream_redis_url, key="LOG_STREAM_REDIS_URL")
+
+
+def _normalise_rate_limits(config: DjangoCfgRPCConfig) -> None:
+    """``RATE_LIMITS`` as parsed rules, in the order given; lists of names as tuples."""
+    try:
+        rules = parse_rules(config.rate_limits)
+    except ValueError as exc:
+        raise _fail("RATE_LIMITS", f"is invalid: {exc}.") from None
+    object.__setattr__(config, "rate_limits", rules)
+    if isinstance(config.rate_limit_exempt_users, list | set | frozenset):
+        object.__setattr__(config, "rate_limit_exempt_users", tuple(config.rate_limit_exempt_users))
+
+
+def _validate_rate_limits(config: DjangoCfgRPCConfig) -> None:
+    if config.rate_limit_redis_url:
+        validate_redis_url(config.rate_limit_redis_url, key="RATE_LIMIT_REDIS_URL")
+    for name in ("rate_limit_fail_open", "rate_limit_exempt_staff"):
+        if not isinstance(getattr(config, name), bool):
+            raise _fail(name.upper(), f"must be True or False, not {getattr(config, name)!r}.")
+    for name in ("rate_limit_timeout", "rate_limit_backoff_seconds"):
+        value = getattr(config, name)
+        if not _is_number(value) or not value > 0:
+            raise _fail(name.upper(), f"must be a positive number of seconds, not {value!r}.")
+    prefix = config.rate_limit_key_prefix
+    if not isinstance(prefix, str) or not prefix:
+        raise _fail("RATE_LIMIT_KEY_PREFIX", f"must be a non-empty string, not {prefix!r}.")
+    bits = config.rate_limit_ipv6_prefix
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 128:
+        raise _fail(
+            "RATE_LIMIT_IPV6_PREFIX", f"must be a whole number from 1 to 128, not {bits!r}."
+        )
+    if not isinstance(config.rate_limit_exempt_users, tuple) or not all(
+        isinstance(name, str) and name for name in config.rate_limit_exempt_users
+    ):
+        raise _fail(
+            "RATE_LIMIT_EXEMPT_USERS",
+            f"must be a list of usernames, not {config.rate_limit_exempt_users!r}.",
+        )
+    policy = config.rate_limit_policy
+    if not isinstance(policy, str) or (policy and "." not in policy):
+        raise _fail(
+            "RATE_LIMIT_POLICY",
+            f"must be the dotted path of a callable ('myapp.limits.policy'), not {policy!r}.",
+        )
 
 
 def validate_redis_url(url: object, key: str = "REDIS_URL") -> None:

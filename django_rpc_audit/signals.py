@@ -138,7 +138,8 @@ timeout, Redis down, cancellation), after the transport returned or raised.
 Keyword arguments: all of :data:`rpc_started`'s, plus:
 
 ``status`` (str)
-    ``"success"``, ``"failed"`` or ``"timeout"`` (:class:`~django_rpc_audit.models.RPCStatus`).
+    ``"success"``, ``"failed"``, ``"timeout"`` or ``"rate_limited"`` (refused by its rate limit,
+    not sent) (:class:`~django_rpc_audit.models.RPCStatus`).
 ``response`` (dict | None)
     The server's ``result`` on success, in stored form like ``params`` (redacted, capped at
     ``MAX_RESPONSE_BYTES``), else ``None``; the caller gets the whole result.

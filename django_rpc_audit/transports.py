@@ -30,6 +30,7 @@ from django_rpc_audit.utils import redact_url
 
 if TYPE_CHECKING:
     from django_rpc_audit.conf import DjangoCfgRPCConfig
+    from django_rpc_audit.ratelimit import RateLimitTicket
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class RPCRequest:
 
     ``wire`` records sizes seen on the wire, for the log's truncation markers:
     ``"params_bytes"`` (set by the client) and ``"reply_bytes"`` (set by the transport).
+    ``rate_limit``: the limit check the Redis transport runs in the request's ``XADD`` script.
     """
 
     method: str
@@ -51,6 +53,7 @@ class RPCRequest:
     timeout: float
     body: str
     wire: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+    rate_limit: RateLimitTicket | None = None
 
 
 class Transport(Protocol):
@@ -159,6 +162,21 @@ class RedisTransport:
             "approximate": True,
         }
 
+    def _enqueue(self, client: redis.Redis, request: RPCRequest) -> None:
+        """``XADD`` the request; a rate-limited one goes through its limit's script instead."""
+        ticket = request.rate_limit
+        if ticket is None or not ticket.add_request(
+            client, self.request_stream, self.stream_maxlen, request.body
+        ):
+            client.xadd(**self._stream_entry(request))
+
+    async def _aenqueue(self, client: redis.asyncio.Redis, request: RPCRequest) -> None:
+        ticket = request.rate_limit
+        if ticket is None or not await ticket.aadd_request(
+            client, self.request_stream, self.stream_maxlen, request.body
+        ):
+            await client.xadd(**self._stream_entry(request))
+
     def _connection_error(self, exc: redis.RedisError) -> RPCError:
         # redis-py's own text names host and port, never the password; we still build our own.
         if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
@@ -172,7 +190,7 @@ class RedisTransport:
     def call(self, request: RPCRequest) -> Result:
         client = self.client
         try:
-            client.xadd(**self._stream_entry(request))
+            self._enqueue(client, request)
             popped = client.blpop([request.reply_to], timeout=request.timeout)
             if popped is None:
                 # A late reply would land in a list nobody reads; drop the key now rather than
@@ -189,7 +207,7 @@ class RedisTransport:
         try:
             # A Redis that accepts the connection but never answers must not hang the task.
             async with asyncio.timeout(request.timeout + REDIS_GRACE_SECONDS):
-                await client.xadd(**self._stream_entry(request))
+                await self._aenqueue(client, request)
                 popped = await client.blpop([request.reply_to], timeout=request.timeout)
                 if popped is None:
                     await client.delete(request.reply_to)
@@ -206,7 +224,7 @@ class RedisTransport:
 
     def send(self, request: RPCRequest) -> None:
         try:
-            self.client.xadd(**self._stream_entry(request))
+            self._enqueue(self.client, request)
         except redis.RedisError as exc:
             raise self._connection_error(exc) from exc
 

@@ -244,3 +244,9 @@ def test_invalid_data_hygiene_setting_names_the_key(settings, values, key):
     settings.DJANGO_CFG_RPC = values
     with pytest.raises(ImproperlyConfigured, match=key):
         get_config()
+
+
+def test_the_config_repr_hides_the_log_stream_redis_password():
+    config = DjangoCfgRPCConfig(log_stream_redis_url="redis://:hunter2@logs:6379/0")
+    assert "hunter2" not in repr(config)
+    assert "redis://:***@logs:6379/0" in repr(config)

@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 _Key = tuple[str, datetime]
 _Entry = tuple[int, dict[str, Any]]
 
+#: Outcomes dropped first when the buffer is full: successes, and calls a rate limit refused
+#: (a flood of those must not push out the failures).
+_EXPENDABLE = frozenset({RPCStatus.SUCCESS.value, RPCStatus.RATE_LIMITED.value})
+
 #: First wait before retrying an unreachable database; doubled up to BUFFER_MAX_RETRY_DELAY.
 _FIRST_RETRY_DELAY = 0.1
 
@@ -58,8 +62,9 @@ class BufferedLogWriter:
     Bounded: at most ``buffer_size`` calls and about ``buffer_max_bytes`` bytes
     (:func:`~django_rpc_audit.writers.sink.event_bytes`) are held. When the buffer is full, a
     started event is not buffered (the call's row is written whole from its finished event), a
-    successful call is dropped, and a failed or timed-out call takes the place of the oldest
-    buffered successful one; every dropped call is counted (:meth:`stats`) and logged.
+    successful (or rate-limited) call is dropped, and a failed or timed-out call takes the place
+    of the oldest buffered successful or rate-limited one; every dropped call is counted
+    (:meth:`stats`) and logged.
 
     While the database is unreachable the thread retries the same batch with exponential
     backoff (up to ``max_retry_delay`` seconds) and loses nothing that fits in the buffer.
@@ -100,7 +105,8 @@ class BufferedLogWriter:
     def _reset_state(self) -> None:
         self._lock = threading.Lock()
         self._buffer: dict[_Key, _Entry] = {}
-        # Buffered successful calls, oldest first: what goes when a failure needs room.
+        # Buffered successful (and rate-limited) calls, oldest first: what goes when a failure
+        # needs room.
         self._successes: OrderedDict[_Key, None] = OrderedDict()
         # Bytes each buffered call holds (sink.event_bytes) and their sum: BUFFER_MAX_BYTES.
         self._sizes: dict[_Key, int] = {}
@@ -148,7 +154,7 @@ class BufferedLogWriter:
             buffer[key] = (self._seq, event)
             self._bytes += size - self._sizes.get(key, 0)
             self._sizes[key] = size
-            if status == RPCStatus.SUCCESS:
+            if status in _EXPENDABLE:
                 self._successes[key] = None
             size = len(buffer)
         if self._thread is None and self.background:
@@ -161,24 +167,24 @@ class BufferedLogWriter:
         if status is None:
             # Not buffering a started event loses nothing: the finished one makes the row.
             return False
-        if status != RPCStatus.SUCCESS and self._successes:
+        if status not in _EXPENDABLE and self._successes:
             victim, _ = self._successes.popitem(last=False)
             del self._buffer[victim]
             self._bytes -= self._sizes.pop(victim, 0)
         self._dropped += 1
-        return status != RPCStatus.SUCCESS and len(self._buffer) < self.buffer_size
+        return status not in _EXPENDABLE and len(self._buffer) < self.buffer_size
 
     def _make_byte_room(self, key: _Key, status: str | None, growth: int) -> bool:
         """Would the buffer go over ``buffer_max_bytes``? Then a failure, or a call already
-        buffered, takes the room of the oldest buffered successful calls; a new started or
-        successful call is dropped. A call already buffered is never left with only its
-        started event (its row would stay pending): if no success can go, it goes over by
-        that one event. (Lock held.)"""
+        buffered, takes the room of the oldest buffered successful (or rate-limited) calls; a
+        new started, successful or rate-limited call is dropped. A call already buffered is
+        never left with only its started event (its row would stay pending): if no success can
+        go, it goes over by that one event. (Lock held.)"""
         limit = self.buffer_max_bytes
         if self._bytes + growth <= limit:
             return True
         buffered = key in self._buffer
-        if buffered or status not in (None, RPCStatus.SUCCESS):
+        if buffered or (status is not None and status not in _EXPENDABLE):
             while self._successes and self._bytes + growth > limit:
                 victim, _ = self._successes.popitem(last=False)
                 del self._buffer[victim]

@@ -134,7 +134,8 @@ def outcome_values(
         "response": None if response is None else to_json(response, config.max_response_bytes),
         "error_code": _truncate(error_code, 100),
         "error_message": _capped_text(error_message, config.max_error_message_bytes),
-        "duration_ms": duration_ms,
+        # A call its rate limit refused never ran: no duration to skew the latency figures.
+        "duration_ms": None if status == RPCStatus.RATE_LIMITED else duration_ms,
         "completed_at": stored_datetime(completed_at),
         "sample_rate": sample_rate,
     }
