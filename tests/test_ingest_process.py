@@ -2,7 +2,8 @@
 
 Ingest workers run as ``manage.py rpc_logs_ingest`` processes (``python -m django``), web
 processes as ``tests/stream_process.py``; Redis is the real server (a private
-``redis-server`` on a free loopback port for the restart test, never the shared one), and
+``redis-server`` on a free loopback port for the restart test, never the shared one:
+conftest's ``private_redis``), and
 the rows land in the PostgreSQL test database (these tests need a server database that
 several processes share; the in-process tests in ``test_writers_stream.py`` run on SQLite too).
 """
@@ -11,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from django_rpc_audit import get_rpc_client
 from django_rpc_audit.models import RPCLog
 from django_rpc_audit.writers import StreamLogWriter, use_writer
 from tests.calls import calls_for
+from tests.conftest import PrivateRedis
 from tests.tcp_proxy import TCPProxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -255,48 +255,14 @@ def test_postgres_unreachable_for_30_s_neither_fails_nor_slows_calls_and_loses_n
     assert max(during) < 0.5
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_redis(port: int) -> subprocess.Popen[bytes]:
-    server = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    wait_for(lambda: _pings(client), 30)
-    return server
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-
-
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
-def test_the_web_side_recovers_by_itself_when_redis_restarts(echo_handler: None) -> None:
-    """A private Redis (the shared one is never restarted) is stopped for 2 s, then started
-    again on the same port: no call fails, and every call made from then on reaches it."""
-    port = free_port()
-    server = start_redis(port)
+def test_the_web_side_recovers_by_itself_when_redis_restarts(
+    echo_handler: None, private_redis: PrivateRedis
+) -> None:
+    """A private Redis (the shared one is never restarted) is stopped for about a second, then
+    started again on the same port: no call fails, and every call made from then on reaches it."""
     stream = "log"
     writer = StreamLogWriter(
-        redis_url=f"redis://127.0.0.1:{port}/0",
+        redis_url=private_redis.url,
         stream=stream,
         maxlen=100_000,
         flush_interval=0.05,
@@ -313,19 +279,16 @@ def test_the_web_side_recovers_by_itself_when_redis_restarts(echo_handler: None)
         with use_writer(writer):
             calls(100, "before")
             assert writer.flush(timeout=30)
-            server.terminate()
-            server.wait()
+            private_redis.stop()
             calls(300, "during")  # about a second: shipping fails, the events stay buffered
             assert writer.flush(timeout=0.5) is False
-            server = start_redis(port)  # empty: it saves nothing
+            private_redis.start()  # empty: it saves nothing
             calls(100, "after")
             assert writer.flush(timeout=30)
         stats = writer.stats()
         assert stats.retries > 0
         assert stats.dropped == 0
-        entries = redis.Redis(port=port).xlen(stream)
-        assert entries == 400  # every call made while it was down, and after
+        # Every call made while it was down, and after.
+        assert redis.Redis.from_url(private_redis.url).xlen(stream) == 400
     finally:
         writer.close()
-        server.terminate()
-        server.wait()
