@@ -46,6 +46,7 @@ from django_rpc_audit.writers import (
     writer_stats,
 )
 from django_rpc_audit.writers.sink import call_log_id
+from tests.calls import calls_for
 from tests.factories import UserFactory
 from tests.tcp_proxy import TCPProxy
 from tests.views import ViewFailed
@@ -601,30 +602,18 @@ def test_a_database_outage_neither_fails_nor_slows_calls_and_loses_nothing(
         writer = background_writer(using=alias, max_retry_delay=2.0, batch_size=500)
         client = get_rpc_client()
 
-        def calls_for(seconds: float, who: str) -> list[float]:
-            latencies = []
-            deadline = time.monotonic() + seconds
-            n = 0
-            while time.monotonic() < deadline:
-                clock = time.perf_counter()
-                client.call("test.echo", {"who": who, "n": n})
-                latencies.append(time.perf_counter() - clock)
-                n += 1
-                time.sleep(0.002)
-            return latencies
-
-        before = calls_for(5, "before")
+        before = calls_for(client, 5, "before")
         assert writer.flush(timeout=30)
         assert RPCLog.objects.filter(params__who="before").count() == len(before)
 
         with caplog.at_level(logging.WARNING, logger="django_rpc_audit.writers"):
             proxy.cut()
-            during = calls_for(OUTAGE_SECONDS, "during")
+            during = calls_for(client, OUTAGE_SECONDS, "during")
             assert RPCLog.objects.filter(params__who="during").count() == 0
             assert writer.stats().retries >= 3
             proxy.restore()
             assert writer.flush(timeout=60)
-        after = calls_for(2, "after")
+        after = calls_for(client, 2, "after")
         assert writer.flush(timeout=30)
 
         total = len(before) + len(during) + len(after)

@@ -12,6 +12,14 @@ writes it.
 - :mod:`~django_rpc_audit.writers.buffered`: :class:`BufferedLogWriter` (``"buffered"``, the
   default), a bounded in-memory buffer written in batches by a background thread on its own
   connection, flushed at exit, on ``SIGTERM`` and never shared with a forked child.
+- :mod:`~django_rpc_audit.writers.stream`: :class:`StreamLogWriter` (``"stream"``), the
+  buffered writer's buffer shipped to a Redis Stream with pipelined ``XADD`` instead of the
+  database.
+- :mod:`~django_rpc_audit.writers.entry`: a stored row as one compact, exact stream entry.
+- :mod:`~django_rpc_audit.writers.ingest`: :class:`IngestWorker` (``rpc_logs_ingest``), a
+  consumer-group worker writing the stream's rows to the database, and
+  :func:`stream_backlog` (the group's lag) and :func:`worker_stats` (the running workers'
+  counters) for monitoring.
 - :mod:`~django_rpc_audit.writers.sink`: the rows themselves; column values made safe to store,
   single-row writes and idempotent batch writes (``COPY`` on PostgreSQL). Every writer ends
   here.
@@ -29,11 +37,18 @@ from __future__ import annotations
 
 from django_rpc_audit.writers.base import (
     DatabaseUnavailable,
+    DestinationUnavailable,
     LogWriter,
     WriterObserver,
     WriterStats,
 )
 from django_rpc_audit.writers.buffered import BufferedLogWriter, install_sigterm_flush
+from django_rpc_audit.writers.ingest import (
+    IngestStats,
+    IngestWorker,
+    stream_backlog,
+    worker_stats,
+)
 from django_rpc_audit.writers.registry import (
     flush,
     get_writer,
@@ -41,19 +56,27 @@ from django_rpc_audit.writers.registry import (
     writer_never_blocks,
     writer_stats,
 )
+from django_rpc_audit.writers.stream import StreamLogWriter, StreamUnavailable
 from django_rpc_audit.writers.sync import SyncLogWriter
 
 __all__ = [
     "BufferedLogWriter",
     "DatabaseUnavailable",
+    "DestinationUnavailable",
+    "IngestStats",
+    "IngestWorker",
     "LogWriter",
+    "StreamLogWriter",
+    "StreamUnavailable",
     "SyncLogWriter",
     "WriterObserver",
     "WriterStats",
     "flush",
     "get_writer",
     "install_sigterm_flush",
+    "stream_backlog",
     "use_writer",
+    "worker_stats",
     "writer_never_blocks",
     "writer_stats",
 ]
