@@ -6,27 +6,45 @@ processes, are in ``test_ingest_process.py``.
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 import pytest
 import redis
 from django.core.management import call_command
+from django.db import models
 from hypothesis import given
 from hypothesis import strategies as st
 
+from django_rpc_audit import get_rpc_client
+from django_rpc_audit.alerts.models import WebhookDelivery
+from django_rpc_audit.alerts.slow import SlowVerdict
+from django_rpc_audit.exceptions import RPCRemoteError
 from django_rpc_audit.models import RPCLog
 from django_rpc_audit.writers import (
     BufferedLogWriter,
     IngestWorker,
     StreamLogWriter,
+    flush,
     get_writer,
     stream_backlog,
 )
-from django_rpc_audit.writers.entry import FIELD, MalformedEntry, decode_row, encode_row
+from django_rpc_audit.writers import entry as entry_module
+from django_rpc_audit.writers.entry import (
+    FIELD,
+    VERSION,
+    MalformedEntry,
+    decode_entry,
+    decode_row,
+    encode_row,
+    layout,
+    layout_of,
+)
 from django_rpc_audit.writers.sink import event_row_values
 from tests.factories import UserFactory
 
@@ -111,21 +129,94 @@ def test_entries_round_trip_any_text_key_instant_and_float(
     assert decoded["created_at"].utcoffset() == instant.utcoffset()
 
 
+def corrupted(column: str, text: str) -> str:
+    """A valid entry's text with ``column``'s value replaced by ``text``."""
+    values = encode_row(event_row_values(event(1), for_copy=True)).split("\x00")
+    values[1 + layout().columns.index(column)] = text
+    return "\x00".join(values)
+
+
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        ("2\x00a", "unknown entry version"),
-        ("1\x00a\x00b", "3 values"),
+        ("2\x00a", "unknown entry version '2'"),
+        ("1\x00a\x00b", "unknown entry version '1'"),  # the first layout
+        (f"{layout().header}\x00a\x00b", "3 values"),
         ("\xff", "unknown entry version"),
-        ("1\x00id\x00c\x00m\x00{}\x00x5\x00\x00ua\x002026-01-01T00:00:00", "user key"),
-        ("1\x00id\x00c\x00m\x00{}\x00\x00\x00ua\x00yesterday", "Invalid isoformat"),
+        (corrupted("user_id", "=x5"), "user key"),
+        (corrupted("created_at", "=yesterday"), "Invalid isoformat"),
+        (corrupted("duration_ms", "=fast"), "could not convert"),
+        (corrupted("is_slow", "=yes"), "not a boolean"),
+        (corrupted("method", "test.echo"), "method: untagged value"),
+        (corrupted("method", "test.echo") + "x", "method: untagged value"),
+        (encode_row(event_row_values(event(1), for_copy=True)) + "[1]", "slow verdict"),
+        (encode_row(event_row_values(event(1), for_copy=True)) + "=[1]", "missing"),
     ],
 )
 def test_malformed_entries_are_refused(text: str, reason: str) -> None:
-    with pytest.raises(MalformedEntry, match=reason):
+    with pytest.raises(MalformedEntry, match=re.escape(reason)):
         decode_row(text)
     with pytest.raises(MalformedEntry, match="UTF-8"):
         decode_row(b"1\x00\xff")
+
+
+# -- the layout follows the model -------------------------------------------------------------
+
+VERDICT = SlowVerdict(threshold_ms=20.0, baseline_ms=4.5, mad_ms=0.25, samples=31, rule="baseline")
+
+
+def test_the_entry_carries_every_column_of_the_model() -> None:
+    """Fails when ``RPCLog`` gains a column an entry does not carry, or the sink a column it
+    does not fill: a finished call's row has them all, and comes back whole."""
+    columns = tuple(f.attname for f in RPCLog._meta.concrete_fields)
+    assert layout().columns == columns
+    finished = event(
+        1,
+        user=None,
+        trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
+        span_id="00f067aa0ba902b7",
+        slow=VERDICT,
+    )
+    row = event_row_values(finished, for_copy=True)
+    assert set(row) == set(columns)
+    entry = decode_entry(encode_row(row, finished["slow"]))
+    assert entry.row == row
+    assert entry.row["is_slow"] is True
+    assert entry.slow == VERDICT
+    # A pending row has no outcome yet: the entry leaves those columns out, not as NULL.
+    pending = event_row_values(started_of(finished), for_copy=True)
+    assert decode_entry(encode_row(pending)) == (pending, None)
+
+
+def test_a_new_column_travels_and_changes_the_layout() -> None:
+    fields = list(RPCLog._meta.concrete_fields)
+    cost = models.DecimalField(max_digits=12, decimal_places=6, null=True)
+    cost.set_attributes_from_name("cost")
+    retries = models.PositiveSmallIntegerField(default=0)
+    retries.set_attributes_from_name("retries")
+    wider = layout_of([*fields, cost, retries])
+    assert wider.columns[-2:] == ("cost", "retries")
+    assert wider.header != layout().header  # an older worker refuses its entries
+    assert wider.header.startswith(f"{VERSION}.")
+
+    unknown = models.BinaryField()
+    unknown.set_attributes_from_name("blob")
+    with pytest.raises(TypeError, match="'blob'.*BinaryField"):
+        layout_of([*fields, unknown])
+
+
+def test_new_columns_round_trip_through_an_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    fields = list(RPCLog._meta.concrete_fields)
+    cost = models.DecimalField(max_digits=12, decimal_places=6, null=True)
+    cost.set_attributes_from_name("cost")
+    retries = models.PositiveSmallIntegerField(default=0)
+    retries.set_attributes_from_name("retries")
+    monkeypatch.setattr(
+        entry_module, "layout", lambda model=None: layout_of([*fields, cost, retries])
+    )
+    row = event_row_values(event(1), for_copy=True) | {"cost": Decimal("0.000125"), "retries": 3}
+    assert decode_row(encode_row(row)) == row
+    assert decode_row(encode_row(row | {"cost": None})) == row | {"cost": None}
 
 
 # -- the stream writer ------------------------------------------------------------------------
@@ -224,11 +315,14 @@ def test_rows_through_the_stream_equal_rows_the_buffered_writer_writes(
     redis_url: str, log_stream: str
 ) -> None:
     user = UserFactory()
+    trace = {"trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "span_id": "00f067aa0ba902b7"}
     events = [
-        event(1, user=user),
+        event(1, user=user, **trace),
         event(2, status="failed", response=None, error_code="E", error_message="bad\x00"),
-        event(3, finished=False, params={"deep": [[[]]]}, caller_ip="fe80::1%eth0"),
+        event(3, finished=False, params={"deep": [[[]]]}, caller_ip="fe80::1%eth0", **trace),
         event(4, status="timeout", response=None, duration_ms=None, sample_rate=0.5),
+        event(5, duration_ms=250.0, slow=VERDICT, **trace),
+        event(6, status="rate_limited", response=None, error_code="rate_limited"),
     ]
     direct = BufferedLogWriter(background=False)
     for e in events:
@@ -243,8 +337,17 @@ def test_rows_through_the_stream_equal_rows_the_buffered_writer_writes(
 
     assert list(RPCLog.objects.order_by("created_at").values(*COLUMNS)) == expected
     assert expected[0]["user_id"] == user.pk
-    assert worker.stats().rows == 4
-    assert worker.stats().acked == 4
+    assert [row["trace_id"] for row in expected] == [
+        trace["trace_id"],
+        "",
+        trace["trace_id"],
+        "",
+        trace["trace_id"],
+        "",
+    ]
+    assert [row["is_slow"] for row in expected] == [False, False, False, False, True, False]
+    assert worker.stats().rows == 6
+    assert worker.stats().acked == 6
     assert stream_backlog(worker._client, log_stream, "g") == (0, 0)
 
 
@@ -375,3 +478,118 @@ def test_pending_entries_trimmed_from_the_stream_are_counted_as_lost(
     assert RPCLog.objects.count() == 0
     # No dangling references left in the group's pending list.
     assert stream_backlog(worker._client, log_stream, "g") == (6, 0)
+
+
+# -- alerts -----------------------------------------------------------------------------------
+
+WEBHOOK = {
+    "NAME": "ops",
+    "URL": "https://hooks.example.com/rpc",
+    "SECRET": "whsec_" + "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA==",
+}
+
+
+def deliveries() -> list[dict[str, Any]]:
+    """The outbox's rows, without the time each was made."""
+    fields = [f.attname for f in WebhookDelivery._meta.concrete_fields if f.name != "created_at"]
+    return list(
+        WebhookDelivery.objects.order_by("occurred_at", "event", "endpoint").values(*fields)
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_call_in_stream_mode_queues_one_alert_across_redeliveries(
+    rpc_settings: Callable[..., dict[str, Any]],
+    local_handler: Callable[[str, Any], None],
+    redis_url: str,
+    redis_client: redis.Redis,
+    log_stream: str,
+) -> None:
+    rpc_settings(
+        WRITE_MODE="stream", LOG_STREAM=log_stream, REDIS_URL=redis_url, WEBHOOKS=[WEBHOOK]
+    )
+
+    def offline(params: dict[str, Any]) -> None:
+        raise RPCRemoteError("user_offline", "User 7 is offline")
+
+    local_handler("send_notification", offline)
+    user = UserFactory(username="alice")
+    writer = get_writer()
+    try:
+        with pytest.raises(RPCRemoteError):
+            get_rpc_client().call("send_notification", {"user_id": 7}, user=user)
+        assert flush()
+    finally:
+        writer.close()
+    assert not RPCLog.objects.exists()  # in the stream, not yet in the database
+    drain(ingest_worker(redis_url, log_stream))
+
+    (log,) = RPCLog.objects.all()
+    (delivery,) = WebhookDelivery.objects.all()
+    assert (delivery.log_id, delivery.event, delivery.endpoint) == (log.pk, "rpc.failed", "ops")
+    assert delivery.payload["error_code"] == "user_offline"
+    assert delivery.payload["user"] == {"id": str(user.pk), "username": "alice"}
+
+    # The finished call's entry comes again: a retried XADD, and a delivery to a consumer that
+    # died before acknowledging it, claimed by the next worker.
+    _, fields = redis_client.xrange(log_stream)[-1]
+    redis_client.xadd(log_stream, fields)
+    redis_client.xadd(log_stream, fields)
+    redis_client.xreadgroup("g", "dead-consumer", {log_stream: ">"}, count=1)
+    worker = ingest_worker(redis_url, log_stream, claim_idle_seconds=0.2)
+    drain(worker)
+    assert worker.stats().claimed == 1
+    assert worker.stats().rows == 2
+    assert RPCLog.objects.count() == 1
+    (again,) = WebhookDelivery.objects.all()  # deterministic delivery ids: no duplicate
+    assert (again.id, again.payload) == (delivery.id, delivery.payload)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_alerts_through_the_stream_equal_those_the_buffered_writer_queues(
+    rpc_settings: Callable[..., dict[str, Any]], redis_url: str, log_stream: str
+) -> None:
+    rpc_settings(
+        ADMIN_BASE_URL="https://ops.example.com",
+        WEBHOOKS=[
+            WEBHOOK
+            | {"INCLUDE_PARAMS": True, "INCLUDE_RESPONSE": True, "INCLUDE_USER_EMAIL": True},
+            WEBHOOK | {"NAME": "chat", "FORMAT": "slack", "EVENTS": ["rpc.slow"]},
+        ],
+    )
+    user = UserFactory(username="bob", email="bob@example.com")
+    events = [
+        event(1, user=user, status="failed", response=None, error_code="E", error_message="bad"),
+        event(2, status="timeout", response=None, error_code="timeout", error_message="5 s"),
+        event(3, user=user, duration_ms=250.0, slow=VERDICT, response={"big": "x" * 10_000}),
+        event(4, slow=SlowVerdict(20.0, None, None, 0, "explicit"), duration_ms=21.5),
+        event(5),  # successful, not slow: no alert
+        event(6, finished=False),
+    ]
+    direct = BufferedLogWriter(background=False)
+    for e in events:
+        (direct.finished if "status" in e else direct.started)(e)
+    assert direct.flush()
+    expected = deliveries()
+    assert [(row["endpoint"], row["event"]) for row in expected] == [
+        ("ops", "rpc.failed"),
+        ("ops", "rpc.timeout"),
+        ("chat", "rpc.slow"),
+        ("ops", "rpc.slow"),
+        ("chat", "rpc.slow"),
+        ("ops", "rpc.slow"),
+    ]
+    RPCLog.objects.all().delete()
+    WebhookDelivery.objects.all().delete()
+
+    ship(redis_url, log_stream, events)
+    drain(ingest_worker(redis_url, log_stream))
+
+    assert deliveries() == expected
+    slow_payload = next(
+        row["payload"] for row in expected if (row["endpoint"], row["event"]) == ("ops", "rpc.slow")
+    )
+    assert slow_payload["threshold_ms"] == 20.0
+    assert slow_payload["baseline_ms"] == 4.5
+    assert slow_payload["user"]["email"] == "bob@example.com"
+    assert slow_payload["response"]["_truncated"] is True

@@ -31,8 +31,9 @@ from typing import Any, ClassVar
 import redis
 from django.db import DatabaseError, InterfaceError, OperationalError, connections, router
 
+from django_rpc_audit.alerts.slow import SlowVerdict
 from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
-from django_rpc_audit.writers.entry import FIELD, MalformedEntry, decode_row
+from django_rpc_audit.writers.entry import FIELD, MalformedEntry, decode_entry
 from django_rpc_audit.writers.sink import write_rows
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,8 @@ class _Batch:
     #: Entry id of each row, for dead-lettering a row the database refuses.
     row_ids: list[str]
     payloads: dict[str, Any] = field(default_factory=dict)
+    #: The slow verdicts of the slow calls, by row id (for their ``rpc.slow`` alerts).
+    slow: dict[str, SlowVerdict] = field(default_factory=dict)
 
 
 class DatabaseDown(Exception):
@@ -305,10 +308,12 @@ class IngestWorker:
                 dead.append((entry_id, fields, f"no {FIELD!r} field"))
                 continue
             try:
-                row = decode_row(payload)
+                row, slow = decode_entry(payload)
             except MalformedEntry as exc:
                 dead.append((entry_id, fields, f"malformed entry: {exc}"))
                 continue
+            if slow is not None:
+                batch.slow[row["id"]] = slow
             # One row per call in a batch (an upsert may touch a row once): the finished row
             # wins over the pending one; a row sent twice (a retried XADD) is written once.
             position = by_id.get(row["id"])
@@ -431,7 +436,7 @@ class IngestWorker:
         last_touch = time.monotonic()
         while True:
             try:
-                written = self._write(batch.rows, batch.row_ids, batch.payloads)
+                written = self._write(batch.rows, batch.row_ids, batch)
                 break
             except DatabaseDown as exc:
                 self._database_down.set()
@@ -466,9 +471,7 @@ class IngestWorker:
         self._count("rows", written)
         self._count("batches", 1)
 
-    def _write(
-        self, rows: list[dict[str, Any]], row_ids: list[str], payloads: dict[str, Any]
-    ) -> int:
+    def _write(self, rows: list[dict[str, Any]], row_ids: list[str], batch: _Batch) -> int:
         from django_rpc_audit.models import RPCLog
 
         if not rows:
@@ -476,7 +479,7 @@ class IngestWorker:
         alias = self.using or router.db_for_write(RPCLog)
         queryset = RPCLog.objects.using(alias)
         try:
-            return write_rows(queryset, rows)
+            return write_rows(queryset, rows, batch.slow)
         except (OperationalError, InterfaceError) as exc:
             with contextlib.suppress(Exception):
                 connections[alias].close()
@@ -485,14 +488,14 @@ class IngestWorker:
             if len(rows) == 1:
                 self._dead_letter(
                     row_ids[0],
-                    {FIELD.encode(): payloads.get(row_ids[0])},
+                    {FIELD.encode(): batch.payloads.get(row_ids[0])},
                     f"refused by the database: {type(exc).__name__}: {exc}",
                 )
                 return 0
         # One row the database refuses must not hold back the others: halve until found.
         middle = len(rows) // 2
-        return self._write(rows[:middle], row_ids[:middle], payloads) + self._write(
-            rows[middle:], row_ids[middle:], payloads
+        return self._write(rows[:middle], row_ids[:middle], batch) + self._write(
+            rows[middle:], row_ids[middle:], batch
         )
 
     def _ack(self, ids: list[str]) -> None:

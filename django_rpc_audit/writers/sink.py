@@ -30,6 +30,7 @@ from django_rpc_audit.status import RPCStatus
 from django_rpc_audit.utils import stored_datetime
 
 if TYPE_CHECKING:
+    from django_rpc_audit.alerts.slow import SlowVerdict
     from django_rpc_audit.models import RPCLog
     from django_rpc_audit.querysets import RPCLogQuerySet
 
@@ -393,18 +394,89 @@ def bulk_record_events(queryset: RPCLogQuerySet, events: Sequence[Mapping[str, A
         return written
 
 
-def write_rows(queryset: RPCLogQuerySet, rows: Sequence[Mapping[str, Any]]) -> int:
-    """Write stored rows (:func:`event_row_values` with ``for_copy``) in one transaction.
+def write_rows(
+    queryset: RPCLogQuerySet,
+    rows: Sequence[Mapping[str, Any]],
+    slow: Mapping[str, SlowVerdict] | None = None,
+) -> int:
+    """Write stored rows (:func:`event_row_values` with ``for_copy``) in one transaction, and
+    queue the alerts of the finished calls among them in it (``slow``: the verdicts of the slow
+    calls, by row id; see :func:`row_alert_events`).
 
     What the ingest worker writes: the rows arrive already made safe to store, so only the
-    write is left. Idempotent like :func:`bulk_record_events`; a row whose ``status`` is
-    ``pending`` never overwrites an existing row. At most one row per ``id``.
+    write is left. Idempotent like :func:`bulk_record_events`, alerts included; a row whose
+    ``status`` is ``pending`` never overwrites an existing row. At most one row per ``id``.
     """
     connection = connections[queryset.db]
+
+    def queue_row_alerts() -> None:
+        if get_config().webhooks:
+            queue_alerts(queryset.db, row_alert_events(queryset, rows, slow or {}))
+
+    if connection.vendor == "mysql":  # MySQL and MariaDB
+        from django_rpc_audit.writers import mysql
+
+        return mysql.write_rows(queryset, connection, rows, queue_row_alerts)
     with transaction.atomic(using=queryset.db):
         if connection.vendor == "postgresql" and _copy_supported(connection):
-            return _copy_rows(queryset, connection, rows)
-        return _bulk_create_rows(queryset, [_model_values(queryset.model, row) for row in rows])
+            written = _copy_rows(queryset, connection, rows)
+        else:
+            model = queryset.model
+            written = _bulk_create_rows(queryset, [_model_values(model, row) for row in rows])
+        queue_row_alerts()
+        return written
+
+
+_ALERTING_STATUSES = frozenset({RPCStatus.FAILED.value, RPCStatus.TIMEOUT.value})
+
+
+def row_alert_events(
+    queryset: RPCLogQuerySet,
+    rows: Sequence[Mapping[str, Any]],
+    slow: Mapping[str, SlowVerdict],
+) -> list[dict[str, Any]]:
+    """The ``rpc_finished`` arguments the outbox needs
+    (:func:`~django_rpc_audit.alerts.outbox.enqueue_alerts`) of the stored rows that raise an
+    alert: failed and timed-out calls, and the slow ones (``slow``: verdicts by row id).
+
+    Made from the stored values, which are those the other writers' events carry (the client
+    stores and redacts before it sends ``rpc_finished``): JSON parsed back, an empty error
+    code or message ``None`` again, the users loaded in one query, ``log_id`` the row's id.
+    """
+    alerting = [
+        row
+        for row in rows
+        if row.get("status") in _ALERTING_STATUSES or (slow and row["id"] in slow)
+    ]
+    if not alerting:
+        return []
+    user_field = queryset.model._meta.get_field("user")
+    user_ids = {row["user_id"] for row in alerting if row.get("user_id") is not None}
+    users: dict[Any, Any] = {}
+    if user_ids:
+        manager = user_field.related_model._default_manager.db_manager(queryset.db)
+        users = manager.in_bulk(user_ids, field_name=user_field.target_field.attname)
+    events = []
+    for row in alerting:
+        response = row.get("response")
+        events.append(
+            {
+                "log_id": uuid.UUID(hex=row["id"]),
+                "correlation_id": row["correlation_id"],
+                "method": row["method"],
+                "params": json.loads(row["params"]),
+                "response": None if response is None else json.loads(response),
+                "user": users.get(row.get("user_id")),
+                "started_at": row["created_at"],
+                "completed_at": row["completed_at"],
+                "status": row["status"],
+                "error_code": row.get("error_code") or None,
+                "error_message": row.get("error_message") or None,
+                "duration_ms": row.get("duration_ms"),
+                "slow": slow.get(row["id"]),
+            }
+        )
+    return events
 
 
 def _model_values(model: type[RPCLog], row: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ returned, the web process may die without losing the rows.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import redis
@@ -82,12 +83,12 @@ class StreamLogWriter(BufferedLogWriter):
         return self._client
 
     def _write_batch(self, events: list[dict[str, Any]], close_on_error: bool) -> None:
-        import time
-
+        started = time.perf_counter()
         payloads = []
         for n, event in enumerate(events, 1):
             try:
-                payloads.append(encode_row(event_row_values(event, for_copy=True)))
+                row = event_row_values(event, for_copy=True)
+                payloads.append(encode_row(row, event.get("slow")))
             except Exception:
                 self._give_up(event)
             if n % _ROWS_PER_YIELD == 0:
@@ -105,3 +106,5 @@ class StreamLogWriter(BufferedLogWriter):
                 self._client.connection_pool.disconnect()
             raise StreamUnavailable(f"{type(exc).__name__}: {exc}") from exc
         self._written += len(payloads)
+        if self.observer is not None:
+            self.observer.batch_written(len(payloads), time.perf_counter() - started)
