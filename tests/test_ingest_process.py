@@ -4,8 +4,9 @@ Ingest workers run as ``manage.py rpc_logs_ingest`` processes (``python -m djang
 processes as ``tests/stream_process.py``; Redis is the real server (a private
 ``redis-server`` on a free loopback port for the restart test, never the shared one:
 conftest's ``private_redis``), and
-the rows land in the PostgreSQL test database (these tests need a server database that
-several processes share; the in-process tests in ``test_writers_stream.py`` run on SQLite too).
+the rows land in the PostgreSQL or MariaDB test database (these tests need a server database
+that several processes share; the in-process tests in ``test_writers_stream.py`` run on SQLite
+too).
 """
 
 from __future__ import annotations
@@ -31,15 +32,15 @@ from django_rpc_audit import get_rpc_client
 from django_rpc_audit.models import RPCLog
 from django_rpc_audit.writers import StreamLogWriter, use_writer
 from tests.calls import calls_for
-from tests.conftest import PrivateRedis
+from tests.conftest import SERVER_DATABASES, PrivateRedis
 from tests.tcp_proxy import TCPProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = [
     pytest.mark.skipif(
-        "postgresql" not in django_settings.DATABASES["default"]["ENGINE"],
-        reason="several processes share the database: PostgreSQL",
+        "sqlite" in django_settings.DATABASES["default"]["ENGINE"],
+        reason="several processes share the database: PostgreSQL or MariaDB",
     ),
     pytest.mark.django_db(transaction=True),
 ]
@@ -50,6 +51,7 @@ def pipeline_env(redis_url: str, redis_client: redis.Redis) -> Iterator[dict[str
     """Environment of the child processes: the test database, Redis, a log stream of its own."""
     stream = f"rpc_audit_test:{uuid.uuid4().hex}:log"
     db = connection.settings_dict
+    scheme, port = SERVER_DATABASES[connection.vendor]
     auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
     env = {
         key: value
@@ -59,7 +61,7 @@ def pipeline_env(redis_url: str, redis_client: redis.Redis) -> Iterator[dict[str
     env.update(
         PYTHONPATH=str(ROOT),
         DJANGO_SETTINGS_MODULE="tests.settings",
-        DATABASE_URL=f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/"
+        DATABASE_URL=f"{scheme}://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or port}/"
         f"{db['NAME']}",
         DJANGO_CFG_RPC__REDIS_URL=redis_url,
         DJANGO_CFG_RPC__LOG_STREAM=stream,
@@ -204,19 +206,20 @@ def test_a_web_process_killed_right_after_shipping_loses_no_row(
 OUTAGE_SECONDS = 30.0
 
 
-def test_postgres_unreachable_for_30_s_neither_fails_nor_slows_calls_and_loses_nothing(
+def test_the_database_unreachable_for_30_s_neither_fails_nor_slows_calls_and_loses_nothing(
     pipeline_env: dict[str, str],
     redis_url: str,
     redis_client: redis.Redis,
     echo_handler: None,
 ) -> None:
-    """The worker reaches PostgreSQL through a TCP proxy in this process, cut for 30 s (the
+    """The worker reaches the database through a TCP proxy in this process, cut for 30 s (the
     shared server is not stopped); calls go on in this process in stream mode all along."""
     db = connection.settings_dict
-    proxy = TCPProxy(db["HOST"] or "127.0.0.1", int(db["PORT"] or 5432))
+    port = int(db["PORT"] or SERVER_DATABASES[connection.vendor][1])
+    proxy = TCPProxy(db["HOST"] or "127.0.0.1", port)
     proxy.start()
     env = dict(pipeline_env)
-    env["DATABASE_URL"] = env["DATABASE_URL"].replace(f":{db['PORT'] or 5432}/", f":{proxy.port}/")
+    env["DATABASE_URL"] = env["DATABASE_URL"].replace(f":{port}/", f":{proxy.port}/")
     stream = env["DJANGO_CFG_RPC__LOG_STREAM"]
     writer = StreamLogWriter(
         redis_url=redis_url, stream=stream, maxlen=100_000, flush_interval=0.05
