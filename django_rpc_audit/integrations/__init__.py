@@ -15,7 +15,8 @@ when the call ends.
   and the histogram ``rpc.client.call.duration`` through the metrics API.
 - :mod:`~django_rpc_audit.integrations.prometheus`: Prometheus (extra ``[prometheus]``):
   call counters and durations by method, status and error type, the log pipeline's health
-  (buffer depth, rows written, dropped and refused, write retries and latency), the
+  (buffer depth, rows written, dropped and refused, write retries and latency; the ingest
+  workers' rows, batches, claimed and dead-lettered entries, and the stream's lag), the
   ``/metrics`` view, multiprocess (gunicorn) support.
 - ``grafana-dashboard.json``: an importable Grafana dashboard over the Prometheus metrics
   (:data:`GRAFANA_DASHBOARD` is its path).
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from django_rpc_audit.conf import DjangoCfgRPCConfig
     from django_rpc_audit.integrations.base import Instrumentation
     from django_rpc_audit.writers.base import WriterObserver
+    from django_rpc_audit.writers.ingest import IngestObserver
 
 logger = logging.getLogger(__name__)
 
@@ -109,4 +111,17 @@ def build_writer_observer(config: DjangoCfgRPCConfig) -> WriterObserver | None:
         return PipelineMetrics()
     except Exception:
         logger.exception("Could not set up the RPC log pipeline's metrics.")
+        return None
+
+
+def build_ingest_observer(config: DjangoCfgRPCConfig) -> IngestObserver | None:
+    """What publishes an ingest worker's figures: Prometheus when it is on, else nothing."""
+    if not config.prometheus_metrics or "PROMETHEUS_METRICS" in missing_packages(config):
+        return None
+    try:
+        from django_rpc_audit.integrations.prometheus import IngestMetrics
+
+        return IngestMetrics()
+    except Exception:
+        logger.exception("Could not set up the RPC log ingest worker's metrics.")
         return None

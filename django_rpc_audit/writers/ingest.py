@@ -26,7 +26,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import redis
 from django.db import DatabaseError, InterfaceError, OperationalError, connections, router
@@ -80,6 +80,19 @@ class IngestStats:
     pending: int | None = None
     #: ``time.time()`` of the backlog figures.
     backlog_at: float | None = None
+
+
+class IngestObserver(Protocol):
+    """Told what an :class:`IngestWorker` does (the Prometheus integration's ingest metrics),
+    on the worker's threads. Must never raise."""
+
+    def batch_written(self, rows: int, seconds: float) -> None:
+        """A batch of ``rows`` rows was committed; its transaction took ``seconds``."""
+        ...
+
+    def counts(self, stats: IngestStats) -> None:
+        """The worker's counters and the group's backlog, every ``stats_interval`` seconds."""
+        ...
 
 
 def stream_backlog(client: redis.Redis, stream: str, group: str) -> tuple[int | None, int]:
@@ -160,6 +173,8 @@ class IngestWorker:
         self.max_deliveries = max_deliveries
         self.stats_interval = stats_interval
         self.using = using
+        #: Told the worker's counters and batch timings (Prometheus metrics).
+        self.observer: IngestObserver | None = None
         self._stop = threading.Event()
         self._client: redis.Redis = redis.Redis.from_url(
             redis_url, socket_connect_timeout=5, socket_timeout=max(10.0, block_ms / 1000 + 5)
@@ -192,7 +207,11 @@ class IngestWorker:
             "max_deliveries": config.ingest_max_deliveries,
         }
         options.update({key: value for key, value in overrides.items() if value is not None})
-        return cls(**options)
+        worker = cls(**options)
+        from django_rpc_audit.integrations import build_ingest_observer
+
+        worker.observer = build_ingest_observer(config)
+        return worker
 
     def __repr__(self) -> str:
         return f"<IngestWorker {self.consumer} on {self.stream}/{self.group}>"
@@ -253,9 +272,11 @@ class IngestWorker:
         own_pending = start != ">"
         cursor = start
         while not self._stop.is_set() and self._writer_error is None:
-            if on_stats is not None and time.monotonic() >= next_stats:
+            reporting = on_stats is not None or self.observer is not None
+            if reporting and time.monotonic() >= next_stats:
                 self._refresh_backlog()
-                on_stats(self.stats())
+                if on_stats is not None:
+                    on_stats(self.stats())
                 next_stats = time.monotonic() + self.stats_interval
             if self._database_down.is_set():
                 # No point reading more while the batch in hand cannot be written.
@@ -435,6 +456,7 @@ class IngestWorker:
         delay = 0.0
         last_touch = time.monotonic()
         while True:
+            started = time.perf_counter()
             try:
                 written = self._write(batch.rows, batch.row_ids, batch)
                 break
@@ -464,12 +486,15 @@ class IngestWorker:
                     # count alone) so no other worker claims them while the database is down.
                     self._touch(batch.ids)
                     last_touch = time.monotonic()
+        seconds = time.perf_counter() - started
         if delay:
             logger.warning("RPC log rows are being written again.")
         self._database_down.clear()
         self._ack(batch.ids)
         self._count("rows", written)
         self._count("batches", 1)
+        if self.observer is not None:
+            self._observe(self.observer.batch_written, written, seconds)
 
     def _write(self, rows: list[dict[str, Any]], row_ids: list[str], batch: _Batch) -> int:
         from django_rpc_audit.models import RPCLog
@@ -540,8 +565,18 @@ class IngestWorker:
         try:
             lag, pending = stream_backlog(self._client, self.stream, self.group)
         except redis.RedisError:
-            return
-        self._backlog = (lag, pending, time.time())
+            pass
+        else:
+            self._backlog = (lag, pending, time.time())
+        if self.observer is not None:
+            self._observe(self.observer.counts, self.stats())
+
+    @staticmethod
+    def _observe(method: Callable[..., None], *args: Any) -> None:
+        try:
+            method(*args)
+        except Exception:
+            logger.exception("The ingest worker's metrics failed; ingestion goes on.")
 
     def stats(self) -> IngestStats:
         """This worker's counters and the group's backlog (see :class:`IngestStats`)."""

@@ -7,8 +7,9 @@ import threading
 from types import FrameType
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from django_rpc_audit.conf import get_config
 from django_rpc_audit.writers.ingest import IngestStats, IngestWorker
 
 
@@ -60,6 +61,19 @@ class Command(BaseCommand):
             metavar="SECONDS",
             help="Seconds between the progress lines (rows, rate, lag). Default: 10.",
         )
+        parser.add_argument(
+            "--metrics-port",
+            type=positive_int,
+            default=None,
+            metavar="PORT",
+            help="Serve the worker's Prometheus metrics on this port (needs PROMETHEUS_METRICS).",
+        )
+        parser.add_argument(
+            "--metrics-address",
+            default="127.0.0.1",
+            metavar="ADDRESS",
+            help="Address the metrics are served on. Default: 127.0.0.1.",
+        )
 
     def handle(
         self,
@@ -69,8 +83,11 @@ class Command(BaseCommand):
         claim_idle: float | None,
         max_deliveries: int | None,
         stats_interval: float,
+        metrics_port: int | None,
+        metrics_address: str,
         **options: Any,
     ) -> None:
+        server = None if metrics_port is None else self._serve_metrics(metrics_port, metrics_address)
         worker = IngestWorker.from_config(
             consumer=consumer,
             batch_size=batch_size,
@@ -83,12 +100,35 @@ class Command(BaseCommand):
             f"Ingesting {worker.stream} as {worker.consumer} in group {worker.group} "
             f"(batches of {worker.batch_size}); dead letters go to {worker.dead_letter_stream}."
         )
-        worker.run(on_stats=self._report)
+        try:
+            worker.run(on_stats=self._report)
+        finally:
+            if server is not None:
+                server.shutdown()
+                server.server_close()
         stats = worker.stats()
         self.stdout.write(
             f"Stopped: {stats.rows} row(s) written in {stats.batches} batch(es), "
             f"{stats.dead_lettered} dead-lettered, {stats.trimmed} trimmed unread."
         )
+
+    def _serve_metrics(self, port: int, address: str) -> Any:
+        from django_rpc_audit.integrations import missing_packages
+
+        config = get_config()
+        if not config.prometheus_metrics:
+            raise CommandError("--metrics-port needs DJANGO_CFG_RPC['PROMETHEUS_METRICS'] = True.")
+        missing = missing_packages(config).get("PROMETHEUS_METRICS")
+        if missing is not None:
+            raise CommandError(f"--metrics-port needs {missing[1]}.")
+        from django_rpc_audit.integrations.prometheus import serve_metrics
+
+        try:
+            server = serve_metrics(port, address)
+        except OSError as exc:
+            raise CommandError(f"Cannot serve metrics on {address}:{port}: {exc}") from exc
+        self.stdout.write(f"Metrics on http://{address}:{port}/metrics")
+        return server
 
     def _report(self, stats: IngestStats) -> None:
         lag = "?" if stats.lag is None else str(stats.lag)
