@@ -15,16 +15,17 @@ writes it.
 - :mod:`~django_rpc_audit.writers.stream`: :class:`StreamLogWriter` (``"stream"``), the
   buffered writer's buffer shipped to a Redis Stream with pipelined ``XADD`` instead of the
   database.
-- :mod:`~django_rpc_audit.writers.entry`: a stored row as one compact, exact stream entry.
+- :mod:`~django_rpc_audit.writers.entry`: a stored row as one compact, exact stream entry,
+  its layout made from the model's columns.
 - :mod:`~django_rpc_audit.writers.ingest`: :class:`IngestWorker` (``rpc_logs_ingest``), a
-  consumer-group worker writing the stream's rows to the database, and
-  :func:`stream_backlog` (the group's lag) and :func:`worker_stats` (the running workers'
-  counters) for monitoring.
+  consumer-group worker writing the stream's rows (and their alerts) to the database, and
+  :func:`stream_backlog` (the group's lag), :func:`worker_stats` (the running workers'
+  counters) and :class:`IngestObserver` (what publishes them: Prometheus) for monitoring.
 - :mod:`~django_rpc_audit.writers.sink`: the rows themselves; column values made safe to store,
   single-row writes and idempotent batch writes (``COPY`` on PostgreSQL). Every writer ends
   here.
 - :mod:`~django_rpc_audit.writers.mysql`: the sink's batch writes on MySQL and MariaDB
-  (multi-row upserts) and which of their errors refuse a row rather than the connection.
+  (multi-row upserts, of events and of stored rows) and which of their errors refuse a row rather than the connection.
 - :mod:`~django_rpc_audit.writers.registry`: the process-wide writer chosen by
   ``WRITE_MODE``, :func:`use_writer`, :func:`flush` and :func:`writer_stats`.
 
@@ -44,6 +45,7 @@ from django_rpc_audit.writers.base import (
 )
 from django_rpc_audit.writers.buffered import BufferedLogWriter, install_sigterm_flush
 from django_rpc_audit.writers.ingest import (
+    IngestObserver,
     IngestStats,
     IngestWorker,
     stream_backlog,
@@ -63,6 +65,7 @@ __all__ = [
     "BufferedLogWriter",
     "DatabaseUnavailable",
     "DestinationUnavailable",
+    "IngestObserver",
     "IngestStats",
     "IngestWorker",
     "LogWriter",
