@@ -25,7 +25,8 @@ writes it.
   single-row writes and idempotent batch writes (``COPY`` on PostgreSQL). Every writer ends
   here.
 - :mod:`~django_rpc_audit.writers.mysql`: the sink's batch writes on MySQL and MariaDB
-  (multi-row upserts, of events and of stored rows) and which of their errors refuse a row rather than the connection.
+  (multi-row upserts, of events and of stored rows) and which of their errors refuse a row
+  rather than the connection.
 - :mod:`~django_rpc_audit.writers.registry`: the process-wide writer chosen by
   ``WRITE_MODE``, :func:`use_writer`, :func:`flush` and :func:`writer_stats`.
 

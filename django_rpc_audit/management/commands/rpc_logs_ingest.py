@@ -87,7 +87,9 @@ class Command(BaseCommand):
         metrics_address: str,
         **options: Any,
     ) -> None:
-        server = None if metrics_port is None else self._serve_metrics(metrics_port, metrics_address)
+        server = None
+        if metrics_port is not None:
+            server = self._serve_metrics(metrics_port, metrics_address)
         worker = IngestWorker.from_config(
             consumer=consumer,
             batch_size=batch_size,
