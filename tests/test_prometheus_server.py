@@ -96,17 +96,23 @@ def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Pa
     env["DATABASE_URL"] = f"sqlite:///{database}"
     run_child(env, "migrate")
     port = free_port()
+    gunicorn = [
+        "gunicorn",
+        "tests.metrics_app:application",
+        "--config=python:tests.gunicorn_prometheus",
+    ]
+    with serving(
+        env, port, *gunicorn, "--workers=2", f"--bind=127.0.0.1:{port}", "--graceful-timeout=10"
+    ):
+        yield port, multiproc_dir, database
+
+
+@contextlib.contextmanager
+def serving(env: dict[str, str], port: int, module: str, *args: str) -> Iterator[None]:
+    """``python -m module args`` running until the block ends (SIGTERM), once it listens on
+    ``port``."""
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "tests.metrics_app:application",
-            "--config=python:tests.gunicorn_prometheus",
-            "--workers=2",
-            f"--bind=127.0.0.1:{port}",
-            "--graceful-timeout=10",
-        ],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -115,7 +121,7 @@ def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Pa
     )
     try:
         wait_for_port(port, server, timeout=60)
-        yield port, multiproc_dir, database
+        yield
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -144,32 +150,11 @@ def ingest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str]
     )
     run_child(env, "migrate")
     port = free_port()
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "django",
-            "rpc_logs_ingest",
-            "--settings=tests.settings",
-            f"--metrics-port={port}",
-            "--stats-interval=0.2",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    command = ["rpc_logs_ingest", "--settings=tests.settings", "--stats-interval=0.2"]
     try:
-        wait_for_port(port, worker, timeout=60)
-        yield port, stream
+        with serving(env, port, "django", *command, f"--metrics-port={port}"):
+            yield port, stream
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.communicate()
         redis.Redis.from_url(DJANGO_CFG_RPC["REDIS_URL"]).delete(stream, f"{stream}:dead")
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from django_rpc_audit.conf import DjangoCfgRPCConfig
@@ -103,25 +103,25 @@ def build_instrumentation(config: DjangoCfgRPCConfig) -> Instrumentation | None:
 
 def build_writer_observer(config: DjangoCfgRPCConfig) -> WriterObserver | None:
     """What publishes the buffered writer's health: Prometheus when it is on, else nothing."""
-    if not config.prometheus_metrics or "PROMETHEUS_METRICS" in missing_packages(config):
-        return None
-    try:
-        from django_rpc_audit.integrations.prometheus import PipelineMetrics
-
-        return PipelineMetrics()
-    except Exception:
-        logger.exception("Could not set up the RPC log pipeline's metrics.")
-        return None
+    observer: WriterObserver | None = _prometheus_observer(config, "PipelineMetrics")
+    return observer
 
 
 def build_ingest_observer(config: DjangoCfgRPCConfig) -> IngestObserver | None:
     """What publishes an ingest worker's figures: Prometheus when it is on, else nothing."""
+    observer: IngestObserver | None = _prometheus_observer(config, "IngestMetrics")
+    return observer
+
+
+def _prometheus_observer(config: DjangoCfgRPCConfig, name: str) -> Any:
+    """A new ``integrations.prometheus.<name>`` when Prometheus is on and installed, else
+    ``None``; never raises."""
     if not config.prometheus_metrics or "PROMETHEUS_METRICS" in missing_packages(config):
         return None
     try:
-        from django_rpc_audit.integrations.prometheus import IngestMetrics
+        from django_rpc_audit.integrations import prometheus
 
-        return IngestMetrics()
+        return getattr(prometheus, name)()
     except Exception:
-        logger.exception("Could not set up the RPC log ingest worker's metrics.")
+        logger.exception("Could not set up the RPC log pipeline's metrics (%s).", name)
         return None

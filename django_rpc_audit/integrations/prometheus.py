@@ -215,6 +215,15 @@ class PrometheusCallRecorder:
         duration.observe(seconds)
 
 
+def _add_increases(*counts: tuple[Counter, int, int]) -> None:
+    """Add to each counter the increase of a count since it was last seen: ``(counter, now,
+    before)``. A count below its last value was reset (a new writer): all of it is new."""
+    for counter, now, before in counts:
+        delta = now - before if now >= before else now
+        if delta:
+            counter.inc(delta)
+
+
 class PipelineMetrics:
     """Publishes a buffered writer's counters (a
     :class:`~django_rpc_audit.writers.base.WriterObserver`), on the writer's thread."""
@@ -233,16 +242,12 @@ class PipelineMetrics:
             self._last, self._pid = WriterStats(), os.getpid()
         metrics, last = self.metrics, self._last
         metrics.buffered.set(stats.buffered)
-        for counter, now, before in (
+        _add_increases(
             (metrics.written, stats.written, last.written),
             (metrics.dropped, stats.dropped, last.dropped),
             (metrics.refused, stats.failed, last.failed),
             (metrics.retries, stats.retries, last.retries),
-        ):
-            # A counter below its last value was reset (a new writer): all of it is new.
-            delta = now - before if now >= before else now
-            if delta:
-                counter.inc(delta)
+        )
         self._last = stats
 
 
@@ -260,17 +265,14 @@ class IngestMetrics:
 
     def counts(self, stats: IngestStats) -> None:
         metrics, last = self.metrics, self._last
-        for counter, now, before in (
+        _add_increases(
             (metrics.ingest_rows, stats.rows, last.rows),
             (metrics.ingest_batches, stats.batches, last.batches),
             (metrics.ingest_claimed, stats.claimed, last.claimed),
             (metrics.ingest_dead_lettered, stats.dead_lettered, last.dead_lettered),
             (metrics.ingest_trimmed, stats.trimmed, last.trimmed),
             (metrics.ingest_retries, stats.retries, last.retries),
-        ):
-            delta = now - before if now >= before else now
-            if delta:
-                counter.inc(delta)
+        )
         if stats.backlog_at is not None:
             if stats.lag is not None:
                 metrics.ingest_lag.set(stats.lag)
