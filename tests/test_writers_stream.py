@@ -461,6 +461,7 @@ def test_the_command_ingests_and_prints_its_progress(
     assert f"Ingesting {log_stream} as c1 in group rpc_audit_ingest" in out
     assert "rows=3 " in out
     assert "Stopped: 3 row(s) written" in out
+    assert "3 entries acknowledged" in out
 
 
 @pytest.mark.django_db(transaction=True)

@@ -111,7 +111,8 @@ class Command(BaseCommand):
         stats = worker.stats()
         self.stdout.write(
             f"Stopped: {stats.rows} row(s) written in {stats.batches} batch(es), "
-            f"{stats.dead_lettered} dead-lettered, {stats.trimmed} trimmed unread."
+            f"{stats.acked} entries acknowledged, {stats.dead_lettered} dead-lettered, "
+            f"{stats.trimmed} trimmed unread."
         )
 
     def _serve_metrics(self, port: int, address: str) -> Any:
