@@ -363,8 +363,12 @@ def validate_redis_url(url: object) -> None:
     try:
         parse_url(url)  # type: ignore[no-untyped-call]
         parts = urlsplit(url)
-        db = parts.path.strip("/")
-        valid = (parts.scheme == "unix" or bool(parts.hostname)) and (not db or db.isdigit())
+        if parts.scheme == "unix":
+            # The path is the socket's; the database, if any, comes from "?db=" (checked above).
+            valid = bool(parts.path.strip("/"))
+        else:
+            db = parts.path.strip("/")
+            valid = bool(parts.hostname) and (not db or db.isdigit())
     except (ValueError, TypeError):
         valid = False
     if not valid:

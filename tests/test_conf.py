@@ -125,6 +125,32 @@ def test_invalid_setting_names_the_key(settings, values, key):
         get_config()
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "unix:///var/run/redis.sock",
+        "unix:///var/run/redis.sock?db=3",
+        "unix://:pw@/var/run/redis.sock?db=0",
+        "redis://cache:6379?db=4",
+        "rediss://:pw@cache:6380/2",
+    ],
+)
+def test_redis_urls_redis_py_accepts_are_accepted(settings, url):
+    """README lists ``unix://``: its path is the socket, the database comes from ``?db=``."""
+    settings.DJANGO_CFG_RPC = {"REDIS_URL": url}
+    assert get_config().redis_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["unix://", "unix:///var/run/redis.sock?db=zero", "redis://cache:6379?db=x", "http://cache/0"],
+)
+def test_redis_urls_redis_py_refuses_are_refused(settings, url):
+    settings.DJANGO_CFG_RPC = {"REDIS_URL": url}
+    with pytest.raises(ImproperlyConfigured, match="REDIS_URL"):
+        get_config()
+
+
 def test_invalid_redis_url_error_hides_the_password(settings):
     settings.DJANGO_CFG_RPC = {"REDIS_URL": "redis://:hunter2@cache:badport/0"}
     with pytest.raises(ImproperlyConfigured) as excinfo:
