@@ -15,7 +15,7 @@ from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
 
-from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
+from django_rpc_audit.conf import MAX_WAIT_SECONDS, DjangoCfgRPCConfig, get_config
 from django_rpc_audit.context import aresolve_user, get_caller_context, resolve_user
 from django_rpc_audit.exceptions import RPCDisabledError, RPCError, RPCTimeoutError
 from django_rpc_audit.redaction import Redactor, get_redactor
@@ -108,8 +108,15 @@ class RPCClient:
         params = dict(params)
         if timeout is None:
             timeout = self.config.rpc_timeout
-        elif isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}.")
+        elif (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout <= MAX_WAIT_SECONDS
+        ):
+            raise ValueError(
+                f"timeout must be a positive number of seconds up to {MAX_WAIT_SECONDS:g}, "
+                f"not {timeout!r}."
+            )
         if correlation_id is None:
             correlation_id = str(uuid.uuid4())
         else:

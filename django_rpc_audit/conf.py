@@ -36,6 +36,11 @@ _FALSE_STRINGS = ("false", "off", "no", "n", "0", "")
 #: Smallest size cap: room for the truncation marker and a short preview.
 MIN_CAP_BYTES = 128
 
+#: Longest wait, in seconds, a duration setting may ask for: a week. A thread cannot wait much
+#: longer (``threading.TIMEOUT_MAX``, under 300 years), a window cannot reach before year 1, and
+#: an infinite or absurd value would otherwise end in an ``OverflowError`` far from its cause.
+MAX_WAIT_SECONDS = 7 * 24 * 3600.0
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DjangoCfgRPCConfig:
@@ -174,8 +179,11 @@ def _validate(config: DjangoCfgRPCConfig) -> None:
             "TRANSPORT", f"must be one of {', '.join(TRANSPORTS)}, not {config.transport!r}."
         )
     timeout = config.rpc_timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        raise _fail("RPC_TIMEOUT", f"must be a positive number of seconds, not {timeout!r}.")
+    if not _is_number(timeout) or not 0 < timeout <= MAX_WAIT_SECONDS:
+        raise _fail(
+            "RPC_TIMEOUT",
+            f"must be a positive number of seconds up to {MAX_WAIT_SECONDS:g}, not {timeout!r}.",
+        )
     maxlen = config.stream_maxlen
     if isinstance(maxlen, bool) or not isinstance(maxlen, int) or maxlen < 1:
         raise _fail("STREAM_MAXLEN", f"must be a positive integer, not {maxlen!r}.")
@@ -318,8 +326,11 @@ def _validate_data_hygiene(config: DjangoCfgRPCConfig) -> None:
     if isinstance(days, bool) or not isinstance(days, int) or days < 1:
         raise _fail("RETENTION_DAYS", f"must be a whole number of days >= 1, not {days!r}.")
     margin = config.reap_margin_seconds
-    if not _is_number(margin) or margin < 0:
-        raise _fail("REAP_MARGIN_SECONDS", f"must be a number of seconds >= 0, not {margin!r}.")
+    if not _is_number(margin) or not 0 <= margin <= MAX_WAIT_SECONDS:
+        raise _fail(
+            "REAP_MARGIN_SECONDS",
+            f"must be a number of seconds from 0 to {MAX_WAIT_SECONDS:g}, not {margin!r}.",
+        )
 
 
 def _validate_admin(config: DjangoCfgRPCConfig) -> None:
@@ -352,8 +363,11 @@ def _validate_buffered_writer(config: DjangoCfgRPCConfig) -> None:
             raise _fail(name.upper(), f"must be a positive integer, not {value!r}.")
     for name in ("buffer_flush_interval", "buffer_max_retry_delay", "buffer_shutdown_timeout"):
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise _fail(name.upper(), f"must be a positive number of seconds, not {value!r}.")
+        if not _is_number(value) or not 0 < value <= MAX_WAIT_SECONDS:
+            raise _fail(
+                name.upper(),
+                f"must be a positive number of seconds up to {MAX_WAIT_SECONDS:g}, not {value!r}.",
+            )
 
 
 def validate_redis_url(url: object) -> None:

@@ -196,6 +196,8 @@ def test_params_may_be_any_mapping_and_django_types_are_encoded():
         ({"method": "m", "params": {"x": object()}}, TypeError),
         ({"method": "m", "params": {"x": float("nan")}}, TypeError),
         ({"method": "m", "timeout": 0}, ValueError),
+        ({"method": "m", "timeout": float("inf")}, ValueError),
+        ({"method": "m", "timeout": float("nan")}, ValueError),
         ({"method": "m", "correlation_id": "not-a-uuid"}, ValueError),
     ],
 )

@@ -105,6 +105,10 @@ def test_buffered_is_the_default_write_mode() -> None:
         ("BUFFER_FLUSH_INTERVAL", 0),
         ("BUFFER_MAX_RETRY_DELAY", -1),
         ("BUFFER_SHUTDOWN_TIMEOUT", None),
+        # Beyond what a thread can wait for: the writer thread would die of an OverflowError.
+        ("BUFFER_FLUSH_INTERVAL", float("inf")),
+        ("BUFFER_MAX_RETRY_DELAY", 1e12),
+        ("BUFFER_SHUTDOWN_TIMEOUT", float("nan")),
     ],
 )
 def test_invalid_buffer_settings_name_the_key(key: str, value: Any) -> None:
