@@ -32,15 +32,12 @@ from unfold.paginator import InfinitePaginator
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.models import RPCLog, RPCStatus
 from django_rpc_audit.querysets import RPCLogQuerySet
+from django_rpc_audit.utils import canonical_correlation_id
 
 #: How many of the latest calls the method and user filters read their choices from.
 FILTER_CHOICE_ROWS = 10_000
 #: JSON longer than this (characters) is cut in the detail view; the row keeps all of it.
 JSON_DISPLAY_LIMIT = 100_000
-
-# A correlation id as the client makes it (a UUID, with or without dashes) or as a server
-# echoes it: a search term shaped like one is looked up exactly, by its index.
-_CORRELATION_ID = re.compile(r"^[0-9a-fA-F]{8}-?(?:[0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
 
 _JSON_TOKEN = re.compile(
     r'(?P<key>"(?:\\.|[^"\\])*")(?=\s*:)'
@@ -229,6 +226,38 @@ class UserFilter(admin.SimpleListFilter):
             return None
 
 
+def correlation_id_spellings(value: str) -> list[str]:
+    """The stored spellings a correlation id ``value`` may have: as given, and canonical.
+
+    Calls are logged with the client's spelling (lower case, dashes); rows that manual logging
+    wrote before it normalised ids keep the spelling they were given.
+    """
+    value = value.strip()
+    canonical = canonical_correlation_id(value)
+    return sorted({value, canonical}) if canonical else [value]
+
+
+class CorrelationIdFilter(admin.SimpleListFilter):
+    """``?correlation_id=...`` (the detail page's related-calls link), in any UUID spelling.
+
+    Shown only while it is in use (it has no choices to offer otherwise); an exact, indexed
+    lookup either way.
+    """
+
+    title = _("correlation id")
+    parameter_name = "correlation_id"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        value = self.value()
+        return [(str(value), str(value))] if value else []
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        if not value:
+            return queryset
+        return queryset.filter(correlation_id__in=correlation_id_spellings(str(value)))
+
+
 class RPCLogDisplayMixin:
     """Display methods for ``RPCLog`` columns, reusable when a project registers its own admin."""
 
@@ -281,7 +310,13 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
 
     list_display = ("status_badge", "method", "duration", "user_link", "caller_ip", "created_at")
     list_display_links = ("status_badge", "method")
-    list_filter = ("status", MethodFilter, ("created_at", admin.DateFieldListFilter), UserFilter)
+    list_filter = (
+        "status",
+        MethodFilter,
+        ("created_at", admin.DateFieldListFilter),
+        UserFilter,
+        CorrelationIdFilter,
+    )
     search_fields = ("method", "user__username", "user__email", "error_message")
     search_help_text = _(
         "Method, username, email or error message; a correlation id is looked up exactly."
@@ -331,15 +366,21 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
             # A from/to date range when the project has Unfold's filters app.
             from unfold.contrib.filters.admin import RangeDateTimeFilter
 
-            return ("status", MethodFilter, ("created_at", RangeDateTimeFilter), UserFilter)
+            return (
+                "status",
+                MethodFilter,
+                ("created_at", RangeDateTimeFilter),
+                UserFilter,
+                CorrelationIdFilter,
+            )
         return self.list_filter
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
     ) -> tuple[QuerySet[Any], bool]:
-        term = search_term.strip()
-        if _CORRELATION_ID.match(term):
-            return queryset.filter(correlation_id=term), False
+        if canonical_correlation_id(search_term) is not None:
+            spellings = correlation_id_spellings(search_term)
+            return queryset.filter(correlation_id__in=spellings), False
         return super().get_search_results(request, queryset, search_term)  # type: ignore[no-any-return]
 
     def get_search_fields(self, request: HttpRequest) -> Any:

@@ -179,6 +179,45 @@ def test_search_by_correlation_id_is_exact(admin_client_):
     assert all("LIKE" not in sql.upper() for sql in select)
 
 
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        str.upper,
+        lambda cid: cid.replace("-", ""),
+        lambda cid: cid.replace("-", "").upper(),
+        lambda cid: f"{{{cid}}}",
+        lambda cid: f"urn:uuid:{cid}",
+        lambda cid: f"  {cid.upper()}  ",
+    ],
+    ids=["upper", "no-dashes", "upper-no-dashes", "braces", "urn", "padded"],
+)
+def test_search_by_correlation_id_normalises_its_spelling(admin_client_, spelling):
+    """Logs, terminals and other clients print UUIDs in other spellings: all find the call."""
+    correlation_id = str(uuid.uuid4())
+    wanted = RPCLogFactory(correlation_id=correlation_id)
+    RPCLogFactory()
+    found = results(admin_client_.get(reverse(CHANGELIST), {"q": spelling(correlation_id)}))
+    assert found == [wanted]
+
+
+def test_search_still_finds_a_correlation_id_stored_in_another_spelling(admin_client_):
+    """Rows written before ids were normalised (manual logging) keep the spelling they had."""
+    correlation_id = str(uuid.uuid4()).upper()
+    wanted = RPCLogFactory(correlation_id=correlation_id)
+    assert results(admin_client_.get(reverse(CHANGELIST), {"q": correlation_id})) == [wanted]
+
+
+def test_the_correlation_id_filter_of_the_related_links_normalises_too(admin_client_):
+    correlation_id = str(uuid.uuid4())
+    wanted = RPCLogFactory(correlation_id=correlation_id)
+    RPCLogFactory()
+    changelist = reverse(CHANGELIST)
+    for spelling in (correlation_id, correlation_id.upper(), correlation_id.replace("-", "")):
+        response = admin_client_.get(changelist, {"correlation_id": spelling})
+        assert response.status_code == 200
+        assert results(response) == [wanted]
+
+
 def test_changelist_query_count_does_not_grow_with_rows(admin_client_):
     url = reverse(CHANGELIST)
     users = [UserFactory(username=f"bulk{i}") for i in range(5)]
