@@ -17,6 +17,7 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 from redis.connection import parse_url
 
+from django_rpc_audit.forwarded import trusted_networks
 from django_rpc_audit.redaction import FieldRule, MethodRule, key_words
 from django_rpc_audit.utils import redact_url
 
@@ -71,8 +72,10 @@ class DjangoCfgRPCConfig:
     response_key_prefix: str = "list:response:"
     #: Approximate ``MAXLEN`` of the request stream.
     stream_maxlen: int = 10_000
-    #: Addresses (or prefixes) of the reverse proxies whose ``X-Forwarded-For`` is trusted.
-    #: Empty, and with no ``IPWARE_*`` setting either, the caller IP is ``REMOTE_ADDR`` only.
+    #: Addresses or CIDR networks of the reverse proxies whose ``X-Forwarded-For`` is believed:
+    #: only when the peer (``REMOTE_ADDR``) is one of them, and the client is the right-most
+    #: address that is not. Empty, and with no ``IPWARE_*`` setting either, the caller IP is
+    #: ``REMOTE_ADDR`` only.
     trusted_proxy_ips: tuple[str, ...] = field(default=())
 
     # -- data hygiene
@@ -194,7 +197,11 @@ def _validate(config: DjangoCfgRPCConfig) -> None:
     if not isinstance(config.trusted_proxy_ips, tuple) or not all(
         isinstance(ip, str) and ip for ip in config.trusted_proxy_ips
     ):
-        raise _fail("TRUSTED_PROXY_IPS", "must be a list of IP addresses or prefixes.")
+        raise _fail("TRUSTED_PROXY_IPS", "must be a list of IP addresses or CIDR networks.")
+    try:
+        trusted_networks(config.trusted_proxy_ips)
+    except ValueError as exc:
+        raise _fail("TRUSTED_PROXY_IPS", f"entry {exc}.") from None
     validate_redis_url(config.redis_url)
     _validate_data_hygiene(config)
     _validate_admin(config)

@@ -226,6 +226,93 @@ def test_ipware_settings_are_honoured(settings):
     assert client_ip(request) == "203.0.113.8"
 
 
+@pytest.mark.parametrize(
+    ("trusted", "remote_addr", "forwarded", "client"),
+    [
+        # A direct client forging a chain that ends in a trusted proxy: the peer is no proxy.
+        (["10.0.0.1"], "203.0.113.9", "6.6.6.6, 10.0.0.1", "203.0.113.9"),
+        # nginx at a trusted address sends the client alone (its own address is the peer).
+        (["10.0.0.1"], "10.0.0.1", "198.51.100.7", "198.51.100.7"),
+        # Two trusted proxies: the first one's address is in the chain.
+        (["10.0.0.1", "10.0.0.2"], "10.0.0.2", "198.51.100.7, 10.0.0.1", "198.51.100.7"),
+        # The client forged the left part: the right-most untrusted address is the client.
+        (["10.0.0.1"], "10.0.0.1", "6.6.6.6, 198.51.100.7", "198.51.100.7"),
+        # Networks: every hop in 10.0.0.0/8 is a proxy.
+        (["10.0.0.0/8"], "10.1.2.3", "6.6.6.6, 198.51.100.7, 10.9.9.9", "198.51.100.7"),
+        # Every hop is a proxy: the left-most (an internal host calling through them).
+        (["10.0.0.0/8"], "10.0.0.1", "10.0.0.5, 10.0.0.4", "10.0.0.5"),
+        # A trusted peer without a header is the client itself.
+        (["10.0.0.1"], "10.0.0.1", None, "10.0.0.1"),
+        # A hop a trusted proxy wrote that is no address: nothing is vouched for but the peer.
+        (["10.0.0.1"], "10.0.0.1", "198.51.100.7, garbage", "10.0.0.1"),
+        # Garbage left of the client is the client's own and is never reached.
+        (["10.0.0.1"], "10.0.0.1", "<script>, 198.51.100.7", "198.51.100.7"),
+        # Ports, brackets, IPv6, IPv4-mapped peers and entries.
+        (["10.0.0.1"], "::ffff:10.0.0.1", "198.51.100.7:4711", "198.51.100.7"),
+        (["::ffff:10.0.0.1"], "10.0.0.1", "198.51.100.7", "198.51.100.7"),
+        (["2001:db8::/32"], "2001:db8::1", "2a00:1450::7, [2001:db8::2]:443", "2a00:1450::7"),
+        # IPv4 entries never match IPv6 hops, nor the other way round.
+        (["0.0.0.0/0"], "2001:db8::1", "198.51.100.7", "2001:db8::1"),
+    ],
+)
+def test_forwarded_headers_count_only_from_trusted_proxies(
+    rpc_settings, trusted, remote_addr, forwarded, client
+):
+    rpc_settings(TRUSTED_PROXY_IPS=trusted)
+    extra = {"HTTP_X_FORWARDED_FOR": forwarded} if forwarded else {}
+    request = RequestFactory().get("/", REMOTE_ADDR=remote_addr, **extra)
+    assert client_ip(request) == client
+
+
+def test_rfc_7239_forwarded_header_when_named_by_ipware_precedence(rpc_settings, settings):
+    rpc_settings(TRUSTED_PROXY_IPS=["10.0.0.1"])
+    settings.IPWARE_META_PRECEDENCE_ORDER = ("HTTP_FORWARDED", "REMOTE_ADDR")
+    request = RequestFactory().get(
+        "/",
+        REMOTE_ADDR="10.0.0.1",
+        HTTP_FORWARDED='for=6.6.6.6, for="[2001:db8::7]:443";proto=https',
+        HTTP_X_FORWARDED_FOR="1.2.3.4",  # not the header this site's proxy writes
+    )
+    assert client_ip(request) == "2001:db8::7"
+
+
+def test_proxy_count_falls_back_to_the_peer_for_a_direct_request(settings):
+    settings.IPWARE_META_PROXY_COUNT = 1
+    request = RequestFactory().get("/", REMOTE_ADDR="198.51.100.5")
+    assert client_ip(request) == "198.51.100.5"
+
+
+def test_proxy_count_reads_the_header_proxies_write_not_ones_they_pass_through(settings):
+    """ipware's default header list starts with X-Forwarded-For but, for a private client,
+    goes on to headers such as Client-IP that a proxy passes through as the client sent them."""
+    settings.IPWARE_META_PROXY_COUNT = 1
+    request = RequestFactory().get(
+        "/",
+        REMOTE_ADDR="10.0.0.9",
+        HTTP_X_FORWARDED_FOR="10.1.2.3, 10.0.0.9",
+        HTTP_CLIENT_IP="8.8.8.8, 10.0.0.9",
+    )
+    assert client_ip(request) == "10.1.2.3"
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.", "10.0", "proxy.internal", "10.0.0.0/33"])
+def test_trusted_proxies_must_be_addresses_or_networks(settings, entry):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from django_rpc_audit.conf import get_config
+
+    settings.DJANGO_CFG_RPC = {"TRUSTED_PROXY_IPS": ["10.0.0.1", entry]}
+    with pytest.raises(ImproperlyConfigured, match="TRUSTED_PROXY_IPS"):
+        get_config()
+
+
+def test_a_long_forwarded_chain_of_proxies_is_walked_to_its_start(rpc_settings):
+    rpc_settings(TRUSTED_PROXY_IPS=["10.0.0.0/8"])
+    chain = ", ".join(["10.0.0.7"] * 20_000)
+    request = RequestFactory().get("/", REMOTE_ADDR="10.0.0.1", HTTP_X_FORWARDED_FOR=chain)
+    assert client_ip(request) == "10.0.0.7"
+
+
 def test_malformed_remote_addr_gives_no_ip():
     request = RequestFactory().get("/", REMOTE_ADDR="not-an-ip")
     assert client_ip(request) is None
