@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Any, cast
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponseBase, StreamingHttpResponse
 from ipware import get_client_ip
 
 from django_rpc_audit.conf import get_config
@@ -83,13 +83,57 @@ def user_agent_of(request: HttpRequest) -> str:
 
 
 def caller_context_for(request: HttpRequest) -> RPCCallerContext:
-    """The caller context of ``request``. The user stays lazy: the session is not read here."""
+    """The caller context of ``request``. The user is read from the request when a call is
+    made (lazily: the session is not read here), so ``login()`` / ``logout()`` count."""
     return RPCCallerContext(
-        user=getattr(request, "user", None),
-        caller_ip=client_ip(request),
-        user_agent=user_agent_of(request),
-        auser=getattr(request, "auser", None),
+        caller_ip=client_ip(request), user_agent=user_agent_of(request), request=request
     )
+
+
+def _streamed_in_context(response: HttpResponseBase, context: RPCCallerContext) -> HttpResponseBase:
+    """A streamed body is produced after the middleware returned (by the server, chunk by
+    chunk): produce each chunk inside the request's context, so calls made meanwhile are
+    attributed too. A ``FileResponse`` of a real file is left as it is (no code of the
+    project's runs while it is read, and servers may send the file with ``sendfile``)."""
+    if not isinstance(response, StreamingHttpResponse) or (
+        getattr(response, "file_to_stream", None) is not None
+    ):
+        return response
+    content = response.streaming_content
+    if response.is_async:
+        chunks = cast("AsyncIterator[bytes]", content)
+        response.streaming_content = _achunks_in_context(chunks, context)
+    else:
+        response.streaming_content = _chunks_in_context(cast("Iterator[bytes]", content), context)
+    return response
+
+
+def _chunks_in_context(chunks: Iterable[Any], context: RPCCallerContext) -> Iterator[Any]:
+    iterator = iter(chunks)
+    while True:
+        token = set_caller_context(context)
+        try:
+            chunk = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            reset_caller_context(token)
+        yield chunk
+
+
+async def _achunks_in_context(
+    chunks: AsyncIterable[Any], context: RPCCallerContext
+) -> AsyncIterator[Any]:
+    iterator = aiter(chunks)
+    while True:
+        token = set_caller_context(context)
+        try:
+            chunk = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        finally:
+            reset_caller_context(token)
+        yield chunk
 
 
 class RPCAuditMiddleware:
@@ -118,16 +162,19 @@ class RPCAuditMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self.async_mode:
             return self.__acall__(request)
-        token = set_caller_context(caller_context_for(request))
+        context = caller_context_for(request)
+        token = set_caller_context(context)
         try:
-            return self.get_response(request)
+            response = self.get_response(request)
         finally:
             reset_caller_context(token)
+        return _streamed_in_context(response, context)  # type: ignore[arg-type]
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
-        token = set_caller_context(caller_context_for(request))
+        context = caller_context_for(request)
+        token = set_caller_context(context)
         try:
             response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
-            return response
         finally:
             reset_caller_context(token)
+        return _streamed_in_context(response, context)

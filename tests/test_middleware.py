@@ -6,7 +6,7 @@ import asyncio
 import random
 
 import pytest
-from asgiref.sync import iscoroutinefunction
+from asgiref.sync import iscoroutinefunction, sync_to_async
 from django.test import AsyncClient, Client, RequestFactory
 
 from django_rpc_audit.context import EMPTY_CONTEXT, get_caller_context
@@ -409,3 +409,134 @@ async def test_async_request_with_raw_non_utf8_header_bytes():
     assert response.status_code == 200
     row = await RPCLog.objects.aget()
     assert row.user_agent == "async/\xff\ufffd"
+
+
+# -- streamed responses: calls made while the body is consumed, after the view returned -------
+
+
+@pytest.mark.django_db
+def test_calls_made_while_a_sync_stream_is_consumed_are_attributed():
+    user = UserFactory()
+    client = Client(REMOTE_ADDR="198.51.100.40", HTTP_USER_AGENT="stream-agent/1")
+    client.force_login(user)
+    response = client.get("/sync/stream/")
+    assert RPCLog.objects.count() == 0  # nothing is called before the body is consumed
+    body = b"".join(response.streaming_content)
+    assert body.count(b"echo") == 3
+    assert get_caller_context() is EMPTY_CONTEXT  # set per chunk, never left behind
+    rows = list(RPCLog.objects.select_related("user").order_by("params__who"))
+    assert [row.params["who"] for row in rows] == ["stream0", "stream1", "stream2"]
+    for row in rows:
+        assert (row.user, row.caller_ip, row.user_agent) == (
+            user,
+            "198.51.100.40",
+            "stream-agent/1",
+        )
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_calls_made_while_an_async_stream_is_consumed_are_attributed(behind_proxy):
+    user = await UserFactory._meta.model.objects.acreate(username="async-streamer")
+    client = AsyncClient()
+    await client.aforce_login(user)
+    response = await client.get("/async/stream/", headers=behind_proxy("198.51.100.41", "as/1"))
+    chunks = [chunk async for chunk in response.streaming_content]
+    assert len(chunks) == 3
+    assert get_caller_context() is EMPTY_CONTEXT
+    rows = [row async for row in RPCLog.objects.select_related("user").order_by("params__who")]
+    assert [row.params["who"] for row in rows] == ["astream0", "astream1", "astream2"]
+    for row in rows:
+        assert (row.user, row.caller_ip, row.user_agent) == (user, "198.51.100.41", "as/1")
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_a_sync_stream_served_over_asgi_is_attributed(behind_proxy):
+    response = await AsyncClient().get(
+        "/sync/stream/", headers=behind_proxy("198.51.100.42", "mixed/1")
+    )
+    await sync_to_async(b"".join)(response.streaming_content)
+    ips = [row.caller_ip async for row in RPCLog.objects.all()]
+    assert ips == ["198.51.100.42"] * 3
+
+
+def test_a_file_response_keeps_its_file_for_the_server():
+    """A ``FileResponse`` reads a file (no RPC call): left alone, so servers can still send the
+    file with ``wsgi.file_wrapper`` / ``sendfile``."""
+    import io
+
+    from django.http import FileResponse
+
+    response = FileResponse(io.BytesIO(b"data"))
+    middleware = RPCAuditMiddleware(lambda request: response)
+    assert middleware(RequestFactory().get("/")) is response
+    assert response.file_to_stream is not None
+
+
+# -- login() and logout() inside the view ------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_calls_after_login_in_the_view_are_the_new_users():
+    bob = UserFactory(username="bob")
+    response = Client().get("/sync/login-then-call/", {"as": "bob"})
+    assert response.json() == {"was_authenticated": False}
+    users = dict(RPCLog.objects.values_list("params__who", "user__username"))
+    assert users == {"before-login": None, "after-login": bob.username}
+
+
+@pytest.mark.django_db
+def test_calls_after_logout_in_the_view_are_no_ones():
+    alice = UserFactory(username="alice")
+    client = Client()
+    client.force_login(alice)
+    client.get("/sync/logout-then-call/")
+    users = dict(RPCLog.objects.values_list("params__who", "user__username"))
+    assert users == {"before-logout": "alice", "after-logout": None}
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_calls_after_alogin_in_an_async_view_are_the_new_users():
+    await UserFactory._meta.model.objects.acreate(username="async-bob")
+    response = await AsyncClient().get("/async/login-then-call/", {"as": "async-bob"})
+    assert response.json() == {"was_authenticated": False}
+    users = {
+        who: name async for who, name in RPCLog.objects.values_list("params__who", "user__username")
+    }
+    assert users == {"before-login": None, "after-login": "async-bob"}
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_calls_after_alogout_in_an_async_view_are_no_ones():
+    alice = await UserFactory._meta.model.objects.acreate(username="async-alice")
+    client = AsyncClient()
+    await client.aforce_login(alice)
+    await client.get("/async/logout-then-call/")
+    users = {
+        who: name async for who, name in RPCLog.objects.values_list("params__who", "user__username")
+    }
+    assert users == {"before-logout": "async-alice", "after-logout": None}
+
+
+@pytest.mark.django_db
+def test_a_user_set_on_the_request_by_an_authenticator_is_the_callers():
+    """Token authentication (Django REST framework's ``Request.user`` setter writes through to
+    the ``HttpRequest``) sets ``request.user`` after the middleware ran: its calls are that
+    user's."""
+    from django.contrib.auth.models import AnonymousUser
+
+    from django_rpc_audit import get_rpc_client
+
+    token_user = UserFactory(username="token-user")
+
+    def view(request):
+        request.user = token_user
+        get_rpc_client().call("test.echo", {"who": "api"})
+
+    request = RequestFactory().get("/")
+    request.user = AnonymousUser()
+    RPCAuditMiddleware(view)(request)
+    assert RPCLog.objects.get().user == token_user
