@@ -166,33 +166,40 @@ class RPCClient:
 
     @contextlib.contextmanager
     def _reported(self, started: dict[str, Any]) -> Iterator[_Outcome]:
-        """Send ``rpc_started``, time the block, then send ``rpc_finished`` whatever happened."""
-        rpc_started.send_robust(sender=type(self), **started)
+        """Send ``rpc_started``, time the block, then send ``rpc_finished`` whatever happened.
+
+        Sending ``rpc_started`` is inside the ``try``: an interruption while its receivers run
+        (``KeyboardInterrupt``, or a cancellation under :meth:`_areported`) still ends in
+        ``rpc_finished``, with no transport time.
+        """
         outcome = _Outcome()
-        clock = time.perf_counter()
+        clock: float | None = None
         try:
+            rpc_started.send_robust(sender=type(self), **started)
+            clock = time.perf_counter()
             yield outcome
         except BaseException as exc:
             outcome.record(exc)
             raise
         finally:
-            duration_ms = (time.perf_counter() - clock) * 1000
+            duration_ms = 0.0 if clock is None else (time.perf_counter() - clock) * 1000
             finished = outcome.as_kwargs(duration_ms, started["method"], self.redactor)
             rpc_finished.send_robust(sender=type(self), **started, **finished)
 
     @contextlib.asynccontextmanager
     async def _areported(self, started: dict[str, Any]) -> AsyncIterator[_Outcome]:
         """The ``async`` twin of :meth:`_reported`."""
-        await rpc_started.asend_robust(sender=type(self), **started)
         outcome = _Outcome()
-        clock = time.perf_counter()
+        clock: float | None = None
         try:
+            await rpc_started.asend_robust(sender=type(self), **started)
+            clock = time.perf_counter()
             yield outcome
         except BaseException as exc:
             outcome.record(exc)
             raise
         finally:
-            duration_ms = (time.perf_counter() - clock) * 1000
+            duration_ms = 0.0 if clock is None else (time.perf_counter() - clock) * 1000
             finished = rpc_finished.asend_robust(
                 sender=type(self),
                 **started,
