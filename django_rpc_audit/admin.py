@@ -289,6 +289,11 @@ class RPCLogDisplayMixin:
     @display(description=_("user"), ordering="user")
     def user_link(self, obj: RPCLog) -> str:
         if obj.user is None:
+            if obj.username:
+                # The username it had when the call was made; the user is gone since.
+                return format_html(
+                    "{} <span class='text-subtle'>({})</span>", obj.username, _("deleted")
+                )
             return "-"
         url = user_admin_url(obj.user, self.admin_site.name)
         if url is None:
@@ -317,7 +322,7 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
         UserFilter,
         CorrelationIdFilter,
     )
-    search_fields = ("method", "user__username", "user__email", "error_message")
+    search_fields = ("method", "user__username", "username", "user__email", "error_message")
     search_help_text = _(
         "Method, username, email or error message; a correlation id is looked up exactly."
     )
@@ -387,7 +392,8 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
         from django.contrib.auth import get_user_model
 
         user_model = get_user_model()
-        fields = ["method", f"user__{user_model.USERNAME_FIELD}", "error_message"]
+        # ``username``: the snapshot, which finds the calls of deleted users too.
+        fields = ["method", f"user__{user_model.USERNAME_FIELD}", "username", "error_message"]
         if any(f.name == "email" for f in user_model._meta.get_fields()):
             fields.insert(2, "user__email")
         return fields

@@ -52,6 +52,16 @@ def test_changelist_shows_calls_with_their_user_linked(admin_client_):
     assert ">alice</a>" in content
 
 
+def test_the_calls_of_a_deleted_user_show_and_find_their_username(admin_client_):
+    """Rows keep the username the user had; the user itself is gone (the key is unset)."""
+    RPCLogFactory(method="by.ghost", user=None, username="ghost")
+    RPCLogFactory(method="anonymous")
+    response = admin_client_.get(reverse(CHANGELIST))
+    assert "ghost <span class='text-subtle'>(deleted)</span>" in response.content.decode()
+    found = results(admin_client_.get(reverse(CHANGELIST), {"q": "ghost"}))
+    assert [log.method for log in found] == ["by.ghost"]
+
+
 def test_status_badges_are_colour_coded(admin_client_):
     for status in RPCStatus.values:
         RPCLogFactory(status=status, method=f"m.{status}")

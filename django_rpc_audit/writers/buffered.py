@@ -20,17 +20,12 @@ from datetime import datetime
 from types import FrameType
 from typing import Any
 
-from django.db import (
-    InterfaceError,
-    OperationalError,
-    connections,
-    router,
-)
+from django.db import connections, router
 
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.status import RPCStatus
-from django_rpc_audit.writers.base import DatabaseUnavailable, WriterStats
-from django_rpc_audit.writers.sink import bulk_record_events
+from django_rpc_audit.writers.base import DatabaseUnavailable, WriterStats, is_unreachable
+from django_rpc_audit.writers.sink import bulk_record_events, is_finished_event
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +46,14 @@ class BufferedLogWriter:
     so a call that finishes before its batch is written is inserted once, in its final state;
     a call still running at write time is inserted as ``pending`` and completed later.
 
-    Bounded: at most ``buffer_size`` calls are held. When the buffer is full, a started event is
-    not buffered (the call's row is written whole from its finished event), a successful call
-    is dropped, and a failed or timed-out call takes the place of the oldest buffered
-    successful one; every dropped call is counted (:meth:`stats`) and logged.
+    Bounded: at most ``buffer_size`` calls are held. When the buffer is full, an event makes
+    room only by evicting one that costs less to lose: a new started event is not buffered;
+    any finished event may take the place of the oldest buffered started event (whose call
+    then leaves its row whole when it finishes); a failure, a timeout, or the outcome of a call
+    whose pending row is written, may take the place of the oldest success whose row is not
+    written. Anything else is dropped. The outcome of a written pending row is never evicted
+    (the row would stay ``pending``). Every dropped call is counted (:meth:`stats`) and
+    logged.
 
     While the database is unreachable the thread retries the same batch with exponential
     backoff (up to ``max_retry_delay`` seconds) and loses nothing that fits in the buffer.
@@ -88,8 +87,16 @@ class BufferedLogWriter:
     def _reset_state(self) -> None:
         self._lock = threading.Lock()
         self._buffer: dict[_Key, _Entry] = {}
-        # Buffered successful calls, oldest first: what goes when a failure needs room.
+        # What may go when the buffer is full, oldest first, cheapest kind first (_make_room):
+        # buffered started events (nothing is lost: the finished event makes the whole row),
+        # then successful calls whose pending row is not written (one success row is lost).
+        self._started: OrderedDict[_Key, None] = OrderedDict()
         self._successes: OrderedDict[_Key, None] = OrderedDict()
+        # Calls whose pending row is written and whose outcome is not: their finished event
+        # is never evicted (the row would stay pending, and the reaper would call a success a
+        # timeout). At most ``buffer_size`` remembered (a call whose outcome never comes
+        # must not grow it); beyond that the oldest are forgotten.
+        self._pending_written: OrderedDict[_Key, None] = OrderedDict()
         self._seq = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -125,32 +132,52 @@ class BufferedLogWriter:
         with self._lock:
             self._seq += 1
             full = key not in buffer and len(buffer) >= self.buffer_size
-            if full and not self._make_room(status):
+            if full and not self._make_room(key, status):
                 return
             buffer[key] = (self._seq, event)
-            if status == RPCStatus.SUCCESS:
-                self._successes[key] = None
+            if status is None:
+                self._started[key] = None
+            else:
+                self._started.pop(key, None)
+                if status == RPCStatus.SUCCESS and key not in self._pending_written:
+                    self._successes[key] = None
             size = len(buffer)
         if self._thread is None and self.background:
             self._start()
         if size >= self.batch_size and not self._wake.is_set():
             self._wake.set()
 
-    def _make_room(self, status: str | None) -> bool:
-        """The buffer is full: may the event of a call not in it be buffered? (Lock held.)"""
+    def _make_room(self, key: _Key, status: str | None) -> bool:
+        """The buffer is full: may the event of ``key``, a call not in it, be buffered? (Lock
+        held.) Only by evicting something that costs less to lose than the event itself."""
         if status is None:
             # Not buffering a started event loses nothing: the finished one makes the row.
             return False
-        if status != RPCStatus.SUCCESS and self._successes:
+        if self._started:
+            # A started event goes without loss: when its call finishes, the row is whole.
+            victim, _ = self._started.popitem(last=False)
+        elif self._successes and (status != RPCStatus.SUCCESS or key in self._pending_written):
+            # A failure, or the outcome of a written pending row, outweighs a success whose
+            # row is not written yet: that call is dropped, counted.
             victim, _ = self._successes.popitem(last=False)
-            del self._buffer[victim]
-        self._dropped += 1
-        return status != RPCStatus.SUCCESS and len(self._buffer) < self.buffer_size
+            self._dropped += 1
+        else:
+            self._dropped += 1
+            return False
+        del self._buffer[victim]
+        return True
+
+    def _note_pending_written(self, key: _Key) -> None:
+        """The pending row of ``key`` is in the database. (Lock held.)"""
+        self._pending_written[key] = None
+        if len(self._pending_written) > self.buffer_size:
+            self._pending_written.popitem(last=False)
 
     # -- flushing -----------------------------------------------------------------------------
 
     def flush(self, timeout: float | None = 30.0) -> bool:
-        """Write every event buffered before this call; True once they are all written.
+        """Write every event buffered before this call; True once they are all written (or,
+        the buffer being full, dropped: counted in :meth:`stats`).
 
         With the background thread, wake it and wait for it (up to ``timeout`` seconds;
         ``None``: no limit). Without one (``background=False``, or in a forked child before its
@@ -170,16 +197,15 @@ class BufferedLogWriter:
         deadline = None if timeout is None else time.monotonic() + timeout
         # Oldest first, as the thread writes them: each check drops the written head and stops
         # at the first call still waiting, so a long flush costs O(calls), not O(calls²).
-        # A call once written stays so: a newer event of it has a newer sequence number.
+        # A call is written once it has left the buffer. Still there with a newer event (its
+        # finished event replaced the started one), it waits for that one: the older event
+        # may never have been written. That is one more event at most: a call has two.
         pending = deque(waiting)
         while True:
             self._wake.set()
             with self._lock:
                 buffer = self._buffer
-                while pending:
-                    entry = buffer.get(pending[0])
-                    if entry is not None and entry[0] <= target:
-                        break
+                while pending and pending[0] not in buffer:
                     pending.popleft()
             if not pending:
                 return True
@@ -289,9 +315,17 @@ class BufferedLogWriter:
                 written += len(batch)
                 with self._lock:
                     for key, entry in batch:
+                        if is_finished_event(entry[1]):
+                            self._pending_written.pop(key, None)
+                        else:
+                            self._note_pending_written(key)
                         # A call that finished meanwhile keeps its newer event, written next.
                         if self._buffer.get(key) is entry:
                             del self._buffer[key]
+                            self._started.pop(key, None)
+                            self._successes.pop(key, None)
+                        elif not is_finished_event(entry[1]):
+                            # ... which now completes a written pending row: never evicted.
                             self._successes.pop(key, None)
                 with self._progress:
                     self._progress.notify_all()
@@ -304,11 +338,11 @@ class BufferedLogWriter:
         try:
             self._written += bulk_record_events(queryset, events)
             return
-        except (OperationalError, InterfaceError) as exc:
-            if close_on_error:
-                _close_quietly(alias)
-            raise DatabaseUnavailable(str(exc)) from exc
-        except Exception:
+        except Exception as exc:
+            if is_unreachable(exc, connections[alias]):
+                if close_on_error:
+                    _close_quietly(alias)
+                raise DatabaseUnavailable(str(exc)) from exc
             if len(events) == 1:
                 self._give_up(events[0])
                 return
