@@ -480,6 +480,41 @@ def test_a_row_the_database_refuses_does_not_hold_back_the_others(
 
 @on_postgres
 @pytest.mark.django_db(transaction=True)
+def test_an_unexpected_error_does_not_end_the_writer_thread(
+    echo_handler: None,
+    background_writer: Callable[..., BufferedLogWriter],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A project's database router that raises once (or any bug) must not kill the thread:
+    the calls after it would wait in the buffer until the process ends, or be lost with it."""
+    from django.db import router
+
+    real = router.db_for_write
+    raised: list[bool] = []
+
+    def flaky_router(model: Any, **hints: Any) -> str:
+        if not raised:
+            raised.append(True)
+            raise RuntimeError("router down")
+        return real(model, **hints)
+
+    monkeypatch.setattr(router, "db_for_write", flaky_router)
+    writer = background_writer(max_retry_delay=0.2)
+    with caplog.at_level(logging.ERROR, logger="django_rpc_audit.writers"):
+        get_rpc_client().call("test.echo", {"n": 1})
+        deadline = time.monotonic() + 30
+        while not RPCLog.objects.filter(status="success").exists():  # no flush(): the thread
+            assert time.monotonic() < deadline, "the writer thread stopped writing"
+            time.sleep(0.02)
+    assert raised
+    assert writer._thread is not None
+    assert writer._thread.is_alive()
+    assert "router down" in caplog.text
+
+
+@on_postgres
+@pytest.mark.django_db(transaction=True)
 def test_rows_survive_an_atomic_request_that_fails(
     echo_handler: None,
     background_writer: Callable[..., BufferedLogWriter],

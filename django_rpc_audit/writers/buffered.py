@@ -275,6 +275,15 @@ class BufferedLogWriter:
                             delay,
                             exc_info=True,
                         )
+                except Exception:
+                    # Anything else (a project's database router raising, a bug) must not end
+                    # the thread: every later call would wait in the buffer for the exit.
+                    delay = min(max(delay * 2, _FIRST_RETRY_DELAY), self.max_retry_delay)
+                    logger.exception(
+                        "Could not write RPC log rows; %d call(s) buffered, retrying in %.1f s.",
+                        len(self._buffer),
+                        delay,
+                    )
                 else:
                     if delay:
                         logger.warning("RPC log rows are being written again.")
