@@ -6,6 +6,7 @@ a fresh start in forked children.
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import contextlib
 import itertools
@@ -248,6 +249,7 @@ class BufferedLogWriter:
         self._thread.start()
 
     def _run(self) -> None:
+        _leave_signals_to_the_main_thread()
         delay = 0.0
         try:
             while True:
@@ -405,6 +407,22 @@ class BufferedLogWriter:
         self._reset_state()
 
 
+#: Signals a process is asked to stop or act with, which Python handles in its main thread.
+_MAIN_THREAD_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+
+
+def _leave_signals_to_the_main_thread() -> None:
+    """Block the stop signals in the writer thread, so the kernel hands them to the main
+    thread. Python runs its handlers (the ``SIGTERM`` flush) in the main thread, and only once
+    that thread runs Python code again: a signal delivered to this thread does not interrupt a
+    main thread blocked in a system call (a lock or semaphore wait), which may then never
+    notice it."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        return
+    stop = {getattr(signal, name) for name in _MAIN_THREAD_SIGNALS if hasattr(signal, name)}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+
+
 def _close_quietly(alias: str) -> None:
     # The connection is broken; the next write reconnects.
     with contextlib.suppress(Exception):
@@ -437,20 +455,70 @@ if hasattr(os, "register_at_fork"):  # not on Windows
     )
 
 _atexit_registered = False
+_finalizer_pid: int | None = None
 
 
 def _register_atexit() -> None:
-    global _atexit_registered
+    """Write what the writers hold when this process ends, whichever way it ends normally.
+
+    ``atexit`` at interpreter exit. A ``multiprocessing`` child (fork and forkserver: a
+    ``Process``, a ``Pool`` worker) ends through ``os._exit``, which runs no ``atexit``
+    handler; it runs multiprocessing's own finalizers first, so each child registers one.
+    """
+    global _atexit_registered, _finalizer_pid
     if not _atexit_registered:
-        _atexit_registered = True
+        _atexit_registered = True  # inherited by forked children, as the handler itself is
         atexit.register(_close_all_at_exit)
+    pid = os.getpid()
+    if _finalizer_pid != pid:
+        _finalizer_pid = pid
+        import multiprocessing
+        import multiprocessing.util
+
+        if multiprocessing.parent_process() is not None:
+            # Priority >= 0: run before the child waits for its own children and exits.
+            multiprocessing.util.Finalize(None, _close_all_at_exit, exitpriority=10)
+
+
+#: True once this process runs its exit flush: a SIGTERM meanwhile lets it finish.
+_exiting = False
 
 
 def _close_all_at_exit() -> None:
+    global _exiting
+    _exiting = True
     timeout = shutdown_timeout()
     for writer in list(_live_writers):
         if writer._thread is not None:
             writer.close(timeout)
+
+
+def _flush_all_for_sigterm(timeout: float) -> None:
+    """Flush every writer from a helper thread; the main thread waits at most ``timeout``.
+
+    Not on the main thread itself: the handler runs there, between two bytecodes of whatever
+    it interrupted, possibly inside the writer holding a lock the flush needs (a non-reentrant
+    lock: a deadlock). From a helper thread, the worst case is the wait running out.
+    """
+
+    def flush_all() -> None:
+        try:
+            for writer in list(_live_writers):
+                if writer._thread is not None:
+                    writer.flush_interval = min(writer.flush_interval, _DRAINING_FLUSH_INTERVAL)
+                    writer.flush(timeout)
+        finally:
+            done.release()
+
+    done = _thread.allocate_lock()  # a lock nobody else ever holds
+    done.acquire()
+    try:
+        # The low-level thread: threading.Thread.start() takes threading's own locks.
+        _thread.start_new_thread(flush_all, ())
+    except RuntimeError:  # no new threads at interpreter shutdown
+        done.release()
+        return
+    done.acquire(timeout=timeout + 1.0)
 
 
 def install_sigterm_flush() -> bool:
@@ -471,10 +539,11 @@ def install_sigterm_flush() -> bool:
         return True  # already installed
 
     def flush_on_sigterm(signum: int, frame: FrameType | None) -> None:
-        for writer in list(_live_writers):
-            if writer._thread is not None:
-                writer.flush_interval = min(writer.flush_interval, _DRAINING_FLUSH_INTERVAL)
-                writer.flush(shutdown_timeout())
+        if _exiting:
+            # The exit flush is running (atexit, or a multiprocessing child's finalizer, as
+            # when Pool.terminate() SIGTERMs a worker that is leaving anyway): let it end.
+            return
+        _flush_all_for_sigterm(shutdown_timeout())
         if callable(previous):
             previous(signum, frame)
         elif previous in (signal.SIG_DFL, None):
