@@ -38,6 +38,14 @@ from django_rpc_audit.utils import canonical_correlation_id
 FILTER_CHOICE_ROWS = 10_000
 #: JSON longer than this (characters) is cut in the detail view; the row keeps all of it.
 JSON_DISPLAY_LIMIT = 100_000
+#: The Unfold label colour of each status, in the list's badge and the detail view's label.
+STATUS_VARIANTS: dict[str, str] = {
+    RPCStatus.SUCCESS: "success",
+    RPCStatus.FAILED: "danger",
+    RPCStatus.TIMEOUT: "warning",
+    RPCStatus.PENDING: "info",
+    RPCStatus.RATE_LIMITED: "primary",
+}
 
 _JSON_TOKEN = re.compile(
     r'(?P<key>"(?:\\.|[^"\\])*")(?=\s*:)'
@@ -266,12 +274,7 @@ class RPCLogDisplayMixin:
     @display(
         description=_("status"),
         ordering="status",
-        label={
-            RPCStatus.SUCCESS: "success",
-            RPCStatus.FAILED: "danger",
-            RPCStatus.TIMEOUT: "warning",
-            RPCStatus.PENDING: "info",
-        },
+        label=STATUS_VARIANTS,
     )
     def status_badge(self, obj: RPCLog) -> Any:
         return obj.status, obj.get_status_display()
@@ -420,7 +423,11 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
             "correlation_id_copy",
             "related_calls",
         )
-        if obj is not None and obj.status in (RPCStatus.FAILED, RPCStatus.TIMEOUT):
+        if obj is not None and obj.status in (
+            RPCStatus.FAILED,
+            RPCStatus.TIMEOUT,
+            RPCStatus.RATE_LIMITED,
+        ):
             call = (*call[:2], "error_box", *call[2:])
         return [
             (None, {"fields": call}),
@@ -430,15 +437,9 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
 
     @display(description=_("status"))
     def status_label(self, obj: RPCLog) -> str:
-        variants: dict[str, str] = {
-            RPCStatus.SUCCESS: "success",
-            RPCStatus.FAILED: "danger",
-            RPCStatus.TIMEOUT: "warning",
-            RPCStatus.PENDING: "info",
-        }
         return render_to_string(
             "unfold/helpers/label.html",
-            {"text": obj.get_status_display(), "variant": variants.get(obj.status, "")},
+            {"text": obj.get_status_display(), "variant": STATUS_VARIANTS.get(obj.status, "")},
         )
 
     @display(description=_("correlation id"))

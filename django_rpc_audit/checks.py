@@ -27,7 +27,7 @@ def check_settings(
         return [
             Error(
                 f"{SETTING_NAME} is invalid: {exc}",
-                hint="See the settings table in django-rpc-audit's README.",
+                hint="See the settings reference in django-rpc-audit's docs (docs/settings.md).",
                 id="django_rpc_audit.E001",
             )
         ]
@@ -114,6 +114,30 @@ def check_sampling(
                 "kept, so slow calls are sampled like fast ones.",
                 hint="Lower ALWAYS_LOG_SLOWER_THAN_MS below RPC_TIMEOUT.",
                 id="django_rpc_audit.W004",
+            )
+        ]
+    return []
+
+
+@register(Tags.compatibility)
+def check_rate_limit_policy(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """E003: ``RATE_LIMIT_POLICY`` cannot be imported or is not callable."""
+    from django_rpc_audit.ratelimit.limiter import load_policy
+
+    try:
+        path = get_config().rate_limit_policy
+    except ImproperlyConfigured:
+        return []  # E001 reports it
+    try:
+        load_policy(path)
+    except ImproperlyConfigured as exc:
+        return [
+            Error(
+                str(exc),
+                hint="Give the dotted path of a function taking a RateLimitCall.",
+                id="django_rpc_audit.E003",
             )
         ]
     return []

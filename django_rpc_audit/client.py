@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import threading
 import time
 import uuid
@@ -17,7 +16,14 @@ from django.core.serializers.json import DjangoJSONEncoder
 
 from django_rpc_audit.conf import MAX_WAIT_SECONDS, DjangoCfgRPCConfig, get_config
 from django_rpc_audit.context import aresolve_user, get_caller_context, resolve_user
-from django_rpc_audit.exceptions import RPCDisabledError, RPCError, RPCTimeoutError
+from django_rpc_audit.exceptions import (
+    RPCDisabledError,
+    RPCError,
+    RPCRateLimitedError,
+    RPCTimeoutError,
+)
+from django_rpc_audit.payload import Stored, stored, stored_text
+from django_rpc_audit.ratelimit import RateLimiter, build_rate_limiter
 from django_rpc_audit.redaction import Redactor, get_redactor
 from django_rpc_audit.signals import rpc_finished, rpc_started
 from django_rpc_audit.status import RPCStatus
@@ -50,6 +56,8 @@ class _Outcome:
     def record(self, exc: BaseException) -> None:
         timed_out = isinstance(exc, RPCTimeoutError)
         self.status = (RPCStatus.TIMEOUT if timed_out else RPCStatus.FAILED).value
+        if isinstance(exc, RPCRateLimitedError):
+            self.status = RPCStatus.RATE_LIMITED.value
         if isinstance(exc, RPCError):
             self.error_code, self.error_message = exc.code, exc.message
         elif isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
@@ -57,13 +65,32 @@ class _Outcome:
         else:
             self.error_code, self.error_message = "client_error", f"{type(exc).__name__}: {exc}"
 
-    def as_kwargs(self, duration_ms: float, method: str, redactor: Redactor) -> dict[str, Any]:
-        """``rpc_finished``'s own arguments, secrets redacted (the caller gets the originals)."""
+    def as_kwargs(
+        self,
+        duration_ms: float,
+        request: RPCRequest,
+        redactor: Redactor,
+        config: DjangoCfgRPCConfig,
+    ) -> dict[str, Any]:
+        """``rpc_finished``'s own arguments in their stored form: capped, then redacted (the
+        caller gets the originals)."""
+        response: Stored | None = None
+        if self.response is not None:
+            response = stored(
+                self.response,
+                config.max_response_bytes,
+                redactor,
+                redactor.rule_for(request.method).response,
+                original_bytes=request.wire.get("reply_bytes"),
+            )
         return {
             "status": self.status,
-            "response": redactor.response(method, self.response),
+            "response": None if response is None else response.value,
+            "response_json": None if response is None else response.text,
             "error_code": self.error_code,
-            "error_message": redactor.text(self.error_message),
+            "error_message": stored_text(
+                self.error_message, config.max_error_message_bytes, redactor
+            ),
             "duration_ms": duration_ms,
             "completed_at": datetime.now(UTC),
         }
@@ -84,6 +111,8 @@ class RPCClient:
         self.transport = transport if transport is not None else build_transport(config)
         #: Redacts what the signals carry, by ``REDACT_KEYS`` and ``REDACT_METHODS``.
         self.redactor: Redactor = get_redactor(config.redact_keys, config.redact_methods)
+        #: Applies ``RATE_LIMITS``; ``None`` when there are none.
+        self.rate_limiter: RateLimiter | None = build_rate_limiter(config, self.transport)
 
     def __repr__(self) -> str:
         return f"<RPCClient {self.transport!r}>"
@@ -129,35 +158,46 @@ class RPCClient:
                 ) from None
         reply_to = f"{self.config.response_key_prefix}{correlation_id}"
         try:
-            body = json.dumps(
-                {
-                    "type": "rpc",
-                    "method": method,
-                    "params": params,
-                    "correlation_id": correlation_id,
-                    "reply_to": reply_to,
-                    "timeout": wire_timeout(timeout),
-                },
-                cls=DjangoJSONEncoder,
-                allow_nan=False,
-            )
+            params_json = _WIRE_ENCODER.encode(params)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"RPC params for {method!r} cannot be sent as JSON: {exc}") from exc
-        return RPCRequest(method, params, correlation_id, reply_to, float(timeout), body)
+        except RecursionError:
+            raise TypeError(
+                f"RPC params for {method!r} cannot be sent as JSON: nested too deeply."
+            ) from None
+        # The envelope around the params, as json.dumps would write it: the params' own text
+        # is encoded once and its size (ASCII: one byte a character) is known for the log.
+        body = (
+            f'{{"type":"rpc","method":{_WIRE_ENCODER.encode(method)},"params":{params_json},'
+            f'"correlation_id":"{correlation_id}","reply_to":{_WIRE_ENCODER.encode(reply_to)},'
+            f'"timeout":{wire_timeout(timeout)}}}'
+        )
+        request = RPCRequest(method, params, correlation_id, reply_to, float(timeout), body)
+        request.wire["params_bytes"] = len(params_json)
+        return request
 
     def _started(
         self, request: RPCRequest, user: Any, caller_ip: str | None, user_agent: str | None
     ) -> dict[str, Any]:
         """The keyword arguments of ``rpc_started``; explicit values win over the context.
 
-        The params are a redacted copy: the request (already encoded in ``request.body``) goes
-        over the wire unchanged, while no receiver ever sees a secret.
+        The params are their stored form, capped then redacted
+        (:func:`~django_rpc_audit.payload.stored`): the request (already encoded in
+        ``request.body``) goes over the wire unchanged, while no receiver ever sees a secret.
         """
         context = get_caller_context()
+        params = stored(
+            request.params,
+            self.config.max_params_bytes,
+            self.redactor,
+            self.redactor.rule_for(request.method).params,
+            original_bytes=request.wire.get("params_bytes"),
+        )
         return {
             "correlation_id": request.correlation_id,
             "method": request.method,
-            "params": self.redactor.params(request.method, request.params),
+            "params": params.value,
+            "params_json": params.text,
             "user": user,
             "caller_ip": caller_ip if caller_ip is not None else context.caller_ip,
             "user_agent": user_agent if user_agent is not None else context.user_agent,
@@ -165,7 +205,7 @@ class RPCClient:
         }
 
     @contextlib.contextmanager
-    def _reported(self, started: dict[str, Any]) -> Iterator[_Outcome]:
+    def _reported(self, request: RPCRequest, started: dict[str, Any]) -> Iterator[_Outcome]:
         """Send ``rpc_started``, time the block, then send ``rpc_finished`` whatever happened.
 
         Sending ``rpc_started`` is inside the ``try``: an interruption while its receivers run
@@ -183,11 +223,13 @@ class RPCClient:
             raise
         finally:
             duration_ms = 0.0 if clock is None else (time.perf_counter() - clock) * 1000
-            finished = outcome.as_kwargs(duration_ms, started["method"], self.redactor)
+            finished = outcome.as_kwargs(duration_ms, request, self.redactor, self.config)
             rpc_finished.send_robust(sender=type(self), **started, **finished)
 
     @contextlib.asynccontextmanager
-    async def _areported(self, started: dict[str, Any]) -> AsyncIterator[_Outcome]:
+    async def _areported(
+        self, request: RPCRequest, started: dict[str, Any]
+    ) -> AsyncIterator[_Outcome]:
         """The ``async`` twin of :meth:`_reported`."""
         outcome = _Outcome()
         clock: float | None = None
@@ -203,7 +245,7 @@ class RPCClient:
             finished = rpc_finished.asend_robust(
                 sender=type(self),
                 **started,
-                **outcome.as_kwargs(duration_ms, started["method"], self.redactor),
+                **outcome.as_kwargs(duration_ms, request, self.redactor, self.config),
             )
             # A cancelled call still reports how it ended: shield the report from a second
             # cancellation of the task.
@@ -234,13 +276,17 @@ class RPCClient:
         :raises RPCRemoteError: the server answered with an error (its code and text).
         :raises RPCTimeoutError: no reply within ``timeout`` (default ``RPC_TIMEOUT``).
         :raises RPCConnectionError: Redis could not be reached.
+        :raises RPCRateLimitedError: over its ``RATE_LIMITS`` limit; nothing was sent.
         :raises RuntimeError: called from a running event loop (use :meth:`acall` there).
         """
         _refuse_on_event_loop("call")
         request = self._request(method, params, timeout, correlation_id)
         if user is None:
             user = resolve_user(get_caller_context())
-        with self._reported(self._started(request, user, caller_ip, user_agent)) as outcome:
+        started = self._started(request, user, caller_ip, user_agent)
+        with self._reported(request, started) as outcome:
+            if self.rate_limiter is not None:
+                request = self.rate_limiter.limit(request, user, started["caller_ip"])
             outcome.succeed(self.transport.call(request))
         return outcome.result
 
@@ -264,7 +310,10 @@ class RPCClient:
         request = self._request(method, params, timeout, correlation_id)
         if user is None:
             user = await aresolve_user(get_caller_context())
-        async with self._areported(self._started(request, user, caller_ip, user_agent)) as outcome:
+        started = self._started(request, user, caller_ip, user_agent)
+        async with self._areported(request, started) as outcome:
+            if self.rate_limiter is not None:
+                request = await self.rate_limiter.alimit(request, user, started["caller_ip"])
             outcome.succeed(await self.transport.acall(request))
         return outcome.result
 
@@ -274,18 +323,25 @@ class RPCClient:
         The signals fire as for :meth:`call`. Since no reply is awaited, a successful send is
         reported with ``status="success"`` and ``response=None``: the row records that the
         request reached the stream, not what the server did with it.
+
+        :raises RPCRateLimitedError: over its ``RATE_LIMITS`` limit; nothing was sent.
         """
         _refuse_on_event_loop("fire_and_forget")
         request = self._request(method, params, None, None)
         user = resolve_user(get_caller_context())
-        with self._reported(self._started(request, user, None, None)) as outcome:
+        started = self._started(request, user, None, None)
+        with self._reported(request, started) as outcome:
+            if self.rate_limiter is not None:
+                request = self.rate_limiter.limit(request, user, started["caller_ip"])
             self.transport.send(request)
             outcome.succeed(None)
         return request.correlation_id
 
     def close(self) -> None:
-        """Close the transport's connections."""
+        """Close the transport's (and the rate limiter's) connections."""
         self.transport.close()
+        if self.rate_limiter is not None:
+            self.rate_limiter.close()
 
 
 def _refuse_on_event_loop(name: str) -> None:
@@ -299,6 +355,9 @@ def _refuse_on_event_loop(name: str) -> None:
         "use 'await RPCClient.acall()' in async code."
     )
 
+
+#: The wire's JSON: Django's encoder (dates, decimals, UUIDs), compact, no NaN.
+_WIRE_ENCODER = DjangoJSONEncoder(separators=(",", ":"), allow_nan=False)
 
 _client: RPCClient | None = None
 _client_lock = threading.Lock()

@@ -18,6 +18,7 @@ from django.dispatch import receiver
 from redis.connection import parse_url
 
 from django_rpc_audit.forwarded import trusted_networks
+from django_rpc_audit.ratelimit.rules import Rule, parse_rules
 from django_rpc_audit.redaction import FieldRule, MethodRule, key_words
 from django_rpc_audit.utils import redact_url
 
@@ -55,16 +56,19 @@ class DjangoCfgRPCConfig:
     Either way, environment variables ``DJANGO_CFG_RPC__<KEY>`` win over what the settings say.
     """
 
+    # -- calls and transport
     #: Master switch. When false, :func:`~django_rpc_audit.get_rpc_client` raises
     #: :class:`~django_rpc_audit.exceptions.RPCDisabledError`.
     enabled: bool = True
-    #: Redis server the django-ipc peer listens on. A password in it never appears in errors.
+    #: Redis server the django-ipc peer listens on: a ``redis://``, ``rediss://`` or ``unix://``
+    #: URL (``unix:///run/redis.sock?db=2``). A password in it never appears in errors.
     redis_url: str = "redis://localhost:6379/2"
     #: Write an ``RPCLog`` row for every call. Off: calls and signals go on, no rows are written.
     enable_logging: bool = True
     #: ``"redis"`` (the django-ipc wire protocol) or ``"local"`` (in-process handlers).
     transport: Transport = "redis"
-    #: Seconds a call waits for its reply before it is a timeout.
+    #: Seconds a call waits for its reply before it is a timeout (sent to the server rounded up
+    #: to whole seconds). At most a week, as every duration setting.
     rpc_timeout: float = 30.0
     #: Redis Stream the requests are added to.
     request_stream: str = "stream:requests"
@@ -83,11 +87,16 @@ class DjangoCfgRPCConfig:
     redact_keys: tuple[str, ...] = field(default=())
     #: Per-method rules, by exact name or glob: ``{"auth.*": {"params": "drop",
     #: "response": ["user_id"]}}`` drops the params and keeps only ``user_id`` of the response.
+    #: Settings only: an environment variable cannot express these rules.
     redact_methods: tuple[tuple[str, MethodRule], ...] = field(default=())
-    #: Largest params, response, error message and user agent stored, in UTF-8 bytes.
+    #: Largest params stored, in bytes of compact UTF-8 JSON; bigger ones are stored as a
+    #: truncation marker (valid JSON with the original size and a preview). At least 128.
     max_params_bytes: int = 65_536
+    #: Largest response stored, in bytes of compact UTF-8 JSON, truncated like the params.
     max_response_bytes: int = 65_536
+    #: Longest error message stored, in UTF-8 bytes; a longer one keeps its start and end.
     max_error_message_bytes: int = 16_384
+    #: Longest user agent kept, in UTF-8 bytes; a longer one keeps its start and end.
     max_user_agent_bytes: int = 1_024
     #: Share of *successful* calls that are logged (0..1); failures are always logged.
     sample_rate: float = 1.0
@@ -103,8 +112,10 @@ class DjangoCfgRPCConfig:
     #: Calls at least this slow (milliseconds) show their duration in the admin's warning colour.
     admin_duration_warn_ms: float = 500.0
     #: Calls at least this slow (milliseconds) show their duration in the admin's danger colour.
+    #: Must be above ``ADMIN_DURATION_WARN_MS``.
     admin_duration_slow_ms: float = 2000.0
-    #: Seconds between the analytics dashboard's automatic refreshes; 0 turns them off.
+    #: Seconds between the analytics dashboard's automatic refreshes for the last hour (longer
+    #: windows refresh less often); 0 turns them off.
     admin_dashboard_refresh_seconds: int = 5
     # -- buffered writer
     #: ``"buffered"``: the receivers only enqueue, a background thread writes batches on its own
@@ -114,20 +125,60 @@ class DjangoCfgRPCConfig:
     #: Most calls the buffered writer holds in memory. When full, successful calls are dropped
     #: first (counted and logged); failures and timeouts are kept.
     buffer_size: int = 100_000
-    #: Rows per ``INSERT`` (and per commit) of the buffered writer.
+    #: Most bytes the buffered writer holds in memory, estimated from the calls' stored texts
+    #: (params and response JSON, counted twice, error message, user agent, 1 KB a call). When
+    #: it would go over, successful calls are dropped first (counted and logged).
+    buffer_max_bytes: int = 64 * 2**20
+    #: Rows per batch of the buffered writer: one ``COPY`` (or ``INSERT``) and one commit.
     buffer_batch_size: int = 1_000
     #: Seconds between the buffered writer's flushes (sooner once a batch is full).
     buffer_flush_interval: float = 0.5
-    #: Longest wait, in seconds, between retries while the database is unreachable.
+    #: Longest wait, in seconds, between retries while the database is unreachable (the backoff
+    #: starts at 0.1 s and doubles).
     buffer_max_retry_delay: float = 10.0
     #: Seconds the process waits at exit for the buffered writer to write what it holds.
     buffer_shutdown_timeout: float = 10.0
+    # -- rate limits (docs/rate-limits.md)
+    #: Limits by exact method name or glob, exact names first, then the first matching pattern
+    #: in the order given: ``{"send_notification": "10/minute", "reports.*": {"rate":
+    #: "100/hour", "burst": 10}, "system.ping": None, "*": "1000/minute"}``.
+    rate_limits: tuple[Rule, ...] = field(default=())
+    #: Redis the limiter keeps its state in; empty: ``REDIS_URL`` (then a limited call's check
+    #: runs in the same script as its request's ``XADD``).
+    rate_limit_redis_url: str = ""
+    #: When the limiter's Redis fails: True lets limited calls through unchecked (counted and
+    #: logged), False refuses them with ``RPCRateLimitedError``.
+    rate_limit_fail_open: bool = True
+    #: Seconds the limiter waits for its own Redis (connect and answer) before failing.
+    rate_limit_timeout: float = 0.25
+    #: Seconds after a limiter failure during which limited calls skip the check.
+    rate_limit_backoff_seconds: float = 1.0
+    #: Prefix of the limiter's Redis keys.
+    rate_limit_key_prefix: str = "rpc_audit:ratelimit:"
+    #: Anonymous IPv6 callers share the budget of their ``/N`` network (one host usually
+    #: holds a whole /64).
+    rate_limit_ipv6_prefix: int = 64
+    #: Staff users (``is_staff``) are not limited.
+    rate_limit_exempt_staff: bool = False
+    #: Usernames that are not limited.
+    rate_limit_exempt_users: tuple[str, ...] = field(default=())
+    #: Dotted path to ``policy(call: RateLimitCall) -> RateLimitCall | None``: another limit
+    #: or subject per call (plans, organisations), or ``None`` to exempt it.
+    rate_limit_policy: str = ""
+
+    def __repr__(self) -> str:
+        # The dataclass repr would print REDIS_URL with its password.
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["redis_url"] = redact_url(self.redis_url)
+        fields = ", ".join(f"{name}={value!r}" for name, value in shown.items())
+        return f"DjangoCfgRPCConfig({fields})"
 
     def __post_init__(self) -> None:
         if isinstance(self.trusted_proxy_ips, list | set | frozenset):
             # Settings naturally give lists; a tuple keeps the frozen config hashable.
             object.__setattr__(self, "trusted_proxy_ips", tuple(self.trusted_proxy_ips))
         _normalise_data_hygiene(self)
+        _normalise_rate_limits(self)
         _validate(self)
 
     @classmethod
@@ -206,12 +257,14 @@ def _validate(config: DjangoCfgRPCConfig) -> None:
     _validate_data_hygiene(config)
     _validate_admin(config)
     _validate_buffered_writer(config)
+    _validate_rate_limits(config)
 
 
 def _pairs(value: object) -> object:
-    """A settings dict (or ``key=value`` strings from the environment) as sorted pairs."""
+    """A settings dict (or ``key=value`` strings from the environment) as pairs, in the order
+    written: glob rules are tried in that order (the first match wins)."""
     if isinstance(value, Mapping):
-        return tuple(sorted(value.items(), key=lambda item: str(item[0])))
+        return tuple(value.items())
     if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
         pairs = []
         for item in value:
@@ -368,6 +421,16 @@ def _validate_buffered_writer(config: DjangoCfgRPCConfig) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise _fail(name.upper(), f"must be a positive integer, not {value!r}.")
+    one_call = 2 * (config.max_params_bytes + config.max_response_bytes) + (
+        config.max_error_message_bytes + config.max_user_agent_bytes + 1_024
+    )
+    max_bytes = config.buffer_max_bytes
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < one_call:
+        raise _fail(
+            "BUFFER_MAX_BYTES",
+            f"must be a whole number of bytes that holds at least one call of the largest size "
+            f"the MAX_*_BYTES caps allow ({one_call}), not {max_bytes!r}.",
+        )
     for name in ("buffer_flush_interval", "buffer_max_retry_delay", "buffer_shutdown_timeout"):
         value = getattr(config, name)
         if not _is_number(value) or not 0 < value <= MAX_WAIT_SECONDS:
@@ -377,10 +440,57 @@ def _validate_buffered_writer(config: DjangoCfgRPCConfig) -> None:
             )
 
 
-def validate_redis_url(url: object) -> None:
+def _normalise_rate_limits(config: DjangoCfgRPCConfig) -> None:
+    """``RATE_LIMITS`` as parsed rules, in the order given; lists of names as tuples."""
+    try:
+        rules = parse_rules(config.rate_limits)
+    except ValueError as exc:
+        raise _fail("RATE_LIMITS", f"is invalid: {exc}.") from None
+    object.__setattr__(config, "rate_limits", rules)
+    if isinstance(config.rate_limit_exempt_users, list | set | frozenset):
+        object.__setattr__(config, "rate_limit_exempt_users", tuple(config.rate_limit_exempt_users))
+
+
+def _validate_rate_limits(config: DjangoCfgRPCConfig) -> None:
+    if config.rate_limit_redis_url:
+        validate_redis_url(config.rate_limit_redis_url, key="RATE_LIMIT_REDIS_URL")
+    for name in ("rate_limit_fail_open", "rate_limit_exempt_staff"):
+        if not isinstance(getattr(config, name), bool):
+            raise _fail(name.upper(), f"must be True or False, not {getattr(config, name)!r}.")
+    for name in ("rate_limit_timeout", "rate_limit_backoff_seconds"):
+        value = getattr(config, name)
+        if not _is_number(value) or not 0 < value <= MAX_WAIT_SECONDS:
+            raise _fail(
+                name.upper(),
+                f"must be a positive number of seconds up to {MAX_WAIT_SECONDS:g}, not {value!r}.",
+            )
+    prefix = config.rate_limit_key_prefix
+    if not isinstance(prefix, str) or not prefix:
+        raise _fail("RATE_LIMIT_KEY_PREFIX", f"must be a non-empty string, not {prefix!r}.")
+    bits = config.rate_limit_ipv6_prefix
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 128:
+        raise _fail(
+            "RATE_LIMIT_IPV6_PREFIX", f"must be a whole number from 1 to 128, not {bits!r}."
+        )
+    if not isinstance(config.rate_limit_exempt_users, tuple) or not all(
+        isinstance(name, str) and name for name in config.rate_limit_exempt_users
+    ):
+        raise _fail(
+            "RATE_LIMIT_EXEMPT_USERS",
+            f"must be a list of usernames, not {config.rate_limit_exempt_users!r}.",
+        )
+    policy = config.rate_limit_policy
+    if not isinstance(policy, str) or (policy and "." not in policy):
+        raise _fail(
+            "RATE_LIMIT_POLICY",
+            f"must be the dotted path of a callable ('myapp.limits.policy'), not {policy!r}.",
+        )
+
+
+def validate_redis_url(url: object, key: str = "REDIS_URL") -> None:
     """Raise :class:`ImproperlyConfigured` unless redis-py accepts ``url``; hides the password."""
     if not isinstance(url, str) or not url:
-        raise _fail("REDIS_URL", "must be a redis://, rediss:// or unix:// URL.")
+        raise _fail(key, "must be a redis://, rediss:// or unix:// URL.")
     try:
         parse_url(url)  # type: ignore[no-untyped-call]
         parts = urlsplit(url)
@@ -394,7 +504,7 @@ def validate_redis_url(url: object) -> None:
         valid = False
     if not valid:
         # No exception chaining: redis-py's message may quote the URL, password included.
-        raise _fail("REDIS_URL", f"is not a valid Redis URL ({redact_url(url)}).")
+        raise _fail(key, f"is not a valid Redis URL ({redact_url(url)}).")
 
 
 @functools.cache

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 #: Rows shown in each of the dashboard's tables.
 TABLE_ROWS = 8
+#: The chart's colour for calls refused by their rate limit.
+RATE_LIMITED_COLOUR = "#f59e0b"
 _ERRORS = f"{RPCStatus.FAILED},{RPCStatus.TIMEOUT}"
 
 
@@ -145,6 +147,7 @@ def dashboard_context(window: Window, site_name: str = "admin") -> dict[str, Any
             for log in failures
         ],
         "failures_url": link(status__in=_ERRORS),
+        "rate_limited_colour": RATE_LIMITED_COLOUR,
     }
 
 
@@ -198,6 +201,13 @@ def _kpis(overview: Any, link: Any) -> list[dict[str, Any]]:
             "url": link(status__in=_ERRORS),
             "tone": "danger" if overview["error_rate"] else "",
         },
+        {
+            "key": "rate_limited",
+            "label": _("Rate limited"),
+            "value": f"{overview['rate_limited_count']:,}",
+            "detail": _("refused, not sent"),
+            "url": link(status__exact=RPCStatus.RATE_LIMITED),
+        },
     ]
     for name, label in (("p50", "p50"), ("p95", "p95"), ("p99", "p99")):
         value = overview[f"{name}_duration_ms"]
@@ -220,7 +230,11 @@ def _chart(calls: Any, window: Window, since: datetime, now: datetime) -> dict[s
     label_format = "%H:%M" if window.length <= timedelta(hours=24) else "%a %H:%M"
     labels = [bucket["start"].strftime(label_format) for bucket in timeline]
     errors = [(b["failed_count"] + b["timeout_count"]) / minutes for b in timeline]
-    others = [b["total_calls"] / minutes - error for b, error in zip(timeline, errors, strict=True)]
+    limited = [b["rate_limited_count"] / minutes for b in timeline]
+    others = [
+        b["total_calls"] / minutes - error - refused
+        for b, error, refused in zip(timeline, errors, limited, strict=True)
+    ]
     data = {
         "labels": labels,
         "datasets": [
@@ -234,6 +248,12 @@ def _chart(calls: Any, window: Window, since: datetime, now: datetime) -> dict[s
                 "label": str(_("Failed or timed out")),
                 "data": [round(value, 2) for value in errors],
                 "backgroundColor": "#ef4444",
+                "stack": "calls",
+            },
+            {
+                "label": str(_("Rate limited")),
+                "data": [round(value, 2) for value in limited],
+                "backgroundColor": RATE_LIMITED_COLOUR,
                 "stack": "calls",
             },
         ],

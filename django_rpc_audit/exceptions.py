@@ -60,3 +60,21 @@ class RPCProtocolError(RPCError):
     """A reply arrived but is not what the wire protocol promises (not JSON, wrong shape)."""
 
     code = "protocol_error"
+
+
+class RPCRateLimitedError(RPCError):
+    """The call was over its rate limit (``RATE_LIMITS``) and was **not sent**.
+
+    ``retry_after`` is the number of seconds after which a retry can succeed (exact for the
+    subject's own budget, unless others drew on it meanwhile). Map it to HTTP 429 with
+    :func:`~django_rpc_audit.ratelimit.http.rate_limited_response` or
+    :class:`~django_rpc_audit.ratelimit.http.RPCRateLimitMiddleware`. ``code`` is
+    ``"rate_limited"``, or ``"rate_limiter_unavailable"`` when the limiter failed and
+    ``RATE_LIMIT_FAIL_OPEN`` is off.
+    """
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after

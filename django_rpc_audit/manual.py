@@ -15,6 +15,7 @@ from django.utils import timezone
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.context import get_caller_context, resolve_user
 from django_rpc_audit.exceptions import RPCError, RPCTimeoutError
+from django_rpc_audit.payload import stored, stored_text
 from django_rpc_audit.redaction import Redactor, get_redactor
 from django_rpc_audit.status import RPCStatus
 from django_rpc_audit.utils import canonical_correlation_id
@@ -55,15 +56,18 @@ class RPCLogger:
         """Insert a ``pending`` row and return it."""
         from django_rpc_audit.models import RPCLog
 
-        if not get_config().enable_logging:
+        config = get_config()
+        if not config.enable_logging:
             return None
         try:
+            redactor = _redactor()
+            rule = redactor.rule_for(method).params
             return sink.record_started(
                 RPCLog.objects.using(router.db_for_write(RPCLog)),
                 # UUIDs as the client writes them, so the admin's exact search finds them.
                 correlation_id=canonical_correlation_id(str(correlation_id)) or str(correlation_id),
                 method=method,
-                params=_redactor().params(method, params),
+                params=stored(params, config.max_params_bytes, redactor, rule).value,
                 user=user,
                 caller_ip=caller_ip,
                 user_agent=user_agent,
@@ -116,12 +120,16 @@ def _complete(
 
     if log is None:
         return
+    config = get_config()
     redactor = _redactor()
+    if response is not None:
+        rule = redactor.rule_for(log.method).response
+        response = stored(response, config.max_response_bytes, redactor, rule).value
     values = sink.outcome_values(
         status=status,
-        response=redactor.response(log.method, response),
+        response=response,
         error_code=error_code,
-        error_message=redactor.text(error_message),
+        error_message=stored_text(error_message, config.max_error_message_bytes, redactor),
         duration_ms=duration_ms,
         completed_at=timezone.now(),
     )

@@ -35,6 +35,7 @@ class MethodStats(TypedDict):
     success_count: int
     failed_count: int
     timeout_count: int
+    rate_limited_count: int
     avg_duration_ms: float | None
     p95_duration_ms: float | None
 
@@ -48,6 +49,7 @@ class UserStats(TypedDict):
     success_count: int
     failed_count: int
     timeout_count: int
+    rate_limited_count: int
     caller_ip_count: int
 
 
@@ -65,6 +67,7 @@ class Overview(TypedDict):
     success_count: int
     failed_count: int
     timeout_count: int
+    rate_limited_count: int
     pending_count: int
     success_rate: float | None
     error_rate: float | None
@@ -81,6 +84,7 @@ class TimeBucket(TypedDict):
     success_count: int
     failed_count: int
     timeout_count: int
+    rate_limited_count: int
 
 
 class MethodCalls(TypedDict):
@@ -91,6 +95,7 @@ class MethodCalls(TypedDict):
     success_count: int
     failed_count: int
     timeout_count: int
+    rate_limited_count: int
     avg_duration_ms: float | None
     max_duration_ms: float | None
 
@@ -104,6 +109,7 @@ class UserCalls(TypedDict):
     success_count: int
     failed_count: int
     timeout_count: int
+    rate_limited_count: int
 
 
 def _bucket_start(value: datetime, bucket: str) -> datetime:
@@ -182,6 +188,7 @@ def _outcome_counts() -> dict[str, Sum]:
         "success_count": Sum(weight, filter=Q(status=RPCStatus.SUCCESS)),
         "failed_count": Sum(weight, filter=Q(status=RPCStatus.FAILED)),
         "timeout_count": Sum(weight, filter=Q(status=RPCStatus.TIMEOUT)),
+        "rate_limited_count": Sum(weight, filter=Q(status=RPCStatus.RATE_LIMITED)),
     }
 
 
@@ -190,7 +197,13 @@ def _rounded_counts(row: dict[str, Any]) -> dict[str, int]:
     return {name: round(row[name] or 0) for name in _COUNT_NAMES}
 
 
-_COUNT_NAMES = ("total_calls", "success_count", "failed_count", "timeout_count")
+_COUNT_NAMES = (
+    "total_calls",
+    "success_count",
+    "failed_count",
+    "timeout_count",
+    "rate_limited_count",
+)
 
 
 def _ago(now: datetime, what: str, **delta: float) -> datetime:
@@ -231,6 +244,10 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
         """Calls that got no reply in time."""
         return self.filter(status=RPCStatus.TIMEOUT)
 
+    def rate_limited(self) -> RPCLogQuerySet:
+        """Calls refused by their rate limit (``RATE_LIMITS``): never sent."""
+        return self.filter(status=RPCStatus.RATE_LIMITED)
+
     def pending(self) -> RPCLogQuerySet:
         """Calls still in flight (or whose outcome was never written)."""
         return self.filter(status=RPCStatus.PENDING)
@@ -254,7 +271,8 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
     # -- analytics ----------------------------------------------------------------------------
 
     def stats_by_method(self) -> list[MethodStats]:
-        """One dict per method: call counts by outcome, mean and 95th-percentile duration.
+        """One dict per method: call counts by outcome (``rate_limited_count``: refused by a rate
+        limit), mean and 95th-percentile duration.
 
         Ordered by ``total_calls``, busiest first. On PostgreSQL the percentile is computed
         exactly by the database (``percentile_cont``); on other databases it is computed
@@ -347,8 +365,8 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
         held and inserts go on meanwhile. A row still ``pending`` and younger than
         ``RPC_TIMEOUT`` plus ``REAP_MARGIN_SECONDS`` is never deleted: its call may still be
         running. Bigger batches are not faster: on a million rows PostgreSQL plans a table
-        scan per batch at 20,000 (see README, Performance). Applies to the rows this queryset
-        selects::
+        scan per batch at 20,000 (see "Pruning a big table" in the docs). Applies to the rows
+        this queryset selects::
 
             RPCLog.objects.prune(days=30)
             RPCLog.objects.for_method("system.ping").prune(days=1)
@@ -442,9 +460,10 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
     def overview(self) -> Overview:
         """Call counts by outcome, success and error rates, and p50 / p95 / p99 duration.
 
-        The rates are percentages of the *finished* calls (pending ones have no outcome yet),
-        ``None`` when no call has finished. On PostgreSQL one aggregate query computes it all;
-        elsewhere the percentiles are computed in Python from the durations.
+        The rates are percentages of the calls that were sent and finished (pending ones have
+        no outcome yet, rate-limited ones were never sent), ``None`` when there are none;
+        ``rate_limited_count`` counts the refused calls. On PostgreSQL one aggregate query
+        computes it all; elsewhere the percentiles are computed in Python from the durations.
         """
         on_postgres = connections[self.db].vendor == "postgresql"
         aggregates: dict[str, Any] = dict(_outcome_counts())
@@ -471,12 +490,14 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
         total, success = counts["total_calls"], counts["success_count"]
         failed, timeout = counts["failed_count"], counts["timeout_count"]
         finished = success + failed + timeout
+        rate_limited = counts["rate_limited_count"]
         return Overview(
             total_calls=total,
             success_count=success,
             failed_count=failed,
             timeout_count=timeout,
-            pending_count=total - finished,
+            rate_limited_count=rate_limited,
+            pending_count=total - finished - rate_limited,
             success_rate=100 * success / finished if finished else None,
             error_rate=100 * (failed + timeout) / finished if finished else None,
             p50_duration_ms=row["p50_duration_ms"],
@@ -516,6 +537,7 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
                     success_count=bucket_counts.get("success_count", 0),
                     failed_count=bucket_counts.get("failed_count", 0),
                     timeout_count=bucket_counts.get("timeout_count", 0),
+                    rate_limited_count=bucket_counts.get("rate_limited_count", 0),
                 )
             )
             start = _bucket_start(start + step, bucket)

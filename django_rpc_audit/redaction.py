@@ -8,13 +8,14 @@ case-insensitively, so ``db_password``, ``X-Api-Key`` and ``accessToken`` are se
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import functools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import re2
 
 from django_rpc_audit.utils import REDACTED
 
@@ -52,9 +53,15 @@ SECRET_WORDS: frozenset[str] = frozenset(
 
 #: Adjacent words joined when looking a key up (``private_key_pem`` -> privatekey).
 _MAX_RUN = 3
-_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+# Word boundaries inside a key: camelCase, acronyms (``HTTPAuthorization``) and digit runs
+# (``password2`` -> password, 2). Each alternative looks one character back and at most two
+# ahead, so Python's engine runs it in linear time (tests/test_linear_time.py checks it).
+_CAMEL = re.compile(
+    r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])|(?<=[A-Za-z])(?=[0-9])|(?<=[0-9])(?=[A-Za-z])"
+)
 _SEPARATORS = re.compile(r"[\s_.\-]+")
-_MAX_DEPTH = 64
+#: Keys longer than this are checked without caching (the cache must not hold user data).
+_MAX_CACHED_KEY = 256
 
 #: What a rule may say about a method's params or response: drop it, or keep only these keys.
 FieldRule = Literal["drop"] | tuple[str, ...]
@@ -63,7 +70,8 @@ FAILED: dict[str, str] = {"_redacted": "redaction failed; value withheld"}
 
 
 def key_words(key: str) -> list[str]:
-    """The lower-case words of ``key``: ``"X-Api-Key"`` -> ``["x", "api", "key"]``."""
+    """The lower-case words of ``key``: ``"X-Api-Key"`` -> ``["x", "api", "key"]``; digits are a
+    word of their own (``"password2"`` -> ``["password", "2"]``)."""
     return [word.lower() for word in _SEPARATORS.split(_CAMEL.sub(" ", key)) if word]
 
 
@@ -71,9 +79,18 @@ def _normalise(word: str) -> str:
     return "".join(key_words(word))
 
 
-@functools.lru_cache(maxsize=4096)
 def _is_secret(key: str, extra: frozenset[str]) -> bool:
-    words = key_words(key)
+    if len(key) <= _MAX_CACHED_KEY:
+        return _is_secret_cached(key, extra)
+    return _is_secret_words(key_words(key), extra)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_secret_cached(key: str, extra: frozenset[str]) -> bool:
+    return _is_secret_words(key_words(key), extra)
+
+
+def _is_secret_words(words: list[str], extra: frozenset[str]) -> bool:
     for start in range(len(words)):
         for end in range(start + 1, min(start + _MAX_RUN, len(words)) + 1):
             joined = "".join(words[start:end])
@@ -89,57 +106,162 @@ def is_secret_key(key: object, extra_keys: Iterable[str] = ()) -> bool:
     return _is_secret(key, frozenset(_normalise(word) for word in extra_keys))
 
 
-# ``token=abc``, ``"password": "abc"``, ``api_key: abc`` in free text and query strings. The
-# value is matched in a lookahead: a key that is not secret must not swallow the text after it
-# (``https://host/?token=abc`` has the non-secret key ``https`` first).
-_ASSIGNMENT = re.compile(
-    r"""(?P<key>[A-Za-z][\w.\-]{0,63})(?P<sep>["']?\s*[=:]\s*)"""
-    r"""(?=(?P<value>"[^"]*"|'[^']*'|[^\s&,;"'<>]+))"""
+# -- secrets in free text ------------------------------------------------------------------------
+#
+# Every pattern runs on RE2 (google-re2), whose matching time is linear in the text, and each
+# is built so that one ``finditer`` pass stays linear too: an attempt that scans far and fails
+# shares its fate with every later start inside the scanned run, so no run is scanned twice.
+# They run on UTF-8 bytes, encoded once per text (google-re2 re-encodes a ``str`` per call).
+# Values are then read with possessive Python patterns (no backtracking) from where RE2 left.
+
+# ``scheme://user:password@host``: the userinfo runs to the last ``@`` of the word, so a
+# password with an unencoded ``@``, ``/``, ``?`` or ``#`` is hidden whole.
+_URL_USERINFO = re2.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*://)(\S*)@")
+# The same, cut before its ``@`` (a text capped mid-URL): everything after ``://`` may be one.
+_URL_OPEN = re2.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://(\S+)\z")
+# ``Bearer <token>`` and the other HTTP authorization schemes; Digest's parameters run to the
+# end of the line.
+_AUTH_SCHEME = re2.compile(
+    rb"(?i)\b(?:(bearer|basic|token|api[-_]?key|negotiate)[ \t]+([A-Za-z0-9\-._~+/]+=*)"
+    rb"|(digest)[ \t]+([^\r\n]+))"
 )
-_AUTH_SCHEME = re.compile(r"(?i)\b(?P<scheme>bearer|basic)\s+(?P<value>[\w\-.~+/]+=*)")
-_URL_PASSWORD = re.compile(r"(?P<prefix>[a-z][a-z0-9+.\-]*://[^/\s:@]*:)(?P<value>[^@\s/]+)(?=@)")
+_SCHEME_PREFIX = re.compile(rb"(?i)(?:bearer|basic|token|api[-_]?key|negotiate|digest)[ \t]++")
+# Values after ``key=`` / ``key: ``, read possessively from where the key's match ended.
+_DOUBLE_QUOTED = re.compile(rb'"(?:[^"\\]|\\.)*+(?:"|\Z)', re.S)
+_SINGLE_QUOTED = re.compile(rb"'(?:[^'\\]|\\.)*+(?:'|\Z)", re.S)
+_REST_OF_LINE = re.compile(rb"[^\r\n]*+")
+_BARE_VALUE = re.compile(rb"[^\s&,;\"'<>]*+")
+_REDACTED_BYTES = REDACTED.encode()
+
+
+@functools.lru_cache(maxsize=16)
+def _assignment_pattern(extra: frozenset[str]) -> Any:
+    """``key=`` / ``key: `` / ``"key": `` whose key may name a secret.
+
+    Only keys that contain a secret word (its letters, separators allowed between them) are
+    matched, so text full of ``a=b`` or ``AB:CD`` costs one RE2 scan and no Python step per
+    pair; :func:`_is_secret` then decides on whole words.
+    """
+    words = sorted(SECRET_WORDS | extra, key=len, reverse=True)
+    spelled = "|".join("[_.\\-]*".join(re2.escape(char) for char in word) for word in words)
+    return re2.compile(
+        rf"(?i)((?:[a-z][\w.\-]*?)?(?:{spelled})[\w.\-]*)([\"']?\s*[=:][ \t]*)".encode()
+    )
 
 
 def _looks_like_credential(value: str) -> bool:
     """Tell ``Bearer eyJ0eXAi...`` from ``Basic authentication failed``."""
     if len(value) < 8:
         return False
-    return any(char.isdigit() or char in "-._~+/=" for char in value) or any(
+    return any(char.isdigit() or char in '-._~+/="' for char in value) or any(
         char.isupper() for char in value[1:]
     )
 
 
-def redact_text(text: str, extra_keys: frozenset[str] = frozenset()) -> str:
-    """``text`` with secrets it quotes replaced by ``***``.
+def redact_text(text: str, extra_keys: frozenset[str] = frozenset(), *, cut: bool = False) -> str:
+    """``text`` with secrets it quotes replaced by ``***``, in time linear in its length.
 
-    Catches ``key=value`` / ``key: value`` pairs whose key is secret (so query strings of URLs
-    too), ``Bearer``/``Basic`` credentials, and passwords in URLs (``redis://:pw@host``). ::
+    Catches ``key=value`` / ``key: value`` pairs whose key is secret (a value after ``:`` runs
+    to the end of the line, a quoted value to its closing quote; so query strings and headers
+    too), HTTP authorization schemes (``Bearer``, ``Basic``, ``Token``, ``ApiKey``, ``Digest``,
+    ``Negotiate``) and credentials in URLs (``redis://:***@cache``). With ``cut``, ``text`` is
+    the start of a longer text: a secret that may go on past its end is redacted to the end. ::
 
         >>> redact_text("GET /cb?code=1&access_token=abc failed: Bearer eyJhbGciOi.x")
         'GET /cb?code=1&access_token=*** failed: Bearer ***'
     """
     if not text:
         return text
-    text = _URL_PASSWORD.sub(lambda m: f"{m['prefix']}{REDACTED}", text)
-    text = _AUTH_SCHEME.sub(
-        lambda m: f"{m['scheme']} {REDACTED}" if _looks_like_credential(m["value"]) else m[0],
-        text,
-    )
-    pieces: list[str] = []
-    position = 0
-    for match in _ASSIGNMENT.finditer(text):
-        value = match["value"]
-        if match.start() < position or not _is_secret(match["key"], extra_keys):
-            continue
-        if value == REDACTED or value.lower() in ("bearer", "basic"):
-            continue  # already redacted, or a scheme whose credential _AUTH_SCHEME handled
-        quote = value[0] if value[:1] in ("'", '"') else ""
-        pieces += [text[position : match.end()], f"{quote}{REDACTED}{quote}"]
-        position = match.end() + len(value)
-    if not pieces:
+    colon, equals = ":" in text, "=" in text
+    space = " " in text or "\t" in text
+    if not (colon or equals or space):
+        return text  # nothing below can match: skip the encoding
+    data = text.encode("utf-8", "surrogatepass")
+    spans: list[tuple[int, int, bytes]] = []
+    if colon and "://" in text:
+        _url_spans(data, spans, cut)
+    if space:
+        _scheme_spans(data, spans, cut)
+    if colon or equals:
+        _assignment_spans(data, spans, extra_keys)
+    if not spans:
         return text
-    pieces.append(text[position:])
-    return "".join(pieces)
+    return _splice(data, spans).decode("utf-8", "surrogatepass")
+
+
+def _url_spans(data: bytes, spans: list[tuple[int, int, bytes]], cut: bool) -> None:
+    if b"@" in data:
+        for match in _URL_USERINFO.finditer(data):
+            userinfo = match[2]
+            start = match.start(2)
+            user, colon, _ = userinfo.partition(b":")
+            if colon and not any(char in user for char in b"/?#"):
+                spans.append((start + len(user) + 1, match.end(2), _REDACTED_BYTES))
+            elif colon or _looks_like_credential(userinfo.decode("utf-8", "replace")):
+                spans.append((start, match.end(2), _REDACTED_BYTES))
+    if cut:
+        match = _URL_OPEN.search(data)
+        if match is not None and b"@" not in match[1]:
+            spans.append((match.start(1), len(data), _REDACTED_BYTES))
+
+
+def _scheme_spans(data: bytes, spans: list[tuple[int, int, bytes]], cut: bool) -> None:
+    for match in _AUTH_SCHEME.finditer(data):
+        group = 2 if match[2] is not None else 4
+        value = match[group].decode("utf-8", "replace")
+        at_cut = cut and match.end() == len(data)
+        if value != REDACTED and (at_cut or _looks_like_credential(value)):
+            spans.append((match.start(group), match.end(group), _REDACTED_BYTES))
+
+
+def _assignment_spans(
+    data: bytes, spans: list[tuple[int, int, bytes]], extra: frozenset[str]
+) -> None:
+    covered = 0  # end of the last value redacted: keys inside it are hidden already
+    for match in _assignment_pattern(extra).finditer(data):
+        if match.start() < covered or not _is_secret(match[1].decode("ascii", "replace"), extra):
+            continue
+        position = match.end()
+        first = data[position : position + 1]
+        if first == b'"':
+            value = _DOUBLE_QUOTED.match(data, position)
+        elif first == b"'":
+            value = _SINGLE_QUOTED.match(data, position)
+        elif b":" in match[2]:
+            scheme = _SCHEME_PREFIX.match(data, position)
+            if scheme is not None:
+                position = scheme.end()  # keep the scheme word, hide its credential
+            value = _REST_OF_LINE.match(data, position)
+        else:
+            value = _BARE_VALUE.match(data, position)
+        if value is None:
+            continue
+        start, end = value.span()
+        if first in (b'"', b"'"):
+            # Keep the quotes: the text stays the JSON or Python it was.
+            start += 1
+            if end > start and data[end - 1 : end] == first and end - 1 >= start:
+                end -= 1
+        covered = max(covered, value.end())
+        if end <= start or data[start:end] == _REDACTED_BYTES:
+            continue
+        spans.append((start, end, _REDACTED_BYTES))
+
+
+def _splice(data: bytes, spans: list[tuple[int, int, bytes]]) -> bytes:
+    """``data`` with each span replaced; overlapping spans become one replacement."""
+    spans.sort()
+    pieces: list[bytes] = []
+    position = 0
+    for start, end, replacement in spans:
+        if end <= position:
+            continue  # inside a span already replaced
+        if start >= position:
+            pieces += [data[position:start], replacement]
+        # else: it overlaps the previous span, whose replacement stands for both
+        position = end
+    pieces.append(data[position:])
+    return b"".join(pieces)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,20 +297,14 @@ class Redactor:
         return MethodRule()
 
     def params(self, method: str, params: Any) -> Any:
-        """``params`` as receivers may see them."""
-        try:
-            return self._apply(self.rule_for(method).params, params)
-        except Exception:  # never leak, never break the call
-            return dict(FAILED)
+        """``params`` as receivers may see them: the method's rule applied, then redacted."""
+        return self._apply(self.rule_for(method).params, params)
 
     def response(self, method: str, response: Any) -> Any:
         """``response`` as receivers may see it (``None`` stays ``None``)."""
         if response is None:
             return None
-        try:
-            return self._apply(self.rule_for(method).response, response)
-        except Exception:
-            return dict(FAILED)
+        return self._apply(self.rule_for(method).response, response)
 
     def text(self, text: str | None) -> str | None:
         """An error message with the secrets it echoes redacted."""
@@ -200,57 +316,18 @@ class Redactor:
             return FAILED["_redacted"]
 
     def value(self, value: Any) -> Any:
-        """``value`` with secret keys' values and secrets in strings redacted, recursively."""
-        return self._value(value, 0, set())
+        """``value`` made storable (:func:`~django_rpc_audit.sanitize.sanitize`) with secret
+        keys' values, secrets in strings and values nested too deep to inspect withheld. Not
+        capped: what the client sends to receivers is :func:`~django_rpc_audit.payload.stored`.
+        """
+        from django_rpc_audit.payload import stored
+
+        return stored(value, None, self).value
 
     def _apply(self, rule: FieldRule | None, value: Any) -> Any:
-        if rule == "drop":
-            return dict(DROPPED)
-        if rule is not None and isinstance(value, Mapping):
-            value = {key: item for key, item in value.items() if key in rule}
-        return self.value(value)
+        from django_rpc_audit.payload import stored
 
-    def _value(self, value: Any, depth: int, path: set[int]) -> Any:
-        if isinstance(value, str):
-            return redact_text(value, self.extra_keys)
-        if depth >= _MAX_DEPTH:
-            return value
-        if not isinstance(value, Mapping | list | tuple):
-            fields = _object_fields(value)
-            if fields is None:
-                # Other objects are left for the sanitizer; they are not walked here.
-                return value
-            # A dataclass or pydantic model becomes the dict the sanitizer would store, so
-            # its secret fields are redacted like a dict's keys.
-            value = fields
-        if id(value) in path:
-            return value
-        path.add(id(value))
-        try:
-            if isinstance(value, Mapping):
-                return {
-                    key: REDACTED
-                    if isinstance(key, str) and _is_secret(key, self.extra_keys)
-                    else self._value(item, depth + 1, path)
-                    for key, item in value.items()
-                }
-            items = [self._value(item, depth + 1, path) for item in value]
-            return items if isinstance(value, list) else tuple(items)
-        finally:
-            path.discard(id(value))
-
-
-def _object_fields(value: object) -> dict[str, Any] | None:
-    """The fields of a dataclass instance or a pydantic model, else ``None``."""
-    if isinstance(value, type):
-        return None
-    if dataclasses.is_dataclass(value):
-        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    model_dump = getattr(value, "model_dump", None)  # pydantic v2, without importing it
-    if callable(model_dump):
-        dumped = model_dump()
-        return dumped if isinstance(dumped, dict) else None
-    return None
+        return stored(value, None, self, rule).value
 
 
 @functools.lru_cache(maxsize=16)

@@ -225,7 +225,7 @@ def plain_json_text(value: Any) -> str | None:
 
 
 def _utf8_size(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def stored_json_and_text(value: Any, max_bytes: int) -> tuple[Any, str]:
@@ -276,14 +276,31 @@ def _cap_json(value: Any, max_bytes: int) -> tuple[Any, str]:
 
 
 def cap_text(text: str, max_bytes: int) -> str:
-    """``text`` cut to at most ``max_bytes`` UTF-8 bytes, noting a note of the original size."""
-    size = len(text.encode("utf-8"))
+    """``text`` in at most ``max_bytes`` UTF-8 bytes: if it is longer, its start and its end
+    around a note of the original size, ``... [truncated, 25000 bytes] ...``.
+
+    The work is bounded by ``max_bytes`` (and, for non-ASCII text, one C-speed pass to count
+    its bytes), whatever the length of ``text``. Not redacted: see
+    :func:`~django_rpc_audit.payload.stored_text` for error messages.
+    """
+    if len(text) <= max_bytes and _utf8_size(text) <= max_bytes:
+        return text
+    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
     if size <= max_bytes:
         return text
-    note = f"... [truncated, {size} bytes]"
-    return _cut_utf8(text, max(0, max_bytes - len(note))) + note[: max(0, max_bytes)]
+    note = f" ... [truncated, {size} bytes] ... "
+    room = max(0, max_bytes - len(note))
+    head, tail = room - room // 3, room // 3
+    capped = _cut_utf8(text[:head], head) + note + _last_utf8(text[-tail:] if tail else "", tail)
+    return capped if _utf8_size(capped) <= max_bytes else _cut_utf8(capped, max_bytes)
 
 
 def _cut_utf8(text: str, max_bytes: int) -> str:
     """The longest prefix of ``text`` that is at most ``max_bytes`` bytes in UTF-8."""
-    return text.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
+    return text[:max_bytes].encode("utf-8", "surrogatepass")[:max_bytes].decode("utf-8", "ignore")
+
+
+def _last_utf8(text: str, max_bytes: int) -> str:
+    """The longest end of ``text`` that is at most ``max_bytes`` bytes in UTF-8."""
+    data = text[-max_bytes:].encode("utf-8", "surrogatepass") if max_bytes else b""
+    return data[max(0, len(data) - max_bytes) :].decode("utf-8", "ignore") if max_bytes else ""

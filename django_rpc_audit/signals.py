@@ -67,6 +67,7 @@ class RPCSignal(Signal):
     async def asend_robust(
         self, sender: Any, **named: Any
     ) -> list[tuple[Callable[..., Any], Exception | Any]]:
+        """Django's ``asend_robust``, calling :func:`loop_safe` receivers on the event loop."""
         if not self.receivers:
             return []
         sync_receivers, async_receivers = self._live_receivers(sender)
@@ -113,8 +114,13 @@ Keyword arguments:
 ``method`` (str)
     The RPC method name.
 ``params`` (dict)
-    The parameters, redacted: values of secret keys (``REDACT_KEYS``) are ``"***"`` and
-    ``REDACT_METHODS`` rules applied. The wire payload itself is sent unchanged.
+    The parameters in the form the log stores them (:func:`~django_rpc_audit.payload.stored`):
+    plain JSON types, ``REDACT_METHODS`` rules applied, values of secret keys (``REDACT_KEYS``)
+    and secrets in strings as ``"***"``, and capped at ``MAX_PARAMS_BYTES``: params over the cap
+    arrive as the marker ``{"_truncated": true, "original_bytes": ..., "preview": ...}``. The
+    wire payload itself is sent unchanged.
+``params_json`` (str)
+    ``params`` as compact JSON text (what the log row stores).
 ``user``
     The authenticated user the call is attributed to, or ``None``.
 ``caller_ip`` (str | None)
@@ -132,16 +138,21 @@ timeout, Redis down, cancellation), after the transport returned or raised.
 Keyword arguments: all of :data:`rpc_started`'s, plus:
 
 ``status`` (str)
-    ``"success"``, ``"failed"`` or ``"timeout"`` (:class:`~django_rpc_audit.models.RPCStatus`).
+    ``"success"``, ``"failed"``, ``"timeout"`` or ``"rate_limited"`` (refused by its rate limit,
+    not sent) (:class:`~django_rpc_audit.models.RPCStatus`).
 ``response`` (dict | None)
-    The server's ``result`` on success (redacted like ``params``), else ``None``.
+    The server's ``result`` on success, in stored form like ``params`` (redacted, capped at
+    ``MAX_RESPONSE_BYTES``), else ``None``; the caller gets the whole result.
+``response_json`` (str | None)
+    ``response`` as compact JSON text, or ``None``.
 ``error_code`` (str | None)
     The server's ``error_code`` for a remote error, or the client's own code
     (``"timeout"``, ``"connection_error"``, ``"protocol_error"``, ``"cancelled"``, ...); ``None``
     on success.
 ``error_message`` (str | None)
     The server's ``error`` text, or the client's description, with echoed secrets
-    (``token=...``, ``Bearer ...``, URL passwords) redacted; ``None`` on success.
+    (``token=...``, ``Bearer ...``, URL passwords) redacted and capped at
+    ``MAX_ERROR_MESSAGE_BYTES`` (its start and its last lines kept); ``None`` on success.
 ``duration_ms`` (float)
     Time spent in the transport, measured with a monotonic clock, sub-millisecond precision.
 ``completed_at`` (datetime)

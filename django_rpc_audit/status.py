@@ -13,3 +13,5 @@ class RPCStatus(models.TextChoices):
     SUCCESS = "success", _("Success")
     FAILED = "failed", _("Failed")
     TIMEOUT = "timeout", _("Timeout")
+    #: Over its ``RATE_LIMITS`` limit: refused before it was sent.
+    RATE_LIMITED = "rate_limited", _("Rate limited")

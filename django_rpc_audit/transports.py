@@ -11,7 +11,7 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import redis
@@ -25,10 +25,12 @@ from django_rpc_audit.exceptions import (
     RPCRemoteError,
     RPCTimeoutError,
 )
+from django_rpc_audit.redaction import redact_text
 from django_rpc_audit.utils import redact_url
 
 if TYPE_CHECKING:
     from django_rpc_audit.conf import DjangoCfgRPCConfig
+    from django_rpc_audit.ratelimit import RateLimitTicket
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,12 @@ Result: TypeAlias = dict[str, Any]
 
 @dataclass(frozen=True, slots=True)
 class RPCRequest:
-    """One call as it goes on the wire. ``body`` is the JSON payload, encoded once."""
+    """One call as it goes on the wire. ``body`` is the JSON payload, encoded once.
+
+    ``wire`` records sizes seen on the wire, for the log's truncation markers:
+    ``"params_bytes"`` (set by the client) and ``"reply_bytes"`` (set by the transport).
+    ``rate_limit``: the limit check the Redis transport runs in the request's ``XADD`` script.
+    """
 
     method: str
     params: dict[str, Any]
@@ -45,6 +52,8 @@ class RPCRequest:
     reply_to: str
     timeout: float
     body: str
+    wire: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+    rate_limit: RateLimitTicket | None = None
 
 
 class Transport(Protocol):
@@ -69,10 +78,13 @@ def parse_reply(raw: bytes | str, request: RPCRequest) -> Result:
     The reply has no ``type`` key: ``success`` says how the call ended, and on failure the
     server's own ``error_code`` and ``error`` are what the caller sees.
     """
+    request.wire["reply_bytes"] = len(raw)
     try:
         reply = json.loads(raw)
     except ValueError as exc:
         raise RPCProtocolError(f"Reply to {request.method!r} is not JSON.") from exc
+    except RecursionError:
+        raise RPCProtocolError(f"Reply to {request.method!r} is nested too deeply.") from None
     if not isinstance(reply, dict) or not isinstance(reply.get("success"), bool):
         raise RPCProtocolError(f"Reply to {request.method!r} has no boolean 'success' field.")
     if reply.get("correlation_id") not in (None, request.correlation_id):
@@ -161,18 +173,35 @@ class RedisTransport:
             "approximate": True,
         }
 
+    def _enqueue(self, client: redis.Redis, request: RPCRequest) -> None:
+        """``XADD`` the request; a rate-limited one goes through its limit's script instead."""
+        ticket = request.rate_limit
+        if ticket is None or not ticket.add_request(
+            client, self.request_stream, self.stream_maxlen, request.body
+        ):
+            client.xadd(**self._stream_entry(request))
+
+    async def _aenqueue(self, client: redis.asyncio.Redis, request: RPCRequest) -> None:
+        ticket = request.rate_limit
+        if ticket is None or not await ticket.aadd_request(
+            client, self.request_stream, self.stream_maxlen, request.body
+        ):
+            await client.xadd(**self._stream_entry(request))
+
     def _connection_error(self, exc: redis.RedisError) -> RPCError:
         # redis-py's own text names host and port, never the password; we still build our own.
         if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
             return RPCConnectionError(
                 f"Cannot reach Redis at {redact_url(self.redis_url)}: {type(exc).__name__}."
             )
-        return RPCError(f"Redis at {redact_url(self.redis_url)} refused the request: {exc}")
+        # Redis's own error text, redacted like any error message (it may echo arguments).
+        detail = redact_text(str(exc))
+        return RPCError(f"Redis at {redact_url(self.redis_url)} refused the request: {detail}")
 
     def call(self, request: RPCRequest) -> Result:
         client = self.client
         try:
-            client.xadd(**self._stream_entry(request))
+            self._enqueue(client, request)
             popped = client.blpop([request.reply_to], timeout=request.timeout)
             if popped is None:
                 # A late reply would land in a list nobody reads; drop the key now rather than
@@ -189,7 +218,7 @@ class RedisTransport:
         try:
             # A Redis that accepts the connection but never answers must not hang the task.
             async with asyncio.timeout(request.timeout + REDIS_GRACE_SECONDS):
-                await client.xadd(**self._stream_entry(request))
+                await self._aenqueue(client, request)
                 popped = await client.blpop([request.reply_to], timeout=request.timeout)
                 if popped is None:
                     await client.delete(request.reply_to)
@@ -206,7 +235,7 @@ class RedisTransport:
 
     def send(self, request: RPCRequest) -> None:
         try:
-            self.client.xadd(**self._stream_entry(request))
+            self._enqueue(self.client, request)
         except redis.RedisError as exc:
             raise self._connection_error(exc) from exc
 
@@ -345,11 +374,13 @@ class LocalTransport:
                 "not a dict."
             )
         try:
-            result: Result = json.loads(json.dumps(dict(outcome), allow_nan=False))
-        except (TypeError, ValueError) as exc:
+            text = json.dumps(dict(outcome), allow_nan=False)
+            result: Result = json.loads(text)
+        except (TypeError, ValueError, RecursionError) as exc:
             raise RPCProtocolError(
                 f"Local handler for {request.method!r} returned a result that is not JSON."
             ) from exc
+        request.wire["reply_bytes"] = len(text)
         return result
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from urllib.parse import urlsplit, urlunsplit
 
 from django.conf import settings
 from django.utils import timezone
@@ -13,27 +12,29 @@ REDACTED = "***"
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``.
+    """Return ``url`` with no part of its credentials: the password (``user:***@``), a
+    password given as a query parameter (``?password=***``), and a password holding an
+    unencoded ``@``, ``/``, ``?`` or ``#`` (the userinfo runs to the URL's last ``@``).
 
     >>> redact_url("redis://:s3cret@cache:6379/2")
     'redis://:***@cache:6379/2'
+    >>> redact_url("redis://cache:6379/9?password=s3cret")
+    'redis://cache:6379/9?password=***'
     """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    netloc = f"{user}:{REDACTED}@{host}" + (f":{port}" if port is not None else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    from django_rpc_audit.redaction import redact_text
+
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return redact_text(url)
+    at = rest.rfind("@")
+    if at >= 0:
+        user, colon, _ = rest[:at].partition(":")
+        if colon and not any(char in user for char in "/?#"):
+            rest = f"{user}:{REDACTED}{rest[at:]}"
+        elif colon:
+            rest = f"{REDACTED}{rest[at:]}"
+    # Query and fragment: values of secret keys (password=..., token=...).
+    return redact_text(f"{scheme}://{rest}")
 
 
 def stored_datetime(value: datetime) -> datetime:

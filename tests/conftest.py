@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +24,7 @@ from django_rpc_audit.transports import register_local_handler, unregister_local
 #: instead of skipping the tests that need it.
 STRICT = os.environ.get("RPC_AUDIT_STRICT") == "1"
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def unavailable(reason: str) -> None:
@@ -156,3 +160,36 @@ def admin_client_(db: None) -> Client:
     client = Client()
     client.force_login(UserFactory(username="root", is_staff=True, is_superuser=True))
     return client
+
+
+@pytest.fixture
+def child_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a child process, with ``DATABASE_URL`` naming a migrated database.
+
+    On PostgreSQL, the test database itself (tests using it need ``transaction=True``); on
+    SQLite, a file of the test's own, which other processes can open.
+    """
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("DJANGO_CFG_RPC__", "PYTEST_"))
+    }
+    env["PYTHONPATH"] = str(ROOT)
+    settings = connections["default"].settings_dict
+    if connections["default"].vendor == "postgresql":
+        auth = settings["USER"] + (f":{settings['PASSWORD']}" if settings["PASSWORD"] else "")
+        host = settings["HOST"] or "127.0.0.1"
+        env["DATABASE_URL"] = (
+            f"postgres://{auth}@{host}:{settings['PORT'] or 5432}/{settings['NAME']}"
+        )
+    else:
+        env["DATABASE_URL"] = f"sqlite:///{tmp_path / 'child.sqlite3'}"
+        subprocess.run(
+            [sys.executable, "-m", "tests.writer_process", "migrate"],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+    return env

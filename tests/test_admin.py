@@ -66,15 +66,21 @@ def test_status_badges_are_colour_coded(admin_client_):
     for status in RPCStatus.values:
         RPCLogFactory(status=status, method=f"m.{status}")
     content = admin_client_.get(reverse(CHANGELIST)).content.decode()
-    # Unfold's label colours: success green, failed red, timeout orange, pending blue.
+    # Unfold's label colours: success green, failed red, timeout orange, pending blue,
+    # rate limited in the primary colour.
     for colour, text in (
         ("bg-green-100", "Success"),
         ("bg-red-100", "Failed"),
         ("bg-orange-100", "Timeout"),
         ("bg-blue-100", "Pending"),
+        ("bg-primary-100", "Rate limited"),
     ):
         assert colour in content
         assert text in content
+    start = content.index("m.rate_limited")
+    row = content[content.rindex("<tr", 0, start) : content.index("</tr>", start)]
+    assert "bg-primary-100" in row
+    assert "Rate limited" in row
 
 
 @pytest.mark.parametrize(
@@ -108,6 +114,27 @@ def test_changelist_filters_by_status(admin_client_):
     broken = RPCLogFactory(method="broken.method", status="failed")
     url = reverse(CHANGELIST)
     assert results(admin_client_.get(url, {"status__exact": "failed"})) == [broken]
+
+
+def test_changelist_filters_rate_limited_calls(admin_client_):
+    RPCLogFactory(method="ok.method", status="success")
+    refused = RPCLogFactory(method="reports.daily", status="rate_limited", duration_ms=None)
+    url = reverse(CHANGELIST)
+    content = admin_client_.get(url).content.decode()
+    assert "?status__exact=rate_limited" in content  # the status filter offers it
+    assert results(admin_client_.get(url, {"status__exact": "rate_limited"})) == [refused]
+
+
+def test_detail_of_a_rate_limited_call_shows_why(admin_client_):
+    log = RPCLogFactory(
+        status="rate_limited",
+        error_code="rate_limited",
+        error_message="Rate limit 10/minute of 'm' reached; a call can succeed in 4.200 s.",
+        duration_ms=None,
+    )
+    content = admin_client_.get(change_url(log)).content.decode()
+    assert "data-error-box" in content
+    assert "Rate limit 10/minute" in content
 
 
 def test_method_filter_choices_come_from_recent_calls(admin_client_):

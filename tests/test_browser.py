@@ -2,8 +2,11 @@
 
 Logs in, opens the changelist, filters it by ``failed``, opens a row, opens the dashboard and
 checks that its chart is drawn. A screenshot of each page goes to ``artifacts/screenshots/``
-for a reviewer to look at. Skipped when Chromium or Playwright is missing (failed with
-``RPC_AUDIT_STRICT=1``, as ``scripts/test`` sets).
+for a reviewer to look at, and those of the changelist, a row and the dashboard also to
+``docs/assets/screenshots/``, which README and the documentation show: every run refreshes
+them, so they always show the current UI (commit them when the UI changed). Skipped when
+Chromium or Playwright is missing (failed with ``RPC_AUDIT_STRICT=1``, as ``scripts/test``
+sets).
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from tests.conftest import unavailable
 from tests.factories import RPCLogFactory, UserFactory
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "artifacts" / "screenshots"
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOTS = ROOT / "artifacts" / "screenshots"
+#: Committed: README and the docs show these.
+DOCS_SCREENSHOTS = ROOT / "docs" / "assets" / "screenshots"
 # The machine's network may be closed: keep Chromium from calling home on its own.
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -76,8 +82,31 @@ def browser_page(allow_sync_orm_under_playwright: None) -> Iterator[Any]:
             browser.close()
 
 
-def screenshot(page: Any, name: str) -> None:
+def screenshot(page: Any, name: str, *, docs: str | None = None, fit: bool = False) -> None:
+    """Save the page to ``artifacts/screenshots/<name>.png`` and, given ``docs``, to the docs.
+
+    The docs' copy is the browser window: with ``fit``, first made as tall as the page (a
+    full-page capture would leave Unfold's sidebar, or its sticky footer, at the first
+    window's height).
+    """
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+    if docs is None:
+        return
+    DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    size = page.viewport_size
+    if fit:
+        height = page.evaluate("() => document.documentElement.scrollHeight")
+        page.set_viewport_size({"width": size["width"], "height": height})
+    try:
+        page.screenshot(path=str(DOCS_SCREENSHOTS / f"{docs}.png"))
+    finally:
+        page.set_viewport_size(size)
+
+
+def finished_call(**fields: Any) -> Any:
+    """A logged call that completed ``duration_ms`` after it was created (the row's timeline)."""
+    completed_at = fields["created_at"] + timedelta(milliseconds=fields["duration_ms"])
+    return RPCLogFactory(completed_at=completed_at, **fields)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -85,16 +114,19 @@ def test_admin_and_dashboard_in_a_browser(live_server, browser_page):
     page = browser_page
     UserFactory(username="admin", is_staff=True, is_superuser=True)  # password "password"
     alice = UserFactory(username="alice")
+    # A few users and methods, so that the screenshots the docs show look like a real site.
+    users = [alice, UserFactory(username="bob"), UserFactory(username="carol")]
+    methods = ["notifications.send", "users.sync", "notifications.send", "reports.export"]
     now = timezone.now()
     for minute in range(0, 55, 2):
-        RPCLogFactory(
-            method="notifications.send",
-            user=alice,
+        finished_call(
+            method=methods[minute // 2 % len(methods)],
+            user=users[minute // 2 % len(users)],
             duration_ms=20.0 + minute * 3,
             params={"to": "alice@example.com", "subject": f"Report {minute}"},
             created_at=now - timedelta(minutes=minute),
         )
-    RPCLogFactory(
+    finished_call(
         method="billing.charge",
         status="failed",
         user=alice,
@@ -105,7 +137,7 @@ def test_admin_and_dashboard_in_a_browser(live_server, browser_page):
         duration_ms=812.0,
         created_at=now - timedelta(minutes=3),
     )
-    RPCLogFactory(
+    finished_call(
         method="inventory.reserve",
         status="timeout",
         error_code="TIMEOUT",
@@ -128,7 +160,7 @@ def test_admin_and_dashboard_in_a_browser(live_server, browser_page):
     # The changelist.
     assert page.locator("#result_list tbody tr").count() == 30
     assert page.get_by_text("notifications.send").first.is_visible()
-    screenshot(page, "02-changelist")
+    screenshot(page, "02-changelist", docs="admin-changelist")
 
     # Filtered by failed, from the filter sheet.
     page.locator('a[x-on\\:click="filterOpen = true"]').click()
@@ -151,7 +183,7 @@ def test_admin_and_dashboard_in_a_browser(live_server, browser_page):
     params = page.locator("pre[data-json]").first
     assert "<script>alert(1)</script>" in params.inner_text()  # shown as text ...
     assert alerts == []  # ... never run
-    screenshot(page, "05-detail")
+    screenshot(page, "05-detail", docs="admin-detail")
 
     # The dashboard, from the changelist's button.
     page.goto(f"{live_server.url}/admin/django_rpc_audit/rpclog/")
@@ -181,7 +213,7 @@ def test_admin_and_dashboard_in_a_browser(live_server, browser_page):
     assert drawn["points"] == 30
     assert page.locator("[data-kpi=total]").inner_text().split()[2] == "30"
     assert "billing.charge" in page.locator("[data-table=recent-failures]").inner_text()
-    screenshot(page, "06-dashboard")
+    screenshot(page, "06-dashboard", docs="dashboard", fit=True)
 
     # It refreshes itself: a new failure shows up without a reload.
     RPCLogFactory(method="search.query", status="failed", error_code="BOOM")

@@ -26,6 +26,7 @@ STARTED_KEYS = {
     "correlation_id",
     "method",
     "params",
+    "params_json",
     "user",
     "caller_ip",
     "user_agent",
@@ -34,6 +35,7 @@ STARTED_KEYS = {
 FINISHED_KEYS = STARTED_KEYS | {
     "status",
     "response",
+    "response_json",
     "error_code",
     "error_message",
     "duration_ms",

@@ -158,6 +158,7 @@ def test_reap_command(rpc_settings):
 def test_stats_command_prints_the_table():
     RPCLogFactory.create_batch(3, method="send_notification", duration_ms=10.0)
     RPCLogFactory(method="send_notification", status=RPCStatus.FAILED, duration_ms=30.0)
+    RPCLogFactory(method="send_notification", status=RPCStatus.RATE_LIMITED, duration_ms=None)
     RPCLogFactory(method="system.ping", status=RPCStatus.TIMEOUT, duration_ms=5000.0)
     RPCLogFactory(method="system.ping", created_at=ago(hours=30))
     lines = run("rpc_logs_stats").splitlines()
@@ -167,14 +168,15 @@ def test_stats_command_prints_the_table():
         "OK",
         "Failed",
         "Timeout",
+        "Limited",
         "Avg",
         "ms",
         "p95",
         "ms",
     ]
-    assert lines[2].split() == ["send_notification", "4", "3", "1", "0", "15.0", "27.0"]
-    assert lines[3].split() == ["system.ping", "1", "0", "0", "1", "5000.0", "5000.0"]
-    assert lines[-1] == "5 call(s) in the last 24 hour(s)."
+    assert lines[2].split() == ["send_notification", "5", "3", "1", "0", "1", "15.0", "27.0"]
+    assert lines[3].split() == ["system.ping", "1", "0", "0", "1", "0", "5000.0", "5000.0"]
+    assert lines[-1] == "6 call(s) in the last 24 hour(s)."
     assert run("rpc_logs_stats", "--hours", "48", "--method", "system.ping").splitlines()[
         2
     ].split()[:2] == [

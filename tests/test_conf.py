@@ -116,6 +116,9 @@ def test_invalid_environment_value_names_the_key(settings, monkeypatch, key, raw
         ({"RPC_TIMEOUT": True}, "RPC_TIMEOUT"),
         ({"RPC_TIMEOUT": float("inf")}, "RPC_TIMEOUT"),
         ({"REAP_MARGIN_SECONDS": float("inf")}, "REAP_MARGIN_SECONDS"),
+        # A socket timeout Python cannot set: every rate-limited call would raise OverflowError.
+        ({"RATE_LIMIT_TIMEOUT": float("inf")}, "RATE_LIMIT_TIMEOUT"),
+        ({"RATE_LIMIT_BACKOFF_SECONDS": 1e12}, "RATE_LIMIT_BACKOFF_SECONDS"),
         ({"STREAM_MAXLEN": 0}, "STREAM_MAXLEN"),
         ({"ENABLE_LOGGING": "yes"}, "ENABLE_LOGGING"),
         ({"REQUEST_STREAM": ""}, "REQUEST_STREAM"),

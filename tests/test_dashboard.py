@@ -43,6 +43,35 @@ def test_overview_counts_rates_and_percentiles():
     assert overview["p99_duration_ms"] == pytest.approx(99.01)
 
 
+def test_overview_counts_rate_limited_calls_apart():
+    RPCLogFactory.create_batch(2, status="success", duration_ms=10.0)
+    RPCLogFactory(status="failed", duration_ms=30.0)
+    RPCLogFactory.create_batch(3, status="rate_limited", duration_ms=None)
+    RPCLogFactory(status="pending", duration_ms=None)
+    overview = RPCLog.objects.overview()
+    assert (overview["total_calls"], overview["rate_limited_count"]) == (7, 3)
+    assert overview["pending_count"] == 1  # refused calls are finished, not in flight
+    # The rates are of the calls that were sent: a refused call is neither success nor error.
+    assert overview["success_rate"] == pytest.approx(100 * 2 / 3)
+    assert overview["error_rate"] == pytest.approx(100 * 1 / 3)
+    assert overview["p50_duration_ms"] == pytest.approx(10.0)
+
+
+def test_dashboard_shows_rate_limited_calls(admin_client_):
+    import json
+
+    RPCLogFactory.create_batch(2, status="rate_limited", duration_ms=None)
+    RPCLogFactory(status="success")
+    response = admin_client_.get(reverse(DASHBOARD))
+    kpi = next(k for k in response.context["kpis"] if k["key"] == "rate_limited")
+    assert kpi["value"] == "2"
+    assert "status__exact=rate_limited" in kpi["url"]
+    assert 'data-kpi="rate_limited"' in response.content.decode()
+    chart = json.loads(response.context["chart"]["data"])
+    by_label = {dataset["label"]: sum(dataset["data"]) for dataset in chart["datasets"]}
+    assert by_label == {"Succeeded or in flight": 1, "Failed or timed out": 0, "Rate limited": 2}
+
+
 def test_dashboard_figures_are_estimated_totals_under_sampling():
     user = UserFactory()
     now = timezone.now()
@@ -279,6 +308,7 @@ def test_calls_by_method():
             "success_count": 1,
             "failed_count": 1,
             "timeout_count": 0,
+            "rate_limited_count": 0,
             "avg_duration_ms": pytest.approx(20.0),
             "max_duration_ms": pytest.approx(30.0),
         },
@@ -288,6 +318,7 @@ def test_calls_by_method():
             "success_count": 0,
             "failed_count": 0,
             "timeout_count": 1,
+            "rate_limited_count": 0,
             "avg_duration_ms": pytest.approx(5.0),
             "max_duration_ms": pytest.approx(5.0),
         },

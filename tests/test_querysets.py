@@ -57,6 +57,7 @@ def test_stats_by_method_counts_and_orders():
     RPCLogFactory(method="busy", status="failed", duration_ms=30)
     RPCLogFactory(method="busy", status="timeout", duration_ms=5000)
     RPCLogFactory(method="busy", status="pending", duration_ms=None)
+    RPCLogFactory(method="busy", status="rate_limited", duration_ms=None)
     RPCLogFactory(method="quiet", status="success", duration_ms=2)
 
     stats = RPCLog.objects.stats_by_method()
@@ -68,7 +69,8 @@ def test_stats_by_method_counts_and_orders():
         busy["success_count"],
         busy["failed_count"],
         busy["timeout_count"],
-    ) == (6, 3, 1, 1)
+        busy["rate_limited_count"],
+    ) == (7, 3, 1, 1, 1)
     assert busy["avg_duration_ms"] == pytest.approx((10 * 3 + 30 + 5000) / 5)
     assert busy["p95_duration_ms"] == pytest.approx(percentile_cont([10, 10, 10, 30, 5000], 0.95))
     assert set(busy) == {
@@ -77,6 +79,7 @@ def test_stats_by_method_counts_and_orders():
         "success_count",
         "failed_count",
         "timeout_count",
+        "rate_limited_count",
         "avg_duration_ms",
         "p95_duration_ms",
     }
@@ -154,7 +157,19 @@ def test_stats_by_user_counts_per_user_and_anonymous():
         "success_count": 2,
         "failed_count": 1,
         "timeout_count": 0,
+        "rate_limited_count": 0,
         "caller_ip_count": 2,
     }
     assert stats[2]["timeout_count"] == 1
     assert RPCLog.objects.failed().stats_by_user()[0]["total_calls"] == 1
+
+
+def test_rate_limited_filter_and_counts():
+    alice = UserFactory(username="alice")
+    RPCLogFactory(user=alice, status="success")
+    refused = RPCLogFactory.create_batch(2, user=alice, status="rate_limited", duration_ms=None)
+    RPCLogFactory(status="failed")
+    assert set(RPCLog.objects.rate_limited()) == set(refused)
+    assert RPCLog.objects.for_user(alice).rate_limited().count() == 2
+    (row,) = [r for r in RPCLog.objects.stats_by_user() if r["username"] == "alice"]
+    assert (row["total_calls"], row["success_count"], row["rate_limited_count"]) == (3, 1, 2)

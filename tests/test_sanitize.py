@@ -178,12 +178,18 @@ def test_cap_json_leaves_small_values_alone():
     assert cap_json({"a": 1}, 128) == {"a": 1}
 
 
-def test_cap_text_counts_bytes_and_notes_the_original_size():
-    text = "ü" * 5_000  # 10,000 bytes
+def test_cap_text_counts_bytes_and_keeps_the_start_and_the_end():
+    text = "ü" * 2_500 + "ä" * 2_500  # 10,000 bytes
     capped = cap_text(text, 1_000)
     assert len(capped.encode("utf-8")) <= 1_000
-    assert capped.endswith("... [truncated, 10000 bytes]")
-    assert capped.startswith("üüü")
+    head, note, tail = capped.partition(" ... [truncated, 10000 bytes] ... ")
+    assert note
+    assert head.startswith("üüü")
+    assert set(head) == {"ü"}
+    assert len(head.encode()) > 500
+    assert tail.endswith("äää")
+    assert set(tail) == {"ä"}
+    assert len(tail.encode()) > 250
     assert cap_text("short", 1_000) == "short"
 
 
@@ -218,7 +224,9 @@ def test_rows_are_capped_by_the_settings(rpc_settings):
     assert row.response[TRUNCATED_KEY] is True
     assert json_size(row.response) <= 256
     assert len(row.error_message.encode()) <= 200
-    assert row.error_message.endswith("[truncated, 5000 bytes]")
+    assert "[truncated, 5000 bytes]" in row.error_message
+    assert row.error_message.startswith("eee")
+    assert row.error_message.endswith("eee")
     assert len(row.user_agent.encode()) <= 128
     assert row.user_agent.startswith("UA/yyy")
 

@@ -361,6 +361,25 @@ def test_a_full_buffer_drops_successes_first_and_keeps_failures(
     assert "dropped 5 call(s), 5 in all" in caplog.text
 
 
+def test_a_flood_of_rate_limited_calls_never_pushes_failures_out() -> None:
+    """Refused calls are as expendable as successes: a caller hammering a limit cannot evict
+    the failures from a full buffer."""
+    writer = BufferedLogWriter(buffer_size=3, batch_size=3, background=False)
+    failure = finished_event(started_event(), "failed")
+    writer.finished(failure)
+    refused = [finished_event(started_event(), "rate_limited") for _ in range(2)]
+    for event in refused:
+        writer.finished(event)
+    for _ in range(50):
+        writer.finished(finished_event(started_event(), "rate_limited"))
+    assert writer.stats().dropped == 50
+    assert list(writer._buffer) == [key(failure), *(key(event) for event in refused)]
+    # A timeout takes the place of the oldest refused call.
+    timeout = finished_event(started_event(), "timeout")
+    writer.finished(timeout)
+    assert list(writer._buffer) == [key(failure), key(refused[1]), key(timeout)]
+
+
 def test_a_full_buffer_never_blocks_the_caller() -> None:
     writer = BufferedLogWriter(buffer_size=100, batch_size=10, background=False)
     clock = time.perf_counter()

@@ -12,7 +12,6 @@ cannot show) and the PostgreSQL test database on the PostgreSQL run.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -24,33 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import connection
 
 ROOT = Path(__file__).resolve().parent.parent
 
 ChildRunner = Callable[..., list[dict[str, Any]]]
-
-
-@pytest.fixture
-def child_env(tmp_path: Path) -> dict[str, str]:
-    """The environment of a child process, with ``DATABASE_URL`` naming a migrated database."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("DJANGO_CFG_RPC__", "PYTEST_"))
-    }
-    env["PYTHONPATH"] = str(ROOT)
-    settings = connection.settings_dict
-    if connection.vendor == "postgresql":
-        auth = settings["USER"] + (f":{settings['PASSWORD']}" if settings["PASSWORD"] else "")
-        host = settings["HOST"] or "127.0.0.1"
-        env["DATABASE_URL"] = (
-            f"postgres://{auth}@{host}:{settings['PORT'] or 5432}/{settings['NAME']}"
-        )
-    else:
-        env["DATABASE_URL"] = f"sqlite:///{tmp_path / 'child.sqlite3'}"
-        run_child(env, "migrate")
-    return env
 
 
 def run_child(

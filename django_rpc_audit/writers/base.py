@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from django.db import InterfaceError, OperationalError
@@ -34,6 +34,9 @@ class WriterStats:
     failed: int = 0
     #: Write attempts that failed because the database was unreachable, then retried.
     retries: int = 0
+    #: Bytes the buffered calls hold (``BUFFER_MAX_BYTES`` bounds it), estimated from their
+    #: texts. Left out of comparisons: it depends on the events' contents, not on the policy.
+    buffered_bytes: int = field(default=0, compare=False)
 
 
 class DatabaseUnavailable(Exception):

@@ -26,7 +26,7 @@ from django.db import connections, router
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.status import RPCStatus
 from django_rpc_audit.writers.base import DatabaseUnavailable, WriterStats, is_unreachable
-from django_rpc_audit.writers.sink import bulk_record_events, is_finished_event
+from django_rpc_audit.writers.sink import bulk_record_events, event_bytes, is_finished_event
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 # One buffer entry per call: its latest event, with the sequence number it was accepted with.
 _Key = tuple[str, datetime]
 _Entry = tuple[int, dict[str, Any]]
+
+#: Outcomes dropped first when the buffer is full: successes, and calls a rate limit refused
+#: (a flood of those must not push out the failures).
+_EXPENDABLE = frozenset({RPCStatus.SUCCESS.value, RPCStatus.RATE_LIMITED.value})
 
 #: First wait before retrying an unreachable database; doubled up to BUFFER_MAX_RETRY_DELAY.
 _FIRST_RETRY_DELAY = 0.1
@@ -47,13 +51,15 @@ class BufferedLogWriter:
     so a call that finishes before its batch is written is inserted once, in its final state;
     a call still running at write time is inserted as ``pending`` and completed later.
 
-    Bounded: at most ``buffer_size`` calls are held. When the buffer is full, an event makes
-    room only by evicting one that costs less to lose: a new started event is not buffered;
-    any finished event may take the place of the oldest buffered started event (whose call
-    then leaves its row whole when it finishes); a failure, a timeout, or the outcome of a call
-    whose pending row is written, may take the place of the oldest success whose row is not
-    written. Anything else is dropped. The outcome of a written pending row is never evicted
-    (the row would stay ``pending``). Every dropped call is counted (:meth:`stats`) and
+    Bounded: at most ``buffer_size`` calls and about ``buffer_max_bytes`` bytes
+    (:func:`~django_rpc_audit.writers.sink.event_bytes`) are held. When the buffer is full, an
+    event gets in only by evicting events that cost less to lose: a new started event is not
+    buffered (the call's row is written whole from its finished event); any finished event may
+    take the place of the oldest buffered started events (whose calls then leave their rows
+    whole when they finish); a failure, a timeout, or the outcome of a call whose pending row
+    is written, may take the place of the oldest successful (or rate-limited) calls whose row is
+    not written. Anything else is dropped. The outcome of a written pending row is never
+    evicted (the row would stay ``pending``). Every dropped call is counted (:meth:`stats`) and
     logged.
 
     While the database is unreachable the thread retries the same batch with exponential
@@ -70,6 +76,7 @@ class BufferedLogWriter:
         self,
         *,
         buffer_size: int = 100_000,
+        buffer_max_bytes: int = 64 * 2**20,
         batch_size: int = 1_000,
         flush_interval: float = 0.5,
         max_retry_delay: float = 10.0,
@@ -77,6 +84,7 @@ class BufferedLogWriter:
         background: bool = True,
     ) -> None:
         self.buffer_size = buffer_size
+        self.buffer_max_bytes = buffer_max_bytes
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.max_retry_delay = max_retry_delay
@@ -90,7 +98,8 @@ class BufferedLogWriter:
         self._buffer: dict[_Key, _Entry] = {}
         # What may go when the buffer is full, oldest first, cheapest kind first (_make_room):
         # buffered started events (nothing is lost: the finished event makes the whole row),
-        # then successful calls whose pending row is not written (one success row is lost).
+        # then successful (and rate-limited) calls whose pending row is not written (one such
+        # row is lost), never a failure.
         self._started: OrderedDict[_Key, None] = OrderedDict()
         self._successes: OrderedDict[_Key, None] = OrderedDict()
         # Calls whose pending row is written and whose outcome is not: their finished event
@@ -98,6 +107,9 @@ class BufferedLogWriter:
         # timeout). At most ``buffer_size`` remembered (a call whose outcome never comes
         # must not grow it); beyond that the oldest are forgotten.
         self._pending_written: OrderedDict[_Key, None] = OrderedDict()
+        # Bytes each buffered call holds (sink.event_bytes) and their sum: BUFFER_MAX_BYTES.
+        self._sizes: dict[_Key, int] = {}
+        self._bytes = 0
         self._seq = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -129,18 +141,23 @@ class BufferedLogWriter:
     def _put(self, event: dict[str, Any]) -> None:
         key = (event["correlation_id"], event["started_at"])
         status = event.get("status")
+        size = event_bytes(event)
         buffer = self._buffer
         with self._lock:
             self._seq += 1
             full = key not in buffer and len(buffer) >= self.buffer_size
             if full and not self._make_room(key, status):
                 return
+            if not self._make_byte_room(key, status, size - self._sizes.get(key, 0)):
+                return
             buffer[key] = (self._seq, event)
+            self._bytes += size - self._sizes.get(key, 0)
+            self._sizes[key] = size
             if status is None:
                 self._started[key] = None
             else:
                 self._started.pop(key, None)
-                if status == RPCStatus.SUCCESS and key not in self._pending_written:
+                if status in _EXPENDABLE and key not in self._pending_written:
                     self._successes[key] = None
             size = len(buffer)
         if self._thread is None and self.background:
@@ -157,7 +174,7 @@ class BufferedLogWriter:
         if self._started:
             # A started event goes without loss: when its call finishes, the row is whole.
             victim, _ = self._started.popitem(last=False)
-        elif self._successes and (status != RPCStatus.SUCCESS or key in self._pending_written):
+        elif self._successes and (status not in _EXPENDABLE or key in self._pending_written):
             # A failure, or the outcome of a written pending row, outweighs a success whose
             # row is not written yet: that call is dropped, counted.
             victim, _ = self._successes.popitem(last=False)
@@ -165,8 +182,43 @@ class BufferedLogWriter:
         else:
             self._dropped += 1
             return False
-        del self._buffer[victim]
+        self._evict(victim)
         return True
+
+    def _make_byte_room(self, key: _Key, status: str | None, growth: int) -> bool:
+        """Would the buffer go over ``buffer_max_bytes``? Then a finished event takes the room
+        of the oldest buffered started events; a failure, the outcome of a written pending row,
+        or a call already buffered, also that of the oldest buffered successful (or
+        rate-limited) calls. A new started, successful or rate-limited call that still does
+        not fit is dropped. A call already buffered is never left with only its started event
+        (its row would stay pending): if nothing can go, it goes over by that one event.
+        (Lock held.)"""
+        limit = self.buffer_max_bytes
+        if self._bytes + growth <= limit:
+            return True
+        buffered = key in self._buffer
+        if status is not None:
+            # Its own started event is about to be replaced: never a victim.
+            self._started.pop(key, None)
+            while self._started and self._bytes + growth > limit:
+                victim, _ = self._started.popitem(last=False)
+                self._evict(victim)
+        if buffered or (
+            status is not None and (status not in _EXPENDABLE or key in self._pending_written)
+        ):
+            while self._successes and self._bytes + growth > limit:
+                victim, _ = self._successes.popitem(last=False)
+                self._evict(victim)
+                self._dropped += 1
+        if buffered or self._bytes + growth <= limit:
+            return True
+        self._dropped += 1
+        return False
+
+    def _evict(self, victim: _Key) -> None:
+        """Take ``victim`` out of the buffer (already out of its eviction order). (Lock held.)"""
+        del self._buffer[victim]
+        self._bytes -= self._sizes.pop(victim, 0)
 
     def _note_pending_written(self, key: _Key) -> None:
         """The pending row of ``key`` is in the database. (Lock held.)"""
@@ -230,6 +282,7 @@ class BufferedLogWriter:
         """What this writer has written, dropped and retried so far."""
         return WriterStats(
             buffered=len(self._buffer),
+            buffered_bytes=self._bytes,
             written=self._written,
             dropped=self._dropped,
             failed=self._failed,
@@ -300,9 +353,10 @@ class BufferedLogWriter:
         dropped = self._dropped
         if dropped > self._dropped_reported:
             logger.warning(
-                "RPC log buffer full (BUFFER_SIZE=%d): dropped %d call(s), %d in all; "
-                "failures and timeouts are kept before successful calls.",
+                "RPC log buffer full (BUFFER_SIZE=%d, BUFFER_MAX_BYTES=%d): dropped %d "
+                "call(s), %d in all; failures and timeouts are kept before successful calls.",
                 self.buffer_size,
+                self.buffer_max_bytes,
                 dropped - self._dropped_reported,
                 dropped,
             )
@@ -335,6 +389,7 @@ class BufferedLogWriter:
                             del self._buffer[key]
                             self._started.pop(key, None)
                             self._successes.pop(key, None)
+                            self._bytes -= self._sizes.pop(key, 0)
                         elif not is_finished_event(entry[1]):
                             # ... which now completes a written pending row: never evicted.
                             self._successes.pop(key, None)

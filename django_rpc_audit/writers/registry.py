@@ -22,6 +22,7 @@ _writer_lock = threading.Lock()
 def _buffered_options(config: DjangoCfgRPCConfig) -> dict[str, Any]:
     return {
         "buffer_size": config.buffer_size,
+        "buffer_max_bytes": config.buffer_max_bytes,
         "batch_size": config.buffer_batch_size,
         "flush_interval": config.buffer_flush_interval,
         "max_retry_delay": config.buffer_max_retry_delay,

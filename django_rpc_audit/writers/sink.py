@@ -133,7 +133,8 @@ def outcome_values(
         "response": None if response is None else to_json(response, config.max_response_bytes),
         "error_code": _truncate(error_code, 100),
         "error_message": _capped_text(error_message, config.max_error_message_bytes),
-        "duration_ms": duration_ms,
+        # A call its rate limit refused never ran: no duration to skew the latency figures.
+        "duration_ms": None if status == RPCStatus.RATE_LIMITED else duration_ms,
         "completed_at": stored_datetime(completed_at),
         "sample_rate": sample_rate,
     }
@@ -333,12 +334,56 @@ def event_row_values(event: Mapping[str, Any], *, for_copy: bool = False) -> dic
     takes them.
     """
     started: dict[str, Any] = {key: event.get(key) for key in STARTED_KEYS}
+    # The client's events carry their JSON already in stored form (capped, redacted) and its
+    # text: used as they are instead of being made again.
+    params_json = event.get("params_json")
+    if params_json is not None:
+        started["params"] = None
     values = _started_row(**started, started_at=event["started_at"], for_copy=for_copy)
+    if params_json is not None:
+        values["params"] = params_json if for_copy else event["params"]
     if is_finished_event(event):
         # rpc_finished always sends the outcome; the receivers add sample_rate (default 1.0).
         outcome: dict[str, Any] = {key: event[key] for key in OUTCOME_KEYS if key in event}
+        response_json = event.get("response_json")
+        if response_json is not None:
+            outcome["response"] = None
         values.update(outcome_values(**outcome, json_text=for_copy))
+        if response_json is not None:
+            values["response"] = response_json if for_copy else event["response"]
     return values
+
+
+#: What one buffered call costs beyond its texts: the event dict, datetimes, ids (an estimate).
+EVENT_OVERHEAD_BYTES = 1_024
+
+
+def event_bytes(event: dict[str, Any]) -> int:
+    """The memory an event holds in a buffer, estimated from its texts: the stored JSON of its
+    params and response (counted twice: the objects and their text), its error message and
+    user agent, plus :data:`EVENT_OVERHEAD_BYTES`.
+
+    The client's events carry their stored JSON (already capped); for an event that does not
+    (one handed to a writer directly), it is made here and kept in the event, so the writer
+    does not make it again.
+    """
+    config = get_config()
+    size = EVENT_OVERHEAD_BYTES
+    for key, text_key, cap in (
+        ("params", "params_json", config.max_params_bytes),
+        ("response", "response_json", config.max_response_bytes),
+    ):
+        text = event.get(text_key)
+        if text is None and event.get(key) is not None:
+            value, text = stored_json_and_text(event[key], cap)
+            event[key], event[text_key] = value, text
+        if text is not None:
+            size += 2 * len(text)
+    for key in ("error_message", "user_agent"):
+        text = event.get(key)
+        if isinstance(text, str):
+            size += len(text)
+    return size
 
 
 def bulk_record_events(queryset: RPCLogQuerySet, events: Sequence[Mapping[str, Any]]) -> int:

@@ -15,6 +15,7 @@ COLUMNS = (
     ("success_count", "OK"),
     ("failed_count", "Failed"),
     ("timeout_count", "Timeout"),
+    ("rate_limited_count", "Limited"),
     ("avg_duration_ms", "Avg ms"),
     ("p95_duration_ms", "p95 ms"),
 )

@@ -1,0 +1,385 @@
+"""The stored form of a payload: what the signals carry and the log row keeps.
+
+One walk over the caller's value makes it storable (as :func:`~django_rpc_audit.sanitize.sanitize`
+does), withholds secrets (as :mod:`~django_rpc_audit.redaction` says) and caps it (at
+``MAX_PARAMS_BYTES`` / ``MAX_RESPONSE_BYTES``), and it stops once the cap is reached: the work
+on the caller's thread is bounded by what is kept, whatever the size or shape of the input.
+Capping decides first what is kept; only the kept part is searched for secrets, and a string
+cut by the cap is searched as cut (a secret running past the cut is redacted to the cut), so
+no part of a secret survives a cut. Keys are checked before their values are kept, so
+key-based redaction is complete for everything stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import enum
+import json
+import math
+import uuid
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import models
+from django.utils.functional import Promise
+
+from django_rpc_audit.redaction import (
+    DROPPED,
+    FAILED,
+    FieldRule,
+    Redactor,
+    _is_secret,
+    redact_text,
+)
+from django_rpc_audit.sanitize import (
+    _MAX_INT,
+    MAX_DEPTH,
+    TRUNCATED_KEY,
+    _cut_utf8,
+    _dumps_plain,
+    _key,
+    _last_utf8,
+    _safe_repr,
+    _sanitize,
+    _utf8_size,
+    clean_text,
+)
+from django_rpc_audit.utils import REDACTED
+
+#: Characters read past a cut, so that what follows a secret near the cut (the ``@`` after a
+#: URL's password, a closing quote) is seen; the stored text is cut at the cap afterwards.
+CUT_MARGIN = 256
+
+#: Keys of a name/value record (HAR headers and cookies, many APIs) naming the ``value``'s key.
+_RECORD_NAME_KEYS = ("name", "Name", "key", "Key", "header", "field", "param", "parameter")
+_RECORD_VALUE_KEYS = frozenset({"value", "Value", "values"})
+_SCALAR_TYPES = (
+    decimal.Decimal,
+    uuid.UUID,
+    Promise,
+    datetime.date,
+    datetime.time,
+    datetime.timedelta,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A payload's stored form: ``value`` (plain JSON types) and its compact JSON ``text``."""
+
+    value: Any
+    text: str
+    #: True when the value was over its cap and ``value`` is the truncation marker.
+    truncated: bool = False
+
+
+def stored(
+    value: Any,
+    max_bytes: int | None,
+    redactor: Redactor | None = None,
+    rule: FieldRule | None = None,
+    *,
+    original_bytes: int | None = None,
+) -> Stored:
+    """The stored form of ``value``: its method ``rule`` applied, sanitized, redacted by
+    ``redactor`` (if any) and capped at ``max_bytes`` UTF-8 bytes of compact JSON (``None``:
+    no cap). Never raises (a failure withholds the value).
+
+    A value over the cap becomes a marker that is still valid JSON::
+
+        {"_truncated": true, "original_bytes": 1398146, "preview": "{\\"name\\":\\"a.pdf\\",..."}
+
+    ``preview`` is the start of the redacted value's compact JSON. ``original_bytes`` is the
+    size before the cut: ``original_bytes`` when given (the client passes the size the value
+    had on the wire), else the compact JSON size of the value (one C-speed pass, only for
+    values over the cap), or ``null`` when that cannot be had.
+    """
+    try:
+        return _stored(value, max_bytes, redactor, rule, original_bytes)
+    except Exception:  # never leak, never break the call
+        return Stored(dict(FAILED), _dumps_plain(FAILED))
+
+
+def _stored(
+    value: Any,
+    max_bytes: int | None,
+    redactor: Redactor | None,
+    rule: FieldRule | None,
+    original_bytes: int | None,
+) -> Stored:
+    if rule == "drop":
+        return Stored(dict(DROPPED), _dumps_plain(DROPPED))
+    if rule is not None and isinstance(value, Mapping):
+        value = {key: value[key] for key in rule if key in value}
+    walker = _Walker(redactor, max_bytes)
+    copy = walker.walk(value, 0)
+    text = _dumps_plain(copy)
+    if max_bytes is None:
+        return Stored(copy, text)
+    if not walker.cut:
+        size = _utf8_size(text)
+        if size <= max_bytes:
+            return Stored(copy, text)
+        original_bytes = size
+    elif original_bytes is None:
+        original_bytes = _json_size(value)
+    return _marker(text, original_bytes, max_bytes)
+
+
+def _json_size(value: Any) -> int | None:
+    """Compact UTF-8 JSON size of the original ``value``, at the C encoder's speed."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_safe_repr)
+        return len(text.encode("utf-8", "surrogatepass"))
+    except Exception:  # cycles, nesting beyond the interpreter's limit, NaN in a key...
+        return None
+
+
+def _marker(text: str, original_bytes: int | None, max_bytes: int) -> Stored:
+    """The truncation marker of ``text``, its own text made with one encoding of the preview."""
+    head = f'{{"{TRUNCATED_KEY}":true,"original_bytes":{json.dumps(original_bytes)},"preview":'
+    room = max_bytes - len(head) - 3  # the preview's quotes and the closing brace
+    preview = _cut_utf8(text, room) if room > 0 else ""
+    encoded = _encode_string(preview)
+    # Escapes (quotes, backslashes, control characters) grow the preview inside JSON.
+    while preview and len(head) + _utf8_size(encoded) + 1 > max_bytes:
+        preview = preview[: max(0, len(preview) - max(1, len(preview) // 10))]
+        encoded = _encode_string(preview)
+    marker = {TRUNCATED_KEY: True, "original_bytes": original_bytes, "preview": preview}
+    return Stored(marker, f"{head}{encoded}}}", truncated=True)
+
+
+_encode_string = json.encoder.encode_basestring  # what _dumps_plain writes for a str
+
+
+class _Walker:
+    """Copies a value as plain JSON types until ``budget`` characters of JSON are kept.
+
+    ``left`` counts down a lower bound of the JSON text kept so far (each string's characters,
+    each key's, a few for each scalar and separator): once it is spent, the walk stops and
+    ``cut`` is set; the caller encodes what was kept and measures it exactly.
+    """
+
+    __slots__ = ("cut", "extra", "left", "path", "redact", "redactions")
+
+    def __init__(self, redactor: Redactor | None, budget: int | None) -> None:
+        self.redact = redactor is not None
+        self.extra = redactor.extra_keys if redactor is not None else frozenset()
+        self.left: float = math.inf if budget is None else budget
+        self.cut = False
+        self.path: set[int] = set()
+        self.redactions = 0
+
+    def walk(self, value: Any, depth: int) -> Any:
+        if value is None or value is True or value is False:
+            self.left -= 5
+            return value
+        if isinstance(value, str):
+            return self.string(str(value), depth)
+        if isinstance(value, enum.Enum):
+            return self.walk(value.value, depth)
+        if isinstance(value, int):
+            self.left -= 2
+            number = int(value)
+            return number if abs(number) < _MAX_INT else _sanitize(number, 0, set())
+        if isinstance(value, float):
+            self.left -= 2
+            return _sanitize(value, 0, set())
+        if isinstance(value, bytes | bytearray | memoryview):
+            return self.raw_bytes(value, depth)
+        if isinstance(value, _SCALAR_TYPES):
+            converted = _sanitize(value, 0, set())
+            if isinstance(converted, str):
+                return self.string(converted, depth)
+            self.left -= 2
+            return converted
+        if depth >= MAX_DEPTH:
+            # Too deep to inspect: withheld, whatever it holds.
+            return self.string(f"<nested deeper than {MAX_DEPTH} levels>", depth)
+        marker = id(value)
+        if marker in self.path:
+            return self.string("<cycle>", depth)
+        self.path.add(marker)
+        try:
+            return self.container(value, depth + 1)
+        finally:
+            self.path.discard(marker)
+
+    def container(self, value: Any, depth: int) -> Any:
+        if isinstance(value, Mapping):
+            return self.mapping(value, value.items(), depth)
+        if isinstance(value, list | tuple | deque):
+            return self.sequence(value, depth, pair=len(value) == 2)
+        if isinstance(value, set | frozenset):
+            items = self.sequence(value, depth, pair=False)
+            # Sets have no order; a stable one makes equal sets log equal rows.
+            return sorted(items, key=_dumps_plain)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            fields = {f.name: getattr(value, f.name, None) for f in dataclasses.fields(value)}
+            return self.mapping(fields, fields.items(), depth)
+        if isinstance(value, models.Model):
+            model = {"model": value._meta.label_lower, "pk": value.pk}
+            return self.mapping(model, model.items(), depth)
+        model_dump = getattr(value, "model_dump", None)  # pydantic v2, without importing it
+        if callable(model_dump) and not isinstance(value, type):
+            try:
+                dumped = model_dump(mode="json")
+            except Exception:
+                return self.string(_safe_repr(value), depth)
+            return self.walk(dumped, depth - 1)
+        return self.string(_safe_repr(value), depth)
+
+    def mapping(self, source: Any, items: Any, depth: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        self.left -= 2
+        hidden = self.record_value_keys(source)
+        for raw_key, item in items:
+            if self.left <= 0:
+                self.cut = True
+                break
+            if isinstance(raw_key, str) and len(raw_key) + 4 > self.left:
+                # A key longer than what is left: keep its start; its value is past the cut.
+                out[clean_text(raw_key[: int(self.left) + CUT_MARGIN])] = None
+                self.cut = True
+                break
+            key = _key(raw_key)
+            self.left -= len(key) + 4
+            if self.redact and (key in hidden or _is_secret(key, self.extra)):
+                out[key] = REDACTED
+                self.redactions += 1
+                self.left -= 5
+                continue
+            out[key] = self.walk(item, depth)
+            if self.cut:
+                break
+        return out
+
+    def record_value_keys(self, source: Any) -> frozenset[str]:
+        """``{"name": "X-Api-Key", "value": "abc"}``: the keys whose values are the secret."""
+        if not self.redact or not isinstance(source, Mapping):
+            return frozenset()
+        for name_key in _RECORD_NAME_KEYS:
+            try:
+                name = source.get(name_key)
+            except Exception:
+                return frozenset()
+            if isinstance(name, str) and _is_secret(name, self.extra):
+                return _RECORD_VALUE_KEYS
+        return frozenset()
+
+    def sequence(self, value: Any, depth: int, *, pair: bool) -> list[Any]:
+        out: list[Any] = []
+        self.left -= 2
+        # ``["X-Api-Key", "abc"]``, ``("Authorization", "Bearer ...")``: a header as a pair.
+        secret_pair = (
+            pair
+            and self.redact
+            and isinstance(value[0], str)
+            and len(value[0]) <= 256
+            and _is_secret(value[0], self.extra)
+        )
+        for index, item in enumerate(value):
+            if self.left <= 0:
+                self.cut = True
+                break
+            if secret_pair and index == 1:
+                out.append(REDACTED)
+                self.redactions += 1
+                self.left -= 6
+                continue
+            self.left -= 1
+            out.append(self.walk(item, depth))
+            if self.cut:
+                break
+        return out
+
+    def raw_bytes(self, value: bytes | bytearray | memoryview, depth: int) -> str:
+        limit = None if math.isinf(self.left) else (max(int(self.left), 0) + CUT_MARGIN) * 4
+        data = bytes(value[:limit] if limit is not None else value)
+        text = data.decode("utf-8", "backslashreplace")
+        return self.string(text, depth, longer=limit is not None and len(value) > limit)
+
+    def string(self, text: str, depth: int, *, longer: bool = False) -> str:
+        if longer or len(text) + 2 > self.left:
+            # The cap falls in this string: keep its start (and a margin), searched as cut.
+            self.cut = True
+            keep = text[: max(int(min(self.left, len(text))), 0) + CUT_MARGIN]
+            self.left = 0
+            keep = clean_text(keep)
+            return redact_text(keep, self.extra, cut=True) if self.redact else keep
+        self.left -= len(text) + 2
+        text = clean_text(text)
+        if not self.redact:
+            return text
+        if text[:1] in "{[" or text[:1].isspace():
+            structured = self.json_in_text(text, depth)
+            if structured is not None:
+                return structured
+        redacted = redact_text(text, self.extra)
+        if redacted is not text:
+            self.redactions += 1
+        return redacted
+
+    def json_in_text(self, text: str, depth: int) -> str | None:
+        """A string holding JSON (a request body, a header dump) is redacted as JSON."""
+        stripped = text.strip()
+        if not (stripped[:1] in "{[" and stripped[-1:] in "}]") or depth >= MAX_DEPTH:
+            return None
+        try:
+            parsed = json.loads(stripped)
+        except (ValueError, RecursionError):
+            return None
+        inner = _Walker(None, None)
+        inner.redact, inner.extra = True, self.extra
+        copy = inner.walk(parsed, depth + 1)
+        if not inner.redactions:
+            return None
+        self.redactions += 1
+        return _dumps_plain(copy)
+
+
+def stored_text(text: str | None, max_bytes: int, redactor: Redactor | None = None) -> str | None:
+    """An error message as stored: capped at ``max_bytes`` UTF-8 bytes keeping its start and
+    its end, and redacted, the work bounded by what is kept.
+
+    A text over the cap keeps its start and its last lines, joined by a note of the original
+    size: ``... [truncated, 25000 bytes] ...``. The start is searched for secrets as cut; the
+    end starts at a line break, so a secret that began before it (a ``key: value`` runs to the
+    end of its line) cannot show its tail. Never raises.
+    """
+    if not text:
+        return text
+    try:
+        return _stored_text(str(text), max_bytes, redactor)
+    except Exception:
+        return FAILED["_redacted"]
+
+
+def _stored_text(text: str, max_bytes: int, redactor: Redactor | None) -> str:
+    extra = redactor.extra_keys if redactor is not None else frozenset()
+
+    def redact(part: str, *, cut: bool = False) -> str:
+        return redact_text(part, extra, cut=cut) if redactor is not None else part
+
+    if len(text) <= max_bytes:
+        whole = redact(clean_text(text))
+        if _utf8_size(whole) <= max_bytes:
+            return whole
+    size = _utf8_size(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    note = f" ... [truncated, {size} bytes] ... "
+    room = max(0, max_bytes - len(note))
+    head_bytes, tail_bytes = room - room // 3, room // 3
+    head = redact(clean_text(text[: head_bytes + CUT_MARGIN]), cut=True)
+    head = _cut_utf8(head, head_bytes)
+    tail = ""
+    window = text[-tail_bytes:] if tail_bytes else ""
+    newline = window.find("\n")
+    if newline >= 0:
+        tail = redact(clean_text(window[newline:]))
+        tail = _last_utf8(tail, tail_bytes)
+    capped = head + note + tail
+    return capped if _utf8_size(capped) <= max_bytes else _cut_utf8(capped, max_bytes)
