@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
-from asgiref.sync import sync_to_async
+from asgiref.sync import SyncToAsync, sync_to_async
+from django.db import connections
 
 from django_rpc_audit import get_rpc_client
 from django_rpc_audit.context import rpc_context
@@ -728,7 +729,9 @@ def unix_socket_redis(tmp_path) -> Iterator[str]:
         server.wait(timeout=10)
 
 
-@pytest.mark.django_db
+# transaction=True: acall() writes its row from asgiref's worker thread, on a connection (and
+# commit) of its own, which the end of the test must clean up.
+@pytest.mark.django_db(transaction=True)
 def test_a_unix_socket_redis_url_works_end_to_end(rpc_settings, unix_socket_redis, signals):
     """README: ``REDIS_URL`` may be ``unix:///path/to/redis.sock``; the call goes through it."""
     stream = f"rpc_audit_test:{uuid.uuid4().hex}:requests"
@@ -742,6 +745,11 @@ def test_a_unix_socket_redis_url_works_end_to_end(rpc_settings, unix_socket_redi
         assert acall == {"echo": {"via": "unix-async"}}
     finally:
         responder.stop()
+        # The row of acall() was written from asgiref's worker thread: close its connection.
+        SyncToAsync.single_thread_executor.submit(connections.close_all).result()
     assert [finished["status"] for finished in signals.finished] == ["success", "success"]
-    assert RPCLog.objects.filter(params={"via": "unix"}, status="success").exists()
+    assert sorted(RPCLog.objects.values_list("params__via", "status")) == [
+        ("unix", "success"),
+        ("unix-async", "success"),
+    ]
     assert redis.Redis.from_url(unix_socket_redis).xlen(stream) == 2  # database 3 of that server
