@@ -33,6 +33,14 @@ def behind_proxy(rpc_settings):
     return headers
 
 
+async def logged_in_async_client(username: str) -> tuple[AsyncClient, object]:
+    """An ``AsyncClient`` logged in as a new user ``username``, and that user."""
+    user = await UserFactory._meta.model.objects.acreate(username=username)
+    client = AsyncClient()
+    await client.aforce_login(user)
+    return client, user
+
+
 @pytest.mark.django_db
 def test_sync_view_call_is_attributed_to_user_ip_and_agent():
     user = UserFactory()
@@ -54,9 +62,7 @@ def test_sync_view_call_is_attributed_to_user_ip_and_agent():
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
 async def test_async_view_call_is_attributed_to_user_ip_and_agent(behind_proxy):
-    user = await UserFactory._meta.model.objects.acreate(username="async-user")
-    client = AsyncClient()
-    await client.aforce_login(user)
+    client, user = await logged_in_async_client("async-user")
 
     response = await client.get(
         "/async/call/", {"who": "async"}, headers=behind_proxy("198.51.100.8", "async-agent/2.0")
@@ -183,9 +189,7 @@ def test_no_session_access_when_the_view_makes_no_call():
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
 async def test_no_session_access_in_async_views_without_a_call():
-    user = await UserFactory._meta.model.objects.acreate(username="quiet-async")
-    client = AsyncClient()
-    await client.aforce_login(user)
+    client, user = await logged_in_async_client("quiet-async")
 
     quiet = await client.get("/async/no-call/")
     calling = await client.get("/async/call/")
@@ -438,9 +442,7 @@ def test_calls_made_while_a_sync_stream_is_consumed_are_attributed():
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
 async def test_calls_made_while_an_async_stream_is_consumed_are_attributed(behind_proxy):
-    user = await UserFactory._meta.model.objects.acreate(username="async-streamer")
-    client = AsyncClient()
-    await client.aforce_login(user)
+    client, user = await logged_in_async_client("async-streamer")
     response = await client.get("/async/stream/", headers=behind_proxy("198.51.100.41", "as/1"))
     chunks = [chunk async for chunk in response.streaming_content]
     assert len(chunks) == 3
@@ -512,9 +514,7 @@ async def test_calls_after_alogin_in_an_async_view_are_the_new_users():
 @pytest.mark.asyncio
 @pytest.mark.django_db(transaction=True)
 async def test_calls_after_alogout_in_an_async_view_are_no_ones():
-    alice = await UserFactory._meta.model.objects.acreate(username="async-alice")
-    client = AsyncClient()
-    await client.aforce_login(alice)
+    client, alice = await logged_in_async_client("async-alice")
     await client.get("/async/logout-then-call/")
     users = {
         who: name async for who, name in RPCLog.objects.values_list("params__who", "user__username")
