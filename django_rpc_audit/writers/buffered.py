@@ -584,8 +584,10 @@ def install_sigterm_flush() -> bool:
     gracefully and then re-raises ``SIGTERM`` with the default action, which kills the process
     without exit handlers, and a bare process dies the same way. The previous handler (the
     server's, when it installed one first) still runs afterwards, and the writers keep writing
-    every few milliseconds while the server finishes its requests. False if not installed
-    (not the main thread, or no ``SIGTERM`` on this platform).
+    every few milliseconds while the server finishes its requests. The writing is done by a
+    helper thread the handler waits for (at most ``BUFFER_SHUTDOWN_TIMEOUT``), never by the
+    interrupted main thread itself; a ``SIGTERM`` during the exit flush lets that flush finish.
+    False if not installed (not the main thread, or no ``SIGTERM`` on this platform).
     """
     if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
         return False
