@@ -1,16 +1,17 @@
 """The buffered writer: one write per call, bounded memory, outside the caller's transaction.
 
 Tests marked ``inline`` use the writer without its thread (``flush()`` writes on the test's
-connection) and run on SQLite and PostgreSQL. Tests of the background thread need a database
-other threads can write to while the test holds its own connection: they run on PostgreSQL
-(SQLite's shared in-memory test database locks tables across threads); the process tests in
-``test_writers_process.py`` run the thread on a SQLite file too.
+connection) and run on every database. Tests of the background thread need a database other
+threads can write to while the test holds its own connection: they run on PostgreSQL and
+MariaDB (SQLite's shared in-memory test database locks tables across threads); the process
+tests in ``test_writers_process.py`` run the thread on a SQLite file too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import statistics
 import threading
 import time
@@ -49,8 +50,8 @@ from tests.factories import UserFactory
 from tests.tcp_proxy import TCPProxy
 from tests.views import ViewFailed
 
-on_postgres = pytest.mark.skipif(
-    "postgresql" not in django_settings.DATABASES["default"]["ENGINE"],
+on_server_database = pytest.mark.skipif(
+    "sqlite" in django_settings.DATABASES["default"]["ENGINE"],
     reason="the writer thread needs a server database (SQLite: see test_writers_process.py)",
 )
 
@@ -161,9 +162,11 @@ def test_a_call_finished_before_the_flush_is_inserted_once_in_its_final_state(
     assert not RPCLog.objects.exists()  # buffered, not written
     with CaptureQueriesContext(connection) as queries:
         assert rpc_log_writer.flush() is True
-    writes = [q["sql"] for q in queries if q["sql"].startswith(("INSERT", "UPDATE"))]
+    # Django logs an executemany() (the MySQL path) as "<n> times: <statement>".
+    statements = [re.sub(r"^\d+ times: ", "", q["sql"]) for q in queries]
+    writes = [sql for sql in statements if sql.startswith(("INSERT", "REPLACE", "UPDATE"))]
     assert len(writes) == 1
-    assert writes[0].startswith("INSERT")
+    assert writes[0].startswith(("INSERT", "REPLACE"))  # MySQL's REPLACE: an insert of the row
     log = RPCLog.objects.get()
     assert (log.status, log.params) == ("success", {"who": "ada"})
     assert log.response == {"echo": {"who": "ada"}}
@@ -410,7 +413,7 @@ def test_capture_restores_the_configured_writer(rpc_settings: Callable[..., Any]
     assert isinstance(get_writer(), SyncLogWriter)
 
 
-# -- the background thread (PostgreSQL) ----------------------------------------------------
+# -- the background thread (PostgreSQL, MariaDB) ------------------------------------------
 
 
 @pytest.fixture
@@ -434,7 +437,7 @@ def background_writer() -> Iterator[Callable[..., BufferedLogWriter]]:
         assert writer.close(timeout=30)
 
 
-@on_postgres
+@on_server_database
 @pytest.mark.django_db(transaction=True)
 def test_the_thread_writes_without_a_flush(
     echo_handler: None, background_writer: Callable[..., BufferedLogWriter]
@@ -449,7 +452,7 @@ def test_the_thread_writes_without_a_flush(
     assert writer._thread is not threading.current_thread()
 
 
-@on_postgres
+@on_server_database
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_callers_lose_nothing(
     echo_handler: None, background_writer: Callable[..., BufferedLogWriter]
@@ -477,7 +480,7 @@ def test_concurrent_callers_lose_nothing(
     assert writer.stats().dropped == 0
 
 
-@on_postgres
+@on_server_database
 @pytest.mark.django_db(transaction=True)
 def test_a_row_the_database_refuses_does_not_hold_back_the_others(
     echo_handler: None,
@@ -497,7 +500,26 @@ def test_a_row_the_database_refuses_does_not_hold_back_the_others(
     assert "The database refused the RPC log row of test.echo" in caplog.text
 
 
-@on_postgres
+@on_server_database
+@pytest.mark.django_db(transaction=True)
+def test_a_pending_row_the_database_refuses_is_counted_not_dropped_silently(
+    background_writer: Callable[..., BufferedLogWriter], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call still running at write time whose row is refused: logged and counted, never
+    skipped without a word (as MySQL's ``INSERT IGNORE`` would)."""
+    writer = background_writer(flush_interval=3600)
+    ghost = get_user_model()(pk=987_654, username="ghost")  # never saved: a dangling key
+    writer.started(started_event(user=ghost))
+    kept = started_event()
+    writer.started(kept)
+    with caplog.at_level(logging.ERROR, logger="django_rpc_audit.writers"):
+        assert writer.flush(timeout=30)
+    assert list(RPCLog.objects.values_list("correlation_id", flat=True)) == [kept["correlation_id"]]
+    assert writer.stats().failed == 1
+    assert "The database refused the RPC log row of test.echo" in caplog.text
+
+
+@on_server_database
 @pytest.mark.django_db(transaction=True)
 def test_an_unexpected_error_does_not_end_the_writer_thread(
     echo_handler: None,
@@ -549,7 +571,7 @@ def test_rows_survive_an_atomic_request_that_fails(
     assert (log.method, log.status, log.params) == ("test.echo", "success", {"who": "raiser"})
 
 
-@on_postgres
+@on_server_database
 @pytest.mark.django_db(transaction=True)
 def test_the_sync_writer_loses_the_row_with_the_atomic_request(
     echo_handler: None, rpc_settings: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
@@ -562,7 +584,7 @@ def test_the_sync_writer_loses_the_row_with_the_atomic_request(
     assert not RPCLog.objects.exists()
 
 
-# -- a 30 s database outage (PostgreSQL, through a proxy the test controls) ----------------
+# -- a 30 s database outage (through a proxy the test controls) -----------------------------
 
 OUTAGE_SECONDS = 30.0
 
@@ -578,7 +600,9 @@ def proxied_database(django_db_setup: None) -> Iterator[TCPProxy]:
     lets other threads connect through it (``databases="__all__"``).
     """
     settings_dict = connections["default"].settings_dict
-    proxy = TCPProxy(settings_dict["HOST"] or "127.0.0.1", int(settings_dict["PORT"] or 5432))
+    vendor = connections["default"].vendor
+    port = settings_dict["PORT"] or {"postgresql": 5432, "mysql": 3306}[vendor]
+    proxy = TCPProxy(settings_dict["HOST"] or "127.0.0.1", int(port))
     proxy.start()
     connections.settings[PROXIED] = {
         **settings_dict,
@@ -591,7 +615,7 @@ def proxied_database(django_db_setup: None) -> Iterator[TCPProxy]:
     del connections.settings[PROXIED]
 
 
-@on_postgres
+@on_server_database
 @pytest.mark.django_db(transaction=True, databases="__all__")
 def test_a_database_outage_neither_fails_nor_slows_calls_and_loses_nothing(
     proxied_database: TCPProxy,
@@ -599,16 +623,17 @@ def test_a_database_outage_neither_fails_nor_slows_calls_and_loses_nothing(
     background_writer: Callable[..., BufferedLogWriter],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """PostgreSQL unreachable for 30 s while calls go on: no call fails or slows, no row is lost.
+    """The database unreachable for 30 s while calls go on: no call fails or slows, no row is
+    lost.
 
-    The shared PostgreSQL server is not stopped (other processes use it): the writer reaches
+    The shared database server is not stopped (other processes use it): the writer reaches
     it through a TCP proxy in this process (``tests/tcp_proxy.py``), on a database alias of
     its own (``rpc_audit_proxied``, same test database). The proxy cuts every open connection
     and closes its listening port for 30 s, so the writer's connection breaks mid-use and
     every reconnect is refused (``ECONNREFUSED``); then it listens again on the same port.
     Calls go through the local transport, one every 2 ms, the whole time. Afterwards: no call
     raised, the median latency during the outage is within noise of the median before it,
-    the writer retried with backoff, and every call has its row in PostgreSQL.
+    the writer retried with backoff, and every call has its row in the database.
     """
     proxy, alias = proxied_database, PROXIED
     writer: BufferedLogWriter | None = None
