@@ -1,14 +1,18 @@
-"""Admin and dashboard page times on a big ``RPCLog`` table (PostgreSQL).
+"""Admin and dashboard page times on a big ``RPCLog`` table (PostgreSQL, MariaDB, MySQL).
 
-Fills the table with one ``INSERT ... SELECT generate_series`` (1,000,000 calls over the last
-30 days by default: ~1,400 in the last hour, ~33,000 in the last day, ~233,000 in the last
-week), then requests every admin page the way a browser would, several rounds each, and prints
-the median time, the query count and the slowest query of each page, plus the ``EXPLAIN
-ANALYZE`` of the queries that matter.
+Fills the table with one ``INSERT ... SELECT`` (1,000,000 calls over the last 30 days by
+default: ~1,400 in the last hour, ~33,000 in the last day, ~233,000 in the last week; the same
+shape on every database: ``generate_series`` on PostgreSQL, a recursive CTE on MySQL and
+MariaDB), then requests every admin page the way a browser would, several rounds each, and
+prints the median time, the query count and the slowest query of each page, plus the
+``EXPLAIN ANALYZE`` (MariaDB: ``ANALYZE``) of the queries that matter.
 
     createdb -h 127.0.0.1 -U postgres rpc_audit_bench
     .venv/bin/python benchmarks/admin_pages.py \\
         --database-url postgres://postgres@127.0.0.1:5432/rpc_audit_bench --rows 1000000
+    mariadb -h 127.0.0.1 -u root -e "CREATE DATABASE rpc_audit_bench"
+    .venv/bin/python benchmarks/admin_pages.py \\
+        --database-url mysql://root@127.0.0.1:3306/rpc_audit_bench --rows 1000000
 
 A table already holding ``--rows`` rows is reused (``--refill`` makes it again).
 """
@@ -55,6 +59,48 @@ FROM generate_series(1, %(rows)s) AS g,
      -- Rows go in in time order, as a log table fills.
      LATERAL (SELECT g AS n, random() AS outcome,
                      now() - (%(rows)s - g) * (interval '30 days' / %(rows)s) AS created_at) AS r
+"""
+
+# The same rows on MySQL and MariaDB. They have no generate_series: a recursive CTE counts.
+# RAND() in a derived table may be evaluated again at each use once the optimizer merges it,
+# so each row's "random" draws are hashes of its number (CRC32), which also makes the fill
+# the same at every run. Times are naive UTC, as Django stores them there with USE_TZ.
+FILL_SQL_MYSQL = """
+INSERT INTO django_rpc_audit_rpclog (
+    id, correlation_id, method, params, response, status, error_code, error_message,
+    duration_ms, user_id, caller_ip, user_agent, created_at, completed_at
+)
+WITH RECURSIVE series (g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM series WHERE g < %(rows)s)
+SELECT
+    -- An MD5 as the id, its version and variant set as MariaDB's uuid type requires.
+    CONCAT(SUBSTR(r.id, 1, 12), '4', SUBSTR(r.id, 14, 3), '8', SUBSTR(r.id, 18)),
+    MD5(g),
+    CONCAT('service', g %% 23, '.', ELT(1 + g %% 4, 'get', 'list', 'create', 'notify')),
+    JSON_OBJECT('id', g, 'note', CONCAT('call ', g)),
+    CASE WHEN r.outcome < 0.92 THEN '{"ok": true}' END,
+    CASE WHEN r.outcome < 0.92 THEN 'success' WHEN r.outcome < 0.97 THEN 'failed'
+         WHEN r.outcome < 0.99 THEN 'timeout' ELSE 'pending' END,
+    CASE WHEN r.outcome >= 0.92 AND r.outcome < 0.97 THEN 'REMOTE_ERROR'
+         WHEN r.outcome >= 0.97 AND r.outcome < 0.99 THEN 'TIMEOUT' ELSE '' END,
+    CASE WHEN r.outcome >= 0.92 AND r.outcome < 0.99 THEN CONCAT('Upstream said no to call ', g)
+         ELSE '' END,
+    CASE WHEN r.outcome < 0.99 THEN ROUND(EXP(r.duration * 8), 3) END,
+    CASE WHEN r.anonymous < 0.1 THEN NULL ELSE %(first_user)s + FLOOR(r.user * %(users)s) END,
+    CONCAT('10.0.', g %% 250, '.', g %% 200 + 1),
+    'Mozilla/5.0 (benchmark)',
+    r.created_at,
+    r.created_at + INTERVAL 50000 MICROSECOND
+FROM (
+    SELECT g,
+           MD5(CONCAT(g, 'rpc')) AS id,
+           CRC32(CONCAT('o', g)) / 4294967296 AS outcome,
+           CRC32(CONCAT('d', g)) / 4294967296 AS duration,
+           CRC32(CONCAT('a', g)) / 4294967296 AS anonymous,
+           CRC32(CONCAT('u', g)) / 4294967296 AS user,
+           UTC_TIMESTAMP(6) - INTERVAL ((%(rows)s - g) * 2592000000000 DIV %(rows)s) MICROSECOND
+               AS created_at
+    FROM series
+) AS r
 """
 
 
@@ -118,8 +164,8 @@ def fill(rows: int, refill: bool) -> None:
 
     from django_rpc_audit.models import RPCLog
 
-    if connection.vendor != "postgresql":
-        sys.exit("This benchmark fills the table with generate_series: give a PostgreSQL URL.")
+    if connection.vendor not in ("postgresql", "mysql"):
+        sys.exit("This benchmark fills PostgreSQL, MySQL or MariaDB: give one's URL.")
     call_command("migrate", verbosity=0)
     user_model = get_user_model()
     if not user_model.objects.filter(username="bench-admin").exists():
@@ -134,10 +180,25 @@ def fill(rows: int, refill: bool) -> None:
     )
     first = user_model.objects.filter(username__startswith="bench-user").order_by("pk")[0].pk
     started = time.perf_counter()
+    values = {"rows": rows, "users": 200, "first_user": first}
     with connection.cursor() as cursor:
-        cursor.execute(FILL_SQL, {"rows": rows, "users": 200, "first_user": first})
-        cursor.execute("VACUUM ANALYZE django_rpc_audit_rpclog")
+        if connection.vendor == "postgresql":
+            cursor.execute(FILL_SQL, values)
+            cursor.execute("VACUUM ANALYZE django_rpc_audit_rpclog")
+        else:
+            # The CTE recurses once per row: lift MySQL's (1,000) and MariaDB's limits.
+            variable = "max_recursive_iterations" if _is_mariadb() else "cte_max_recursion_depth"
+            cursor.execute(f"SET SESSION {variable} = %s", [rows + 1])
+            cursor.execute(FILL_SQL_MYSQL, values)
+            cursor.execute("ANALYZE TABLE django_rpc_audit_rpclog")
+            cursor.fetchall()
     print(f"Filled {rows:,} rows in {time.perf_counter() - started:.1f} s.")
+
+
+def _is_mariadb() -> bool:
+    from django.db import connection
+
+    return connection.vendor == "mysql" and bool(connection.mysql_is_mariadb)  # type: ignore[attr-defined]
 
 
 def measure(client: Any, url: str, rounds: int) -> dict[str, Any]:
@@ -167,14 +228,25 @@ def measure(client: Any, url: str, rounds: int) -> dict[str, Any]:
 def explain(sql: str) -> str:
     from django.db import connection
 
+    if connection.vendor == "postgresql":
+        prefix = "EXPLAIN (ANALYZE, BUFFERS OFF, TIMING OFF, SUMMARY ON)"
+    else:
+        prefix = "ANALYZE" if _is_mariadb() else "EXPLAIN ANALYZE"
     with connection.cursor() as cursor:
-        cursor.execute(f"EXPLAIN (ANALYZE, BUFFERS OFF, TIMING OFF, SUMMARY ON) {sql}")
-        return "\n".join(f"    {row[0]}" for row in cursor.fetchall())
+        cursor.execute(f"{prefix} {sql}")
+        if connection.vendor == "postgresql" or not _is_mariadb():
+            return "\n".join(f"    {row[0]}" for row in cursor.fetchall())
+        # MariaDB's ANALYZE: EXPLAIN's table with the rows and time it measured.
+        names = [column[0] for column in cursor.description]
+        return "\n".join(
+            "    " + ", ".join(f"{n}={v}" for n, v in zip(names, row, strict=True) if v is not None)
+            for row in cursor.fetchall()
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--database-url", required=True, help="a PostgreSQL URL")
+    parser.add_argument("--database-url", required=True, help="a PostgreSQL, MySQL or MariaDB URL")
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=5, help="requests per page")
     parser.add_argument("--refill", action="store_true", help="make the rows again")

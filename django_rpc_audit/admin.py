@@ -16,7 +16,7 @@ from typing import Any
 from django.apps import apps
 from django.contrib import admin
 from django.core.exceptions import ValidationError
-from django.db.models import Max, Min, Model, QuerySet
+from django.db.models import Max, Min, Model, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.loader import render_to_string
 from django.urls import NoReverseMatch, URLPattern, path, reverse
@@ -46,6 +46,9 @@ STATUS_VARIANTS: dict[str, str] = {
     RPCStatus.PENDING: "info",
     RPCStatus.RATE_LIMITED: "primary",
 }
+
+# An OpenTelemetry trace id (32 hex digits, as Grafana, Tempo and Jaeger show it).
+_TRACE_ID = re.compile(r"^[0-9a-fA-F]{32}$")
 
 _JSON_TOKEN = re.compile(
     r'(?P<key>"(?:\\.|[^"\\])*")(?=\s*:)'
@@ -118,6 +121,14 @@ def user_admin_url(user: Model, site_name: str = "admin") -> str | None:
         )
     except NoReverseMatch:
         return None
+
+
+def trace_url(trace_id: str, span_id: str = "") -> str | None:
+    """The ``TRACE_URL_TEMPLATE`` link to a trace; ``None`` without a template or a trace."""
+    template = get_config().trace_url_template
+    if not template or not trace_id:
+        return None
+    return template.replace("{trace_id}", trace_id).replace("{span_id}", span_id)
 
 
 def changelist_url(site_name: str = "admin", **params: Any) -> str:
@@ -320,6 +331,7 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
     list_display_links = ("status_badge", "method")
     list_filter = (
         "status",
+        "is_slow",
         MethodFilter,
         ("created_at", admin.DateFieldListFilter),
         UserFilter,
@@ -327,7 +339,8 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
     )
     search_fields = ("method", "user__username", "username", "user__email", "error_message")
     search_help_text = _(
-        "Method, username, email or error message; a correlation id is looked up exactly."
+        "Method, username, email or error message; a correlation id or trace id is looked up "
+        "exactly."
     )
     list_select_related = ("user",)
     date_hierarchy = "created_at"
@@ -344,6 +357,7 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
         "method",
         "correlation_id_copy",
         "related_calls",
+        "trace",
         "error_box",
         "timeline",
         "user_link",
@@ -376,6 +390,7 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
 
             return (
                 "status",
+                "is_slow",
                 MethodFilter,
                 ("created_at", RangeDateTimeFilter),
                 UserFilter,
@@ -386,9 +401,15 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
     ) -> tuple[QuerySet[Any], bool]:
-        if canonical_correlation_id(search_term) is not None:
-            spellings = correlation_id_spellings(search_term)
-            return queryset.filter(correlation_id__in=spellings), False
+        term = search_term.strip()
+        if _TRACE_ID.match(term):
+            # 32 hex digits: a trace id, or a correlation id written without its dashes.
+            spellings = correlation_id_spellings(term)
+            return queryset.filter(
+                Q(trace_id=term.lower()) | Q(correlation_id__in=spellings)
+            ), False
+        if canonical_correlation_id(term) is not None:
+            return queryset.filter(correlation_id__in=correlation_id_spellings(term)), False
         return super().get_search_results(request, queryset, search_term)  # type: ignore[no-any-return]
 
     def get_search_fields(self, request: HttpRequest) -> Any:
@@ -429,6 +450,8 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
             RPCStatus.RATE_LIMITED,
         ):
             call = (*call[:2], "error_box", *call[2:])
+        if obj is not None and obj.trace_id:
+            call = (*call, "trace")
         return [
             (None, {"fields": call}),
             (_("Caller"), {"fields": ("user_link", "caller_ip", "user_agent")}),
@@ -476,6 +499,36 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
             " · ",
             '<a href="{}" class="text-primary-600 dark:text-primary-500">{}</a>',
             links,
+        )
+
+    @display(description=_("trace"))
+    def trace(self, obj: RPCLog) -> str:
+        if not obj.trace_id:
+            return "-"
+        url = trace_url(obj.trace_id, obj.span_id)
+        external = (
+            format_html(
+                ' · <a href="{}" class="text-primary-600 dark:text-primary-500" target="_blank" '
+                'rel="noopener noreferrer" data-trace-url>{}</a>',
+                url,
+                _("Open the trace"),
+            )
+            if url is not None
+            else ""
+        )
+        return format_html(
+            '<span class="flex flex-row flex-wrap gap-2 items-center">'
+            '<code style="user-select: all; {}" data-trace-id>{}</code>'
+            '<span class="text-subtle">{}</span><code style="{}" data-span-id>{}</code>'
+            ' · <a href="{}" class="text-primary-600 dark:text-primary-500">{}</a>{}</span>',
+            _MONO,
+            obj.trace_id,
+            _("span"),
+            _MONO,
+            obj.span_id or "-",
+            changelist_url(self.admin_site.name, trace_id=obj.trace_id),
+            _("Calls of this trace"),
+            external,
         )
 
     @display(description=_("error"))
@@ -539,3 +592,7 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
             ),
             *super().get_urls(),
         ]
+
+
+# The alerts' admin (webhook deliveries, endpoints) registers itself on import.
+from django_rpc_audit.alerts import admin as _alerts_admin  # noqa: E402, F401

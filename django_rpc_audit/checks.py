@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -119,6 +120,34 @@ def check_sampling(
     return []
 
 
+@register(Tags.compatibility, Tags.database)
+def check_database_backend(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """E101: the log table's database is not supported; E102: MySQL / MariaDB without
+    Django's backend and mysqlclient. Needs no connection, so it also runs without
+    ``--database``."""
+    from django_rpc_audit.databases import backend_problems, log_aliases
+
+    return [message for alias in log_aliases() for message in backend_problems(alias)]
+
+
+@register(Tags.database)
+def check_database_server(
+    app_configs: Sequence[AppConfig] | None = None,
+    databases: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> list[CheckMessage]:
+    """E103-E105, W101: what the MySQL / MariaDB server holding the log table lacks. Runs
+    when the checks are given databases (``migrate``, ``check --database``)."""
+    from django_rpc_audit.databases import log_aliases, server_problems
+
+    if not databases:
+        return []
+    aliases = [alias for alias in log_aliases() if alias in databases]
+    return [message for alias in aliases for message in server_problems(alias)]
+
+
 @register(Tags.compatibility)
 def check_rate_limit_policy(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
@@ -138,6 +167,68 @@ def check_rate_limit_policy(
                 str(exc),
                 hint="Give the dotted path of a function taking a RateLimitCall.",
                 id="django_rpc_audit.E003",
+            )
+        ]
+    return []
+
+
+@register(Tags.compatibility)
+def check_integrations(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """E004: a metrics or tracing integration is on but its package is not installed;
+    W005: ``PROMETHEUS_MULTIPROC_DIR`` is set but is not a writable directory."""
+    try:
+        config = get_config()
+    except ImproperlyConfigured:
+        return []  # E001 reports it
+    from django_rpc_audit.integrations import missing_packages
+
+    messages: list[CheckMessage] = [
+        Error(
+            f"{SETTING_NAME}[{key!r}] is on but the {module!r} package is not installed: "
+            "the integration is off.",
+            hint=f"pip install {extra!r}",
+            id="django_rpc_audit.E004",
+        )
+        for key, (module, extra) in missing_packages(config).items()
+    ]
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if (
+        config.prometheus_metrics
+        and directory
+        and not (os.path.isdir(directory) and os.access(directory, os.W_OK))
+    ):
+        messages.append(
+            Warning(
+                f"PROMETHEUS_MULTIPROC_DIR ({directory!r}) is not a writable directory: "
+                "prometheus-client cannot keep the metrics, so none are recorded.",
+                hint="Create the directory before the server starts, writable by its workers.",
+                id="django_rpc_audit.W005",
+            )
+        )
+    return messages
+
+
+@register(Tags.compatibility)
+def check_alerts(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """W006: webhook endpoints are configured while ``ENABLE_LOGGING`` is off.
+
+    Alerts are written to the outbox with the calls' log rows; with no rows, none are sent.
+    """
+    try:
+        config = get_config()
+    except ImproperlyConfigured:
+        return []  # E001 reports it
+    if config.webhooks and not config.enable_logging:
+        return [
+            Warning(
+                f"{SETTING_NAME}['WEBHOOKS'] is set but ENABLE_LOGGING is off: alerts are "
+                "queued with the calls' log rows, so none will be sent.",
+                hint="Turn ENABLE_LOGGING on, or remove WEBHOOKS.",
+                id="django_rpc_audit.W006",
             )
         ]
     return []

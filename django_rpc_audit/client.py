@@ -14,6 +14,7 @@ from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
 
+from django_rpc_audit.alerts.slow import SlowVerdict, judge_call, slow_arguments
 from django_rpc_audit.conf import MAX_WAIT_SECONDS, DjangoCfgRPCConfig, get_config
 from django_rpc_audit.context import aresolve_user, get_caller_context, resolve_user
 from django_rpc_audit.exceptions import (
@@ -22,10 +23,12 @@ from django_rpc_audit.exceptions import (
     RPCRateLimitedError,
     RPCTimeoutError,
 )
+from django_rpc_audit.integrations import build_instrumentation
+from django_rpc_audit.integrations.base import CallProbe
 from django_rpc_audit.payload import Stored, stored, stored_text
 from django_rpc_audit.ratelimit import RateLimiter, build_rate_limiter
 from django_rpc_audit.redaction import Redactor, get_redactor
-from django_rpc_audit.signals import rpc_finished, rpc_started
+from django_rpc_audit.signals import rpc_finished, rpc_slow, rpc_started
 from django_rpc_audit.status import RPCStatus
 from django_rpc_audit.transports import (
     Result,
@@ -45,6 +48,7 @@ class _Outcome:
     response: Result | None = None
     error_code: str | None = None
     error_message: str | None = None
+    slow: SlowVerdict | None = None
 
     @property
     def result(self) -> Result:
@@ -74,6 +78,7 @@ class _Outcome:
     ) -> dict[str, Any]:
         """``rpc_finished``'s own arguments in their stored form: capped, then redacted (the
         caller gets the originals)."""
+        self.slow = judge_call(request.method, self.status, duration_ms)
         response: Stored | None = None
         if self.response is not None:
             response = stored(
@@ -93,6 +98,7 @@ class _Outcome:
             ),
             "duration_ms": duration_ms,
             "completed_at": datetime.now(UTC),
+            "slow": self.slow,
         }
 
 
@@ -113,6 +119,8 @@ class RPCClient:
         self.redactor: Redactor = get_redactor(config.redact_keys, config.redact_methods)
         #: Applies ``RATE_LIMITS``; ``None`` when there are none.
         self.rate_limiter: RateLimiter | None = build_rate_limiter(config, self.transport)
+        #: Tracing and metrics (``OTEL_*``, ``PROMETHEUS_METRICS``); ``None`` when all are off.
+        self.instrumentation = build_instrumentation(config)
 
     def __repr__(self) -> str:
         return f"<RPCClient {self.transport!r}>"
@@ -176,8 +184,21 @@ class RPCClient:
         request.wire["params_bytes"] = len(params_json)
         return request
 
+    def _instrumented(self, request: RPCRequest) -> tuple[RPCRequest, CallProbe | None]:
+        """Start the call's span and return the request to send (its trace context added)
+        with its probe; the request itself and ``None`` when tracing and metrics are off."""
+        if self.instrumentation is None:
+            return request, None
+        probe = self.instrumentation.start(request)
+        return probe.request, probe
+
     def _started(
-        self, request: RPCRequest, user: Any, caller_ip: str | None, user_agent: str | None
+        self,
+        request: RPCRequest,
+        user: Any,
+        caller_ip: str | None,
+        user_agent: str | None,
+        probe: CallProbe | None = None,
     ) -> dict[str, Any]:
         """The keyword arguments of ``rpc_started``; explicit values win over the context.
 
@@ -202,10 +223,14 @@ class RPCClient:
             "caller_ip": caller_ip if caller_ip is not None else context.caller_ip,
             "user_agent": user_agent if user_agent is not None else context.user_agent,
             "started_at": datetime.now(UTC),
+            "trace_id": probe.trace_id if probe is not None else None,
+            "span_id": probe.span_id if probe is not None else None,
         }
 
     @contextlib.contextmanager
-    def _reported(self, request: RPCRequest, started: dict[str, Any]) -> Iterator[_Outcome]:
+    def _reported(
+        self, request: RPCRequest, started: dict[str, Any], probe: CallProbe | None = None
+    ) -> Iterator[_Outcome]:
         """Send ``rpc_started``, time the block, then send ``rpc_finished`` whatever happened.
 
         Sending ``rpc_started`` is inside the ``try``: an interruption while its receivers run
@@ -224,11 +249,19 @@ class RPCClient:
         finally:
             duration_ms = 0.0 if clock is None else (time.perf_counter() - clock) * 1000
             finished = outcome.as_kwargs(duration_ms, request, self.redactor, self.config)
+            if probe is not None:
+                probe.finish(
+                    outcome.status, outcome.error_code, finished["error_message"], duration_ms
+                )
             rpc_finished.send_robust(sender=type(self), **started, **finished)
+            if outcome.slow is not None:
+                rpc_slow.send_robust(
+                    sender=type(self), **started, **finished, **slow_arguments(outcome.slow)
+                )
 
     @contextlib.asynccontextmanager
     async def _areported(
-        self, request: RPCRequest, started: dict[str, Any]
+        self, request: RPCRequest, started: dict[str, Any], probe: CallProbe | None = None
     ) -> AsyncIterator[_Outcome]:
         """The ``async`` twin of :meth:`_reported`."""
         outcome = _Outcome()
@@ -242,14 +275,20 @@ class RPCClient:
             raise
         finally:
             duration_ms = 0.0 if clock is None else (time.perf_counter() - clock) * 1000
-            finished = rpc_finished.asend_robust(
-                sender=type(self),
-                **started,
-                **outcome.as_kwargs(duration_ms, request, self.redactor, self.config),
-            )
+            kwargs = outcome.as_kwargs(duration_ms, request, self.redactor, self.config)
+            if probe is not None:
+                probe.finish(
+                    outcome.status, outcome.error_code, kwargs["error_message"], duration_ms
+                )
+            finished = rpc_finished.asend_robust(sender=type(self), **started, **kwargs)
             # A cancelled call still reports how it ended: shield the report from a second
             # cancellation of the task.
             await asyncio.shield(finished)
+            if outcome.slow is not None:
+                slow = slow_arguments(outcome.slow)
+                await asyncio.shield(
+                    rpc_slow.asend_robust(sender=type(self), **started, **kwargs, **slow)
+                )
 
     def call(
         self,
@@ -283,8 +322,9 @@ class RPCClient:
         request = self._request(method, params, timeout, correlation_id)
         if user is None:
             user = resolve_user(get_caller_context())
-        started = self._started(request, user, caller_ip, user_agent)
-        with self._reported(request, started) as outcome:
+        request, probe = self._instrumented(request)
+        started = self._started(request, user, caller_ip, user_agent, probe)
+        with self._reported(request, started, probe) as outcome:
             if self.rate_limiter is not None:
                 request = self.rate_limiter.limit(request, user, started["caller_ip"])
             outcome.succeed(self.transport.call(request))
@@ -310,8 +350,9 @@ class RPCClient:
         request = self._request(method, params, timeout, correlation_id)
         if user is None:
             user = await aresolve_user(get_caller_context())
-        started = self._started(request, user, caller_ip, user_agent)
-        async with self._areported(request, started) as outcome:
+        request, probe = self._instrumented(request)
+        started = self._started(request, user, caller_ip, user_agent, probe)
+        async with self._areported(request, started, probe) as outcome:
             if self.rate_limiter is not None:
                 request = await self.rate_limiter.alimit(request, user, started["caller_ip"])
             outcome.succeed(await self.transport.acall(request))
@@ -329,8 +370,9 @@ class RPCClient:
         _refuse_on_event_loop("fire_and_forget")
         request = self._request(method, params, None, None)
         user = resolve_user(get_caller_context())
-        started = self._started(request, user, None, None)
-        with self._reported(request, started) as outcome:
+        request, probe = self._instrumented(request)
+        started = self._started(request, user, None, None, probe)
+        with self._reported(request, started, probe) as outcome:
             if self.rate_limiter is not None:
                 request = self.rate_limiter.limit(request, user, started["caller_ip"])
             self.transport.send(request)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 from redis.connection import parse_url
 
+from django_rpc_audit.alerts.endpoints import WebhookEndpoint, parse_endpoints
 from django_rpc_audit.forwarded import trusted_networks
 from django_rpc_audit.ratelimit.rules import Rule, parse_rules
 from django_rpc_audit.redaction import FieldRule, MethodRule, key_words
@@ -138,6 +140,39 @@ class DjangoCfgRPCConfig:
     buffer_max_retry_delay: float = 10.0
     #: Seconds the process waits at exit for the buffered writer to write what it holds.
     buffer_shutdown_timeout: float = 10.0
+    # -- alerts: webhooks and slow calls (see django_rpc_audit.alerts)
+    #: Webhook endpoints, each a dict: ``NAME``, ``URL``, ``SECRET`` (``whsec_...``),
+    #: ``EVENTS``, ``METHODS`` (globs), ``FORMAT``, ``INCLUDE_*``, ``GROUP_WINDOW_SECONDS``.
+    webhooks: tuple[WebhookEndpoint, ...] = field(default=())
+    #: Storm control: after an alert is sent, the same (endpoint, event, method, error code)
+    #: within this many seconds is counted and sent as one digest at the end of the window.
+    webhook_group_window_seconds: float = 60.0
+    #: Seconds a webhook request may take before it counts as failed (and is retried).
+    webhook_timeout: float = 15.0
+    #: Seconds before each retry of a failed delivery (jittered); after the last, it gives up.
+    webhook_retry_schedule: tuple[float, ...] = (5, 300, 1_800, 7_200, 18_000, 36_000, 36_000)
+    #: Deliver from a background thread in every process that logs calls (besides the
+    #: ``rpc_webhooks_deliver`` command); off: only the command delivers.
+    webhook_delivery_thread: bool = True
+    #: Seconds between the delivery thread's looks at the outbox for due or orphaned alerts.
+    webhook_poll_interval: float = 2.0
+    #: Scheme and host of the admin (``https://ops.example.com``): alerts link to the call's
+    #: admin page. Empty: no link.
+    admin_base_url: str = ""
+    #: Flag calls slower than their method's recent normal (``is_slow``, ``rpc_slow``).
+    slow_call_detection: bool = True
+    #: No call faster than this (milliseconds) is ever slow.
+    slow_call_floor_ms: float = 50.0
+    #: Successful calls of a method seen before its baseline is trusted.
+    slow_call_min_samples: int = 30
+    #: Latest successful calls per method the baseline is computed from.
+    slow_call_window: int = 200
+    #: Modified z-score above which a call is slow: ``median + SCORE * 1.4826 * MAD``.
+    slow_call_score: float = 3.5
+    #: ... and a slow call takes at least this many times its method's median.
+    slow_call_min_ratio: float = 3.0
+    #: Explicit thresholds (milliseconds) by method name or glob; they replace the baseline.
+    slow_call_thresholds_ms: tuple[tuple[str, float], ...] = field(default=())
     # -- rate limits (docs/rate-limits.md)
     #: Limits by exact method name or glob, exact names first, then the first matching pattern
     #: in the order given: ``{"send_notification": "10/minute", "reports.*": {"rate":
@@ -166,6 +201,27 @@ class DjangoCfgRPCConfig:
     #: or subject per call (plans, organisations), or ``None`` to exempt it.
     rate_limit_policy: str = ""
 
+    # -- metrics and traces (integrations/)
+    #: Trace every call as an OpenTelemetry CLIENT span of the global tracer provider (needs
+    #: ``django-rpc-audit[otel]`` and an SDK), send its W3C trace context with the request and
+    #: store its trace and span ids on the row.
+    otel_traces: bool = False
+    #: Record the histogram ``rpc.client.call.duration`` (seconds) through the OpenTelemetry
+    #: metrics API.
+    otel_metrics: bool = False
+    #: Attribute that carries a failed call's error code on spans and metrics:
+    #: ``rpc.response.status_code`` (semantic conventions 1.39 to 1.44; ``rpc.status_code``
+    #: after them). Empty: not set.
+    otel_status_code_attribute: str = "rpc.response.status_code"
+    #: Count and time calls and the log pipeline in prometheus-client's registry (needs
+    #: ``django-rpc-audit[prometheus]``).
+    prometheus_metrics: bool = False
+    #: Distinct method names a process uses as metric labels; any further one is ``_OTHER``.
+    metrics_max_methods: int = 100
+    #: The admin links a row to its trace with this URL; ``{trace_id}`` (and ``{span_id}``) are
+    #: replaced by the row's ids. Empty: no link.
+    trace_url_template: str = ""
+
     def __repr__(self) -> str:
         # The dataclass repr would print REDIS_URL with its password.
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -178,6 +234,7 @@ class DjangoCfgRPCConfig:
             # Settings naturally give lists; a tuple keeps the frozen config hashable.
             object.__setattr__(self, "trusted_proxy_ips", tuple(self.trusted_proxy_ips))
         _normalise_data_hygiene(self)
+        _normalise_alerts(self)
         _normalise_rate_limits(self)
         _validate(self)
 
@@ -257,7 +314,9 @@ def _validate(config: DjangoCfgRPCConfig) -> None:
     _validate_data_hygiene(config)
     _validate_admin(config)
     _validate_buffered_writer(config)
+    _validate_alerts(config)
     _validate_rate_limits(config)
+    _validate_integrations(config)
 
 
 def _pairs(value: object) -> object:
@@ -440,6 +499,96 @@ def _validate_buffered_writer(config: DjangoCfgRPCConfig) -> None:
             )
 
 
+def _normalise_alerts(config: DjangoCfgRPCConfig) -> None:
+    """Parse the endpoints; lists and dicts (or environment strings) become tuples."""
+    try:
+        endpoints = parse_endpoints(config.webhooks)
+    except ValueError as exc:
+        raise _fail("WEBHOOKS", f"{exc}.") from None
+    object.__setattr__(config, "webhooks", endpoints)
+    schedule = config.webhook_retry_schedule
+    if isinstance(schedule, list | tuple):
+        try:
+            schedule = tuple(float(step) if isinstance(step, str) else step for step in schedule)
+        except ValueError:
+            raise _fail(
+                "WEBHOOK_RETRY_SCHEDULE", f"must be numbers of seconds, not {schedule!r}."
+            ) from None
+        object.__setattr__(config, "webhook_retry_schedule", schedule)
+    thresholds = _pairs(config.slow_call_thresholds_ms)
+    if isinstance(thresholds, tuple) and all(
+        isinstance(pair, tuple) and len(pair) == 2 for pair in thresholds
+    ):
+        try:
+            thresholds = tuple(
+                (method, float(ms) if isinstance(ms, str) else ms) for method, ms in thresholds
+            )
+        except ValueError:
+            raise _fail(
+                "SLOW_CALL_THRESHOLDS_MS", f"must map methods to milliseconds: {thresholds!r}."
+            ) from None
+    object.__setattr__(config, "slow_call_thresholds_ms", thresholds)
+
+
+def _validate_alerts(config: DjangoCfgRPCConfig) -> None:
+    positive = (
+        "webhook_group_window_seconds",
+        "webhook_timeout",
+        "webhook_poll_interval",
+        "slow_call_score",
+    )
+    for name in positive:
+        value = getattr(config, name)
+        if not _is_number(value) or not value > 0:
+            raise _fail(name.upper(), f"must be a positive number, not {value!r}.")
+    schedule = config.webhook_retry_schedule
+    if not isinstance(schedule, tuple) or not all(
+        _is_number(step) and step >= 0 for step in schedule
+    ):
+        raise _fail(
+            "WEBHOOK_RETRY_SCHEDULE",
+            f"must be a list of seconds (>= 0) before each retry, not {schedule!r}.",
+        )
+    for name in ("webhook_delivery_thread", "slow_call_detection"):
+        if not isinstance(getattr(config, name), bool):
+            raise _fail(name.upper(), f"must be True or False, not {getattr(config, name)!r}.")
+    base = config.admin_base_url
+    parts = urlsplit(base) if isinstance(base, str) else None
+    if parts is None or (base and (parts.scheme not in ("http", "https") or not parts.hostname)):
+        raise _fail("ADMIN_BASE_URL", f"must be empty or an http(s):// URL, not {base!r}.")
+    floor = config.slow_call_floor_ms
+    if not _is_number(floor) or floor < 0:
+        raise _fail("SLOW_CALL_FLOOR_MS", f"must be a number of milliseconds >= 0, not {floor!r}.")
+    ratio = config.slow_call_min_ratio
+    if not _is_number(ratio) or ratio < 1:
+        raise _fail("SLOW_CALL_MIN_RATIO", f"must be a number >= 1, not {ratio!r}.")
+    for name, low, high in (("slow_call_min_samples", 3, 100_000), ("slow_call_window", 3, 10_000)):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _fail(
+                name.upper(), f"must be a whole number from {low} to {high}, not {value!r}."
+            )
+    if config.slow_call_min_samples > config.slow_call_window:
+        raise _fail(
+            "SLOW_CALL_MIN_SAMPLES",
+            f"({config.slow_call_min_samples}) must not exceed SLOW_CALL_WINDOW "
+            f"({config.slow_call_window}): the baseline would never be trusted.",
+        )
+    if not isinstance(config.slow_call_thresholds_ms, tuple) or not all(
+        isinstance(pair, tuple)
+        and isinstance(pair[0], str)
+        and pair[0]
+        and _is_number(pair[1])
+        and pair[1] > 0
+        for pair in config.slow_call_thresholds_ms
+    ):
+        raise _fail(
+            "SLOW_CALL_THRESHOLDS_MS",
+            "must be a dict of method names (or glob patterns) to positive milliseconds, "
+            f"not {config.slow_call_thresholds_ms!r}.",
+        )
+
+
 def _normalise_rate_limits(config: DjangoCfgRPCConfig) -> None:
     """``RATE_LIMITS`` as parsed rules, in the order given; lists of names as tuples."""
     try:
@@ -485,6 +634,35 @@ def _validate_rate_limits(config: DjangoCfgRPCConfig) -> None:
             "RATE_LIMIT_POLICY",
             f"must be the dotted path of a callable ('myapp.limits.policy'), not {policy!r}.",
         )
+
+
+#: A span attribute key: dotted lower-case words (``rpc.response.status_code``).
+_ATTRIBUTE_KEY = re.compile(r"^[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)*$")
+
+
+def _validate_integrations(config: DjangoCfgRPCConfig) -> None:
+    for name in ("otel_traces", "otel_metrics", "prometheus_metrics"):
+        if not isinstance(getattr(config, name), bool):
+            raise _fail(name.upper(), f"must be True or False, not {getattr(config, name)!r}.")
+    key = config.otel_status_code_attribute
+    if not isinstance(key, str) or (key and not _ATTRIBUTE_KEY.match(key)):
+        raise _fail(
+            "OTEL_STATUS_CODE_ATTRIBUTE",
+            f"must be an attribute key such as 'rpc.response.status_code', or '', not {key!r}.",
+        )
+    limit = config.metrics_max_methods
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise _fail("METRICS_MAX_METHODS", f"must be a positive integer, not {limit!r}.")
+    template = config.trace_url_template
+    if not isinstance(template, str):
+        raise _fail("TRACE_URL_TEMPLATE", f"must be a URL string, not {template!r}.")
+    if template:
+        scheme = urlsplit(template).scheme
+        if scheme not in ("http", "https") or "{trace_id}" not in template:
+            raise _fail(
+                "TRACE_URL_TEMPLATE",
+                f"must be an http(s) URL containing '{{trace_id}}', not {template!r}.",
+            )
 
 
 def validate_redis_url(url: object, key: str = "REDIS_URL") -> None:

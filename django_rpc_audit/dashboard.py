@@ -107,6 +107,7 @@ def dashboard_context(window: Window, site_name: str = "admin") -> dict[str, Any
     failures = list(
         calls.unsuccessful().select_related("user").order_by("-created_at")[:TABLE_ROWS]
     )
+    slow_calls = list(calls.flagged_slow().order_by("-created_at")[:TABLE_ROWS])
     return {
         "window": window,
         "now": now,
@@ -135,20 +136,18 @@ def dashboard_context(window: Window, site_name: str = "admin") -> dict[str, Any
             }
             for row in users
         ],
-        "recent_failures": [
-            {
-                "log": log,
-                "url": reverse(
-                    f"{site_name}:django_rpc_audit_rpclog_change",
-                    args=[log.pk],
-                    current_app=site_name,
-                ),
-            }
-            for log in failures
-        ],
+        "recent_failures": [{"log": log, "url": _change_url(site_name, log)} for log in failures],
         "failures_url": link(status__in=_ERRORS),
+        "slow_calls": [{"log": log, "url": _change_url(site_name, log)} for log in slow_calls],
+        "slow_calls_url": link(is_slow__exact="1"),
         "rate_limited_colour": RATE_LIMITED_COLOUR,
     }
+
+
+def _change_url(site_name: str, log: RPCLog) -> str:
+    return reverse(
+        f"{site_name}:django_rpc_audit_rpclog_change", args=[log.pk], current_app=site_name
+    )
 
 
 def _slowest_first() -> str:

@@ -9,10 +9,11 @@ from django.db import models
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from django_rpc_audit.alerts.models import WebhookDelivery, WebhookEndpointState
 from django_rpc_audit.querysets import RPCLogQuerySet
 from django_rpc_audit.status import RPCStatus
 
-__all__ = ["RPCLog", "RPCStatus"]
+__all__ = ["RPCLog", "RPCStatus", "WebhookDelivery", "WebhookEndpointState"]
 
 
 class RPCLog(models.Model):
@@ -53,6 +54,12 @@ class RPCLog(models.Model):
     #: written by code that does not know the column (a release still running during a rolling
     #: deploy, raw SQL) still land.
     sample_rate = models.FloatField(_("sample rate"), default=1.0, db_default=1.0)
+    #: The OpenTelemetry trace and span of the call (32 and 16 hex digits) when ``OTEL_TRACES``
+    #: traced it and the trace is sampled; empty otherwise.
+    trace_id = models.CharField(_("trace id"), max_length=32, blank=True, default="", db_default="")
+    span_id = models.CharField(_("span id"), max_length=16, blank=True, default="", db_default="")
+    #: Slower than its method's recent normal (``django_rpc_audit.alerts.slow``).
+    is_slow = models.BooleanField(_("slow"), default=False, db_default=False)
 
     objects = RPCLogQuerySet.as_manager()
 
@@ -73,6 +80,10 @@ class RPCLog(models.Model):
             models.Index(fields=["user", "created_at"], name="rpclog_user_created_idx"),
             # Looking a call up by the id shared with the server's logs.
             models.Index(fields=["correlation_id"], name="rpclog_correlation_idx"),
+            # From a trace (Grafana, Tempo, Jaeger) to its calls: the admin's trace id search.
+            models.Index(fields=["trace_id"], name="rpclog_trace_idx"),
+            # The slow calls within a window (dashboard panel, changelist filter).
+            models.Index(fields=["is_slow", "created_at"], name="rpclog_slow_created_idx"),
         )
 
     def __str__(self) -> str:

@@ -56,14 +56,17 @@ def started_is_logged(config: DjangoCfgRPCConfig, event: dict[str, Any]) -> bool
 def finished_sample_rate(config: DjangoCfgRPCConfig, event: dict[str, Any]) -> float | None:
     """The ``sample_rate`` to store with a finished call, or ``None`` to log nothing.
 
-    Failures, timeouts and calls at least ``ALWAYS_LOG_SLOWER_THAN_MS`` slow are always logged
-    with rate 1.0: they are all there, and count once each.
+    Failures, timeouts, calls flagged slow (``slow``: slower than their method's normal) and
+    calls at least ``ALWAYS_LOG_SLOWER_THAN_MS`` slow are always logged with rate 1.0: they
+    are all there, and count once each.
     """
     rate = sample_rate_for(config, event["method"])
     if rate >= 1:
         return 1.0
     duration = event.get("duration_ms")
-    slow = duration is not None and duration >= config.always_log_slower_than_ms
+    slow = event.get("slow") is not None or (
+        duration is not None and duration >= config.always_log_slower_than_ms
+    )
     if event.get("status") != RPCStatus.SUCCESS or slow:
         return 1.0
     return rate if is_sampled(event["correlation_id"], rate) else None

@@ -17,8 +17,9 @@ from typing import Any
 from django.db import models
 from django.utils.functional import Promise
 
-#: Containers nested deeper than this are stored as a marker string.
-MAX_DEPTH = 32
+#: Containers nested deeper than this are stored as a marker string. 31: MariaDB's JSON
+#: columns refuse a document with more nested arrays and objects than that.
+MAX_DEPTH = 31
 #: Integers with more digits than this are stored as strings (JSON readers lose precision).
 MAX_INT_DIGITS = 300
 #: Longest ``repr`` kept for an object without a JSON form.

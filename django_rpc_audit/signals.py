@@ -1,4 +1,5 @@
-"""The signals every RPC call sends: :data:`rpc_started` and :data:`rpc_finished`.
+"""The signals every RPC call sends: :data:`rpc_started` and :data:`rpc_finished` (and
+:data:`rpc_slow` for a call slower than its method's normal).
 
 Connect to them like to Django's own signals; the sender is the client class
 (:class:`~django_rpc_audit.client.RPCClient`). They are sent with ``send_robust`` /
@@ -129,6 +130,9 @@ Keyword arguments:
     The request's ``User-Agent``, or the one given explicitly.
 ``started_at`` (datetime)
     Aware UTC time the call started.
+``trace_id``, ``span_id`` (str | None)
+    The call's OpenTelemetry trace and span ids (32 and 16 hex digits) when ``OTEL_TRACES``
+    traced it and the trace is sampled; ``None`` otherwise.
 """
 
 rpc_finished = RPCSignal()
@@ -157,4 +161,22 @@ Keyword arguments: all of :data:`rpc_started`'s, plus:
     Time spent in the transport, measured with a monotonic clock, sub-millisecond precision.
 ``completed_at`` (datetime)
     Aware UTC time the call ended.
+``slow`` (:class:`~django_rpc_audit.alerts.slow.SlowVerdict` | None)
+    Why the call counts as slow (its threshold and its method's baseline), or ``None``: not
+    slow, or ``SLOW_CALL_DETECTION`` off. Its row is marked ``is_slow``.
+"""
+
+rpc_slow = RPCSignal()
+"""Sent after :data:`rpc_finished` for a call slower than its method's recent normal (see
+:mod:`django_rpc_audit.alerts.slow`).
+
+Keyword arguments: all of :data:`rpc_finished`'s, plus:
+
+``threshold_ms`` (float)
+    The threshold the call crossed: the baseline's ``median + SLOW_CALL_SCORE * 1.4826 *
+    MAD``, at least ``SLOW_CALL_MIN_RATIO`` times the median and ``SLOW_CALL_FLOOR_MS``; or
+    the method's explicit ``SLOW_CALL_THRESHOLDS_MS`` entry.
+``baseline_ms`` (float | None)
+    The median duration of the method's recent successful calls (``None`` for an explicit
+    threshold with too few samples yet).
 """

@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PYTHON = ROOT / ".venv-ipc" / "bin" / "python"
@@ -41,7 +42,44 @@ def free_port() -> int:
         return port
 
 
-class IPCServer:
+class LoopbackServer:
+    """A server in a child process with a temporary working directory of its own, on
+    loopback: ``start()`` (each server's own), ``stop()``, and ``with``."""
+
+    process: subprocess.Popen[bytes] | None = None
+    _workdir: tempfile.TemporaryDirectory[str] | None = None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            if self.process.stderr:
+                self.process.stderr.close()
+            self.process = None
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class IPCServer(LoopbackServer):
     """A django-ipc server in a child process, up once its ``/health`` answers.
 
     ::
@@ -74,7 +112,7 @@ class IPCServer:
         # django-ipc writes a logs/ folder into its working directory: keep it out of ours.
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
 
-    def start(self) -> IPCServer:
+    def start(self) -> Self:
         self._workdir = tempfile.TemporaryDirectory(prefix="django-ipc-")
         self.process = subprocess.Popen(  # noqa: S603 - our own script, fixed arguments
             [
@@ -116,33 +154,6 @@ class IPCServer:
                 return bool(json.load(reply).get("status") == "ok")
         except (OSError, ValueError, urllib.error.URLError):
             return False
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        if self.process.stderr:
-            self.process.stderr.close()
-        self.process = None
-        if self._workdir is not None:
-            self._workdir.cleanup()
-            self._workdir = None
-
-    def __enter__(self) -> IPCServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _serve(argv: list[str]) -> None:

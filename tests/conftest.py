@@ -152,6 +152,74 @@ def redis_transport(
     redis_client.delete(stream)
 
 
+class ControlledClock:
+    """The client's monotonic clock, advanced only by the ``test.took`` handlers."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def advance(self, ms: float) -> None:
+        self.now += ms / 1000
+
+
+@pytest.fixture
+def controlled_clock(
+    monkeypatch: pytest.MonkeyPatch, local_handler: Callable[[str, Any], None]
+) -> ControlledClock:
+    """Calls of exact durations: ``test.took`` / ``test.atook`` (async) take ``params["ms"]``.
+
+    The client's clock (``time.perf_counter`` as ``client.py`` sees it) is replaced by one
+    that only these local handlers move, so a call's ``duration_ms`` is what the test says,
+    however busy the machine (a real 5 ms sleep can take 60 ms on a loaded one).
+    """
+    import types
+
+    from django_rpc_audit import client as client_module
+
+    clock = ControlledClock()
+    monkeypatch.setattr(
+        client_module, "time", types.SimpleNamespace(perf_counter=clock.perf_counter)
+    )
+
+    def took(params: dict[str, Any]) -> dict[str, Any]:
+        clock.advance(params["ms"])
+        return {}
+
+    async def atook(params: dict[str, Any]) -> dict[str, Any]:
+        clock.advance(params["ms"])
+        return {}
+
+    local_handler("test.took", took)
+    local_handler("test.atook", atook)
+    return clock
+
+
+@pytest.fixture
+def webhook_receiver() -> Iterator[Any]:
+    """A real HTTP endpoint on a free loopback port recording the webhooks it gets."""
+    from tests.webhook_receiver import WebhookReceiver
+
+    with WebhookReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture
+def clean_storm_windows(redis_client: redis.Redis) -> Iterator[None]:
+    """No storm-control window of an earlier test (or run) is open in Redis."""
+    from django_rpc_audit.alerts.storm import KEY_PREFIX
+
+    def clean() -> None:
+        for key in redis_client.scan_iter(f"{KEY_PREFIX}*"):
+            redis_client.delete(key)
+
+    clean()
+    yield
+    clean()
+
+
 @pytest.fixture
 def admin_client_(db: None) -> Client:
     """A test client logged in as the superuser ``root``, made by the factory."""
@@ -162,12 +230,16 @@ def admin_client_(db: None) -> Client:
     return client
 
 
+#: django-environ's URL scheme and the default port of each server database a child uses.
+SERVER_DATABASES = {"postgresql": ("postgres", 5432), "mysql": ("mysql", 3306)}
+
+
 @pytest.fixture
 def child_env(tmp_path: Path) -> dict[str, str]:
     """The environment of a child process, with ``DATABASE_URL`` naming a migrated database.
 
-    On PostgreSQL, the test database itself (tests using it need ``transaction=True``); on
-    SQLite, a file of the test's own, which other processes can open.
+    On PostgreSQL and MariaDB, the test database itself (tests using it need
+    ``transaction=True``); on SQLite, a file of the test's own, which other processes can open.
     """
     env = {
         key: value
@@ -176,11 +248,12 @@ def child_env(tmp_path: Path) -> dict[str, str]:
     }
     env["PYTHONPATH"] = str(ROOT)
     settings = connections["default"].settings_dict
-    if connections["default"].vendor == "postgresql":
+    scheme, default_port = SERVER_DATABASES.get(connections["default"].vendor, (None, None))
+    if scheme is not None:
         auth = settings["USER"] + (f":{settings['PASSWORD']}" if settings["PASSWORD"] else "")
         host = settings["HOST"] or "127.0.0.1"
         env["DATABASE_URL"] = (
-            f"postgres://{auth}@{host}:{settings['PORT'] or 5432}/{settings['NAME']}"
+            f"{scheme}://{auth}@{host}:{settings['PORT'] or default_port}/{settings['NAME']}"
         )
     else:
         env["DATABASE_URL"] = f"sqlite:///{tmp_path / 'child.sqlite3'}"
@@ -193,3 +266,113 @@ def child_env(tmp_path: Path) -> dict[str, str]:
             timeout=120,
         )
     return env
+
+
+class OTelSDK:
+    """The OpenTelemetry SDK set up once per test process as the global providers: spans go to
+    an in-memory exporter, metrics to an in-memory reader. ``broken`` makes the exporter and
+    an extra span processor raise, as a failing backend would."""
+
+    def __init__(self) -> None:
+        from opentelemetry import metrics, trace
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+            InMemorySpanExporter,
+        )
+
+        sdk = self
+        self.broken = False
+
+        class Exporter(InMemorySpanExporter):
+            def export(self, spans: Any) -> Any:
+                if sdk.broken:
+                    raise ConnectionError("the tracing backend is down")
+                return super().export(spans)
+
+        class BrokenProcessor(SpanProcessor):
+            def on_end(self, span: Any) -> None:
+                if sdk.broken:
+                    raise RuntimeError("a span processor failed")
+
+        self.exporter = Exporter()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.tracer_provider.add_span_processor(BrokenProcessor())
+        trace.set_tracer_provider(self.tracer_provider)
+        self.reader = InMemoryMetricReader()
+        metrics.set_meter_provider(MeterProvider(metric_readers=[self.reader]))
+
+    def spans(self) -> list[Any]:
+        return list(self.exporter.get_finished_spans())
+
+    def data_points(self, name: str) -> list[Any]:
+        """The data points of the metric ``name`` collected now (cumulative)."""
+        data = self.reader.get_metrics_data()
+        points: list[Any] = []
+        for resource in data.resource_metrics if data else ():
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == name:
+                        points.extend(
+                            {"unit": metric.unit, "point": point}
+                            for point in metric.data.data_points
+                        )
+        return points
+
+
+_otel_sdk: OTelSDK | None = None
+
+
+@pytest.fixture
+def otel_sdk() -> Iterator[OTelSDK]:
+    """The process's OpenTelemetry SDK (global providers), its spans cleared for the test."""
+    global _otel_sdk
+    if _otel_sdk is None:
+        _otel_sdk = OTelSDK()
+    _otel_sdk.exporter.clear()
+    _otel_sdk.broken = False
+    yield _otel_sdk
+    _otel_sdk.broken = False
+
+
+@pytest.fixture
+def hide_package(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """Make ``importlib.util.find_spec`` report a package as not installed, for one test."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    hidden: set[str] = set()
+
+    def find_spec(name: str, *args: Any) -> Any:
+        return None if name in hidden else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    return hidden.add
+
+
+@pytest.fixture
+def utf8mb3_user_agent() -> Iterator[None]:
+    """The log table of a site whose database was made with MySQL's old 3-byte ``utf8``.
+
+    DDL commits on MySQL, so the tests using it run outside a transaction, and the column is
+    put back afterwards.
+    """
+    from django_rpc_audit.models import RPCLog
+
+    connection = connections["default"]
+    table = connection.ops.quote_name(RPCLog._meta.db_table)
+
+    def alter(charset: str) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"ALTER TABLE {table} MODIFY `user_agent` longtext CHARACTER SET {charset} NOT NULL"
+            )
+
+    alter("utf8mb3")
+    try:
+        yield
+    finally:
+        alter("utf8mb4")

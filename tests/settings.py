@@ -60,4 +60,7 @@ DJANGO_CFG_RPC = {
     # Most tests assert rows right after a call, inside their transaction: the synchronous
     # writer. The buffered writer's tests (test_writers_buffered.py) choose it explicitly.
     "WRITE_MODE": "sync",
+    # The alert tests deliver with deliver_due() in the test's thread (and transaction); the
+    # background delivery thread is tested in child processes (test_alerts_processes.py).
+    "WEBHOOK_DELIVERY_THREAD": False,
 }

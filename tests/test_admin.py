@@ -255,6 +255,62 @@ def test_the_correlation_id_filter_of_the_related_links_normalises_too(admin_cli
         assert results(response) == [wanted]
 
 
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def test_search_by_trace_id_is_exact_and_indexed(admin_client_):
+    wanted = RPCLogFactory(method="traced", trace_id=TRACE_ID, span_id="00f067aa0ba902b7")
+    sibling = RPCLogFactory(method="traced.too", trace_id=TRACE_ID, span_id="00f067aa0ba902b8")
+    RPCLogFactory(method="other.trace", trace_id="0" * 31 + "1")
+    # The id in another column is not a match: the lookup is exact.
+    RPCLogFactory(method="mentions", error_message=f"see trace {TRACE_ID}")
+    url = reverse(CHANGELIST)
+    found = results(admin_client_.get(url, {"q": TRACE_ID}))
+    assert {log.pk for log in found} == {wanted.pk, sibling.pk}
+    with CaptureQueriesContext(connection) as queries:
+        found = results(admin_client_.get(url, {"q": TRACE_ID.upper()}))
+    assert {log.pk for log in found} == {wanted.pk, sibling.pk}
+    select = [q["sql"] for q in queries if "trace_id" in q["sql"] and "ORDER BY" in q["sql"]]
+    assert select
+    assert all("LIKE" not in sql.upper() for sql in select)
+
+
+def test_search_by_a_correlation_id_without_dashes_still_finds_it(admin_client_):
+    # 32 hex digits may be a correlation id written without dashes (manual logging).
+    wanted = RPCLogFactory(correlation_id=TRACE_ID)
+    assert results(admin_client_.get(reverse(CHANGELIST), {"q": TRACE_ID})) == [wanted]
+
+
+def test_detail_shows_the_trace_and_links_to_it(admin_client_, rpc_settings):
+    rpc_settings(
+        TRACE_URL_TEMPLATE='https://grafana.example.com/explore?left={"queries":[{"query":"{trace_id}"}]}'
+    )
+    log = RPCLogFactory(trace_id=TRACE_ID, span_id="00f067aa0ba902b7")
+    RPCLogFactory(trace_id=TRACE_ID, method="sibling")
+
+    content = admin_client_.get(change_url(log)).content.decode()
+
+    assert f"data-trace-id>{TRACE_ID}</code>" in content
+    assert "data-span-id>00f067aa0ba902b7</code>" in content
+    # The template's own braces stay; only the placeholder is replaced; the URL is escaped.
+    assert (
+        'href="https://grafana.example.com/explore?left={&quot;queries&quot;:[{&quot;query'
+        f'&quot;:&quot;{TRACE_ID}&quot;}}]}}"'
+    ) in content
+    trace_calls = f"{reverse(CHANGELIST)}?trace_id={TRACE_ID}"
+    assert trace_calls in content
+    assert len(results(admin_client_.get(trace_calls))) == 2
+
+
+def test_detail_without_a_template_or_a_trace(admin_client_):
+    traced = RPCLogFactory(trace_id=TRACE_ID, span_id="00f067aa0ba902b7")
+    content = admin_client_.get(change_url(traced)).content.decode()
+    assert "data-trace-id" in content
+    assert "data-trace-url" not in content  # TRACE_URL_TEMPLATE is not set
+    untraced = RPCLogFactory()
+    assert "data-trace-id" not in admin_client_.get(change_url(untraced)).content.decode()
+
+
 def test_changelist_query_count_does_not_grow_with_rows(admin_client_):
     url = reverse(CHANGELIST)
     users = [UserFactory(username=f"bulk{i}") for i in range(5)]
@@ -277,7 +333,9 @@ def test_changelist_query_count_does_not_grow_with_rows(admin_client_):
     with CaptureQueriesContext(connection) as queries:
         admin_client_.get(url, {"_facets": "True"})
     assert not [q["sql"] for q in queries if "COUNT(" in q["sql"].upper()]
-    user_lookups = [sql for sql in large if 'FROM "auth_user" WHERE "auth_user"."id" =' in sql]
+    quote = connection.ops.quote_name
+    user_table = f"FROM {quote('auth_user')} WHERE {quote('auth_user')}.{quote('id')} ="
+    user_lookups = [sql for sql in large if user_table in sql]
     assert len(user_lookups) == 1  # the logged-in user, not one per row
 
 

@@ -61,3 +61,30 @@ def test_slow_threshold_is_fine_without_sampling_or_below_the_timeout(rpc_settin
     assert checks.check_sampling() == []
     rpc_settings(SAMPLE_RATE=1.0, SAMPLE_RATES={"system.*": 0.5}, ALWAYS_LOG_SLOWER_THAN_MS=10_000)
     assert ids(checks.check_sampling()) == ["django_rpc_audit.W004"]
+
+
+def test_an_integration_without_its_package_is_e004(rpc_settings, hide_package):
+    hide_package("prometheus_client")
+    rpc_settings(PROMETHEUS_METRICS=True, OTEL_TRACES=True)
+    messages = checks.check_integrations()
+    assert ids(messages) == ["django_rpc_audit.E004"]
+    assert "PROMETHEUS_METRICS" in messages[0].msg
+    assert "django-rpc-audit[prometheus]" in messages[0].hint
+
+
+def test_an_unwritable_multiprocess_directory_is_w005(rpc_settings, monkeypatch, tmp_path):
+    rpc_settings(PROMETHEUS_METRICS=True)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "missing"))
+    assert ids(checks.check_integrations()) == ["django_rpc_audit.W005"]
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    assert checks.check_integrations() == []
+
+
+def test_webhooks_without_logging_is_w006(rpc_settings):
+    endpoint = {"NAME": "ops", "URL": "https://hooks.example.com/", "FORMAT": "slack"}
+    rpc_settings(WEBHOOKS=[endpoint], ENABLE_LOGGING=False)
+    messages = checks.check_alerts()
+    assert ids(messages) == ["django_rpc_audit.W006"]
+    assert "ENABLE_LOGGING" in messages[0].msg
+    rpc_settings(ENABLE_LOGGING=True)
+    assert checks.check_alerts() == []

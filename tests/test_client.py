@@ -31,6 +31,8 @@ STARTED_KEYS = {
     "caller_ip",
     "user_agent",
     "started_at",
+    "trace_id",
+    "span_id",
 }
 FINISHED_KEYS = STARTED_KEYS | {
     "status",
@@ -40,6 +42,7 @@ FINISHED_KEYS = STARTED_KEYS | {
     "error_message",
     "duration_ms",
     "completed_at",
+    "slow",
 }
 
 
@@ -59,6 +62,7 @@ def test_successful_call_returns_result_and_sends_both_signals_once(signals):
     assert finished["status"] == "success"
     assert finished["response"] == {"echo": {"a": 1}}
     assert finished["error_code"] is None
+    assert (started["trace_id"], started["span_id"]) == (None, None)  # tracing is off
     assert finished["duration_ms"] > 0
     assert finished["completed_at"] >= started["started_at"]
 

@@ -256,3 +256,57 @@ def test_invalid_data_hygiene_setting_names_the_key(settings, values, key):
     settings.DJANGO_CFG_RPC = values
     with pytest.raises(ImproperlyConfigured, match=key):
         get_config()
+
+
+# -- metrics and traces -------------------------------------------------------------------------
+
+
+def test_metrics_and_traces_are_off_by_default():
+    config = DjangoCfgRPCConfig()
+    assert (config.otel_traces, config.otel_metrics, config.prometheus_metrics) == (
+        False,
+        False,
+        False,
+    )
+    assert config.otel_status_code_attribute == "rpc.response.status_code"
+    assert config.metrics_max_methods == 100
+    assert config.trace_url_template == ""
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "expected"),
+    [
+        ("OTEL_TRACES", "true", True),
+        ("OTEL_METRICS", "on", True),
+        ("PROMETHEUS_METRICS", "1", True),
+        ("OTEL_STATUS_CODE_ATTRIBUTE", "rpc.status_code", "rpc.status_code"),
+        ("METRICS_MAX_METHODS", "20", 20),
+        (
+            "TRACE_URL_TEMPLATE",
+            "https://tempo.example.com/trace/{trace_id}",
+            "https://tempo.example.com/trace/{trace_id}",
+        ),
+    ],
+)
+def test_metrics_and_traces_environment_overrides(settings, monkeypatch, key, raw, expected):
+    monkeypatch.setenv(f"DJANGO_CFG_RPC__{key}", raw)
+    clear_config_cache()
+    assert getattr(get_config(), key.lower()) == expected
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"OTEL_TRACES": "yes"}, "OTEL_TRACES"),
+        ({"PROMETHEUS_METRICS": 1}, "PROMETHEUS_METRICS"),
+        ({"OTEL_STATUS_CODE_ATTRIBUTE": "Status Code"}, "OTEL_STATUS_CODE_ATTRIBUTE"),
+        ({"METRICS_MAX_METHODS": 0}, "METRICS_MAX_METHODS"),
+        ({"METRICS_MAX_METHODS": True}, "METRICS_MAX_METHODS"),
+        ({"TRACE_URL_TEMPLATE": "https://tempo.example.com/trace/"}, "TRACE_URL_TEMPLATE"),
+        ({"TRACE_URL_TEMPLATE": "javascript:alert('{trace_id}')"}, "TRACE_URL_TEMPLATE"),
+    ],
+)
+def test_invalid_metrics_and_traces_setting_names_the_key(settings, values, key):
+    settings.DJANGO_CFG_RPC = values
+    with pytest.raises(ImproperlyConfigured, match=key):
+        get_config()

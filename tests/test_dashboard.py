@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.contrib.auth.models import Permission
@@ -13,6 +13,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from django_rpc_audit.models import RPCLog
+from tests.conftest import unavailable
 from tests.factories import RPCLogFactory, UserFactory, bulk_logs, staff_client
 
 pytestmark = pytest.mark.django_db
@@ -122,6 +123,30 @@ def test_calls_over_time_fills_every_bucket():
     assert sum(b["total_calls"] for b in hourly) == 4
     with pytest.raises(ValueError, match="bucket"):
         RPCLog.objects.calls_over_time(since=now, bucket="day")  # type: ignore[arg-type]
+
+
+def test_calls_over_time_buckets_follow_a_half_hour_time_zone(settings):
+    """Hours start at :00 local time, i.e. :30 UTC in India: the buckets are the database's
+    ``Trunc`` in the current time zone (on MariaDB, its time zone tables: see .ci/run)."""
+    if connection.vendor == "mysql":
+        from django_rpc_audit.databases import time_zone_problems
+
+        if time_zone_problems("default", connection, "Asia/Kolkata"):
+            unavailable("MariaDB's time zone tables are not loaded (see .ci/run)")
+    settings.TIME_ZONE = "Asia/Kolkata"
+    at = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)  # 15:30 in India
+    RPCLogFactory(created_at=at + timedelta(minutes=20))  # 15:50 local
+    RPCLogFactory(created_at=at + timedelta(minutes=40), status="failed")  # 16:10 local
+    hourly = RPCLog.objects.calls_over_time(
+        since=at, until=at + timedelta(minutes=59), bucket="hour"
+    )
+    local = timezone.get_current_timezone()
+    assert [b["start"].astimezone(local).strftime("%H:%M") for b in hourly] == ["15:00", "16:00"]
+    assert [(b["total_calls"], b["failed_count"]) for b in hourly] == [(1, 0), (1, 1)]
+    by_minute = RPCLog.objects.calls_over_time(since=at, until=at + timedelta(minutes=59))
+    assert sum(b["total_calls"] for b in by_minute) == 2
+    assert by_minute[20]["start"].astimezone(local).strftime("%H:%M") == "15:50"
+    assert by_minute[20]["total_calls"] == 1
 
 
 def test_busiest_users():

@@ -359,3 +359,52 @@ async def test_concurrent_acalls_get_their_own_replies(ipc):
     for log in logs:
         assert log.status == "success"
         assert log.response["echo"] == log.params["data"]
+
+
+# -- trace context on the wire (OTEL_TRACES) ----------------------------------------------------
+
+
+def sent_messages(client: redis.Redis, stream: str) -> dict[str, dict[str, Any]]:
+    """The request messages on ``stream``, by correlation id."""
+    messages = (json.loads(fields[b"payload"]) for _, fields in client.xrange(stream))
+    return {message["correlation_id"]: message for message in messages}
+
+
+@pytest.mark.django_db
+def test_the_server_answers_requests_that_carry_trace_context(
+    ipc, rpc_settings, otel_sdk, redis_client
+):
+    """django-ipc 1.0 reads the fields it knows and ignores ``traceparent`` / ``tracestate``."""
+    rpc_settings(OTEL_TRACES=True)
+    data = {"traced": True}
+
+    result = get_rpc_client().call("system.echo", {"data": data})
+    with pytest.raises(RPCRemoteError) as excinfo:
+        get_rpc_client().call("no.such.traced.method")
+
+    assert result["echo"] == data
+    assert excinfo.value.message == "Unknown RPC method: no.such.traced.method"
+    logs = {log.method: log for log in RPCLog.objects.all()}
+    messages = sent_messages(redis_client, ipc.stream)
+    spans = {span.name: span for span in otel_sdk.spans()}
+    for method, status in (("system.echo", "success"), ("no.such.traced.method", "failed")):
+        log = logs[method]
+        assert log.status == status
+        message = messages[log.correlation_id]
+        assert message["traceparent"].split("-")[1:3] == [log.trace_id, log.span_id]
+        assert f"{spans[method].context.span_id:016x}" == log.span_id
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_acall_with_trace_context_is_answered(ipc, rpc_settings, otel_sdk, redis_client):
+    rpc_settings(OTEL_TRACES=True)
+
+    result = await get_rpc_client().acall("system.echo", {"data": {"n": 1}})
+
+    assert result["echo"] == {"n": 1}
+    log = await RPCLog.objects.aget()
+    assert log.status == "success"
+    assert "traceparent" in sent_messages(redis_client, ipc.stream)[log.correlation_id]
+    (span,) = otel_sdk.spans()
+    assert span.attributes["server.address"] == "127.0.0.1"

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 from django.db import connection
+from django.db.models import Q
 from django.utils import timezone
 
 from django_rpc_audit.models import RPCLog
@@ -130,6 +131,16 @@ def test_percentile_cont_matches_postgres_definition(values, fraction, expected)
         (lambda: RPCLog.objects.recent(hours=1).for_method("m"), "rpclog_method_created_idx"),
         (lambda: RPCLog.objects.recent(hours=1).for_user(1), "rpclog_user_created_idx"),
         (lambda: RPCLog.objects.filter(correlation_id="x"), "rpclog_correlation_idx"),
+        (lambda: RPCLog.objects.filter(trace_id="x"), "rpclog_trace_idx"),
+        # The admin's search for 32 hex digits: a trace id or a correlation id, both indexed.
+        (
+            lambda: RPCLog.objects.filter(Q(trace_id="x") | Q(correlation_id="x")),
+            "rpclog_trace_idx",
+        ),
+        (
+            lambda: RPCLog.objects.filter(Q(trace_id="x") | Q(correlation_id="x")),
+            "rpclog_correlation_idx",
+        ),
     ],
 )
 def test_documented_queries_use_their_index(queryset, index):

@@ -4,7 +4,8 @@ django-ipc server, and only the algorithm's bound of calls gets through.
 Processes (``tests/ratelimit_process.py``): two with threads calling ``call()``, one with
 asyncio tasks calling ``acall()``, one with threads calling ``fire_and_forget()``; all as the
 same anonymous caller IP, so they share one budget. The server's consumer group counts what
-reached it; the log rows are in the test database (PostgreSQL run) or a SQLite file.
+reached it; the log rows are in the test database (PostgreSQL and MariaDB runs) or a SQLite
+file.
 """
 
 from __future__ import annotations
@@ -53,14 +54,16 @@ def server() -> Iterator[IPCServer]:
 
 def rows_by_status_and_ip(database_url: str) -> dict[tuple[str, str], int]:
     """The children's rows counted by status and caller IP: in the test database on
-    PostgreSQL, in the children's SQLite file otherwise."""
+    PostgreSQL and MariaDB, in the children's SQLite file otherwise."""
     query = "SELECT status, caller_ip, COUNT(*) FROM django_rpc_audit_rpclog GROUP BY 1, 2"
     if database_url.startswith("sqlite:///"):
         with contextlib.closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db:
             rows = db.execute(query).fetchall()
     else:
+        if connection.vendor == "postgresql":  # inet as its text; MariaDB stores text already
+            query = query.replace("caller_ip", "host(caller_ip)")
         with connection.cursor() as cursor:
-            cursor.execute(query.replace("caller_ip", "host(caller_ip)"))
+            cursor.execute(query)
             rows = cursor.fetchall()
     return {(status, ip): count for status, ip, count in rows}
 

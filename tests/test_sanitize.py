@@ -163,6 +163,48 @@ def test_deep_nesting_is_cut_at_max_depth():
     assert result == f"<nested deeper than {MAX_DEPTH} levels>"
 
 
+def deeply_nested(levels: int, kind: str) -> Any:
+    value: Any = "bottom"
+    for _ in range(levels):
+        value = [value] if kind == "list" else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("kind", ["list", "dict"])
+@pytest.mark.parametrize("levels", [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1, 200])
+@pytest.mark.parametrize("path", ["single", "bulk"])
+def test_values_nested_at_and_beyond_the_limit_are_stored(kind, levels, path):
+    """Every database keeps the deepest value the sanitizer lets through (MariaDB's JSON
+    refuses more than 31 levels), by the single-row and the batch writer."""
+    from django_rpc_audit.writers.sink import bulk_record_events
+
+    value = deeply_nested(levels, kind)
+    started = timezone.now()
+    event = {
+        "correlation_id": str(uuid.uuid4()),
+        "method": "deep.call",
+        "params": {"v": value},
+        "user": None,
+        "caller_ip": None,
+        "user_agent": "",
+        "started_at": started,
+        "status": "success",
+        "response": value,
+        "error_code": None,
+        "error_message": None,
+        "duration_ms": 1.0,
+        "completed_at": started,
+    }
+    with transaction.atomic():
+        if path == "bulk":
+            bulk_record_events(RPCLog.objects.all(), [event])
+        else:
+            record_finished(RPCLog.objects.all(), **event)
+    row = RPCLog.objects.get(correlation_id=event["correlation_id"])
+    assert row.params == sanitize({"v": value})
+    assert row.response == sanitize(value)
+
+
 def test_the_original_value_is_not_changed():
     value = {"tags": {"a"}, "nested": {"x": float("nan")}}
     sanitize(value)

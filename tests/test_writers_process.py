@@ -6,7 +6,7 @@ views, so the calls go through ``acall()``).
 Each test runs ``tests/writer_process.py`` in a child process (or under gunicorn) with a flush
 interval of an hour, so the rows can only come from the shutdown flush. The child uses a
 SQLite file on the SQLite run (its own thread writing to it, which the in-memory test database
-cannot show) and the PostgreSQL test database on the PostgreSQL run.
+cannot show) and the test database itself on the PostgreSQL and MariaDB runs.
 """
 
 from __future__ import annotations
@@ -131,6 +131,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_for_port(port: int, server: subprocess.Popen[str], timeout: float = 30.0) -> None:
+    """Wait until ``server`` accepts connections on ``port``; fail if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert server.poll() is None, server.communicate()[0]
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+
+
 def serve_then_sigterm(
     command: list[str], env: dict[str, str], port: int, path: str, exit_code: int = 0
 ) -> str:
@@ -139,15 +152,7 @@ def serve_then_sigterm(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None, server.communicate()[0]
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.1)
+        wait_for_port(port, server)
         for n in range(40):
             url = f"http://127.0.0.1:{port}{path}?who=web&n={n}"
             with urllib.request.urlopen(url, timeout=10) as response:

@@ -1,6 +1,7 @@
 from django.contrib import admin
 from django.urls import path
 
+from django_rpc_audit.integrations.prometheus import metrics_view
 from tests import views
 
 urlpatterns = [
@@ -17,4 +18,6 @@ urlpatterns = [
     path("sync/logout-then-call/", views.sync_logout_then_call),
     path("async/login-then-call/", views.async_login_then_call),
     path("async/logout-then-call/", views.async_logout_then_call),
+    path("call/<str:method>/", views.call_method),
+    path("metrics/", metrics_view),
 ]

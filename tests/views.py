@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Iterator
 
 from django.contrib.auth import alogin, alogout, get_user_model, login, logout
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 
 from django_rpc_audit import get_rpc_client
+from django_rpc_audit.exceptions import RPCError
 
 
 def sync_call(request: HttpRequest) -> JsonResponse:
@@ -95,3 +97,12 @@ async def async_logout_then_call(request: HttpRequest) -> JsonResponse:
     await alogout(request)
     await get_rpc_client().acall("test.echo", {"who": "after-logout"})
     return JsonResponse({})
+
+
+def call_method(request: HttpRequest, method: str) -> JsonResponse:
+    """Call ``method``; say how it ended and which process made it (the metrics tests)."""
+    try:
+        get_rpc_client().call(method, {"who": "web"}, timeout=float(request.GET.get("timeout", 5)))
+    except RPCError as exc:
+        return JsonResponse({"pid": os.getpid(), "status": "error", "code": exc.code})
+    return JsonResponse({"pid": os.getpid(), "status": "success"})

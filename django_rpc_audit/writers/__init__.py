@@ -5,7 +5,8 @@ The built-in receivers hand each ``rpc_started`` / ``rpc_finished`` event to the
 writes it.
 
 - :mod:`~django_rpc_audit.writers.base`: the :class:`LogWriter` interface every writer
-  implements and the :class:`WriterStats` counters.
+  implements, the :class:`WriterStats` counters and the :class:`WriterObserver` that
+  publishes them (Prometheus).
 - :mod:`~django_rpc_audit.writers.sync`: :class:`SyncLogWriter` (``WRITE_MODE = "sync"``),
   each event written at once on the caller's thread and connection.
 - :mod:`~django_rpc_audit.writers.buffered`: :class:`BufferedLogWriter` (``"buffered"``, the
@@ -15,6 +16,8 @@ writes it.
 - :mod:`~django_rpc_audit.writers.sink`: the rows themselves; column values made safe to store,
   single-row writes and idempotent batch writes (``COPY`` on PostgreSQL). Every writer ends
   here.
+- :mod:`~django_rpc_audit.writers.mysql`: the sink's batch writes on MySQL and MariaDB
+  (multi-row upserts) and which of their errors refuse a row rather than the connection.
 - :mod:`~django_rpc_audit.writers.registry`: the process-wide writer chosen by
   ``WRITE_MODE``, :func:`use_writer`, :func:`flush` and :func:`writer_stats`.
 
@@ -25,7 +28,12 @@ Import the public names from this package::
 
 from __future__ import annotations
 
-from django_rpc_audit.writers.base import DatabaseUnavailable, LogWriter, WriterStats
+from django_rpc_audit.writers.base import (
+    DatabaseUnavailable,
+    LogWriter,
+    WriterObserver,
+    WriterStats,
+)
 from django_rpc_audit.writers.buffered import BufferedLogWriter, install_sigterm_flush
 from django_rpc_audit.writers.registry import (
     flush,
@@ -41,6 +49,7 @@ __all__ = [
     "DatabaseUnavailable",
     "LogWriter",
     "SyncLogWriter",
+    "WriterObserver",
     "WriterStats",
     "flush",
     "get_writer",

@@ -43,6 +43,19 @@ class DatabaseUnavailable(Exception):
     """A batch could not be written because the database could not be reached."""
 
 
+class WriterObserver(Protocol):
+    """Told what a :class:`BufferedLogWriter` does, on its own thread, never on the caller's
+    (the Prometheus integration's pipeline metrics are one). Must never raise."""
+
+    def batch_written(self, rows: int, seconds: float) -> None:
+        """A batch of ``rows`` rows was written in ``seconds``."""
+        ...
+
+    def counts(self, stats: WriterStats) -> None:
+        """The writer's counters now; called each time its thread wakes."""
+        ...
+
+
 def is_unreachable(exc: BaseException, connection: Any) -> bool:
     """True when ``exc`` means the database cannot be used right now, not that it refused a
     row: the connection was refused, dropped or timed out, or a statement was cancelled (a

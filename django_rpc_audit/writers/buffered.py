@@ -25,7 +25,12 @@ from django.db import connections, router
 
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.status import RPCStatus
-from django_rpc_audit.writers.base import DatabaseUnavailable, WriterStats, is_unreachable
+from django_rpc_audit.writers.base import (
+    DatabaseUnavailable,
+    WriterObserver,
+    WriterStats,
+    is_unreachable,
+)
 from django_rpc_audit.writers.sink import bulk_record_events, event_bytes, is_finished_event
 
 logger = logging.getLogger(__name__)
@@ -90,6 +95,8 @@ class BufferedLogWriter:
         self.max_retry_delay = max_retry_delay
         self.using = using
         self.background = background
+        #: Told the writer's counters and batch timings (Prometheus metrics), on its thread.
+        self.observer: WriterObserver | None = None
         self._reset_state()
         _live_writers.add(self)
 
@@ -276,6 +283,7 @@ class BufferedLogWriter:
             return False
         finally:
             self._report_drops()
+            self._publish()
         return True
 
     def stats(self) -> WriterStats:
@@ -344,6 +352,7 @@ class BufferedLogWriter:
                         logger.warning("RPC log rows are being written again.")
                     delay = 0.0
                 self._report_drops()
+                self._publish()
                 if self._stop.is_set() and not self._buffer:
                     return
         finally:
@@ -361,6 +370,11 @@ class BufferedLogWriter:
                 dropped,
             )
             self._dropped_reported = dropped
+
+    def _publish(self) -> None:
+        observer = self.observer
+        if observer is not None:
+            observer.counts(self.stats())
 
     def _write_buffered(self, *, close_on_error: bool, limit: int | None = None) -> None:
         """Write the buffer, oldest calls first, one batch per transaction, until it is empty
@@ -401,9 +415,9 @@ class BufferedLogWriter:
 
         alias = self.using or router.db_for_write(RPCLog)
         queryset = RPCLog.objects.using(alias)
+        started = time.perf_counter()
         try:
-            self._written += bulk_record_events(queryset, events)
-            return
+            written = bulk_record_events(queryset, events)
         except Exception as exc:
             if is_unreachable(exc, connections[alias]):
                 if close_on_error:
@@ -412,6 +426,11 @@ class BufferedLogWriter:
             if len(events) == 1:
                 self._give_up(events[0])
                 return
+        else:
+            self._written += written
+            if self.observer is not None:
+                self.observer.batch_written(written, time.perf_counter() - started)
+            return
         # One row the database refuses must not hold back the others: write them one by one.
         for event in events:
             self._write_batch([event], close_on_error)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
+from django_rpc_audit.integrations import build_writer_observer
 from django_rpc_audit.writers.base import LogWriter, WriterStats
 from django_rpc_audit.writers.buffered import BufferedLogWriter, shutdown_timeout
 from django_rpc_audit.writers.sync import SyncLogWriter
@@ -51,8 +52,10 @@ def _configure_buffered_writer(config: DjangoCfgRPCConfig) -> BufferedLogWriter:
         built_from = _buffered_config
         if old is not None and built_from is not None and _buffered_options(built_from) == options:
             _buffered_config = config
+            old.observer = build_writer_observer(config)
             return old
         _buffered_writer = BufferedLogWriter(**options)
+        _buffered_writer.observer = build_writer_observer(config)
         _buffered_config = config
     if old is not None:
         old.close(shutdown_timeout())

@@ -5,6 +5,7 @@
 - Single-row writes on the caller's connection (:func:`record_started`,
   :func:`record_finished`), for the synchronous writer and manual logging.
 - Idempotent batch writes (:func:`bulk_record_events`): ``COPY`` and an upsert on PostgreSQL,
+  multi-row upserts on MySQL and MariaDB (:mod:`~django_rpc_audit.writers.mysql`),
   ``bulk_create`` with conflict handling elsewhere, for the buffered writer.
 """
 
@@ -119,12 +120,14 @@ def outcome_values(
     duration_ms: float | None,
     completed_at: datetime,
     sample_rate: float = 1.0,
+    slow: Any = None,
     json_text: bool = False,
 ) -> dict[str, Any]:
     """Column values known when a call ends, made safe to store (sanitized, capped).
 
-    ``sample_rate`` is the share of such calls that are logged (1.0 unless sampled). With
-    ``json_text`` the JSON column holds its compact JSON text instead (for ``COPY``).
+    ``sample_rate`` is the share of such calls that are logged (1.0 unless sampled); ``slow``
+    the slow-call verdict (``rpc_finished``'s). With ``json_text`` the JSON column holds its
+    compact JSON text instead (for ``COPY``).
     """
     config = get_config()
     to_json = stored_json_text if json_text else stored_json
@@ -137,6 +140,7 @@ def outcome_values(
         "duration_ms": None if status == RPCStatus.RATE_LIMITED else duration_ms,
         "completed_at": stored_datetime(completed_at),
         "sample_rate": sample_rate,
+        "is_slow": slow is not None,
     }
 
 
@@ -186,6 +190,8 @@ def _started_values(
     caller_ip: str | None,
     user_agent: str | None,
     json_text: bool = False,
+    trace_id: str | None = None,
+    span_id: str | None = None,
 ) -> dict[str, Any]:
     """Column values known when a call starts, made safe to store whatever the caller passed.
 
@@ -208,6 +214,8 @@ def _started_values(
         "username": username,
         "caller_ip": _ip_or_none(caller_ip),
         "user_agent": _capped_text(user_agent, config.max_user_agent_bytes),
+        "trace_id": _truncate(trace_id, 32),
+        "span_id": _truncate(span_id, 16),
     }
 
 
@@ -221,6 +229,8 @@ def _started_row(
     started_at: datetime,
     *,
     for_copy: bool = False,
+    trace_id: str | None = None,
+    span_id: str | None = None,
 ) -> dict[str, Any]:
     """The ``pending`` row of a call: its id, :func:`_started_values` and ``created_at``.
 
@@ -230,7 +240,15 @@ def _started_row(
     return {
         "id": (call_log_id_hex if for_copy else call_log_id)(correlation_id, started_at),
         **_started_values(
-            correlation_id, method, params, user, caller_ip, user_agent, json_text=for_copy
+            correlation_id,
+            method,
+            params,
+            user,
+            caller_ip,
+            user_agent,
+            json_text=for_copy,
+            trace_id=trace_id,
+            span_id=span_id,
         ),
         "created_at": stored_datetime(started_at),
     }
@@ -239,33 +257,23 @@ def _started_row(
 # -- single rows (synchronous writer, manual logging) -------------------------------------------
 
 
-def record_started(
-    queryset: RPCLogQuerySet,
-    *,
-    correlation_id: str,
-    method: str,
-    params: Any,
-    user: Any,
-    caller_ip: str | None,
-    user_agent: str | None,
-    started_at: datetime,
-    **extra: Any,
-) -> RPCLog:
-    """Insert the ``pending`` row of a call that has just started (``rpc_started``'s kwargs)."""
-    row = _started_row(correlation_id, method, params, user, caller_ip, user_agent, started_at)
-    return queryset.create(**_without_missing_user(queryset, row))
+def _started_row_of(started: Mapping[str, Any], *, for_copy: bool = False) -> dict[str, Any]:
+    """:func:`_started_row` of ``rpc_started``'s keyword arguments (or ``rpc_finished``'s,
+    which repeat them); keys it does not take are ignored."""
+    values: dict[str, Any] = {key: started.get(key) for key in STARTED_KEYS}
+    return _started_row(**values, started_at=started["started_at"], for_copy=for_copy)
+
+
+def record_started(queryset: RPCLogQuerySet, **started: Any) -> RPCLog:
+    """Insert the ``pending`` row of a call that has just started (``rpc_started``'s kwargs:
+    ``correlation_id``, ``method``, ``params``, ``user``, ``caller_ip``, ``user_agent``,
+    ``started_at``, and optionally ``trace_id`` and ``span_id``)."""
+    return queryset.create(**_without_missing_user(queryset, _started_row_of(started)))
 
 
 def record_finished(
     queryset: RPCLogQuerySet,
     *,
-    correlation_id: str,
-    method: str,
-    params: Any,
-    user: Any,
-    caller_ip: str | None,
-    user_agent: str | None,
-    started_at: datetime,
     status: str,
     response: Any,
     error_code: str | None,
@@ -273,14 +281,16 @@ def record_finished(
     duration_ms: float | None,
     completed_at: datetime,
     sample_rate: float = 1.0,
-    **extra: Any,
+    slow: Any = None,
+    **started: Any,
 ) -> None:
-    """Complete the row of a finished call (``rpc_finished``'s kwargs).
+    """Complete the row of a finished call (``rpc_finished``'s kwargs: the outcome here, the
+    call's ``rpc_started`` kwargs in ``started``), and queue its alerts.
 
     If the ``pending`` row is missing (its write failed, or nobody wrote it), the whole row is
     inserted now: a finished call never loses its row.
     """
-    log_id = call_log_id(correlation_id, started_at)
+    log_id = call_log_id(started["correlation_id"], started["started_at"])
     outcome = outcome_values(
         status=status,
         response=response,
@@ -289,11 +299,14 @@ def record_finished(
         duration_ms=duration_ms,
         completed_at=completed_at,
         sample_rate=sample_rate,
+        slow=slow,
     )
-    if queryset.filter(pk=log_id).update(**outcome):
-        return
-    row = _started_row(correlation_id, method, params, user, caller_ip, user_agent, started_at)
-    queryset.create(**_without_missing_user(queryset, row), **outcome)
+    if not queryset.filter(pk=log_id).update(**outcome):
+        queryset.create(**_without_missing_user(queryset, _started_row_of(started)), **outcome)
+    event = {key: started.get(key) for key in ("correlation_id", "method", "params", "user")}
+    event |= {"started_at": started["started_at"], "status": status, "response": response}
+    event |= {"slow": slow, "error_code": error_code, "error_message": error_message}
+    queue_alerts(queryset.db, [event | {"duration_ms": duration_ms, "completed_at": completed_at}])
 
 
 # -- bulk writes (buffered writer) ------------------------------------------------------------
@@ -306,6 +319,8 @@ STARTED_KEYS: tuple[str, ...] = (
     "user",
     "caller_ip",
     "user_agent",
+    "trace_id",
+    "span_id",
 )
 #: The ``rpc_finished`` keys :func:`outcome_values` takes (the event has the started ones too).
 OUTCOME_KEYS: tuple[str, ...] = (
@@ -316,6 +331,7 @@ OUTCOME_KEYS: tuple[str, ...] = (
     "duration_ms",
     "completed_at",
     "sample_rate",
+    "slow",
 )
 
 
@@ -395,14 +411,20 @@ def bulk_record_events(queryset: RPCLogQuerySet, events: Sequence[Mapping[str, A
     never turns a finished row back to ``pending``.
     """
     connection = connections[queryset.db]
+    if connection.vendor == "mysql":  # MySQL and MariaDB
+        from django_rpc_audit.writers import mysql
+
+        return mysql.bulk_record_events(queryset, connection, events)
     if connection.vendor == "postgresql" and _copy_supported(connection):
         with transaction.atomic(using=queryset.db):
-            return _copy_record_events(queryset, connection, events)
+            written = _copy_record_events(queryset, connection, events)
+            queue_alerts(queryset.db, events)
+            return written
     model = queryset.model
     finished: list[RPCLog] = []
     pending: list[RPCLog] = []
     with transaction.atomic(using=queryset.db):
-        live_users = _existing_user_pks(queryset, _user_pks(events))
+        live_users = live_user_pks(queryset, events)
         for event in events:
             values = event_row_values(event)
             if values["user_id"] not in live_users:
@@ -418,12 +440,28 @@ def bulk_record_events(queryset: RPCLogQuerySet, events: Sequence[Mapping[str, A
             )
         if pending:
             queryset.bulk_create(pending, ignore_conflicts=True)
+        queue_alerts(queryset.db, events)
     return len(finished) + len(pending)
 
 
 def _user_pks(events: Sequence[Mapping[str, Any]]) -> set[Any]:
     """The primary keys of the users the ``events`` are attributed to."""
     return {user.pk for event in events if isinstance(user := event.get("user"), models.Model)}
+
+
+def live_user_pks(queryset: RPCLogQuerySet, events: Sequence[Mapping[str, Any]]) -> set[Any]:
+    """Of the users ``events`` are attributed to, those still in the database: one query per
+    batch, in its transaction. A row whose user is not among them is written with the user
+    unset (and its username snapshot), never refused for its dangling key."""
+    return _existing_user_pks(queryset, _user_pks(events))
+
+
+def queue_alerts(using: str, events: Sequence[Mapping[str, Any]]) -> None:
+    """Put the alerts (webhooks) of the finished calls among ``events`` in the outbox, in the
+    transaction writing their rows: see :mod:`django_rpc_audit.alerts.outbox`."""
+    from django_rpc_audit.alerts.outbox import enqueue_alerts
+
+    enqueue_alerts(using, events)
 
 
 def _yield_the_gil() -> None:
@@ -482,7 +520,7 @@ def _copy_record_events(
     counts = {True: 0, False: 0}  # finished, pending
     # Identifiers come from the model, quoted; values are bound or copied, never formatted.
     select = f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {staging} WHERE status "  # noqa: S608
-    live_users = _existing_user_pks(queryset, _user_pks(events))
+    live_users = live_user_pks(queryset, events)
     with connection.cursor() as cursor:
         cursor.execute(
             f"CREATE TEMPORARY TABLE IF NOT EXISTS {staging} "

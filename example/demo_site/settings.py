@@ -7,8 +7,9 @@ Python. Environment variables switch it to the real thing:
     Any database django-environ understands, e.g. ``postgres://postgres@127.0.0.1:5432/demo``.
 ``REDIS_URL``
     Talk to a django-ipc server over this Redis instead of answering calls in-process.
-``RPC_FAILURE_WEBHOOK_URL``
-    Where the demo app posts a JSON notice of every failed or timed-out call.
+``RPC_FAILURE_WEBHOOK_URL``, ``RPC_WEBHOOK_SECRET``, ``RPC_WEBHOOK_FORMAT``
+    Where django-rpc-audit's alerts go: signed webhooks (Standard Webhooks; the secret is
+    ``whsec_...``) of failed, timed-out and slow calls, or ``slack`` for an incoming webhook.
 """
 
 from __future__ import annotations
@@ -124,8 +125,18 @@ DJANGO_CFG_RPC = {
     "RPC_TIMEOUT": 2,
 }
 
-# Read by notifications.receivers.post_failure_webhook; empty: the notice is only logged.
+# Alerts (docs/alerts.md): signed webhooks of failed, timed-out and slow calls.
 RPC_FAILURE_WEBHOOK_URL = env.str("RPC_FAILURE_WEBHOOK_URL", default="")
+if RPC_FAILURE_WEBHOOK_URL:
+    DJANGO_CFG_RPC["WEBHOOKS"] = [
+        {
+            "NAME": "demo",
+            "URL": RPC_FAILURE_WEBHOOK_URL,
+            "SECRET": env.str("RPC_WEBHOOK_SECRET", default=""),
+            "FORMAT": env.str("RPC_WEBHOOK_FORMAT", default="standard"),
+        }
+    ]
+    DJANGO_CFG_RPC["ADMIN_BASE_URL"] = "http://127.0.0.1:8000"
 
 LOGGING = {
     "version": 1,

@@ -1,1 +1,1 @@
-"""The example app: views that make RPC calls, demo handlers, a failure webhook, ``rpc_demo``."""
+"""The example app: views that make RPC calls, demo handlers, ``rpc_demo``."""

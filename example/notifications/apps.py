@@ -1,4 +1,4 @@
-"""App config: registers the local RPC handlers and connects the failure webhook."""
+"""App config: registers the local RPC handlers (alerts are django-rpc-audit's own webhooks)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,4 @@ class NotificationsConfig(AppConfig):
     verbose_name = "Notifications (django-rpc-audit example)"
 
     def ready(self) -> None:
-        from django_rpc_audit.signals import rpc_finished
         from notifications import handlers  # noqa: F401  (registers the local handlers)
-        from notifications.receivers import post_failure_webhook
-
-        rpc_finished.connect(
-            post_failure_webhook, dispatch_uid="notifications.post_failure_webhook"
-        )

@@ -55,3 +55,11 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
         verb = "Would delete" if dry_run else "Deleted"
         self.stdout.write(f"{verb} {count} RPC log row(s) older than {shown(kept)} day(s).")
+        # The alerts' outbox keeps the same days (its pending rows stay until delivered).
+        from django_rpc_audit.alerts.delivery import prune_deliveries
+
+        alerts = prune_deliveries(kept, batch_size=size, dry_run=dry_run)
+        if alerts or get_config().webhooks:
+            self.stdout.write(
+                f"{verb} {alerts} webhook delivery row(s) older than {shown(kept)} day(s)."
+            )

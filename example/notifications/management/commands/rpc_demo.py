@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from django.test.client import MULTIPART_CONTENT
 from django.utils import timezone
 
 from django_rpc_audit.conf import get_config
-from django_rpc_audit.models import RPCLog
+from django_rpc_audit.models import RPCLog, WebhookDelivery
 from django_rpc_audit.utils import redact_url
 from django_rpc_audit.writers import flush
 
@@ -144,31 +143,6 @@ class RemoteAsyncClient(AsyncClient):
         return scope
 
 
-class _FirstFew(logging.Filter):
-    """Lets the first ``shown`` records through (all if ``None``) and counts every one."""
-
-    def __init__(self, shown: int | None) -> None:
-        super().__init__()
-        self.shown = shown
-        self.count = 0
-        self._lock = threading.Lock()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        with self._lock:
-            self.count += 1
-            return self.shown is None or self.count <= self.shown
-
-
-@contextlib.contextmanager
-def _filtered(logger_name: str, log_filter: logging.Filter) -> Iterator[None]:
-    logger = logging.getLogger(logger_name)
-    logger.addFilter(log_filter)
-    try:
-        yield
-    finally:
-        logger.removeFilter(log_filter)
-
-
 @contextlib.contextmanager
 def _silenced(logger_name: str) -> Iterator[None]:
     logger = logging.getLogger(logger_name)
@@ -204,29 +178,26 @@ class Command(BaseCommand):
             raise CommandError("--calls must be at least 1.")
         if concurrency < 1:
             raise CommandError("--concurrency must be at least 1.")
-        verbosity: int = options["verbosity"]
         if RPCLog._meta.db_table not in connections[RPCLog.objects.db].introspection.table_names():
             raise CommandError("The database has no RPC log table: run `manage.py migrate` first.")
         users = self._demo_users()
         rng = random.Random(seed)
         plan = plan_requests(calls, rng, [str(user.pk) for user in users.values()])
         config = get_config()
-        webhook_notices = _FirstFew(shown=None if verbosity >= 2 else 3)
         started = timezone.now()
         with (
             self._peer(config),
-            _filtered("notifications.receivers", webhook_notices),
             # The views answer 502 and 504 on purpose; Django would log every one of them.
             _silenced("django.request"),
         ):
             codes = self._run_sync([r for r in plan if not r.is_async], users)
             codes += self._run_async([r for r in plan if r.is_async], users, concurrency)
-        self._report_webhook(webhook_notices.count, all_shown=verbosity >= 2)
         responses = ", ".join(f"{code}: {n}" for code, n in sorted(codes.items()))
         self.stdout.write(f"Responses: {responses}")
         # The buffered writer (the default WRITE_MODE) writes in the background: wait for it.
         flush(timeout=60)
         logs = RPCLog.objects.filter(created_at__gte=started)
+        self._report_alerts(logs, started)
         self._print_method_stats(logs)
         self._print_user_stats(logs)
         self._check_attribution(logs, expected_rows=len(plan))
@@ -343,13 +314,23 @@ class Command(BaseCommand):
 
     # -- reporting ------------------------------------------------------------------------
 
-    def _report_webhook(self, count: int, *, all_shown: bool) -> None:
-        message = f"Webhook receiver: {count} notices of failed calls"
-        if not all_shown:
-            message += " (the first 3 shown above; -v 2 shows all)"
+    def _report_alerts(self, logs: QuerySet[RPCLog], started: Any) -> None:
+        slow = logs.flagged_slow().count()
+        self.stdout.write(f"Slow calls flagged (slower than their method's normal): {slow}.")
         if not settings.RPC_FAILURE_WEBHOOK_URL:
-            message += ". Set RPC_FAILURE_WEBHOOK_URL to post them"
-        self.stdout.write(f"{message}.")
+            self.stdout.write(
+                "Webhooks: none configured. Set RPC_FAILURE_WEBHOOK_URL and RPC_WEBHOOK_SECRET "
+                "(whsec_...) to receive signed alerts of failed, timed-out and slow calls."
+            )
+            return
+        alerts = WebhookDelivery.objects.filter(created_at__gte=started)
+        states = Counter(alerts.values_list("state", flat=True))
+        summary = ", ".join(f"{state}: {n}" for state, n in sorted(states.items())) or "none"
+        self.stdout.write(
+            f"Webhook alerts of this run ({summary}); delivery goes on in the background and "
+            "with `manage.py rpc_webhooks_deliver`. See them in the admin under Webhook "
+            "deliveries."
+        )
 
     def _print_method_stats(self, logs: QuerySet[RPCLog]) -> None:
         rows = [

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('django_rpc_audit', '0003_rate_limited_status'),
+        ('django_rpc_audit', '0005_alerts'),
     ]
 
     operations = [

@@ -1,0 +1,80 @@
+"""``manage.py rpc_webhooks_deliver``: deliver the queued webhook alerts (a worker, or once)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from django_rpc_audit.alerts.delivery import DeliveryReport, deliver_due
+from django_rpc_audit.alerts.worker import run_loop
+from django_rpc_audit.conf import get_config
+
+
+class Command(BaseCommand):
+    help = (
+        "Deliver the webhook alerts in the outbox: retries, digests, and alerts left by "
+        "processes that died. Runs until stopped (SIGTERM/SIGINT), or one pass with --once."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--once", action="store_true", help="Deliver what is due now, then exit."
+        )
+        parser.add_argument(
+            "--max-seconds",
+            type=float,
+            default=None,
+            help="Stop the loop after this many seconds (default: run until stopped).",
+        )
+
+    def handle(self, *args: Any, once: bool, max_seconds: float | None, **options: Any) -> None:
+        if max_seconds is not None and not max_seconds > 0:
+            raise CommandError("--max-seconds must be a positive number of seconds.")
+        if not get_config().webhooks:
+            raise CommandError("No webhook endpoints: DJANGO_CFG_RPC['WEBHOOKS'] is empty.")
+        total = DeliveryReport()
+        if once:
+            while True:
+                report = deliver_due()
+                total += report
+                if not report.claimed:
+                    break
+        else:
+            stop = threading.Event()
+            wake = threading.Event()
+
+            def finish(*_: object) -> None:
+                stop.set()
+                wake.set()
+
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, finish)
+            if max_seconds is not None:
+                timer = threading.Timer(max_seconds, finish)
+                timer.daemon = True
+                timer.start()
+
+            def on_pass(report: object) -> None:
+                nonlocal total
+                assert isinstance(report, DeliveryReport)
+                total += report
+                if report.claimed:
+                    self.stdout.write(_summary(report), ending="\n")
+                    self.stdout.flush()
+
+            started = time.monotonic()
+            run_loop(stop, wake, on_pass=on_pass)
+            self.stdout.write(f"Stopped after {time.monotonic() - started:.0f} s.")
+        self.stdout.write(_summary(total))
+
+
+def _summary(report: DeliveryReport) -> str:
+    return (
+        f"Delivered {report.delivered}, retrying {report.retrying}, failed {report.failed}, "
+        f"grouped {report.grouped}, skipped {report.skipped}, cancelled {report.cancelled} "
+        f"(claimed {report.claimed})."
+    )
