@@ -333,3 +333,30 @@ def test_a_huge_number_from_the_shell_exits_non_zero_without_a_traceback(capsys)
 def test_querysets_refuse_windows_beyond_the_calendar_with_value_error(call):
     with pytest.raises(ValueError, match="must be|too large"):
         call()
+
+
+@pytest.mark.parametrize(
+    "max_seconds", ["inf", "nan", "-1", "0", "1e12", "soon", float("inf"), 1e12, -1, True]
+)
+def test_the_webhook_worker_refuses_a_bad_max_seconds_with_a_command_error(max_seconds):
+    """``--max-seconds inf`` or ``1e12`` ended in a timer thread's OverflowError (the worker
+    then ran unbounded); from ``call_command`` a string was a ``TypeError``."""
+    with pytest.raises(CommandError, match="--max-seconds"):
+        call_command("rpc_webhooks_deliver", "--once", max_seconds=max_seconds, stdout=StringIO())
+
+
+def test_the_webhook_worker_takes_max_seconds_as_call_command_passes_it(rpc_settings):
+    import base64
+
+    rpc_settings(
+        WEBHOOKS=[
+            {
+                "NAME": "ops",
+                "URL": "http://127.0.0.1:9/hook",
+                "SECRET": "whsec_" + base64.b64encode(b"k" * 32).decode(),
+            }
+        ]
+    )
+    out = StringIO()
+    call_command("rpc_webhooks_deliver", "--once", max_seconds="30", stdout=out)
+    assert "Delivered 0" in out.getvalue()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -42,6 +43,15 @@ def positive_number(raw: object) -> float:
     value = _finite(raw)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{raw!r} is not above 0")
+    return value
+
+
+def positive_seconds(raw: object) -> float:
+    """A finite number of seconds > 0 that a thread can wait for (``threading.TIMEOUT_MAX``,
+    under 300 years) (``argparse`` ``type``)."""
+    value = positive_number(raw)
+    if value > threading.TIMEOUT_MAX:
+        raise argparse.ArgumentTypeError(f"{raw!r} is more seconds than a wait can last")
     return value
 
 
