@@ -3,8 +3,8 @@
 :func:`~django_rpc_audit.writers.sink.bulk_record_events` hands a batch here when the
 database is MySQL or MariaDB. Django's ``bulk_create`` cannot do it there: with
 ``unique_fields`` it raises ``NotSupportedError``, and ``ignore_conflicts`` becomes
-``INSERT IGNORE``, which turns a refused row (a dangling user, a value the column refuses)
-into a warning and drops it silently. Instead, one ``executemany`` per kind of row, which
+``INSERT IGNORE``, which turns a refused row (a value the column refuses) into a warning
+and drops it silently. Instead, one ``executemany`` per kind of row, which
 mysqlclient sends as multi-row statements of at most 64 KiB each:
 
 - finished calls: ``REPLACE INTO``, the whole row in its final state whether or not its
@@ -38,6 +38,7 @@ from django_rpc_audit.writers.sink import (
     _yield_the_gil,
     event_row_values,
     is_finished_event,
+    live_user_pks,
     queue_alerts,
 )
 
@@ -135,8 +136,10 @@ def bulk_record_events(
         # Connected first: while the server is unreachable a retry fails at once, without
         # building its rows again (CPU and garbage, hence collector pauses, for the callers).
         with transaction.atomic(using=queryset.db), connection.cursor() as cursor:
+            live_users = live_user_pks(queryset, events)
             for n, event in enumerate(events, 1):
-                (finished if is_finished_event(event) else pending).append(row_of(event))
+                row = row_of(event, live_users)
+                (finished if is_finished_event(event) else pending).append(row)
                 if n % _ROWS_PER_YIELD == 0:
                     _yield_the_gil()
             _refuse_oversized_rows(
@@ -188,7 +191,7 @@ def _refuse_oversized_rows(
 
 def _row_maker(
     fields: Sequence[models.Field[Any, Any]], connection: BaseDatabaseWrapper
-) -> Callable[[Mapping[str, Any]], list[Any]]:
+) -> Callable[[Mapping[str, Any], set[Any]], list[Any]]:
     """A function from an event to the values of its row, in the order of ``fields``, as the
     driver takes them: JSON columns as the sink's compact JSON text, the others as
     :func:`_prep_for` says (datetimes naive in the connection's time zone, ...)."""
@@ -203,8 +206,10 @@ def _row_maker(
             defaults[field.attname] = default
             preps.append((field.attname, _prep_for(field, connection)))
 
-    def row_of(event: Mapping[str, Any]) -> list[Any]:
+    def row_of(event: Mapping[str, Any], live_users: set[Any]) -> list[Any]:
         values = event_row_values(event, for_copy=True)
+        if values["user_id"] not in live_users:
+            values["user_id"] = None  # a deleted user: the row stays, with its username
         row = []
         for name, prep in preps:
             value = values.get(name, defaults[name])

@@ -144,6 +144,44 @@ def outcome_values(
     }
 
 
+def _user_columns(user: Any) -> tuple[Any, str]:
+    """The ``user`` foreign key and the username snapshot of the user a call is attributed to.
+
+    The snapshot (``get_username()``, no query: the instance is loaded) keeps who made the call
+    once the user is deleted and the key is unset.
+    """
+    if not isinstance(user, models.Model):
+        return None, ""
+    try:
+        username = str(user.get_username())  # type: ignore[attr-defined]
+    except Exception:  # a user model without it, or one that fails: the key is enough
+        username = ""
+    return user.pk, _truncate(username, _USERNAME_MAX_LENGTH)
+
+
+#: ``RPCLog.username``'s ``max_length``.
+_USERNAME_MAX_LENGTH = 255
+
+
+def _existing_user_pks(queryset: RPCLogQuerySet, pks: set[Any]) -> set[Any]:
+    """Which of ``pks`` are users still in the database (one indexed query), read in the
+    writing transaction: a row must not point at a user deleted before it is written (the
+    foreign key would refuse it, at commit since the constraint is deferred)."""
+    if not pks:
+        return set()
+    user_model = queryset.model._meta.get_field("user").related_model
+    manager = user_model._base_manager.using(queryset.db)
+    return set(manager.filter(pk__in=pks).values_list("pk", flat=True))
+
+
+def _without_missing_user(queryset: RPCLogQuerySet, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with the user unset if it no longer exists (the username snapshot stays)."""
+    user_pk = values.get("user_id")
+    if user_pk is not None and not _existing_user_pks(queryset, {user_pk}):
+        values["user_id"] = None
+    return values
+
+
 def _started_values(
     correlation_id: str,
     method: str,
@@ -162,7 +200,7 @@ def _started_values(
     the JSON column holds its compact JSON text instead (for ``COPY``).
     """
     config = get_config()
-    user_pk = getattr(user, "pk", None) if isinstance(user, models.Model) else None
+    user_pk, username = _user_columns(user)
     if params is None:
         stored_params: Any = "{}" if json_text else {}
     else:
@@ -173,6 +211,7 @@ def _started_values(
         "method": _truncate(method, 255),
         "params": stored_params,
         "user_id": user_pk,
+        "username": username,
         "caller_ip": _ip_or_none(caller_ip),
         "user_agent": _capped_text(user_agent, config.max_user_agent_bytes),
         "trace_id": _truncate(trace_id, 32),
@@ -229,7 +268,7 @@ def record_started(queryset: RPCLogQuerySet, **started: Any) -> RPCLog:
     """Insert the ``pending`` row of a call that has just started (``rpc_started``'s kwargs:
     ``correlation_id``, ``method``, ``params``, ``user``, ``caller_ip``, ``user_agent``,
     ``started_at``, and optionally ``trace_id`` and ``span_id``)."""
-    return queryset.create(**_started_row_of(started))
+    return queryset.create(**_without_missing_user(queryset, _started_row_of(started)))
 
 
 def record_finished(
@@ -263,7 +302,7 @@ def record_finished(
         slow=slow,
     )
     if not queryset.filter(pk=log_id).update(**outcome):
-        queryset.create(**_started_row_of(started), **outcome)
+        queryset.create(**_without_missing_user(queryset, _started_row_of(started)), **outcome)
     event = {key: started.get(key) for key in ("correlation_id", "method", "params", "user")}
     event |= {"started_at": started["started_at"], "status": status, "response": response}
     event |= {"slow": slow, "error_code": error_code, "error_message": error_message}
@@ -384,10 +423,13 @@ def bulk_record_events(queryset: RPCLogQuerySet, events: Sequence[Mapping[str, A
     model = queryset.model
     finished: list[RPCLog] = []
     pending: list[RPCLog] = []
-    for event in events:
-        row = model(**event_row_values(event))
-        (finished if is_finished_event(event) else pending).append(row)
     with transaction.atomic(using=queryset.db):
+        live_users = live_user_pks(queryset, events)
+        for event in events:
+            values = event_row_values(event)
+            if values["user_id"] not in live_users:
+                values["user_id"] = None
+            (finished if is_finished_event(event) else pending).append(model(**values))
         if finished:
             update_fields = [f.name for f in model._meta.concrete_fields if not f.primary_key]
             queryset.bulk_create(
@@ -400,6 +442,18 @@ def bulk_record_events(queryset: RPCLogQuerySet, events: Sequence[Mapping[str, A
             queryset.bulk_create(pending, ignore_conflicts=True)
         queue_alerts(queryset.db, events)
     return len(finished) + len(pending)
+
+
+def _user_pks(events: Sequence[Mapping[str, Any]]) -> set[Any]:
+    """The primary keys of the users the ``events`` are attributed to."""
+    return {user.pk for event in events if isinstance(user := event.get("user"), models.Model)}
+
+
+def live_user_pks(queryset: RPCLogQuerySet, events: Sequence[Mapping[str, Any]]) -> set[Any]:
+    """Of the users ``events`` are attributed to, those still in the database: one query per
+    batch, in its transaction. A row whose user is not among them is written with the user
+    unset (and its username snapshot), never refused for its dangling key."""
+    return _existing_user_pks(queryset, _user_pks(events))
 
 
 def queue_alerts(using: str, events: Sequence[Mapping[str, Any]]) -> None:
@@ -466,14 +520,23 @@ def _copy_record_events(
     counts = {True: 0, False: 0}  # finished, pending
     # Identifiers come from the model, quoted; values are bound or copied, never formatted.
     select = f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {staging} WHERE status "  # noqa: S608
+    live_users = live_user_pks(queryset, events)
     with connection.cursor() as cursor:
         cursor.execute(
             f"CREATE TEMPORARY TABLE IF NOT EXISTS {staging} "
             f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
-        with cursor.cursor.copy(f"COPY {staging} ({columns}) FROM STDIN") as copy:
+        # psycopg's own COPY, past Django's cursor wrapper: wrap its errors the way Django
+        # wraps every other query's, so that a cancelled COPY or a dropped connection is an
+        # OperationalError (an outage, retried) and not a bare psycopg exception.
+        with (
+            connection.wrap_database_errors,
+            cursor.cursor.copy(f"COPY {staging} ({columns}) FROM STDIN") as copy,
+        ):
             for n, event in enumerate(events, 1):
                 values = event_row_values(event, for_copy=True)
+                if values["user_id"] not in live_users:
+                    values["user_id"] = None
                 copy.write_row([values.get(name, defaults[name]) for name in attnames])
                 counts[is_finished_event(event)] += 1
                 if n % _ROWS_PER_YIELD == 0:
