@@ -32,6 +32,7 @@ from unfold.paginator import InfinitePaginator
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.models import RPCLog, RPCStatus
 from django_rpc_audit.querysets import RPCLogQuerySet
+from django_rpc_audit.utils import canonical_correlation_id
 
 #: How many of the latest calls the method and user filters read their choices from.
 FILTER_CHOICE_ROWS = 10_000
@@ -46,9 +47,6 @@ STATUS_VARIANTS: dict[str, str] = {
     RPCStatus.RATE_LIMITED: "primary",
 }
 
-# A correlation id as the client makes it (a UUID, with or without dashes) or as a server
-# echoes it: a search term shaped like one is looked up exactly, by its index.
-_CORRELATION_ID = re.compile(r"^[0-9a-fA-F]{8}-?(?:[0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
 # An OpenTelemetry trace id (32 hex digits, as Grafana, Tempo and Jaeger show it).
 _TRACE_ID = re.compile(r"^[0-9a-fA-F]{32}$")
 
@@ -247,6 +245,38 @@ class UserFilter(admin.SimpleListFilter):
             return None
 
 
+def correlation_id_spellings(value: str) -> list[str]:
+    """The stored spellings a correlation id ``value`` may have: as given, and canonical.
+
+    Calls are logged with the client's spelling (lower case, dashes); rows that manual logging
+    wrote before it normalised ids keep the spelling they were given.
+    """
+    value = value.strip()
+    canonical = canonical_correlation_id(value)
+    return sorted({value, canonical}) if canonical else [value]
+
+
+class CorrelationIdFilter(admin.SimpleListFilter):
+    """``?correlation_id=...`` (the detail page's related-calls link), in any UUID spelling.
+
+    Shown only while it is in use (it has no choices to offer otherwise); an exact, indexed
+    lookup either way.
+    """
+
+    title = _("correlation id")
+    parameter_name = "correlation_id"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        value = self.value()
+        return [(str(value), str(value))] if value else []
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        if not value:
+            return queryset
+        return queryset.filter(correlation_id__in=correlation_id_spellings(str(value)))
+
+
 class RPCLogDisplayMixin:
     """Display methods for ``RPCLog`` columns, reusable when a project registers its own admin."""
 
@@ -273,6 +303,11 @@ class RPCLogDisplayMixin:
     @display(description=_("user"), ordering="user")
     def user_link(self, obj: RPCLog) -> str:
         if obj.user is None:
+            if obj.username:
+                # The username it had when the call was made; the user is gone since.
+                return format_html(
+                    "{} <span class='text-subtle'>({})</span>", obj.username, _("deleted")
+                )
             return "-"
         url = user_admin_url(obj.user, self.admin_site.name)
         if url is None:
@@ -300,8 +335,9 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
         MethodFilter,
         ("created_at", admin.DateFieldListFilter),
         UserFilter,
+        CorrelationIdFilter,
     )
-    search_fields = ("method", "user__username", "user__email", "error_message")
+    search_fields = ("method", "user__username", "username", "user__email", "error_message")
     search_help_text = _(
         "Method, username, email or error message; a correlation id or trace id is looked up "
         "exactly."
@@ -358,6 +394,7 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
                 MethodFilter,
                 ("created_at", RangeDateTimeFilter),
                 UserFilter,
+                CorrelationIdFilter,
             )
         return self.list_filter
 
@@ -367,16 +404,20 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
         term = search_term.strip()
         if _TRACE_ID.match(term):
             # 32 hex digits: a trace id, or a correlation id written without its dashes.
-            return queryset.filter(Q(trace_id=term.lower()) | Q(correlation_id=term)), False
-        if _CORRELATION_ID.match(term):
-            return queryset.filter(correlation_id=term), False
+            spellings = correlation_id_spellings(term)
+            return queryset.filter(
+                Q(trace_id=term.lower()) | Q(correlation_id__in=spellings)
+            ), False
+        if canonical_correlation_id(term) is not None:
+            return queryset.filter(correlation_id__in=correlation_id_spellings(term)), False
         return super().get_search_results(request, queryset, search_term)  # type: ignore[no-any-return]
 
     def get_search_fields(self, request: HttpRequest) -> Any:
         from django.contrib.auth import get_user_model
 
         user_model = get_user_model()
-        fields = ["method", f"user__{user_model.USERNAME_FIELD}", "error_message"]
+        # ``username``: the snapshot, which finds the calls of deleted users too.
+        fields = ["method", f"user__{user_model.USERNAME_FIELD}", "username", "error_message"]
         if any(f.name == "email" for f in user_model._meta.get_fields()):
             fields.insert(2, "user__email")
         return fields

@@ -15,7 +15,7 @@ from typing import Any
 from django.core.serializers.json import DjangoJSONEncoder
 
 from django_rpc_audit.alerts.slow import SlowVerdict, judge_call, slow_arguments
-from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
+from django_rpc_audit.conf import MAX_WAIT_SECONDS, DjangoCfgRPCConfig, get_config
 from django_rpc_audit.context import aresolve_user, get_caller_context, resolve_user
 from django_rpc_audit.exceptions import (
     RPCDisabledError,
@@ -145,8 +145,15 @@ class RPCClient:
         params = dict(params)
         if timeout is None:
             timeout = self.config.rpc_timeout
-        elif isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}.")
+        elif (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout <= MAX_WAIT_SECONDS
+        ):
+            raise ValueError(
+                f"timeout must be a positive number of seconds up to {MAX_WAIT_SECONDS:g}, "
+                f"not {timeout!r}."
+            )
         if correlation_id is None:
             correlation_id = str(uuid.uuid4())
         else:
@@ -224,17 +231,23 @@ class RPCClient:
     def _reported(
         self, request: RPCRequest, started: dict[str, Any], probe: CallProbe | None = None
     ) -> Iterator[_Outcome]:
-        """Send ``rpc_started``, time the block, then send ``rpc_finished`` whatever happened."""
-        rpc_started.send_robust(sender=type(self), **started)
+        """Send ``rpc_started``, time the block, then send ``rpc_finished`` whatever happened.
+
+        Sending ``rpc_started`` is inside the ``try``: an interruption while its receivers run
+        (``KeyboardInterrupt``, or a cancellation under :meth:`_areported`) still ends in
+        ``rpc_finished``, with no transport time.
+        """
         outcome = _Outcome()
-        clock = time.perf_counter()
+        clock: float | None = None
         try:
+            rpc_started.send_robust(sender=type(self), **started)
+            clock = time.perf_counter()
             yield outcome
         except BaseException as exc:
             outcome.record(exc)
             raise
         finally:
-            duration_ms = (time.perf_counter() - clock) * 1000
+            duration_ms = 0.0 if clock is None else (time.perf_counter() - clock) * 1000
             finished = outcome.as_kwargs(duration_ms, request, self.redactor, self.config)
             if probe is not None:
                 probe.finish(
@@ -251,16 +264,17 @@ class RPCClient:
         self, request: RPCRequest, started: dict[str, Any], probe: CallProbe | None = None
     ) -> AsyncIterator[_Outcome]:
         """The ``async`` twin of :meth:`_reported`."""
-        await rpc_started.asend_robust(sender=type(self), **started)
         outcome = _Outcome()
-        clock = time.perf_counter()
+        clock: float | None = None
         try:
+            await rpc_started.asend_robust(sender=type(self), **started)
+            clock = time.perf_counter()
             yield outcome
         except BaseException as exc:
             outcome.record(exc)
             raise
         finally:
-            duration_ms = (time.perf_counter() - clock) * 1000
+            duration_ms = 0.0 if clock is None else (time.perf_counter() - clock) * 1000
             kwargs = outcome.as_kwargs(duration_ms, request, self.redactor, self.config)
             if probe is not None:
                 probe.finish(

@@ -19,6 +19,7 @@ from django.dispatch import receiver
 from redis.connection import parse_url
 
 from django_rpc_audit.alerts.endpoints import WebhookEndpoint, parse_endpoints
+from django_rpc_audit.forwarded import trusted_networks
 from django_rpc_audit.ratelimit.rules import Rule, parse_rules
 from django_rpc_audit.redaction import FieldRule, MethodRule, key_words
 from django_rpc_audit.utils import redact_url
@@ -39,6 +40,11 @@ _FALSE_STRINGS = ("false", "off", "no", "n", "0", "")
 #: Smallest size cap: room for the truncation marker and a short preview.
 MIN_CAP_BYTES = 128
 
+#: Longest wait, in seconds, a duration setting may ask for: a week. A thread cannot wait much
+#: longer (``threading.TIMEOUT_MAX``, under 300 years), a window cannot reach before year 1, and
+#: an infinite or absurd value would otherwise end in an ``OverflowError`` far from its cause.
+MAX_WAIT_SECONDS = 7 * 24 * 3600.0
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DjangoCfgRPCConfig:
@@ -57,14 +63,14 @@ class DjangoCfgRPCConfig:
     #: :class:`~django_rpc_audit.exceptions.RPCDisabledError`.
     enabled: bool = True
     #: Redis server the django-ipc peer listens on: a ``redis://``, ``rediss://`` or ``unix://``
-    #: URL. A password in it never appears in errors.
+    #: URL (``unix:///run/redis.sock?db=2``). A password in it never appears in errors.
     redis_url: str = "redis://localhost:6379/2"
     #: Write an ``RPCLog`` row for every call. Off: calls and signals go on, no rows are written.
     enable_logging: bool = True
     #: ``"redis"`` (the django-ipc wire protocol) or ``"local"`` (in-process handlers).
     transport: Transport = "redis"
     #: Seconds a call waits for its reply before it is a timeout (sent to the server rounded up
-    #: to whole seconds).
+    #: to whole seconds). At most a week, as every duration setting.
     rpc_timeout: float = 30.0
     #: Redis Stream the requests are added to.
     request_stream: str = "stream:requests"
@@ -72,9 +78,10 @@ class DjangoCfgRPCConfig:
     response_key_prefix: str = "list:response:"
     #: Approximate ``MAXLEN`` of the request stream.
     stream_maxlen: int = 10_000
-    #: Addresses (or prefixes) of the reverse proxies whose ``X-Forwarded-For`` is trusted.
-    #: Empty, and with no ``IPWARE_*`` setting either, the caller IP is ``REMOTE_ADDR`` only.
-    #: Passed to django-ipware as ``proxy_trusted_ips``.
+    #: Addresses or CIDR networks of the reverse proxies whose ``X-Forwarded-For`` is believed:
+    #: only when the peer (``REMOTE_ADDR``) is one of them, and the client is the right-most
+    #: address that is not. Empty, and with no ``IPWARE_*`` setting either, the caller IP is
+    #: ``REMOTE_ADDR`` only.
     trusted_proxy_ips: tuple[str, ...] = field(default=())
 
     # -- data hygiene
@@ -311,8 +318,11 @@ def _validate(config: DjangoCfgRPCConfig) -> None:
             "TRANSPORT", f"must be one of {', '.join(TRANSPORTS)}, not {config.transport!r}."
         )
     timeout = config.rpc_timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        raise _fail("RPC_TIMEOUT", f"must be a positive number of seconds, not {timeout!r}.")
+    if not _is_number(timeout) or not 0 < timeout <= MAX_WAIT_SECONDS:
+        raise _fail(
+            "RPC_TIMEOUT",
+            f"must be a positive number of seconds up to {MAX_WAIT_SECONDS:g}, not {timeout!r}.",
+        )
     maxlen = config.stream_maxlen
     if isinstance(maxlen, bool) or not isinstance(maxlen, int) or maxlen < 1:
         raise _fail("STREAM_MAXLEN", f"must be a positive integer, not {maxlen!r}.")
@@ -323,7 +333,11 @@ def _validate(config: DjangoCfgRPCConfig) -> None:
     if not isinstance(config.trusted_proxy_ips, tuple) or not all(
         isinstance(ip, str) and ip for ip in config.trusted_proxy_ips
     ):
-        raise _fail("TRUSTED_PROXY_IPS", "must be a list of IP addresses or prefixes.")
+        raise _fail("TRUSTED_PROXY_IPS", "must be a list of IP addresses or CIDR networks.")
+    try:
+        trusted_networks(config.trusted_proxy_ips)
+    except ValueError as exc:
+        raise _fail("TRUSTED_PROXY_IPS", f"entry {exc}.") from None
     validate_redis_url(config.redis_url)
     _validate_data_hygiene(config)
     _validate_admin(config)
@@ -459,8 +473,11 @@ def _validate_data_hygiene(config: DjangoCfgRPCConfig) -> None:
     if isinstance(days, bool) or not isinstance(days, int) or days < 1:
         raise _fail("RETENTION_DAYS", f"must be a whole number of days >= 1, not {days!r}.")
     margin = config.reap_margin_seconds
-    if not _is_number(margin) or margin < 0:
-        raise _fail("REAP_MARGIN_SECONDS", f"must be a number of seconds >= 0, not {margin!r}.")
+    if not _is_number(margin) or not 0 <= margin <= MAX_WAIT_SECONDS:
+        raise _fail(
+            "REAP_MARGIN_SECONDS",
+            f"must be a number of seconds from 0 to {MAX_WAIT_SECONDS:g}, not {margin!r}.",
+        )
 
 
 def _validate_admin(config: DjangoCfgRPCConfig) -> None:
@@ -503,8 +520,11 @@ def _validate_buffered_writer(config: DjangoCfgRPCConfig) -> None:
         )
     for name in ("buffer_flush_interval", "buffer_max_retry_delay", "buffer_shutdown_timeout"):
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise _fail(name.upper(), f"must be a positive number of seconds, not {value!r}.")
+        if not _is_number(value) or not 0 < value <= MAX_WAIT_SECONDS:
+            raise _fail(
+                name.upper(),
+                f"must be a positive number of seconds up to {MAX_WAIT_SECONDS:g}, not {value!r}.",
+            )
     _validate_log_stream(config)
 
 
@@ -518,9 +538,10 @@ def _validate_log_stream(config: DjangoCfgRPCConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise _fail(name.upper(), f"must be a positive integer, not {value!r}.")
     idle = config.ingest_claim_idle_seconds
-    if not _is_number(idle) or not idle > 0:
+    if not _is_number(idle) or not 0 < idle <= MAX_WAIT_SECONDS:
         raise _fail(
-            "INGEST_CLAIM_IDLE_SECONDS", f"must be a positive number of seconds, not {idle!r}."
+            "INGEST_CLAIM_IDLE_SECONDS",
+            f"must be a positive number of seconds up to {MAX_WAIT_SECONDS:g}, not {idle!r}.",
         )
     if not isinstance(config.log_stream_redis_url, str):
         raise _fail("LOG_STREAM_REDIS_URL", "must be a Redis URL or empty.")
@@ -637,8 +658,11 @@ def _validate_rate_limits(config: DjangoCfgRPCConfig) -> None:
             raise _fail(name.upper(), f"must be True or False, not {getattr(config, name)!r}.")
     for name in ("rate_limit_timeout", "rate_limit_backoff_seconds"):
         value = getattr(config, name)
-        if not _is_number(value) or not value > 0:
-            raise _fail(name.upper(), f"must be a positive number of seconds, not {value!r}.")
+        if not _is_number(value) or not 0 < value <= MAX_WAIT_SECONDS:
+            raise _fail(
+                name.upper(),
+                f"must be a positive number of seconds up to {MAX_WAIT_SECONDS:g}, not {value!r}.",
+            )
     prefix = config.rate_limit_key_prefix
     if not isinstance(prefix, str) or not prefix:
         raise _fail("RATE_LIMIT_KEY_PREFIX", f"must be a non-empty string, not {prefix!r}.")
@@ -698,8 +722,12 @@ def validate_redis_url(url: object, key: str = "REDIS_URL") -> None:
     try:
         parse_url(url)  # type: ignore[no-untyped-call]
         parts = urlsplit(url)
-        db = parts.path.strip("/")
-        valid = (parts.scheme == "unix" or bool(parts.hostname)) and (not db or db.isdigit())
+        if parts.scheme == "unix":
+            # The path is the socket's; the database, if any, comes from "?db=" (checked above).
+            valid = bool(parts.path.strip("/"))
+        else:
+            db = parts.path.strip("/")
+            valid = bool(parts.hostname) and (not db or db.isdigit())
     except (ValueError, TypeError):
         valid = False
     if not valid:

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import sync_to_async
-from django.utils.functional import LazyObject
+from django.utils.functional import LazyObject, empty
 
 if TYPE_CHECKING:
     from django.contrib.auth.base_user import AbstractBaseUser
+    from django.http import HttpRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,12 +23,17 @@ class RPCCallerContext:
     ``user`` may be a lazy object (``request.user``): it is only evaluated when a call is made,
     so a request that makes no call never touches the session. ``auser`` is the async loader
     (``request.auser``) used by :meth:`~django_rpc_audit.client.RPCClient.acall`.
+
+    ``request`` (what the middleware sets) wins over both: the user is read from
+    ``request.user`` when each call is made, so a ``login()`` or ``logout()`` earlier in the
+    view decides who later calls are attributed to.
     """
 
     user: Any = None
     caller_ip: str | None = None
     user_agent: str | None = None
     auser: Callable[[], Awaitable[Any]] | None = None
+    request: HttpRequest | None = None
 
 
 EMPTY_CONTEXT = RPCCallerContext()
@@ -85,16 +91,33 @@ def _concrete_user(user: Any) -> Any:
     return user
 
 
+def _current_user(context: RPCCallerContext) -> Any:
+    """The user as things stand now: ``request.user`` is re-read, since ``login()`` and
+    ``logout()`` replace it on the request."""
+    if context.request is not None:
+        return getattr(context.request, "user", None)
+    return context.user
+
+
 def resolve_user(context: RPCCallerContext) -> Any:
     """The authenticated user of ``context``, evaluating a lazy ``request.user`` now."""
-    return _concrete_user(context.user)
+    return _concrete_user(_current_user(context))
 
 
 async def aresolve_user(context: RPCCallerContext) -> Any:
     """Like :func:`resolve_user` without blocking the event loop (uses ``request.auser()``)."""
-    if context.auser is not None:
-        return _concrete_user(await context.auser())
-    if isinstance(context.user, LazyObject):
+    user = _current_user(context)
+    unloaded = isinstance(user, LazyObject) and user._wrapped is empty
+    if context.request is not None:
+        if not unloaded:
+            # Loaded already, or replaced by alogin() / alogout(): nothing left to read.
+            return _concrete_user(user)
+        auser = getattr(context.request, "auser", None)
+    else:
+        auser = context.auser
+    if auser is not None:
+        return _concrete_user(await auser())
+    if unloaded:
         # Evaluating ``request.user`` may query the session: not on the event loop.
-        return await sync_to_async(_concrete_user)(context.user)
-    return _concrete_user(context.user)
+        return await sync_to_async(_concrete_user)(user)
+    return _concrete_user(user)

@@ -18,6 +18,7 @@ from django_rpc_audit.exceptions import RPCError, RPCTimeoutError
 from django_rpc_audit.payload import stored, stored_text
 from django_rpc_audit.redaction import Redactor, get_redactor
 from django_rpc_audit.status import RPCStatus
+from django_rpc_audit.utils import canonical_correlation_id
 from django_rpc_audit.writers import sink
 
 if TYPE_CHECKING:
@@ -63,7 +64,8 @@ class RPCLogger:
             rule = redactor.rule_for(method).params
             return sink.record_started(
                 RPCLog.objects.using(router.db_for_write(RPCLog)),
-                correlation_id=str(correlation_id),
+                # UUIDs as the client writes them, so the admin's exact search finds them.
+                correlation_id=canonical_correlation_id(str(correlation_id)) or str(correlation_id),
                 method=method,
                 params=stored(params, config.max_params_bytes, redactor, rule).value,
                 user=user,

@@ -41,6 +41,11 @@ class RPCLog(models.Model):
         # Covered by the (user, created_at) index below; a second one would only cost writes.
         db_index=False,
     )
+    #: The user's ``USERNAME_FIELD`` when the call was made: who made it, also once the user
+    #: is deleted (``user`` is then unset). A database default too, like ``sample_rate``.
+    username = models.CharField(
+        _("username"), max_length=255, blank=True, default="", db_default=""
+    )
     caller_ip = models.GenericIPAddressField(_("caller IP"), null=True, blank=True)
     user_agent = models.TextField(_("user agent"), blank=True)
     created_at = models.DateTimeField(_("created at"), default=timezone.now)

@@ -206,6 +206,15 @@ _COUNT_NAMES = (
 )
 
 
+def _ago(now: datetime, what: str, **delta: float) -> datetime:
+    """``now`` minus ``delta``, or a :class:`ValueError` (not an ``OverflowError``) saying
+    ``what`` is too large when that reaches outside the calendar (``days=1e7``, ``hours=inf``)."""
+    try:
+        return now - timedelta(**delta)
+    except OverflowError:
+        raise ValueError(f"{what} is too large: the window would start before year 1.") from None
+
+
 class RPCLogQuerySet(models.QuerySet["RPCLog"]):
     """Chainable filters and analytics on ``RPCLog`` rows.
 
@@ -219,9 +228,9 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
 
     def recent(self, hours: float = 24) -> RPCLogQuerySet:
         """Calls started in the last ``hours`` hours."""
-        if isinstance(hours, bool) or not isinstance(hours, int | float) or hours <= 0:
+        if isinstance(hours, bool) or not isinstance(hours, int | float) or not hours > 0:
             raise ValueError(f"hours must be a positive number, not {hours!r}.")
-        return self.filter(created_at__gte=timezone.now() - timedelta(hours=hours))
+        return self.filter(created_at__gte=_ago(timezone.now(), f"hours={hours!r}", hours=hours))
 
     def succeeded(self) -> RPCLogQuerySet:
         """Calls that got a successful reply."""
@@ -390,8 +399,12 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
         if isinstance(days, bool) or not isinstance(days, int | float) or not days >= 0:
             raise ValueError(f"days must be a number >= 0, not {days!r}.")
         now = timezone.now()
-        in_flight = now - timedelta(seconds=config.rpc_timeout + config.reap_margin_seconds)
-        return self.filter(created_at__lt=now - timedelta(days=days)).exclude(
+        in_flight = _ago(
+            now,
+            "RPC_TIMEOUT + REAP_MARGIN_SECONDS",
+            seconds=config.rpc_timeout + config.reap_margin_seconds,
+        )
+        return self.filter(created_at__lt=_ago(now, f"days={days!r}", days=days)).exclude(
             status=RPCStatus.PENDING, created_at__gte=in_flight
         )
 
@@ -404,9 +417,13 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
         config = get_config()
         if timeout is None:
             timeout = config.rpc_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:
             raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}.")
-        cutoff = timezone.now() - timedelta(seconds=timeout + config.reap_margin_seconds)
+        cutoff = _ago(
+            timezone.now(),
+            f"timeout={timeout!r} (plus REAP_MARGIN_SECONDS)",
+            seconds=timeout + config.reap_margin_seconds,
+        )
         return self.pending().filter(created_at__lt=cutoff)
 
     def reap(self, timeout: float | None = None, *, dry_run: bool = False) -> int:

@@ -115,6 +115,15 @@ _CLIENT_OPTIONS: dict[str, Any] = {
     "socket_keepalive": True,
 }
 
+
+def _client_options(redis_url: str) -> dict[str, Any]:
+    """redis-py's options for ``redis_url``; keepalive is a TCP option, refused on a Unix socket
+    (where the kernel tells a vanished peer at once anyway)."""
+    if redis_url.startswith("unix:"):
+        return {k: v for k, v in _CLIENT_OPTIONS.items() if k != "socket_keepalive"}
+    return _CLIENT_OPTIONS
+
+
 #: How long past the call's own timeout ``acall`` waits for Redis itself to answer.
 REDIS_GRACE_SECONDS = 5.0
 
@@ -142,14 +151,16 @@ class RedisTransport:
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    self._client = redis.Redis.from_url(self.redis_url, **_CLIENT_OPTIONS)
+                    self._client = redis.Redis.from_url(
+                        self.redis_url, **_client_options(self.redis_url)
+                    )
         return self._client
 
     def _async_client(self) -> redis.asyncio.Redis:
         loop = asyncio.get_running_loop()
         client = self._async_clients.get(loop)
         if client is None:
-            client = redis.asyncio.Redis.from_url(self.redis_url, **_CLIENT_OPTIONS)
+            client = redis.asyncio.Redis.from_url(self.redis_url, **_client_options(self.redis_url))
             self._async_clients[loop] = client
         return client
 

@@ -52,6 +52,16 @@ def test_changelist_shows_calls_with_their_user_linked(admin_client_):
     assert ">alice</a>" in content
 
 
+def test_the_calls_of_a_deleted_user_show_and_find_their_username(admin_client_):
+    """Rows keep the username the user had; the user itself is gone (the key is unset)."""
+    RPCLogFactory(method="by.ghost", user=None, username="ghost")
+    RPCLogFactory(method="anonymous")
+    response = admin_client_.get(reverse(CHANGELIST))
+    assert "ghost <span class='text-subtle'>(deleted)</span>" in response.content.decode()
+    found = results(admin_client_.get(reverse(CHANGELIST), {"q": "ghost"}))
+    assert [log.method for log in found] == ["by.ghost"]
+
+
 def test_status_badges_are_colour_coded(admin_client_):
     for status in RPCStatus.values:
         RPCLogFactory(status=status, method=f"m.{status}")
@@ -204,6 +214,45 @@ def test_search_by_correlation_id_is_exact(admin_client_):
     select = [q["sql"] for q in queries if "correlation_id" in q["sql"] and "ORDER BY" in q["sql"]]
     assert select
     assert all("LIKE" not in sql.upper() for sql in select)
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        str.upper,
+        lambda cid: cid.replace("-", ""),
+        lambda cid: cid.replace("-", "").upper(),
+        lambda cid: f"{{{cid}}}",
+        lambda cid: f"urn:uuid:{cid}",
+        lambda cid: f"  {cid.upper()}  ",
+    ],
+    ids=["upper", "no-dashes", "upper-no-dashes", "braces", "urn", "padded"],
+)
+def test_search_by_correlation_id_normalises_its_spelling(admin_client_, spelling):
+    """Logs, terminals and other clients print UUIDs in other spellings: all find the call."""
+    correlation_id = str(uuid.uuid4())
+    wanted = RPCLogFactory(correlation_id=correlation_id)
+    RPCLogFactory()
+    found = results(admin_client_.get(reverse(CHANGELIST), {"q": spelling(correlation_id)}))
+    assert found == [wanted]
+
+
+def test_search_still_finds_a_correlation_id_stored_in_another_spelling(admin_client_):
+    """Rows written before ids were normalised (manual logging) keep the spelling they had."""
+    correlation_id = str(uuid.uuid4()).upper()
+    wanted = RPCLogFactory(correlation_id=correlation_id)
+    assert results(admin_client_.get(reverse(CHANGELIST), {"q": correlation_id})) == [wanted]
+
+
+def test_the_correlation_id_filter_of_the_related_links_normalises_too(admin_client_):
+    correlation_id = str(uuid.uuid4())
+    wanted = RPCLogFactory(correlation_id=correlation_id)
+    RPCLogFactory()
+    changelist = reverse(CHANGELIST)
+    for spelling in (correlation_id, correlation_id.upper(), correlation_id.replace("-", "")):
+        response = admin_client_.get(changelist, {"correlation_id": spelling})
+        assert response.status_code == 200
+        assert results(response) == [wanted]
 
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -202,6 +202,8 @@ def test_params_may_be_any_mapping_and_django_types_are_encoded():
         ({"method": "m", "params": {"x": object()}}, TypeError),
         ({"method": "m", "params": {"x": float("nan")}}, TypeError),
         ({"method": "m", "timeout": 0}, ValueError),
+        ({"method": "m", "timeout": float("inf")}, ValueError),
+        ({"method": "m", "timeout": float("nan")}, ValueError),
         ({"method": "m", "correlation_id": "not-a-uuid"}, ValueError),
     ],
 )
@@ -333,3 +335,75 @@ def test_rows_are_written_when_use_tz_is_off(settings):
     log = RPCLog.objects.get()
     assert log.status == "success"
     assert log.created_at.tzinfo is None
+
+
+# -- cancelled while the rpc_started receivers run ----------------------------------------------
+
+
+@pytest.fixture
+def slow_started_receiver():
+    """A synchronous ``rpc_started`` receiver (so ``acall()`` runs it in a worker thread) that
+    holds the call until the test lets it go."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(sender, **kwargs):
+        entered.set()
+        release.wait(10)
+
+    rpc_started.connect(slow, dispatch_uid="tests.slow_started")
+    yield entered, release
+    release.set()
+    rpc_started.disconnect(dispatch_uid="tests.slow_started")
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("echo_handler")
+@pytest.mark.parametrize("write_mode", ["sync", "buffered"])
+async def test_cancelled_while_started_receivers_run_still_reports_once(
+    rpc_settings, signals, slow_started_receiver, write_mode
+):
+    """README: ``rpc_finished`` exactly once, also on cancellation, wherever it lands."""
+    from asgiref.sync import sync_to_async
+
+    from django_rpc_audit.writers import flush
+
+    rpc_settings(WRITE_MODE=write_mode)
+    entered, release = slow_started_receiver
+    task = asyncio.create_task(get_rpc_client().acall("test.echo", {"n": 1}))
+    assert await asyncio.to_thread(entered.wait, 10)
+    task.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The slow receiver finishes in its thread; rpc_finished follows it there, in order.
+    for _ in range(200):
+        if signals.finished:
+            break
+        await asyncio.sleep(0.01)
+    [finished] = signals.finished
+    assert (finished["status"], finished["error_code"]) == ("failed", "cancelled")
+    assert finished["duration_ms"] == 0.0  # the transport was never reached
+    assert await sync_to_async(flush)(30)
+    log = await RPCLog.objects.aget()
+    assert (log.status, log.error_code) == ("failed", "cancelled")
+
+
+@pytest.mark.usefixtures("echo_handler")
+def test_interrupted_while_started_receivers_run_still_reports_once(signals):
+    """The sync twin: Ctrl-C (``KeyboardInterrupt``) inside an ``rpc_started`` receiver."""
+
+    def interrupted(sender, **kwargs):
+        raise KeyboardInterrupt
+
+    rpc_started.connect(interrupted, dispatch_uid="tests.interrupted")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            get_rpc_client().call("test.echo", {"n": 1})
+    finally:
+        rpc_started.disconnect(dispatch_uid="tests.interrupted")
+    [finished] = signals.finished
+    assert (finished["status"], finished["error_code"]) == ("failed", "cancelled")
+    assert RPCLog.objects.get().status == "failed"

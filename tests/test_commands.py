@@ -226,3 +226,137 @@ def test_prune_fetches_the_keys_first_where_limit_in_a_subquery_is_refused(aged_
     assert len(key_reads) == 2
     assert all("ORDER BY" in sql and "`created_at` ASC" in sql for sql in key_reads)
     assert RPCLog.objects.count() == 6
+
+
+# -- numbers: from the shell and from call_command, huge, infinite, or of another type ---------
+
+
+@pytest.mark.parametrize(
+    ("command", "options", "printed"),
+    [
+        ("rpc_logs_stats", {"hours": 24}, "in the last 24 hour(s)"),
+        ("rpc_logs_stats", {"hours": 1.5}, "in the last 1.5 hour(s)"),
+        ("rpc_logs_stats", {"hours": "48"}, "in the last 48 hour(s)"),
+        ("rpc_logs_cleanup", {"days": 30}, "older than 30 day(s)"),
+        ("rpc_logs_cleanup", {"days": "30", "batch_size": "100"}, "older than 30 day(s)"),
+        ("rpc_logs_reap", {"timeout": 300}, "pending for over 360 s"),
+        ("rpc_logs_reap", {"timeout": "300"}, "pending for over 360 s"),
+    ],
+)
+def test_commands_take_numbers_as_schedulers_pass_them(rpc_settings, command, options, printed):
+    """``call_command(..., hours=24)`` skips argparse: ints (Python 3.11 has no
+    ``int.is_integer``) and strings must work as on the command line."""
+    rpc_settings(REAP_MARGIN_SECONDS=60)
+    RPCLogFactory(method="system.ping", created_at=ago(hours=1))
+    out = StringIO()
+    call_command(command, **options, stdout=out)
+    assert printed in out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("rpc_logs_cleanup", "--days", "1e7"),
+        ("rpc_logs_cleanup", "--days", "inf"),
+        ("rpc_logs_cleanup", "--days", "nan"),
+        ("rpc_logs_reap", "--timeout", "1e12"),
+        ("rpc_logs_reap", "--timeout", "inf"),
+        ("rpc_logs_stats", "--hours", "1e12"),
+        ("rpc_logs_stats", "--hours", "inf"),
+    ],
+)
+def test_huge_and_infinite_numbers_are_command_errors(aged_rows, args):
+    with pytest.raises(CommandError) as excinfo:
+        call_command(*args, stdout=StringIO())
+    assert args[1] in str(excinfo.value) or "too large" in str(excinfo.value)
+    assert RPCLog.objects.count() == 12
+    assert RPCLog.objects.pending().count() == 2
+
+
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [
+        ("rpc_logs_cleanup", {"days": float("inf")}),
+        ("rpc_logs_cleanup", {"days": 10**9}),
+        ("rpc_logs_cleanup", {"days": -1}),
+        ("rpc_logs_cleanup", {"days": True}),
+        ("rpc_logs_cleanup", {"batch_size": 0}),
+        ("rpc_logs_reap", {"timeout": 1e12}),
+        ("rpc_logs_reap", {"timeout": "soon"}),
+        ("rpc_logs_stats", {"hours": -1}),
+        ("rpc_logs_stats", {"hours": "x"}),
+        ("rpc_logs_stats", {"hours": float("nan")}),
+    ],
+)
+def test_bad_numbers_from_call_command_are_command_errors(aged_rows, command, options):
+    with pytest.raises(CommandError):
+        call_command(command, **options, stdout=StringIO())
+    assert RPCLog.objects.count() == 12
+    assert RPCLog.objects.pending().count() == 2
+
+
+def test_the_longest_durations_the_settings_allow_never_overflow(rpc_settings):
+    """``RPC_TIMEOUT`` and ``REAP_MARGIN_SECONDS`` are capped (``MAX_WAIT_SECONDS``); at the cap
+    the reaper and the cleanup still compute their windows (a larger value is refused by the
+    settings themselves, see test_conf.py)."""
+    from django_rpc_audit.conf import MAX_WAIT_SECONDS
+
+    rpc_settings(RPC_TIMEOUT=MAX_WAIT_SECONDS, REAP_MARGIN_SECONDS=MAX_WAIT_SECONDS)
+    RPCLogFactory(status=RPCStatus.PENDING, created_at=ago(days=30))
+    assert run("rpc_logs_reap").startswith("Marked 1 RPC log row(s)")
+    assert run("rpc_logs_cleanup", "--days", "1").startswith("Deleted 1 RPC log row(s)")
+
+
+def test_a_huge_number_from_the_shell_exits_non_zero_without_a_traceback(capsys):
+    from django.core.management import ManagementUtility
+
+    with pytest.raises(SystemExit) as excinfo:
+        ManagementUtility(["manage.py", "rpc_logs_cleanup", "--days", "1e7"]).execute()
+    assert excinfo.value.code != 0
+    err = capsys.readouterr().err
+    assert "CommandError" in err
+    assert "Traceback" not in err
+    assert "OverflowError" not in err
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: RPCLog.objects.prune(days=float("inf")),
+        lambda: RPCLog.objects.prune(days=1e7),
+        lambda: RPCLog.objects.recent(hours=1e12),
+        lambda: RPCLog.objects.recent(hours=float("nan")),
+        lambda: RPCLog.objects.stale(timeout=1e12),
+        lambda: RPCLog.objects.reap(timeout=float("inf")),
+    ],
+)
+def test_querysets_refuse_windows_beyond_the_calendar_with_value_error(call):
+    with pytest.raises(ValueError, match="must be|too large"):
+        call()
+
+
+@pytest.mark.parametrize(
+    "max_seconds", ["inf", "nan", "-1", "0", "1e12", "soon", float("inf"), 1e12, -1, True]
+)
+def test_the_webhook_worker_refuses_a_bad_max_seconds_with_a_command_error(max_seconds):
+    """``--max-seconds inf`` or ``1e12`` ended in a timer thread's OverflowError (the worker
+    then ran unbounded); from ``call_command`` a string was a ``TypeError``."""
+    with pytest.raises(CommandError, match="--max-seconds"):
+        call_command("rpc_webhooks_deliver", "--once", max_seconds=max_seconds, stdout=StringIO())
+
+
+def test_the_webhook_worker_takes_max_seconds_as_call_command_passes_it(rpc_settings):
+    import base64
+
+    rpc_settings(
+        WEBHOOKS=[
+            {
+                "NAME": "ops",
+                "URL": "http://127.0.0.1:9/hook",
+                "SECRET": "whsec_" + base64.b64encode(b"k" * 32).decode(),
+            }
+        ]
+    )
+    out = StringIO()
+    call_command("rpc_webhooks_deliver", "--once", max_seconds="30", stdout=out)
+    assert "Delivered 0" in out.getvalue()

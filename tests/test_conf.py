@@ -92,6 +92,10 @@ def test_environment_overrides_a_config_instance(settings, monkeypatch):
         ("ENABLE_LOGGING", "ture"),
         ("RPC_TIMEOUT", "soon"),
         ("RPC_TIMEOUT", "-1"),
+        ("RPC_TIMEOUT", "inf"),
+        ("RPC_TIMEOUT", "nan"),
+        ("REAP_MARGIN_SECONDS", "inf"),
+        ("BUFFER_FLUSH_INTERVAL", "inf"),
         ("STREAM_MAXLEN", "1.5"),
         ("TRANSPORT", "carrier-pigeon"),
         ("REDIS_URL", "http://cache:6379/0"),
@@ -110,6 +114,11 @@ def test_invalid_environment_value_names_the_key(settings, monkeypatch, key, raw
         ({"TRANSPORT": "smtp"}, "TRANSPORT"),
         ({"RPC_TIMEOUT": 0}, "RPC_TIMEOUT"),
         ({"RPC_TIMEOUT": True}, "RPC_TIMEOUT"),
+        ({"RPC_TIMEOUT": float("inf")}, "RPC_TIMEOUT"),
+        ({"REAP_MARGIN_SECONDS": float("inf")}, "REAP_MARGIN_SECONDS"),
+        # A socket timeout Python cannot set: every rate-limited call would raise OverflowError.
+        ({"RATE_LIMIT_TIMEOUT": float("inf")}, "RATE_LIMIT_TIMEOUT"),
+        ({"RATE_LIMIT_BACKOFF_SECONDS": 1e12}, "RATE_LIMIT_BACKOFF_SECONDS"),
         ({"STREAM_MAXLEN": 0}, "STREAM_MAXLEN"),
         ({"ENABLE_LOGGING": "yes"}, "ENABLE_LOGGING"),
         ({"REQUEST_STREAM": ""}, "REQUEST_STREAM"),
@@ -146,6 +155,32 @@ def test_invalid_log_stream_redis_url_hides_the_password(settings):
     with pytest.raises(ImproperlyConfigured, match="LOG_STREAM_REDIS_URL") as excinfo:
         get_config()
     assert "hunter2" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "unix:///var/run/redis.sock",
+        "unix:///var/run/redis.sock?db=3",
+        "unix://:pw@/var/run/redis.sock?db=0",
+        "redis://cache:6379?db=4",
+        "rediss://:pw@cache:6380/2",
+    ],
+)
+def test_redis_urls_redis_py_accepts_are_accepted(settings, url):
+    """README lists ``unix://``: its path is the socket, the database comes from ``?db=``."""
+    settings.DJANGO_CFG_RPC = {"REDIS_URL": url}
+    assert get_config().redis_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["unix://", "unix:///var/run/redis.sock?db=zero", "redis://cache:6379?db=x", "http://cache/0"],
+)
+def test_redis_urls_redis_py_refuses_are_refused(settings, url):
+    settings.DJANGO_CFG_RPC = {"REDIS_URL": url}
+    with pytest.raises(ImproperlyConfigured, match="REDIS_URL"):
+        get_config()
 
 
 def test_invalid_redis_url_error_hides_the_password(settings):

@@ -101,3 +101,16 @@ async def test_log_context_works_with_async_with():
         log_ctx.set_response({"n": 1})
     stored = await RPCLog.objects.aget()
     assert (stored.status, stored.response) == ("success", {"n": 1})
+
+
+def test_a_uuid_correlation_id_is_stored_as_the_client_writes_it():
+    """Lower case with dashes, as ``RPCClient`` sends it: the admin's search finds both alike."""
+    correlation_id = uuid.uuid4()
+    RPCLogger.create_log(str(correlation_id).upper(), "legacy.sync", {})
+    with RPCLogContext(correlation_id.hex, "legacy.sync", {}):
+        pass
+    assert (
+        list(RPCLog.objects.values_list("correlation_id", flat=True)) == [str(correlation_id)] * 2
+    )
+    RPCLogger.create_log("cid-7", "legacy.sync", {})  # not a UUID: kept as given
+    assert RPCLog.objects.filter(correlation_id="cid-7").exists()

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
-from asgiref.sync import sync_to_async
+from asgiref.sync import SyncToAsync, sync_to_async
+from django.db import connections
 
 from django_rpc_audit import get_rpc_client
 from django_rpc_audit.context import rpc_context
@@ -684,3 +685,71 @@ async def test_acall_timeout_longer_than_redis_socket_timeout(redis_transport):
     log = await RPCLog.objects.aget()
     assert (log.status, log.error_code) == ("timeout", "timeout")
     assert log.duration_ms >= LONG_TIMEOUT * 1000
+
+
+# -- a Redis reached over a Unix socket -------------------------------------------------------
+
+
+@pytest.fixture
+def unix_socket_redis(tmp_path) -> Iterator[str]:
+    """A real Redis server of the test's own, listening on a Unix socket only; its URL."""
+    import shutil
+    import subprocess
+
+    server_binary = shutil.which("redis-server")
+    if server_binary is None:
+        pytest.skip("redis-server is not installed")  # the main Redis tests still run
+    socket_path = tmp_path / "redis.sock"
+    server = subprocess.Popen(
+        [
+            server_binary,
+            "--port", "0",
+            "--unixsocket", str(socket_path),
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"unix://{socket_path}?db=3"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+                break
+            except redis.ConnectionError:
+                assert server.poll() is None, "redis-server exited"
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+# transaction=True: acall() writes its row from asgiref's worker thread, on a connection (and
+# commit) of its own, which the end of the test must clean up.
+@pytest.mark.django_db(transaction=True)
+def test_a_unix_socket_redis_url_works_end_to_end(rpc_settings, unix_socket_redis, signals):
+    """README: ``REDIS_URL`` may be ``unix:///path/to/redis.sock``; the call goes through it."""
+    stream = f"rpc_audit_test:{uuid.uuid4().hex}:requests"
+    rpc_settings(TRANSPORT="redis", REDIS_URL=unix_socket_redis, REQUEST_STREAM=stream)
+    responder = Responder(unix_socket_redis, stream, echo).start()
+    try:
+        client = get_rpc_client()
+        assert client.call("system.echo", {"via": "unix"}, timeout=5) == {"echo": {"via": "unix"}}
+        # redis.asyncio too (its Unix connection refuses TCP options as the sync one does).
+        acall = asyncio.run(client.acall("system.echo", {"via": "unix-async"}, timeout=5))
+        assert acall == {"echo": {"via": "unix-async"}}
+    finally:
+        responder.stop()
+        # The row of acall() was written from asgiref's worker thread: close its connection.
+        SyncToAsync.single_thread_executor.submit(connections.close_all).result()
+    assert [finished["status"] for finished in signals.finished] == ["success", "success"]
+    assert sorted(RPCLog.objects.values_list("params__via", "status")) == [
+        ("unix", "success"),
+        ("unix-async", "success"),
+    ]
+    assert redis.Redis.from_url(unix_socket_redis).xlen(stream) == 2  # database 3 of that server

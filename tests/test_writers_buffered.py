@@ -55,6 +55,10 @@ on_server_database = pytest.mark.skipif(
     "sqlite" in django_settings.DATABASES["default"]["ENGINE"],
     reason="the writer thread needs a server database (SQLite: see test_writers_process.py)",
 )
+on_postgres = pytest.mark.skipif(
+    "postgresql" not in django_settings.DATABASES["default"]["ENGINE"],
+    reason="PostgreSQL's own COPY path and server functions",
+)
 
 
 def started_event(**overrides: Any) -> dict[str, Any]:
@@ -107,6 +111,10 @@ def test_buffered_is_the_default_write_mode() -> None:
         ("BUFFER_FLUSH_INTERVAL", 0),
         ("BUFFER_MAX_RETRY_DELAY", -1),
         ("BUFFER_SHUTDOWN_TIMEOUT", None),
+        # Beyond what a thread can wait for: the writer thread would die of an OverflowError.
+        ("BUFFER_FLUSH_INTERVAL", float("inf")),
+        ("BUFFER_MAX_RETRY_DELAY", 1e12),
+        ("BUFFER_SHUTDOWN_TIMEOUT", float("nan")),
     ],
 )
 def test_invalid_buffer_settings_name_the_key(key: str, value: Any) -> None:
@@ -485,9 +493,10 @@ def test_a_row_the_database_refuses_does_not_hold_back_the_others(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     writer = background_writer(flush_interval=3600)
-    ghost = get_user_model()(pk=987_654, username="ghost")  # never saved: a dangling key
     get_rpc_client().call("test.echo", {"n": 0})
-    get_rpc_client().call("test.echo", {"n": 1}, user=ghost)
+    # A value the column cannot take (events of custom senders are not checked). A user that
+    # does not exist used to serve here: such rows are now kept, with the user unset.
+    writer.finished(finished_event(started_event(params={"n": 1}), duration_ms="fast"))
     get_rpc_client().call("test.echo", {"n": 2})
     with caplog.at_level(logging.ERROR, logger="django_rpc_audit.writers"):
         assert writer.flush(timeout=30)
@@ -504,8 +513,10 @@ def test_a_pending_row_the_database_refuses_is_counted_not_dropped_silently(
     """A call still running at write time whose row is refused: logged and counted, never
     skipped without a word (as MySQL's ``INSERT IGNORE`` would)."""
     writer = background_writer(flush_interval=3600)
-    ghost = get_user_model()(pk=987_654, username="ghost")  # never saved: a dangling key
-    writer.started(started_event(user=ghost))
+    # A key the user column cannot hold. (A dangling key of a user that does not exist used to
+    # serve here: such rows are now kept, with the user unset.)
+    bad_key = get_user_model()(pk="not-a-number", username="ghost")
+    writer.started(started_event(user=bad_key))
     kept = started_event()
     writer.started(kept)
     with caplog.at_level(logging.ERROR, logger="django_rpc_audit.writers"):
@@ -513,6 +524,41 @@ def test_a_pending_row_the_database_refuses_is_counted_not_dropped_silently(
     assert list(RPCLog.objects.values_list("correlation_id", flat=True)) == [kept["correlation_id"]]
     assert writer.stats().failed == 1
     assert "The database refused the RPC log row of test.echo" in caplog.text
+
+
+@on_server_database
+@pytest.mark.django_db(transaction=True)
+def test_an_unexpected_error_does_not_end_the_writer_thread(
+    echo_handler: None,
+    background_writer: Callable[..., BufferedLogWriter],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A project's database router that raises once (or any bug) must not kill the thread:
+    the calls after it would wait in the buffer until the process ends, or be lost with it."""
+    from django.db import router
+
+    real = router.db_for_write
+    raised: list[bool] = []
+
+    def flaky_router(model: Any, **hints: Any) -> str:
+        if not raised:
+            raised.append(True)
+            raise RuntimeError("router down")
+        return real(model, **hints)
+
+    monkeypatch.setattr(router, "db_for_write", flaky_router)
+    writer = background_writer(max_retry_delay=0.2)
+    with caplog.at_level(logging.ERROR, logger="django_rpc_audit.writers"):
+        get_rpc_client().call("test.echo", {"n": 1})
+        deadline = time.monotonic() + 30
+        while not RPCLog.objects.filter(status="success").exists():  # no flush(): the thread
+            assert time.monotonic() < deadline, "the writer thread stopped writing"
+            time.sleep(0.02)
+    assert raised
+    assert writer._thread is not None
+    assert writer._thread.is_alive()
+    assert "router down" in caplog.text
 
 
 @on_server_database
@@ -646,3 +692,240 @@ def test_a_wake_writes_what_was_buffered_not_what_arrives_meanwhile() -> None:
     assert (RPCLog.objects.count(), writer.stats().buffered) == (20, 5)
     writer._write_buffered(close_on_error=False)  # no limit: a flush or close drains it
     assert (RPCLog.objects.count(), writer.stats().buffered) == (25, 0)
+
+
+# -- the buffer-full policy: never turn a success into a lost outcome ------------------------
+
+
+@pytest.mark.django_db
+def test_a_full_buffer_never_evicts_the_outcome_of_a_written_pending_row() -> None:
+    """Evicting a success whose pending row is already written would leave that row pending,
+    and the reaper would record the success as ``timeout / outcome_lost``."""
+    writer = BufferedLogWriter(buffer_size=2, batch_size=10, background=False)
+    in_flight = started_event()
+    writer.started(in_flight)
+    assert writer.flush()  # its pending row is in the database
+    writer.finished(finished_event(in_flight))  # its outcome, buffered
+    quick = started_event()
+    writer.finished(finished_event(quick))  # a success with no row yet: the buffer is full
+    failure = finished_event(started_event(), "failed")
+    writer.finished(failure)  # must take the place of ``quick``, not of ``in_flight``
+    assert writer.flush()
+    rows = dict(RPCLog.objects.values_list("correlation_id", "status"))
+    assert rows == {in_flight["correlation_id"]: "success", failure["correlation_id"]: "failed"}
+    assert not RPCLog.objects.stale(timeout=0).exists()
+    assert writer.stats().dropped == 1  # ``quick``, counted
+
+
+@pytest.mark.django_db
+def test_a_full_buffer_of_started_events_makes_room_for_a_failure() -> None:
+    """A started event can go without loss (its finished event makes the whole row); a new
+    failure must not be dropped while one is buffered."""
+    writer = BufferedLogWriter(buffer_size=2, batch_size=10, background=False)
+    first, second = started_event(), started_event()
+    writer.started(first)
+    writer.started(second)
+    failure = finished_event(started_event(), "timeout")
+    writer.finished(failure)
+    assert writer.stats().dropped == 0
+    assert writer.flush()
+    writer.finished(finished_event(first))  # the evicted call finishes: its row is whole
+    writer.finished(finished_event(second))
+    assert writer.flush()
+    rows = dict(RPCLog.objects.values_list("correlation_id", "status"))
+    assert rows == {
+        first["correlation_id"]: "success",
+        second["correlation_id"]: "success",
+        failure["correlation_id"]: "timeout",
+    }
+    assert writer.stats().dropped == 0
+
+
+@pytest.mark.django_db
+def test_the_outcome_of_a_written_pending_row_gets_room_in_a_full_buffer() -> None:
+    """The success completing a pending row is not dropped while a started event can go."""
+    writer = BufferedLogWriter(buffer_size=2, batch_size=10, background=False)
+    in_flight = started_event()
+    writer.started(in_flight)
+    assert writer.flush()
+    writer.started(started_event())
+    writer.started(started_event())  # full of started events
+    writer.finished(finished_event(in_flight))
+    assert writer.flush()
+    assert RPCLog.objects.get(correlation_id=in_flight["correlation_id"]).status == "success"
+    assert writer.stats().dropped == 0
+
+
+def test_the_written_pending_bookkeeping_is_bounded() -> None:
+    """Calls whose outcome never comes (logging switched off meanwhile, a killed thread) must
+    not grow the writer's memory: it remembers at most ``buffer_size`` written pending rows."""
+    writer = BufferedLogWriter(buffer_size=10, batch_size=100, background=False)
+    for _ in range(50):
+        writer._note_pending_written((str(uuid.uuid4()), datetime.now(UTC)))
+    assert len(writer._pending_written) == 10
+
+
+# -- flush() returns True only once the rows are in the database ------------------------------
+
+
+@on_server_database
+@pytest.mark.django_db(transaction=True)
+def test_flush_waits_for_a_newer_event_of_a_call_it_was_asked_to_write(
+    background_writer: Callable[..., BufferedLogWriter],
+) -> None:
+    """A call's finished event replaces its started one while ``flush()`` waits: the started
+    event was never written, so ``flush()`` must wait for the finished one (the SIGTERM flush
+    relies on it)."""
+    writer = background_writer(flush_interval=3600)
+    started = started_event()
+    writer.started(started)
+    outcome: dict[str, Any] = {}
+
+    def flush_and_look() -> None:
+        try:
+            outcome["flushed"] = writer.flush(timeout=1)
+            outcome["rows_then"] = RPCLog.objects.count()
+        finally:
+            connections.close_all()
+
+    with writer._write_lock:  # the thread cannot write while the test holds this
+        flusher = threading.Thread(target=flush_and_look)
+        flusher.start()
+        # flush() has taken its snapshot once it wakes the thread (which then waits for the lock).
+        deadline = time.monotonic() + 30
+        while not writer._wake.is_set():
+            assert time.monotonic() < deadline, "flush() never woke the writer thread"
+            time.sleep(0.005)
+        writer.finished(finished_event(started))
+        flusher.join()
+    assert outcome == {"flushed": False, "rows_then": 0}  # nothing written: not "flushed"
+    assert writer.flush(timeout=30)
+    assert RPCLog.objects.get().status == "success"
+
+
+# -- a call by a user deleted before its row is written ----------------------------------------
+
+
+def _deleted_user() -> Any:
+    """A user deleted by someone else (another request, process or admin): this instance still
+    has its primary key."""
+    user = UserFactory(username=f"gone-{uuid.uuid4().hex[:6]}")
+    get_user_model().objects.filter(pk=user.pk).delete()
+    return user
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_row_of_a_deleted_user_survives_the_buffered_writer(echo_handler: None) -> None:
+    with capture_rpc_logs() as writer:
+        alive = UserFactory()
+        doomed = UserFactory(username="doomed")
+        get_rpc_client().call("test.echo", {"n": 0}, user=alive)
+        get_rpc_client().call("test.echo", {"n": 1}, user=doomed)
+        get_rpc_client().call("test.echo", {"n": 2})
+        get_user_model().objects.filter(pk=doomed.pk).delete()  # before the batch is written
+        assert writer.flush()
+    rows = {row.params["n"]: row for row in RPCLog.objects.all()}
+    assert sorted(rows) == [0, 1, 2]
+    assert (rows[1].user_id, rows[1].username, rows[1].status) == (None, "doomed", "success")
+    assert (rows[0].user_id, rows[0].username) == (alive.pk, alive.username)
+    assert (rows[2].user_id, rows[2].username) == (None, "")
+    assert writer.stats().failed == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_row_of_a_deleted_user_survives_the_sync_writer(echo_handler: None) -> None:
+    user = _deleted_user()
+    get_rpc_client().call("test.echo", {"n": 1}, user=user)
+    row = RPCLog.objects.get()
+    assert (row.user_id, row.username, row.status) == (None, user.username, "success")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_deleted_user_never_breaks_the_callers_transaction(echo_handler: None) -> None:
+    """With the sync writer a row is written inside the caller's transaction, whose commit
+    checks the (deferred) foreign key: a dangling user must not fail the caller's commit."""
+    from django.db import transaction
+
+    user = _deleted_user()
+    with transaction.atomic():
+        get_rpc_client().call("test.echo", {"n": 1}, user=user)
+    assert RPCLog.objects.get().user_id is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_manual_logging_keeps_the_row_of_a_deleted_user() -> None:
+    from django_rpc_audit import RPCLogger
+
+    user = _deleted_user()
+    log = RPCLogger.create_log(str(uuid.uuid4()), "legacy.sync", {}, user=user)
+    assert log is not None
+    assert RPCLog.objects.get().username == user.username
+
+
+# -- the database cut or cancelling the COPY: an outage, retried with backoff ------------------
+
+
+@on_postgres
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("kill", ["pg_cancel_backend", "pg_terminate_backend"])
+def test_copy_interrupted_by_the_server_is_retried_as_a_batch(
+    background_writer: Callable[..., BufferedLogWriter],
+    monkeypatch: pytest.MonkeyPatch,
+    kill: str,
+) -> None:
+    """PostgreSQL cancels the COPY (``QueryCanceled``, as ``statement_timeout`` does) or drops
+    the connection while it streams: psycopg raises its own exceptions there, not Django's.
+    Either is an outage: the batch is kept and retried with backoff, never written row by row
+    nor given up."""
+    import psycopg
+
+    from django_rpc_audit.writers import sink
+
+    batches: list[int] = []
+    real_bulk = sink.bulk_record_events
+
+    def counting_bulk(queryset: Any, events: Any) -> int:
+        batches.append(len(events))
+        return real_bulk(queryset, events)
+
+    killed: list[bool] = []
+    copied: list[int] = []
+    real_copy_values = sink.copy_values
+
+    def kill_once(plan: Any, row: Any) -> Any:
+        # Halfway through the first COPY (its rows are sent one by one), the server cancels it
+        # or ends the connection.
+        copied.append(1)
+        if not killed and len(copied) == 20:
+            killed.append(True)
+            pid = connections[DEFAULT_DB_ALIAS].connection.info.backend_pid
+            with psycopg.connect(**_libpq_params(), autocommit=True) as other:
+                assert other.execute(f"SELECT {kill}(%s)", [pid]).fetchone() == (True,)
+        return real_copy_values(plan, row)
+
+    monkeypatch.setattr("django_rpc_audit.writers.buffered.bulk_record_events", counting_bulk)
+    monkeypatch.setattr(sink, "copy_values", kill_once)
+    writer = background_writer(flush_interval=3600, max_retry_delay=0.2)
+    events = [finished_event(started_event(), "success") for _ in range(40)]
+    for event in events:
+        writer.finished(event)
+    assert writer.flush(timeout=60)
+    assert killed
+    assert RPCLog.objects.count() == 40
+    assert writer.stats().retries == 1
+    assert writer.stats().failed == 0
+    assert batches == [40, 40]  # the whole batch, twice: never one row at a time
+
+
+DEFAULT_DB_ALIAS = "default"
+
+
+def _libpq_params() -> dict[str, Any]:
+    settings_dict = connections[DEFAULT_DB_ALIAS].settings_dict
+    return {
+        "host": settings_dict["HOST"] or "127.0.0.1",
+        "port": settings_dict["PORT"] or 5432,
+        "user": settings_dict["USER"],
+        "password": settings_dict["PASSWORD"] or None,
+        "dbname": settings_dict["NAME"],
+    }

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.db import IntegrityError, OperationalError, connection, transaction
+from django.db import DatabaseError, OperationalError, connection, transaction
 
 from django_rpc_audit.models import RPCLog
 from django_rpc_audit.writers import BufferedLogWriter
@@ -97,13 +97,26 @@ def test_an_error_without_a_number_is_retried() -> None:
 # -- batches ------------------------------------------------------------------------------------
 
 
-@pytest.mark.django_db
-def test_a_pending_row_the_database_refuses_raises_instead_of_being_skipped() -> None:
-    """``INSERT IGNORE`` (Django's ``ignore_conflicts`` here) would drop this row silently."""
-    ghost = get_user_model()(pk=987_654, username="ghost")  # never saved: a dangling key
-    with pytest.raises(IntegrityError), transaction.atomic():
-        bulk_record_events(RPCLog.objects.all(), [started_event(user=ghost)])
+@pytest.mark.django_db(transaction=True)
+def test_a_pending_row_the_database_refuses_raises_instead_of_being_skipped(
+    utf8mb3_user_agent: None,
+) -> None:
+    """``INSERT IGNORE`` (Django's ``ignore_conflicts`` here) would drop this row silently.
+    (A dangling user used to be the refused value here: such a row is now kept, with the user
+    unset; see test_a_deleted_users_row_is_kept_with_the_user_unset.)"""
+    with pytest.raises(DatabaseError), transaction.atomic():
+        bulk_record_events(RPCLog.objects.all(), [started_event(user_agent="bot \U0001f916")])
     assert not RPCLog.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_deleted_users_row_is_kept_with_the_user_unset() -> None:
+    """The MySQL path checks the users like the others: a dangling key is unset, the row and
+    its username snapshot kept (a foreign key error would lose the row)."""
+    ghost = get_user_model()(pk=987_654, username="ghost")  # never saved: a dangling key
+    with transaction.atomic():
+        bulk_record_events(RPCLog.objects.all(), [started_event(user=ghost)])
+    assert list(RPCLog.objects.values_list("user_id", "username")) == [(None, "ghost")]
 
 
 @pytest.mark.django_db

@@ -64,6 +64,17 @@ def test_rows_are_written_when_sigterm_kills_a_bare_process(child_env: dict[str,
 
 
 @pytest.mark.django_db(transaction=True)
+def test_sigterm_inside_the_writer_never_deadlocks(child_env: dict[str, str]) -> None:
+    """The handler runs on the main thread between two bytecodes of whatever SIGTERM
+    interrupted, possibly the writer holding its (non-reentrant) lock: flushing there used to
+    wait for that lock forever. Now the flush runs in a helper thread and the wait ends after
+    ``BUFFER_SHUTDOWN_TIMEOUT``; the process dies of SIGTERM as it should."""
+    env = {**child_env, "DJANGO_CFG_RPC__BUFFER_SHUTDOWN_TIMEOUT": "0.5"}
+    (before,) = run_child(env, "sigterm-inside-the-writer", 20, exit_code=-signal.SIGTERM)
+    assert before == {"buffered": 20}
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_forked_child_writes_only_its_own_calls_with_its_own_thread(
     child_env: dict[str, str],
 ) -> None:
@@ -78,6 +89,40 @@ def test_a_forked_child_writes_only_its_own_calls_with_its_own_thread(
     (report,) = run_child(child_env, "report")
     assert report["by_who"] == {"parent": 30, "child": 10, "exit": 0, "web": 0}
     assert report["count"] == 40
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "how",
+    [
+        "fork:process",
+        "fork:pool",
+        "fork:with-pool",
+        # Python 3.14's default on Linux; its children end through os._exit too. (spawn
+        # children end through sys.exit, so atexit runs: nothing to prove there.)
+        "forkserver:process",
+    ],
+)
+def test_calls_made_in_multiprocessing_children_leave_their_rows(
+    child_env: dict[str, str], how: str
+) -> None:
+    """README: multiprocessing is supported. Children end through ``os._exit`` (fork and
+    forkserver), which skips ``atexit``; ``with Pool`` terminates its workers with SIGTERM."""
+    (summary,) = run_child(child_env, f"mp-{how}", 50)
+    assert summary in ({"exitcodes": [0]}, {"children": summary.get("children")})
+    (report,) = run_child(child_env, "report")
+    assert report["by_who"]["child"] == 50
+    assert report["statuses"] == ["success"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_pool_workers_terminated_in_a_task_leave_their_rows(child_env: dict[str, str]) -> None:
+    """``Pool.terminate()`` (what ``with Pool`` does) SIGTERMs workers busy in a task: the
+    SIGTERM flush, inherited from the parent, writes what each had called so far."""
+    (summary,) = run_child(child_env, "mp-fork:terminate-busy", 8)
+    assert summary == {"children": 4}
+    (report,) = run_child(child_env, "report")
+    assert report["by_who"]["child"] == 4
 
 
 def free_port() -> int:

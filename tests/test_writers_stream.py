@@ -375,17 +375,23 @@ def test_malformed_entries_and_refused_rows_go_to_the_dead_letter_stream(
     redis_url: str, redis_client: redis.Redis, log_stream: str
 ) -> None:
     good = [event(n) for n in range(5)]
-    ghost_user = event_row_values(event(9), for_copy=True) | {"user_id": 987_654}
+    # A column the database refuses to leave empty (NOT NULL, on every database).
+    no_method = event_row_values(event(9), for_copy=True) | {"method": None}
+    # A user deleted since the call: kept, with the user unset, as the other writers do.
+    ghost_user = event_row_values(event(8, username="ghost"), for_copy=True) | {"user_id": 987_654}
     ship(redis_url, log_stream, good[:2])
     redis_client.xadd(log_stream, {FIELD: "2\x00from the future"})
     redis_client.xadd(log_stream, {"other": "field"})
+    redis_client.xadd(log_stream, {FIELD: encode_row(no_method)})
     redis_client.xadd(log_stream, {FIELD: encode_row(ghost_user)})  # no such user
     ship(redis_url, log_stream, good[2:])
 
     worker = ingest_worker(redis_url, log_stream)
     drain(worker)
 
-    assert RPCLog.objects.count() == 5
+    assert RPCLog.objects.count() == 6
+    ghost = RPCLog.objects.get(correlation_id=ghost_user["correlation_id"])
+    assert ghost.user_id is None
     dead = [fields for _, fields in redis_client.xrange(f"{log_stream}:dead")]
     reasons = sorted(fields[b"reason"].decode() for fields in dead)
     assert len(reasons) == 3
@@ -393,7 +399,7 @@ def test_malformed_entries_and_refused_rows_go_to_the_dead_letter_stream(
     assert reasons[1] == "no 'r' field"
     assert reasons[2].startswith("refused by the database: IntegrityError")
     refused = next(f for f in dead if f[b"reason"].startswith(b"refused"))
-    assert decode_row(refused[FIELD.encode()]) == ghost_user  # kept for a replay
+    assert decode_row(refused[FIELD.encode()]) == no_method  # kept for a replay
     assert worker.stats().dead_lettered == 3
     assert stream_backlog(worker._client, log_stream, "g") == (0, 0)
 

@@ -56,6 +56,79 @@ def writer_thread_ident() -> int | None:
     return thread.native_id if thread is not None else None
 
 
+def call_in_child(n: int) -> int:
+    """One call from a multiprocessing child (a ``Process`` target or a ``Pool`` task)."""
+    get_rpc_client().call("test.echo", {"n": n, "who": "child"})
+    return os.getpid()
+
+
+_queue: Any = None
+
+
+def _share_queue(queue: Any) -> None:
+    global _queue
+    _queue = queue
+
+
+def call_then_wait(n: int) -> None:
+    pid = call_in_child(n)
+    _queue.put(pid)
+    time.sleep(60)  # until terminate()
+
+
+def calls_in_child(first: int, count: int) -> None:
+    for n in range(first, first + count):
+        call_in_child(n)
+
+
+def multiprocessing_children(how: str, count: int) -> None:
+    """``count`` calls made in multiprocessing children; the parent makes none. Children end
+    through ``os._exit`` (fork, forkserver), which runs no exit handler."""
+    import multiprocessing
+
+    start_method, _, shape = how.partition(":")
+    context = multiprocessing.get_context(start_method)
+    if start_method == "forkserver":
+        # As a Django project would: the server imports Django once, its children fork from it.
+        context.set_forkserver_preload([__name__])
+    # Each spawn or forkserver child imports Django anew: two of them are enough.
+    workers = 4 if start_method == "fork" else 2
+    if shape == "process":
+        per_child = -(-count // workers)
+        children = [
+            context.Process(target=calls_in_child, args=(first, min(per_child, count - first)))
+            for first in range(0, count, per_child)
+        ]
+        for child in children:
+            child.start()
+        for child in children:
+            child.join()
+        emit(exitcodes=sorted({child.exitcode for child in children}))
+    elif shape == "pool":
+        pool = context.Pool(workers)
+        pids = pool.map(call_in_child, range(count))
+        pool.close()
+        pool.join()
+        emit(children=len(set(pids)))
+    elif shape == "with-pool":
+        # Pool.__exit__ terminates the workers: SIGTERM while they wait for work.
+        with context.Pool(workers) as pool:
+            pids = pool.map(call_in_child, range(count))
+        emit(children=len(set(pids)))
+    elif shape == "terminate-busy":
+        # The workers are inside a task (after their call) when terminate() sends SIGTERM:
+        # only the SIGTERM flush can write their rows.
+        queue = context.SimpleQueue()
+        pool = context.Pool(workers, initializer=_share_queue, initargs=(queue,))
+        pool.map_async(call_then_wait, range(count))
+        done = [queue.get() for _ in range(workers)]  # a call made in each worker, waiting
+        pool.terminate()
+        pool.join()
+        emit(children=len(set(done)))
+    else:
+        raise SystemExit(f"unknown multiprocessing shape {how!r}")
+
+
 def main(scenario: str, count: int) -> None:
     if scenario == "migrate":
         from django.core.management import call_command
@@ -83,6 +156,16 @@ def main(scenario: str, count: int) -> None:
         emit(buffered=writer_stats().buffered, written=writer_stats().written)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(30)  # not reached: SIGTERM's default action ends the process
+    elif scenario == "sigterm-inside-the-writer":
+        # SIGTERM lands while the main thread is inside the writer, holding its lock (as in
+        # the middle of buffering a call): the handler must not wait for that lock forever.
+        make_calls(count, "exit")
+        writer = get_writer()
+        assert isinstance(writer, BufferedLogWriter)
+        emit(buffered=writer_stats().buffered)
+        with writer._lock:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # not reached: the handler gives up waiting and SIGTERM ends us
     elif scenario == "fork":
         make_calls(count, "parent")
         parent_thread = writer_thread_ident()
@@ -105,6 +188,8 @@ def main(scenario: str, count: int) -> None:
             sys.exit(0)
         _, status = os.waitpid(pid, 0)
         emit(who="parent", child_status=status, buffered=writer_stats().buffered)
+    elif scenario.startswith("mp-"):
+        multiprocessing_children(scenario.removeprefix("mp-"), count)
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
 

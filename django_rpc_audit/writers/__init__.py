@@ -11,7 +11,8 @@ writes it.
   each event written at once on the caller's thread and connection.
 - :mod:`~django_rpc_audit.writers.buffered`: :class:`BufferedLogWriter` (``"buffered"``, the
   default), a bounded in-memory buffer written in batches by a background thread on its own
-  connection, flushed at exit, on ``SIGTERM`` and never shared with a forked child.
+  connection, flushed at exit (multiprocessing children included), on ``SIGTERM`` and never
+  shared with a forked child.
 - :mod:`~django_rpc_audit.writers.stream`: :class:`StreamLogWriter` (``"stream"``), the
   buffered writer's buffer shipped to a Redis Stream with pipelined ``XADD`` instead of the
   database.

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from django.db import InterfaceError, OperationalError
+
 
 class LogWriter(Protocol):
     """Where the built-in receivers send call events.
@@ -59,3 +61,19 @@ class WriterObserver(Protocol):
     def counts(self, stats: WriterStats) -> None:
         """The writer's counters now; called each time its thread wakes."""
         ...
+
+
+def is_unreachable(exc: BaseException, connection: Any) -> bool:
+    """True when ``exc`` means the database cannot be used right now, not that it refused a
+    row: the connection was refused, dropped or timed out, or a statement was cancelled (a
+    ``statement_timeout``, a lock timeout, an administrator). Such a batch is retried with
+    backoff. Django's own classes, and the driver's for errors it raised without Django's
+    wrapping (a raw ``COPY`` through psycopg: ``QueryCanceled``, ``AdminShutdown``, ...).
+    """
+    classes: tuple[type[BaseException], ...] = (OperationalError, InterfaceError)
+    driver = getattr(connection, "Database", None)
+    for name in ("OperationalError", "InterfaceError"):
+        driver_class = getattr(driver, name, None)
+        if isinstance(driver_class, type) and issubclass(driver_class, BaseException):
+            classes += (driver_class,)
+    return isinstance(exc, classes)

@@ -6,6 +6,7 @@ a fresh start in forked children.
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import contextlib
 import itertools
@@ -20,12 +21,7 @@ from datetime import datetime
 from types import FrameType
 from typing import Any
 
-from django.db import (
-    InterfaceError,
-    OperationalError,
-    connections,
-    router,
-)
+from django.db import connections, router
 
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.status import RPCStatus
@@ -34,8 +30,9 @@ from django_rpc_audit.writers.base import (
     DestinationUnavailable,
     WriterObserver,
     WriterStats,
+    is_unreachable,
 )
-from django_rpc_audit.writers.sink import bulk_record_events, event_bytes
+from django_rpc_audit.writers.sink import bulk_record_events, event_bytes, is_finished_event
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +58,15 @@ class BufferedLogWriter:
     a call still running at write time is inserted as ``pending`` and completed later.
 
     Bounded: at most ``buffer_size`` calls and about ``buffer_max_bytes`` bytes
-    (:func:`~django_rpc_audit.writers.sink.event_bytes`) are held. When the buffer is full, a
-    started event is not buffered (the call's row is written whole from its finished event), a
-    successful (or rate-limited) call is dropped, and a failed or timed-out call takes the place
-    of the oldest buffered successful or rate-limited one; every dropped call is counted
-    (:meth:`stats`) and logged.
+    (:func:`~django_rpc_audit.writers.sink.event_bytes`) are held. When the buffer is full, an
+    event gets in only by evicting events that cost less to lose: a new started event is not
+    buffered (the call's row is written whole from its finished event); any finished event may
+    take the place of the oldest buffered started events (whose calls then leave their rows
+    whole when they finish); a failure, a timeout, or the outcome of a call whose pending row
+    is written, may take the place of the oldest successful (or rate-limited) calls whose row is
+    not written. Anything else is dropped. The outcome of a written pending row is never
+    evicted (the row would stay ``pending``). Every dropped call is counted (:meth:`stats`) and
+    logged.
 
     While the database is unreachable the thread retries the same batch with exponential
     backoff (up to ``max_retry_delay`` seconds) and loses nothing that fits in the buffer.
@@ -108,9 +109,17 @@ class BufferedLogWriter:
     def _reset_state(self) -> None:
         self._lock = threading.Lock()
         self._buffer: dict[_Key, _Entry] = {}
-        # Buffered successful (and rate-limited) calls, oldest first: what goes when a failure
-        # needs room.
+        # What may go when the buffer is full, oldest first, cheapest kind first (_make_room):
+        # buffered started events (nothing is lost: the finished event makes the whole row),
+        # then successful (and rate-limited) calls whose pending row is not written (one such
+        # row is lost), never a failure.
+        self._started: OrderedDict[_Key, None] = OrderedDict()
         self._successes: OrderedDict[_Key, None] = OrderedDict()
+        # Calls whose pending row is written and whose outcome is not: their finished event
+        # is never evicted (the row would stay pending, and the reaper would call a success a
+        # timeout). At most ``buffer_size`` remembered (a call whose outcome never comes
+        # must not grow it); beyond that the oldest are forgotten.
+        self._pending_written: OrderedDict[_Key, None] = OrderedDict()
         # Bytes each buffered call holds (sink.event_bytes) and their sum: BUFFER_MAX_BYTES.
         self._sizes: dict[_Key, int] = {}
         self._bytes = 0
@@ -150,58 +159,91 @@ class BufferedLogWriter:
         with self._lock:
             self._seq += 1
             full = key not in buffer and len(buffer) >= self.buffer_size
-            if full and not self._make_room(status):
+            if full and not self._make_room(key, status):
                 return
             if not self._make_byte_room(key, status, size - self._sizes.get(key, 0)):
                 return
             buffer[key] = (self._seq, event)
             self._bytes += size - self._sizes.get(key, 0)
             self._sizes[key] = size
-            if status in _EXPENDABLE:
-                self._successes[key] = None
+            if status is None:
+                self._started[key] = None
+            else:
+                self._started.pop(key, None)
+                if status in _EXPENDABLE and key not in self._pending_written:
+                    self._successes[key] = None
             size = len(buffer)
         if self._thread is None and self.background:
             self._start()
         if size >= self.batch_size and not self._wake.is_set():
             self._wake.set()
 
-    def _make_room(self, status: str | None) -> bool:
-        """The buffer is full: may the event of a call not in it be buffered? (Lock held.)"""
+    def _make_room(self, key: _Key, status: str | None) -> bool:
+        """The buffer is full: may the event of ``key``, a call not in it, be buffered? (Lock
+        held.) Only by evicting something that costs less to lose than the event itself."""
         if status is None:
             # Not buffering a started event loses nothing: the finished one makes the row.
             return False
-        if status not in _EXPENDABLE and self._successes:
+        if self._started:
+            # A started event goes without loss: when its call finishes, the row is whole.
+            victim, _ = self._started.popitem(last=False)
+        elif self._successes and (status not in _EXPENDABLE or key in self._pending_written):
+            # A failure, or the outcome of a written pending row, outweighs a success whose
+            # row is not written yet: that call is dropped, counted.
             victim, _ = self._successes.popitem(last=False)
-            del self._buffer[victim]
-            self._bytes -= self._sizes.pop(victim, 0)
-        self._dropped += 1
-        return status not in _EXPENDABLE and len(self._buffer) < self.buffer_size
+            self._dropped += 1
+        else:
+            self._dropped += 1
+            return False
+        self._evict(victim)
+        return True
 
     def _make_byte_room(self, key: _Key, status: str | None, growth: int) -> bool:
-        """Would the buffer go over ``buffer_max_bytes``? Then a failure, or a call already
-        buffered, takes the room of the oldest buffered successful (or rate-limited) calls; a
-        new started, successful or rate-limited call is dropped. A call already buffered is
-        never left with only its started event (its row would stay pending): if no success can
-        go, it goes over by that one event. (Lock held.)"""
+        """Would the buffer go over ``buffer_max_bytes``? Then a finished event takes the room
+        of the oldest buffered started events; a failure, the outcome of a written pending row,
+        or a call already buffered, also that of the oldest buffered successful (or
+        rate-limited) calls. A new started, successful or rate-limited call that still does
+        not fit is dropped. A call already buffered is never left with only its started event
+        (its row would stay pending): if nothing can go, it goes over by that one event.
+        (Lock held.)"""
         limit = self.buffer_max_bytes
         if self._bytes + growth <= limit:
             return True
         buffered = key in self._buffer
-        if buffered or (status is not None and status not in _EXPENDABLE):
+        if status is not None:
+            # Its own started event is about to be replaced: never a victim.
+            self._started.pop(key, None)
+            while self._started and self._bytes + growth > limit:
+                victim, _ = self._started.popitem(last=False)
+                self._evict(victim)
+        if buffered or (
+            status is not None and (status not in _EXPENDABLE or key in self._pending_written)
+        ):
             while self._successes and self._bytes + growth > limit:
                 victim, _ = self._successes.popitem(last=False)
-                del self._buffer[victim]
-                self._bytes -= self._sizes.pop(victim, 0)
+                self._evict(victim)
                 self._dropped += 1
-            if buffered or self._bytes + growth <= limit:
-                return True
+        if buffered or self._bytes + growth <= limit:
+            return True
         self._dropped += 1
         return False
+
+    def _evict(self, victim: _Key) -> None:
+        """Take ``victim`` out of the buffer (already out of its eviction order). (Lock held.)"""
+        del self._buffer[victim]
+        self._bytes -= self._sizes.pop(victim, 0)
+
+    def _note_pending_written(self, key: _Key) -> None:
+        """The pending row of ``key`` is in the database. (Lock held.)"""
+        self._pending_written[key] = None
+        if len(self._pending_written) > self.buffer_size:
+            self._pending_written.popitem(last=False)
 
     # -- flushing -----------------------------------------------------------------------------
 
     def flush(self, timeout: float | None = 30.0) -> bool:
-        """Write every event buffered before this call; True once they are all written.
+        """Write every event buffered before this call; True once they are all written (or,
+        the buffer being full, dropped: counted in :meth:`stats`).
 
         With the background thread, wake it and wait for it (up to ``timeout`` seconds;
         ``None``: no limit). Without one (``background=False``, or in a forked child before its
@@ -221,16 +263,15 @@ class BufferedLogWriter:
         deadline = None if timeout is None else time.monotonic() + timeout
         # Oldest first, as the thread writes them: each check drops the written head and stops
         # at the first call still waiting, so a long flush costs O(calls), not O(calls²).
-        # A call once written stays so: a newer event of it has a newer sequence number.
+        # A call is written once it has left the buffer. Still there with a newer event (its
+        # finished event replaced the started one), it waits for that one: the older event
+        # may never have been written. That is one more event at most: a call has two.
         pending = deque(waiting)
         while True:
             self._wake.set()
             with self._lock:
                 buffer = self._buffer
-                while pending:
-                    entry = buffer.get(pending[0])
-                    if entry is not None and entry[0] <= target:
-                        break
+                while pending and pending[0] not in buffer:
                     pending.popleft()
             if not pending:
                 return True
@@ -275,6 +316,7 @@ class BufferedLogWriter:
         self._thread.start()
 
     def _run(self) -> None:
+        _leave_signals_to_the_main_thread()
         delay = 0.0
         try:
             while True:
@@ -303,6 +345,15 @@ class BufferedLogWriter:
                             delay,
                             exc_info=True,
                         )
+                except Exception:
+                    # Anything else (a project's database router raising, a bug) must not end
+                    # the thread: every later call would wait in the buffer for the exit.
+                    delay = min(max(delay * 2, _FIRST_RETRY_DELAY), self.max_retry_delay)
+                    logger.exception(
+                        "Could not write RPC log rows; %d call(s) buffered, retrying in %.1f s.",
+                        len(self._buffer),
+                        delay,
+                    )
                 else:
                     if delay:
                         logger.warning("RPC log rows are being written again.")
@@ -350,11 +401,19 @@ class BufferedLogWriter:
                 written += len(batch)
                 with self._lock:
                     for key, entry in batch:
+                        if is_finished_event(entry[1]):
+                            self._pending_written.pop(key, None)
+                        else:
+                            self._note_pending_written(key)
                         # A call that finished meanwhile keeps its newer event, written next.
                         if self._buffer.get(key) is entry:
                             del self._buffer[key]
+                            self._started.pop(key, None)
                             self._successes.pop(key, None)
                             self._bytes -= self._sizes.pop(key, 0)
+                        elif not is_finished_event(entry[1]):
+                            # ... which now completes a written pending row: never evicted.
+                            self._successes.pop(key, None)
                 with self._progress:
                     self._progress.notify_all()
 
@@ -366,11 +425,11 @@ class BufferedLogWriter:
         started = time.perf_counter()
         try:
             written = bulk_record_events(queryset, events)
-        except (OperationalError, InterfaceError) as exc:
-            if close_on_error:
-                _close_quietly(alias)
-            raise DatabaseUnavailable(str(exc)) from exc
-        except Exception:
+        except Exception as exc:
+            if is_unreachable(exc, connections[alias]):
+                if close_on_error:
+                    _close_quietly(alias)
+                raise DatabaseUnavailable(str(exc)) from exc
             if len(events) == 1:
                 self._give_up(events[0])
                 return
@@ -429,6 +488,22 @@ class BufferedLogWriter:
         self._reset_state()
 
 
+#: Signals a process is asked to stop or act with, which Python handles in its main thread.
+_MAIN_THREAD_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+
+
+def _leave_signals_to_the_main_thread() -> None:
+    """Block the stop signals in the writer thread, so the kernel hands them to the main
+    thread. Python runs its handlers (the ``SIGTERM`` flush) in the main thread, and only once
+    that thread runs Python code again: a signal delivered to this thread does not interrupt a
+    main thread blocked in a system call (a lock or semaphore wait), which may then never
+    notice it."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        return
+    stop = {getattr(signal, name) for name in _MAIN_THREAD_SIGNALS if hasattr(signal, name)}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+
+
 def _close_quietly(alias: str) -> None:
     # The connection is broken; the next write reconnects.
     with contextlib.suppress(Exception):
@@ -461,20 +536,70 @@ if hasattr(os, "register_at_fork"):  # not on Windows
     )
 
 _atexit_registered = False
+_finalizer_pid: int | None = None
 
 
 def _register_atexit() -> None:
-    global _atexit_registered
+    """Write what the writers hold when this process ends, whichever way it ends normally.
+
+    ``atexit`` at interpreter exit. A ``multiprocessing`` child (fork and forkserver: a
+    ``Process``, a ``Pool`` worker) ends through ``os._exit``, which runs no ``atexit``
+    handler; it runs multiprocessing's own finalizers first, so each child registers one.
+    """
+    global _atexit_registered, _finalizer_pid
     if not _atexit_registered:
-        _atexit_registered = True
+        _atexit_registered = True  # inherited by forked children, as the handler itself is
         atexit.register(_close_all_at_exit)
+    pid = os.getpid()
+    if _finalizer_pid != pid:
+        _finalizer_pid = pid
+        import multiprocessing
+        import multiprocessing.util
+
+        if multiprocessing.parent_process() is not None:
+            # Priority >= 0: run before the child waits for its own children and exits.
+            multiprocessing.util.Finalize(None, _close_all_at_exit, exitpriority=10)
+
+
+#: True once this process runs its exit flush: a SIGTERM meanwhile lets it finish.
+_exiting = False
 
 
 def _close_all_at_exit() -> None:
+    global _exiting
+    _exiting = True
     timeout = shutdown_timeout()
     for writer in list(_live_writers):
         if writer._thread is not None:
             writer.close(timeout)
+
+
+def _flush_all_for_sigterm(timeout: float) -> None:
+    """Flush every writer from a helper thread; the main thread waits at most ``timeout``.
+
+    Not on the main thread itself: the handler runs there, between two bytecodes of whatever
+    it interrupted, possibly inside the writer holding a lock the flush needs (a non-reentrant
+    lock: a deadlock). From a helper thread, the worst case is the wait running out.
+    """
+
+    def flush_all() -> None:
+        try:
+            for writer in list(_live_writers):
+                if writer._thread is not None:
+                    writer.flush_interval = min(writer.flush_interval, _DRAINING_FLUSH_INTERVAL)
+                    writer.flush(timeout)
+        finally:
+            done.release()
+
+    done = _thread.allocate_lock()  # a lock nobody else ever holds
+    done.acquire()
+    try:
+        # The low-level thread: threading.Thread.start() takes threading's own locks.
+        _thread.start_new_thread(flush_all, ())
+    except RuntimeError:  # no new threads at interpreter shutdown
+        done.release()
+        return
+    done.acquire(timeout=timeout + 1.0)
 
 
 def install_sigterm_flush() -> bool:
@@ -485,8 +610,10 @@ def install_sigterm_flush() -> bool:
     gracefully and then re-raises ``SIGTERM`` with the default action, which kills the process
     without exit handlers, and a bare process dies the same way. The previous handler (the
     server's, when it installed one first) still runs afterwards, and the writers keep writing
-    every few milliseconds while the server finishes its requests. False if not installed
-    (not the main thread, or no ``SIGTERM`` on this platform).
+    every few milliseconds while the server finishes its requests. The writing is done by a
+    helper thread the handler waits for (at most ``BUFFER_SHUTDOWN_TIMEOUT``), never by the
+    interrupted main thread itself; a ``SIGTERM`` during the exit flush lets that flush finish.
+    False if not installed (not the main thread, or no ``SIGTERM`` on this platform).
     """
     if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
         return False
@@ -495,10 +622,11 @@ def install_sigterm_flush() -> bool:
         return True  # already installed
 
     def flush_on_sigterm(signum: int, frame: FrameType | None) -> None:
-        for writer in list(_live_writers):
-            if writer._thread is not None:
-                writer.flush_interval = min(writer.flush_interval, _DRAINING_FLUSH_INTERVAL)
-                writer.flush(shutdown_timeout())
+        if _exiting:
+            # The exit flush is running (atexit, or a multiprocessing child's finalizer, as
+            # when Pool.terminate() SIGTERMs a worker that is leaving anyway): let it end.
+            return
+        _flush_all_for_sigterm(shutdown_timeout())
         if callable(previous):
             previous(signum, frame)
         elif previous in (signal.SIG_DFL, None):

@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import redis
-from django.db import DatabaseError, InterfaceError, OperationalError, connections, router
+from django.db import DatabaseError, connections, router
 
 from django_rpc_audit.alerts.slow import SlowVerdict
 from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
+from django_rpc_audit.writers.base import is_unreachable
 from django_rpc_audit.writers.entry import FIELD, MalformedEntry, decode_entry
 from django_rpc_audit.writers.sink import write_rows
 
@@ -505,11 +506,15 @@ class IngestWorker:
         queryset = RPCLog.objects.using(alias)
         try:
             return write_rows(queryset, rows, batch.slow)
-        except (OperationalError, InterfaceError) as exc:
-            with contextlib.suppress(Exception):
-                connections[alias].close()
-            raise DatabaseDown(str(exc)) from exc
-        except DatabaseError as exc:
+        except Exception as exc:
+            # Unreachable, dropped or cancelled (a psycopg error raised past Django's wrapper
+            # included): retried as a batch. Anything else but a database error is a bug.
+            if is_unreachable(exc, connections[alias]):
+                with contextlib.suppress(Exception):
+                    connections[alias].close()
+                raise DatabaseDown(str(exc)) from exc
+            if not isinstance(exc, DatabaseError):
+                raise
             if len(rows) == 1:
                 self._dead_letter(
                     row_ids[0],

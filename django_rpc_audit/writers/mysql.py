@@ -4,8 +4,8 @@
 :func:`~django_rpc_audit.writers.sink.write_rows` (stored rows, the ingest worker's) hand a
 batch here when the database is MySQL or MariaDB. Django's ``bulk_create`` cannot do it there: with
 ``unique_fields`` it raises ``NotSupportedError``, and ``ignore_conflicts`` becomes
-``INSERT IGNORE``, which turns a refused row (a dangling user, a value the column refuses)
-into a warning and drops it silently. Instead, one ``executemany`` per kind of row, which
+``INSERT IGNORE``, which turns a refused row (a value the column refuses) into a warning
+and drops it silently. Instead, one ``executemany`` per kind of row, which
 mysqlclient sends as multi-row statements of at most 64 KiB each:
 
 - finished calls: ``REPLACE INTO``, the whole row in its final state whether or not its
@@ -40,6 +40,7 @@ from django_rpc_audit.writers.sink import (
     _yield_the_gil,
     event_row_values,
     queue_alerts,
+    unset_missing_users,
 )
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ def bulk_record_events(
 def write_rows(
     queryset: RPCLogQuerySet,
     connection: BaseDatabaseWrapper,
-    rows: Iterable[Mapping[str, Any]],
+    rows: Iterable[dict[str, Any]],
     in_transaction: Callable[[], object] | None = None,
 ) -> int:
     """Write stored rows (:func:`~django_rpc_audit.writers.sink.event_row_values` with
@@ -156,7 +157,9 @@ def write_rows(
         # Connected first: while the server is unreachable a retry fails at once, without
         # building its rows again (CPU and garbage, hence collector pauses, for the callers).
         with transaction.atomic(using=queryset.db), connection.cursor() as cursor:
-            for n, row in enumerate(rows, 1):
+            stored = list(rows)
+            unset_missing_users(queryset, stored)
+            for n, row in enumerate(stored, 1):
                 is_pending = row.get("status", _PENDING) == _PENDING
                 (pending if is_pending else finished).append(row_of(row))
                 if n % _ROWS_PER_YIELD == 0:

@@ -146,6 +146,44 @@ def outcome_values(
     }
 
 
+def _user_columns(user: Any) -> tuple[Any, str]:
+    """The ``user`` foreign key and the username snapshot of the user a call is attributed to.
+
+    The snapshot (``get_username()``, no query: the instance is loaded) keeps who made the call
+    once the user is deleted and the key is unset.
+    """
+    if not isinstance(user, models.Model):
+        return None, ""
+    try:
+        username = str(user.get_username())  # type: ignore[attr-defined]
+    except Exception:  # a user model without it, or one that fails: the key is enough
+        username = ""
+    return user.pk, _truncate(username, _USERNAME_MAX_LENGTH)
+
+
+#: ``RPCLog.username``'s ``max_length``.
+_USERNAME_MAX_LENGTH = 255
+
+
+def _existing_user_pks(queryset: RPCLogQuerySet, pks: set[Any]) -> set[Any]:
+    """Which of ``pks`` are users still in the database (one indexed query), read in the
+    writing transaction: a row must not point at a user deleted before it is written (the
+    foreign key would refuse it, at commit since the constraint is deferred)."""
+    if not pks:
+        return set()
+    user_model = queryset.model._meta.get_field("user").related_model
+    manager = user_model._base_manager.using(queryset.db)
+    return set(manager.filter(pk__in=pks).values_list("pk", flat=True))
+
+
+def _without_missing_user(queryset: RPCLogQuerySet, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with the user unset if it no longer exists (the username snapshot stays)."""
+    user_pk = values.get("user_id")
+    if user_pk is not None and not _existing_user_pks(queryset, {user_pk}):
+        values["user_id"] = None
+    return values
+
+
 def _started_values(
     correlation_id: str,
     method: str,
@@ -164,7 +202,7 @@ def _started_values(
     the JSON column holds its compact JSON text instead (for ``COPY``).
     """
     config = get_config()
-    user_pk = getattr(user, "pk", None) if isinstance(user, models.Model) else None
+    user_pk, username = _user_columns(user)
     if params is None:
         stored_params: Any = "{}" if json_text else {}
     else:
@@ -175,6 +213,7 @@ def _started_values(
         "method": _truncate(method, 255),
         "params": stored_params,
         "user_id": user_pk,
+        "username": username,
         "caller_ip": _ip_or_none(caller_ip),
         "user_agent": _capped_text(user_agent, config.max_user_agent_bytes),
         "trace_id": _truncate(trace_id, 32),
@@ -231,7 +270,7 @@ def record_started(queryset: RPCLogQuerySet, **started: Any) -> RPCLog:
     """Insert the ``pending`` row of a call that has just started (``rpc_started``'s kwargs:
     ``correlation_id``, ``method``, ``params``, ``user``, ``caller_ip``, ``user_agent``,
     ``started_at``, and optionally ``trace_id`` and ``span_id``)."""
-    return queryset.create(**_started_row_of(started))
+    return queryset.create(**_without_missing_user(queryset, _started_row_of(started)))
 
 
 def record_finished(
@@ -265,7 +304,7 @@ def record_finished(
         slow=slow,
     )
     if not queryset.filter(pk=log_id).update(**outcome):
-        queryset.create(**_started_row_of(started), **outcome)
+        queryset.create(**_without_missing_user(queryset, _started_row_of(started)), **outcome)
     event = {key: started.get(key) for key in ("correlation_id", "method", "params", "user")}
     event |= {"started_at": started["started_at"], "status": status, "response": response}
     event |= {"slow": slow, "error_code": error_code, "error_message": error_message}
@@ -385,6 +424,7 @@ def bulk_record_events(queryset: RPCLogQuerySet, events: Sequence[Mapping[str, A
             if n % _ROWS_PER_YIELD == 0:
                 _yield_the_gil()
         with transaction.atomic(using=queryset.db):
+            unset_missing_users(queryset, rows)
             written = _copy_rows(queryset, connection, rows)
             queue_alerts(queryset.db, events)
             return written
@@ -396,7 +436,7 @@ def bulk_record_events(queryset: RPCLogQuerySet, events: Sequence[Mapping[str, A
 
 def write_rows(
     queryset: RPCLogQuerySet,
-    rows: Sequence[Mapping[str, Any]],
+    rows: Sequence[dict[str, Any]],
     slow: Mapping[str, SlowVerdict] | None = None,
 ) -> int:
     """Write stored rows (:func:`event_row_values` with ``for_copy``) in one transaction, and
@@ -405,7 +445,8 @@ def write_rows(
 
     What the ingest worker writes: the rows arrive already made safe to store, so only the
     write is left. Idempotent like :func:`bulk_record_events`, alerts included; a row whose
-    ``status`` is ``pending`` never overwrites an existing row. At most one row per ``id``.
+    ``status`` is ``pending`` never overwrites an existing row; a row whose user was deleted is
+    written with the user unset (``rows`` are changed so). At most one row per ``id``.
     """
     connection = connections[queryset.db]
 
@@ -419,6 +460,7 @@ def write_rows(
         return mysql.write_rows(queryset, connection, rows, queue_row_alerts)
     with transaction.atomic(using=queryset.db):
         if connection.vendor == "postgresql" and _copy_supported(connection):
+            unset_missing_users(queryset, rows)
             written = _copy_rows(queryset, connection, rows)
         else:
             model = queryset.model
@@ -499,9 +541,11 @@ def _bulk_create_rows(queryset: RPCLogQuerySet, values: Sequence[dict[str, Any]]
     model = queryset.model
     finished: list[RPCLog] = []
     pending: list[RPCLog] = []
-    for row in values:
-        (pending if row.get("status", _PENDING) == _PENDING else finished).append(model(**row))
     with transaction.atomic(using=queryset.db):
+        unset_missing_users(queryset, values)
+        for row in values:
+            is_pending = row.get("status", _PENDING) == _PENDING
+            (pending if is_pending else finished).append(model(**row))
         if finished:
             update_fields = [f.name for f in model._meta.concrete_fields if not f.primary_key]
             queryset.bulk_create(
@@ -513,6 +557,18 @@ def _bulk_create_rows(queryset: RPCLogQuerySet, values: Sequence[dict[str, Any]]
         if pending:
             queryset.bulk_create(pending, ignore_conflicts=True)
     return len(finished) + len(pending)
+
+
+def unset_missing_users(queryset: RPCLogQuerySet, rows: Sequence[dict[str, Any]]) -> None:
+    """Unset the user of the stored ``rows`` whose user is no longer in the database: one
+    query per batch, in its transaction. Such a row is written with the user unset (and its
+    username snapshot), never refused for its dangling key."""
+    live = _existing_user_pks(
+        queryset, {row["user_id"] for row in rows if row.get("user_id") is not None}
+    )
+    for row in rows:
+        if row.get("user_id") is not None and row["user_id"] not in live:
+            row["user_id"] = None
 
 
 def queue_alerts(using: str, events: Sequence[Mapping[str, Any]]) -> None:
@@ -668,7 +724,10 @@ def _copy_rows(queryset: RPCLogQuerySet, connection: Any, rows: Sequence[Mapping
     pending = 0
     with connection.cursor() as cursor:
         cursor.execute(plan.create_staging)
-        with cursor.cursor.copy(plan.copy) as copy:
+        # psycopg's own COPY, past Django's cursor wrapper: wrap its errors the way Django
+        # wraps every other query's, so that a cancelled COPY or a dropped connection is an
+        # OperationalError (an outage, retried) and not a bare psycopg exception.
+        with connection.wrap_database_errors, cursor.cursor.copy(plan.copy) as copy:
             copy.set_types(plan.types)
             for row in rows:
                 copy.write_row(copy_values(plan, row))

@@ -7,21 +7,13 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_rpc_audit.conf import get_config
+from django_rpc_audit.management.arguments import (
+    checked,
+    non_negative_number,
+    positive_integer,
+    shown,
+)
 from django_rpc_audit.models import RPCLog
-
-
-def non_negative_number(raw: str) -> float:
-    value = float(raw)
-    if not value >= 0:
-        raise ValueError(raw)
-    return value
-
-
-def positive_integer(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise ValueError(raw)
-    return value
 
 
 class Command(BaseCommand):
@@ -48,20 +40,26 @@ class Command(BaseCommand):
         )
 
     def handle(
-        self, *args: Any, days: float | None, batch_size: int, dry_run: bool, **options: Any
+        self, *args: Any, days: object, batch_size: object, dry_run: bool, **options: Any
     ) -> None:
-        if days is None:
-            days = get_config().retention_days
+        # Again: call_command() passes its keyword arguments without argparse's conversion.
+        kept = (
+            get_config().retention_days
+            if days is None
+            else checked(non_negative_number, days, "--days")
+        )
+        size = checked(positive_integer, batch_size, "--batch-size")
         try:
-            count = RPCLog.objects.prune(days=days, batch_size=batch_size, dry_run=dry_run)
+            count = RPCLog.objects.prune(days=kept, batch_size=size, dry_run=dry_run)
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
-        shown = int(days) if float(days).is_integer() else days
         verb = "Would delete" if dry_run else "Deleted"
-        self.stdout.write(f"{verb} {count} RPC log row(s) older than {shown} day(s).")
+        self.stdout.write(f"{verb} {count} RPC log row(s) older than {shown(kept)} day(s).")
         # The alerts' outbox keeps the same days (its pending rows stay until delivered).
         from django_rpc_audit.alerts.delivery import prune_deliveries
 
-        alerts = prune_deliveries(days, batch_size=batch_size, dry_run=dry_run)
+        alerts = prune_deliveries(kept, batch_size=size, dry_run=dry_run)
         if alerts or get_config().webhooks:
-            self.stdout.write(f"{verb} {alerts} webhook delivery row(s) older than {shown} day(s).")
+            self.stdout.write(
+                f"{verb} {alerts} webhook delivery row(s) older than {shown(kept)} day(s)."
+            )

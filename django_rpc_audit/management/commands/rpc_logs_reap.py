@@ -7,15 +7,9 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_rpc_audit.conf import get_config
+from django_rpc_audit.management.arguments import checked, non_negative_number
 from django_rpc_audit.models import RPCLog
 from django_rpc_audit.querysets import OUTCOME_LOST
-
-
-def non_negative_number(raw: str) -> float:
-    value = float(raw)
-    if not value >= 0:
-        raise ValueError(raw)
-    return value
 
 
 class Command(BaseCommand):
@@ -36,16 +30,20 @@ class Command(BaseCommand):
             "--dry-run", action="store_true", help="Count the stale rows; change none."
         )
 
-    def handle(self, *args: Any, timeout: float | None, dry_run: bool, **options: Any) -> None:
+    def handle(self, *args: Any, timeout: object, dry_run: bool, **options: Any) -> None:
+        config = get_config()
+        # Again: call_command() passes its keyword arguments without argparse's conversion.
+        seconds = (
+            config.rpc_timeout
+            if timeout is None
+            else checked(non_negative_number, timeout, "--timeout")
+        )
         try:
-            count = RPCLog.objects.reap(timeout=timeout, dry_run=dry_run)
+            count = RPCLog.objects.reap(timeout=seconds, dry_run=dry_run)
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
-        config = get_config()
-        seconds = (timeout if timeout is not None else config.rpc_timeout) + (
-            config.reap_margin_seconds
-        )
         verb = "Would mark" if dry_run else "Marked"
         self.stdout.write(
-            f"{verb} {count} RPC log row(s) pending for over {seconds:g} s as timed out."
+            f"{verb} {count} RPC log row(s) pending for over "
+            f"{seconds + config.reap_margin_seconds:g} s as timed out."
         )

@@ -6,6 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from django_rpc_audit.management.arguments import checked, positive_number, shown
 from django_rpc_audit.models import RPCLog
 
 COLUMNS = (
@@ -18,13 +19,6 @@ COLUMNS = (
     ("avg_duration_ms", "Avg ms"),
     ("p95_duration_ms", "p95 ms"),
 )
-
-
-def positive_number(raw: str) -> float:
-    value = float(raw)
-    if not value > 0:
-        raise ValueError(raw)
-    return value
 
 
 def _cell(value: object) -> str:
@@ -44,16 +38,20 @@ class Command(BaseCommand):
         )
         parser.add_argument("--method", default=None, help="Only this method (exact name).")
 
-    def handle(self, *args: Any, hours: float, method: str | None, **options: Any) -> None:
-        logs = RPCLog.objects.recent(hours=hours)
+    def handle(self, *args: Any, hours: object, method: str | None, **options: Any) -> None:
+        # Again: call_command() passes its keyword arguments without argparse's conversion.
+        window = checked(positive_number, hours, "--hours")
+        try:
+            logs = RPCLog.objects.recent(hours=window)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
         if method is not None:
             if not method:
                 raise CommandError("--method must not be empty.")
             logs = logs.for_method(method)
         stats = logs.stats_by_method()
-        shown = int(hours) if hours.is_integer() else hours
         if not stats:
-            self.stdout.write(f"No RPC calls in the last {shown} hour(s).")
+            self.stdout.write(f"No RPC calls in the last {shown(window)} hour(s).")
             return
         rows = [[title for _key, title in COLUMNS]]
         rows += [[_cell(item[key]) for key, _title in COLUMNS] for item in stats]  # type: ignore[literal-required]
@@ -67,7 +65,7 @@ class Command(BaseCommand):
                 self.stdout.write("  ".join("-" * width for width in widths))
         total = sum(item["total_calls"] for item in stats)
         self.stdout.write(
-            f"{total} call(s) in the last {shown} hour(s)"
+            f"{total} call(s) in the last {shown(window)} hour(s)"
             + (
                 " (estimated: sampled rows are scaled up)."
                 if logs.filter(sample_rate__lt=1).exists()

@@ -12,6 +12,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django_rpc_audit.alerts.delivery import DeliveryReport, deliver_due
 from django_rpc_audit.alerts.worker import run_loop
 from django_rpc_audit.conf import get_config
+from django_rpc_audit.management.arguments import checked, positive_seconds
 
 
 class Command(BaseCommand):
@@ -26,14 +27,16 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--max-seconds",
-            type=float,
+            type=positive_seconds,
             default=None,
             help="Stop the loop after this many seconds (default: run until stopped).",
         )
 
-    def handle(self, *args: Any, once: bool, max_seconds: float | None, **options: Any) -> None:
-        if max_seconds is not None and not max_seconds > 0:
-            raise CommandError("--max-seconds must be a positive number of seconds.")
+    def handle(self, *args: Any, once: bool, max_seconds: object, **options: Any) -> None:
+        # Again: call_command() passes its keyword arguments without argparse's conversion.
+        limit = (
+            None if max_seconds is None else checked(positive_seconds, max_seconds, "--max-seconds")
+        )
         if not get_config().webhooks:
             raise CommandError("No webhook endpoints: DJANGO_CFG_RPC['WEBHOOKS'] is empty.")
         total = DeliveryReport()
@@ -53,8 +56,8 @@ class Command(BaseCommand):
 
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, finish)
-            if max_seconds is not None:
-                timer = threading.Timer(max_seconds, finish)
+            if limit is not None:
+                timer = threading.Timer(limit, finish)
                 timer.daemon = True
                 timer.start()
 

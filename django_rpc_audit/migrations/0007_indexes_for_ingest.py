@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('django_rpc_audit', '0005_alerts'),
+        ('django_rpc_audit', '0006_rpclog_username'),
     ]
 
     operations = [
