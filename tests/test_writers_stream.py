@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import redis
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import models
 from hypothesis import given
 from hypothesis import strategies as st
@@ -600,3 +600,25 @@ def test_alerts_through_the_stream_equal_those_the_buffered_writer_queues(
     assert slow_payload["baseline_ms"] == 4.5
     assert slow_payload["user"]["email"] == "bob@example.com"
     assert slow_payload["response"]["_truncated"] is True
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"stats_interval": float("inf")}, "--stats-interval"),
+        ({"stats_interval": 1e12}, "--stats-interval"),
+        ({"claim_idle": 0}, "--claim-idle"),
+        ({"batch_size": "1.5"}, "--batch-size"),
+        ({"max_deliveries": True}, "--max-deliveries"),
+        ({"metrics_port": 70_000}, "--metrics-port"),
+    ],
+)
+def test_the_command_refuses_numbers_it_cannot_use_from_call_command_too(
+    options: dict[str, Any], message: str
+) -> None:
+    """``call_command`` skips argparse's conversions: the command checks them itself (an
+    infinite interval would kill the worker's waits with an ``OverflowError``)."""
+    with pytest.raises(CommandError, match=message):
+        call_command("rpc_logs_ingest", **options)
+    with pytest.raises(CommandError, match=message.removeprefix("--")):
+        call_command("rpc_logs_ingest", f"{message}={next(iter(options.values()))}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import signal
 import threading
 from types import FrameType
@@ -10,20 +11,17 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_rpc_audit.conf import get_config
+from django_rpc_audit.management.arguments import checked, positive_integer, positive_seconds
 from django_rpc_audit.writers.ingest import IngestStats, IngestWorker
 
-
-def positive_int(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise ValueError(raw)
-    return value
+_MAX_PORT = 65_535
 
 
-def positive_number(raw: str) -> float:
-    value = float(raw)
-    if not value > 0:
-        raise ValueError(raw)
+def port_number(raw: object) -> int:
+    """A TCP port, 1 to 65535 (``argparse`` ``type``)."""
+    value = positive_integer(raw)
+    if value > _MAX_PORT:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a port (1 to {_MAX_PORT})")
     return value
 
 
@@ -39,31 +37,31 @@ class Command(BaseCommand):
             "--consumer", default=None, help="Consumer name in the group (default: host-pid)."
         )
         parser.add_argument(
-            "--batch-size", type=positive_int, default=None, help="Default: INGEST_BATCH_SIZE."
+            "--batch-size", type=positive_integer, default=None, help="Default: INGEST_BATCH_SIZE."
         )
         parser.add_argument(
             "--claim-idle",
-            type=positive_number,
+            type=positive_seconds,
             default=None,
             metavar="SECONDS",
             help="Default: INGEST_CLAIM_IDLE_SECONDS.",
         )
         parser.add_argument(
             "--max-deliveries",
-            type=positive_int,
+            type=positive_integer,
             default=None,
             help="Default: INGEST_MAX_DELIVERIES.",
         )
         parser.add_argument(
             "--stats-interval",
-            type=positive_number,
+            type=positive_seconds,
             default=10.0,
             metavar="SECONDS",
             help="Seconds between the progress lines (rows, rate, lag). Default: 10.",
         )
         parser.add_argument(
             "--metrics-port",
-            type=positive_int,
+            type=port_number,
             default=None,
             metavar="PORT",
             help="Serve the worker's Prometheus metrics on this port (needs PROMETHEUS_METRICS).",
@@ -87,6 +85,16 @@ class Command(BaseCommand):
         metrics_address: str,
         **options: Any,
     ) -> None:
+        # call_command() skips argparse's conversions: every number is checked here again.
+        if batch_size is not None:
+            batch_size = checked(positive_integer, batch_size, "--batch-size")
+        if claim_idle is not None:
+            claim_idle = checked(positive_seconds, claim_idle, "--claim-idle")
+        if max_deliveries is not None:
+            max_deliveries = checked(positive_integer, max_deliveries, "--max-deliveries")
+        stats_interval = checked(positive_seconds, stats_interval, "--stats-interval")
+        if metrics_port is not None:
+            metrics_port = checked(port_number, metrics_port, "--metrics-port")
         server = None
         if metrics_port is not None:
             server = self._serve_metrics(metrics_port, metrics_address)
