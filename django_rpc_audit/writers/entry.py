@@ -123,6 +123,8 @@ class Layout:
     header: str
     to_text: tuple[Callable[[Any], str], ...]
     from_text: tuple[Callable[[str], Any] | None, ...]
+    #: Positions of the columns whose text is converted (not text as it is).
+    converted: tuple[int, ...]
 
 
 def layout_of(fields: Sequence[models.Field[Any, Any]]) -> Layout:
@@ -151,6 +153,7 @@ def layout_of(fields: Sequence[models.Field[Any, Any]]) -> Layout:
         header=f"{VERSION}.{fingerprint}",
         to_text=tuple(to_text),
         from_text=tuple(from_text),
+        converted=tuple(i for i, decode in enumerate(from_text) if decode is not None),
     )
 
 
@@ -208,17 +211,27 @@ def decode_entry(text: str | bytes) -> Entry:
     expected = len(plan.columns) + 2
     if len(values) != expected:
         raise MalformedEntry(f"{len(values)} values, expected {expected}")
-    row: dict[str, Any] = {}
+    body = values[1:-1]
+    columns = plan.columns
+    # In C where it can be: the tagged values' texts, then the few conversions and NULLs.
+    row: dict[str, Any] = {n: v[1:] for n, v in zip(columns, body, strict=True) if v[:1] == _VALUE}
+    nulls = body.count(_NULL_VALUE)
+    if len(row) + nulls + body.count("") != len(body):
+        name, value = next(
+            (n, v)
+            for n, v in zip(columns, body, strict=True)
+            if v and v != _NULL_VALUE and v[0] != _VALUE
+        )
+        raise MalformedEntry(f"{name}: untagged value {value[:40]!r}")
     try:
-        for name, from_text, value in zip(plan.columns, plan.from_text, values[1:], strict=False):
-            if not value:
-                continue
-            if value == _NULL_VALUE:
-                row[name] = None
-            elif value[0] != _VALUE:
-                raise ValueError(f"{name}: untagged value {value[:40]!r}")
-            else:
-                row[name] = value[1:] if from_text is None else from_text(value[1:])
+        for position in plan.converted:
+            name = columns[position]
+            if name in row:
+                row[name] = plan.from_text[position](row[name])  # type: ignore[misc]
+        if nulls:
+            for name, value in zip(columns, body, strict=True):
+                if value == _NULL_VALUE:
+                    row[name] = None
         verdict = values[-1]
         if verdict and verdict[0] != _VALUE:
             raise ValueError(f"slow verdict: untagged value {verdict[:40]!r}")
