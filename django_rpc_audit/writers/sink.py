@@ -496,7 +496,7 @@ def row_alert_events(
     user_ids = {row["user_id"] for row in alerting if row.get("user_id") is not None}
     users: dict[Any, Any] = {}
     if user_ids:
-        manager = user_field.related_model._default_manager.db_manager(queryset.db)
+        manager = user_field.related_model._base_manager.db_manager(queryset.db)
         users = manager.in_bulk(user_ids, field_name=user_field.target_field.attname)
     events = []
     for row in alerting:
