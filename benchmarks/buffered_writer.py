@@ -52,7 +52,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from call_overhead import responder  # noqa: E402
 
 
-def setup_django(database_url: str | None, redis_url: str, stream: str) -> str:
+def setup_django(
+    database_url: str | None, redis_url: str, stream: str, *, migrate: bool = True
+) -> str:
     import django
     import environ
     from django.conf import settings
@@ -69,7 +71,8 @@ def setup_django(database_url: str | None, redis_url: str, stream: str) -> str:
     from django.core.management import call_command
     from django.db import connection
 
-    call_command("migrate", verbosity=0)
+    if migrate:
+        call_command("migrate", verbosity=0)
     return f"{connection.vendor} (database {connection.settings_dict['NAME']})"
 
 

@@ -30,8 +30,8 @@ ENV_PREFIX = f"{SETTING_NAME}__"
 Transport = Literal["redis", "local"]
 TRANSPORTS: tuple[Transport, ...] = ("redis", "local")
 
-WriteMode = Literal["buffered", "sync"]
-WRITE_MODES: tuple[WriteMode, ...] = ("buffered", "sync")
+WriteMode = Literal["buffered", "sync", "stream"]
+WRITE_MODES: tuple[WriteMode, ...] = ("buffered", "sync", "stream")
 
 # django-environ reads any unknown word as False ("ture" would silently turn logging off);
 # we accept its true words plus their usual opposites and reject everything else.
@@ -122,7 +122,9 @@ class DjangoCfgRPCConfig:
     # -- buffered writer
     #: ``"buffered"``: the receivers only enqueue, a background thread writes batches on its own
     #: database connection. ``"sync"``: each event is written at once on the caller's thread and
-    #: connection (inside the caller's transaction).
+    #: connection (inside the caller's transaction). ``"stream"``: buffered the same way, but the
+    #: thread adds the rows to the Redis Stream ``LOG_STREAM``, and ``rpc_logs_ingest`` workers
+    #: write them to the database.
     write_mode: WriteMode = "buffered"
     #: Most calls the buffered writer holds in memory. When full, successful calls are dropped
     #: first (counted and logged); failures and timeouts are kept.
@@ -173,6 +175,25 @@ class DjangoCfgRPCConfig:
     slow_call_min_ratio: float = 3.0
     #: Explicit thresholds (milliseconds) by method name or glob; they replace the baseline.
     slow_call_thresholds_ms: tuple[tuple[str, float], ...] = field(default=())
+    # -- log stream (WRITE_MODE "stream") and its ingest workers
+    #: Redis Stream the stream writer adds rows to and ``rpc_logs_ingest`` reads.
+    log_stream: str = "rpc_audit:log"
+    #: Approximate ``MAXLEN`` of the log stream: the backlog it holds while the workers cannot
+    #: write (an entry takes about 250 bytes of Redis memory plus its params and response).
+    #: Older entries are trimmed, ingested or not: keep it above the longest backlog to survive.
+    log_stream_maxlen: int = 1_000_000
+    #: Redis server of the log stream; empty: ``REDIS_URL``.
+    log_stream_redis_url: str = ""
+    #: Consumer group the ingest workers share.
+    ingest_group: str = "rpc_audit_ingest"
+    #: Most entries an ingest worker writes per transaction.
+    ingest_batch_size: int = 2_000
+    #: Seconds an entry may stay unacknowledged with a consumer before another worker claims it
+    #: (``XAUTOCLAIM``): longer than the slowest batch, or live workers' entries get claimed.
+    ingest_claim_idle_seconds: float = 60.0
+    #: Deliveries after which an entry still unacknowledged moves to ``<LOG_STREAM>:dead``.
+    ingest_max_deliveries: int = 5
+
     # -- rate limits (docs/rate-limits.md)
     #: Limits by exact method name or glob, exact names first, then the first matching pattern
     #: in the order given: ``{"send_notification": "10/minute", "reports.*": {"rate":
@@ -222,10 +243,17 @@ class DjangoCfgRPCConfig:
     #: replaced by the row's ids. Empty: no link.
     trace_url_template: str = ""
 
+    @property
+    def log_stream_url(self) -> str:
+        """The Redis URL of the log stream: ``LOG_STREAM_REDIS_URL``, else ``REDIS_URL``."""
+        return self.log_stream_redis_url or self.redis_url
+
     def __repr__(self) -> str:
-        # The dataclass repr would print REDIS_URL with its password.
+        # The dataclass repr would print the Redis URLs with their passwords.
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        shown["redis_url"] = redact_url(self.redis_url)
+        for name, value in shown.items():
+            if name.endswith("redis_url") and value:
+                shown[name] = redact_url(value)
         fields = ", ".join(f"{name}={value!r}" for name, value in shown.items())
         return f"DjangoCfgRPCConfig({fields})"
 
@@ -497,6 +525,28 @@ def _validate_buffered_writer(config: DjangoCfgRPCConfig) -> None:
                 name.upper(),
                 f"must be a positive number of seconds up to {MAX_WAIT_SECONDS:g}, not {value!r}.",
             )
+    _validate_log_stream(config)
+
+
+def _validate_log_stream(config: DjangoCfgRPCConfig) -> None:
+    for name in ("log_stream", "ingest_group"):
+        value = getattr(config, name)
+        if not isinstance(value, str) or not value:
+            raise _fail(name.upper(), f"must be a non-empty string, not {value!r}.")
+    for name in ("log_stream_maxlen", "ingest_batch_size", "ingest_max_deliveries"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _fail(name.upper(), f"must be a positive integer, not {value!r}.")
+    idle = config.ingest_claim_idle_seconds
+    if not _is_number(idle) or not 0 < idle <= MAX_WAIT_SECONDS:
+        raise _fail(
+            "INGEST_CLAIM_IDLE_SECONDS",
+            f"must be a positive number of seconds up to {MAX_WAIT_SECONDS:g}, not {idle!r}.",
+        )
+    if not isinstance(config.log_stream_redis_url, str):
+        raise _fail("LOG_STREAM_REDIS_URL", "must be a Redis URL or empty.")
+    if config.log_stream_redis_url:
+        validate_redis_url(config.log_stream_redis_url, key="LOG_STREAM_REDIS_URL")
 
 
 def _normalise_alerts(config: DjangoCfgRPCConfig) -> None:

@@ -10,6 +10,7 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from django_rpc_audit.alerts.models import WebhookDelivery, WebhookEndpointState
+from django_rpc_audit.indexes import HashIndex, PartialIndex
 from django_rpc_audit.querysets import RPCLogQuerySet
 from django_rpc_audit.status import RPCStatus
 
@@ -68,22 +69,38 @@ class RPCLog(models.Model):
         verbose_name_plural = _("RPC logs")
         ordering = ("-created_at",)
         get_latest_by = "created_at"
-        # One index per documented query shape; each also serves its prefix.
+        # One index per documented query shape; each also serves its prefix. Every index costs
+        # each insert (BENCHMARKS.md, ingest): the rare rows get partial indexes, equality-only
+        # lookups a hash index. created_at stays a B-tree, not BRIN: the admin's newest-first
+        # pages need its order.
         indexes = (
             # recent(), the admin's default ordering and date hierarchy.
             models.Index(fields=["created_at"], name="rpclog_created_idx"),
-            # failed() / timed_out() / pending() within a window.
-            models.Index(fields=["status", "created_at"], name="rpclog_status_created_idx"),
+            # failed() / timed_out() / pending() / stale() within a window. Successful calls,
+            # most rows, are not in it: succeeded() takes created_at's index.
+            PartialIndex(
+                fields=["status", "created_at"],
+                name="rpclog_unsuccess_created_idx",
+                where=~models.Q(status=RPCStatus.SUCCESS),
+            ),
             # for_method() within a window, and stats_by_method()'s grouping.
             models.Index(fields=["method", "created_at"], name="rpclog_method_created_idx"),
             # for_user() within a window; also the user foreign key's index.
             models.Index(fields=["user", "created_at"], name="rpclog_user_created_idx"),
-            # Looking a call up by the id shared with the server's logs.
-            models.Index(fields=["correlation_id"], name="rpclog_correlation_idx"),
+            # Looking a call up by the id shared with the server's logs (equality only).
+            HashIndex(fields=["correlation_id"], name="rpclog_correlation_hash"),
             # From a trace (Grafana, Tempo, Jaeger) to its calls: the admin's trace id search.
-            models.Index(fields=["trace_id"], name="rpclog_trace_idx"),
-            # The slow calls within a window (dashboard panel, changelist filter).
-            models.Index(fields=["is_slow", "created_at"], name="rpclog_slow_created_idx"),
+            # Rows without a trace (most, unless OTEL_TRACES) are not in it.
+            PartialIndex(
+                fields=["trace_id"], name="rpclog_traced_idx", where=~models.Q(trace_id="")
+            ),
+            # The slow calls within a window (dashboard panel, changelist filter); only they are
+            # in it.
+            PartialIndex(
+                fields=["is_slow", "created_at"],
+                name="rpclog_slow_created_idx",
+                where=models.Q(is_slow=True),
+            ),
         )
 
     def __str__(self) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from django.test import Client
 from django_rpc_audit.conf import clear_config_cache
 from django_rpc_audit.signals import rpc_finished, rpc_started
 from django_rpc_audit.transports import register_local_handler, unregister_local_handler
+from scripts.ipc_server import free_port
 
 #: With RPC_AUDIT_STRICT=1 (as scripts/test sets), a missing Redis or django-ipc fails the run
 #: instead of skipping the tests that need it.
@@ -376,3 +379,57 @@ def utf8mb3_user_agent() -> Iterator[None]:
         yield
     finally:
         alter("utf8mb4")
+
+
+class PrivateRedis:
+    """A redis-server of the test's own on a free loopback port, which the test may stop and
+    start again (never the shared one other processes use)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> PrivateRedis:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+        try:
+            for _ in range(100):
+                with contextlib.suppress(redis.ConnectionError):
+                    client.ping()
+                    return self
+                time.sleep(0.05)
+        finally:
+            client.close()
+        raise RuntimeError("the private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis()
+    try:
+        server.start()
+    except FileNotFoundError:
+        unavailable("redis-server is not installed")
+    yield server
+    server.stop()

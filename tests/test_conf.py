@@ -126,12 +126,35 @@ def test_invalid_environment_value_names_the_key(settings, monkeypatch, key, raw
         ({"REDIS_URL": "redis://cache:6379/zero"}, "REDIS_URL"),
         ({"TRUSTED_PROXY_IPS": "10.0.0.1"}, "TRUSTED_PROXY_IPS"),
         ({"NO_SUCH_KEY": 1}, "NO_SUCH_KEY"),
+        ({"WRITE_MODE": "kafka"}, "WRITE_MODE"),
+        ({"LOG_STREAM": ""}, "LOG_STREAM"),
+        ({"LOG_STREAM_MAXLEN": 0}, "LOG_STREAM_MAXLEN"),
+        ({"LOG_STREAM_REDIS_URL": "http://logs"}, "LOG_STREAM_REDIS_URL"),
+        ({"LOG_STREAM_REDIS_URL": None}, "LOG_STREAM_REDIS_URL"),
+        ({"INGEST_GROUP": ""}, "INGEST_GROUP"),
+        ({"INGEST_BATCH_SIZE": True}, "INGEST_BATCH_SIZE"),
+        ({"INGEST_CLAIM_IDLE_SECONDS": 0}, "INGEST_CLAIM_IDLE_SECONDS"),
+        ({"INGEST_MAX_DELIVERIES": 0}, "INGEST_MAX_DELIVERIES"),
     ],
 )
 def test_invalid_setting_names_the_key(settings, values, key):
     settings.DJANGO_CFG_RPC = values
     with pytest.raises(ImproperlyConfigured, match=key):
         get_config()
+
+
+def test_the_log_stream_uses_redis_url_unless_it_has_its_own(settings, rpc_env):
+    settings.DJANGO_CFG_RPC = {"REDIS_URL": "redis://cache:6379/2"}
+    assert get_config().log_stream_url == "redis://cache:6379/2"
+    rpc_env("LOG_STREAM_REDIS_URL", "redis://logs:6379/0")
+    assert get_config().log_stream_url == "redis://logs:6379/0"
+
+
+def test_invalid_log_stream_redis_url_hides_the_password(settings):
+    settings.DJANGO_CFG_RPC = {"LOG_STREAM_REDIS_URL": "redis://:hunter2@logs:badport/0"}
+    with pytest.raises(ImproperlyConfigured, match="LOG_STREAM_REDIS_URL") as excinfo:
+        get_config()
+    assert "hunter2" not in str(excinfo.value)
 
 
 @pytest.mark.parametrize(
@@ -310,3 +333,9 @@ def test_invalid_metrics_and_traces_setting_names_the_key(settings, values, key)
     settings.DJANGO_CFG_RPC = values
     with pytest.raises(ImproperlyConfigured, match=key):
         get_config()
+
+
+def test_the_config_repr_hides_the_log_stream_redis_password():
+    config = DjangoCfgRPCConfig(log_stream_redis_url="redis://:hunter2@logs:6379/0")
+    assert "hunter2" not in repr(config)
+    assert "redis://:***@logs:6379/0" in repr(config)

@@ -244,7 +244,7 @@ def test_settings_reference_shows_every_key_with_its_facts():
         assert f"### `{key}` {{#{field.name}}}" in markdown
         assert f"`DJANGO_CFG_RPC__{key}`" in markdown
     assert (
-        '**Type** `"buffered"` or `"sync"` · **Default** `"buffered"` · '
+        '**Type** `"buffered"` or `"sync"` or `"stream"` · **Default** `"buffered"` · '
         "**Environment** `DJANGO_CFG_RPC__WRITE_MODE`"
     ) in markdown
     assert "**Type** list of str · **Default** `[]`" in markdown  # TRUSTED_PROXY_IPS
@@ -252,6 +252,7 @@ def test_settings_reference_shows_every_key_with_its_facts():
     assert "**Default** `100,000`" in markdown  # BUFFER_SIZE
     assert "## Data hygiene" in markdown
     assert "## Buffered writer" in markdown
+    assert '## Log stream (WRITE_MODE "stream") and its ingest workers' in markdown
     # A role in a comment becomes a link the strict build checks.
     assert "[`get_rpc_client`][django_rpc_audit.get_rpc_client]" in markdown
 

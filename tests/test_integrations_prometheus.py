@@ -4,12 +4,17 @@ multiprocess mode are in ``test_prometheus_server.py``."""
 
 from __future__ import annotations
 
+import io
+import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from django.core.management import CommandError, call_command
 from django.test import Client, override_settings
 from django.urls import include, path
 from prometheus_client import REGISTRY
@@ -17,9 +22,25 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from django_rpc_audit import get_rpc_client
 from django_rpc_audit.exceptions import RPCRemoteError, RPCTimeoutError
-from django_rpc_audit.integrations.prometheus import CALL_BUCKETS, PipelineMetrics, get_metrics
+from django_rpc_audit.integrations.prometheus import (
+    CALL_BUCKETS,
+    IngestMetrics,
+    PipelineMetrics,
+    get_metrics,
+)
 from django_rpc_audit.models import RPCLog
-from django_rpc_audit.writers import BufferedLogWriter, WriterStats, get_writer, use_writer
+from django_rpc_audit.writers import (
+    BufferedLogWriter,
+    IngestWorker,
+    StreamLogWriter,
+    WriterStats,
+    flush,
+    get_writer,
+    use_writer,
+)
+from scripts.ipc_server import free_port
+from tests.test_writers_stream import drain, ship
+from tests.test_writers_stream import event as stream_event
 
 pytestmark = pytest.mark.django_db
 
@@ -291,3 +312,129 @@ def test_django_prometheus_metrics_endpoint_shows_our_metrics(prometheus_on, loc
     exposed = families(response.content.decode())
     assert calls_of(exposed, method) == 1
     assert "rpc_audit_log_rows_written" in exposed
+
+
+# -- the log stream: the web side and the ingest workers --------------------------------------
+
+
+@pytest.fixture
+def log_stream(redis_client: Any) -> Any:
+    stream = f"rpc_audit_test:{uuid.uuid4().hex}:log"
+    yield stream
+    redis_client.delete(stream, f"{stream}:dead")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_stream_writer_publishes_its_batches_like_the_buffered_writer(
+    rpc_settings, local_handler, redis_url, redis_client, log_stream
+):
+    rpc_settings(WRITE_MODE="stream", LOG_STREAM=log_stream, REDIS_URL=redis_url)
+    writer = get_writer()
+    assert isinstance(writer, StreamLogWriter)
+    assert writer.observer is None
+    rpc_settings(WRITE_MODE="stream", LOG_STREAM=log_stream, PROMETHEUS_METRICS=True)
+    writer = get_writer()
+    assert isinstance(writer, StreamLogWriter)
+    assert isinstance(writer.observer, PipelineMetrics)
+    names = ("rpc_audit_log_rows_written_total", "rpc_audit_log_write_duration_seconds_count")
+    before = {name: sample(name) for name in names}
+    local_handler("test.echo", lambda params: {})
+    try:
+        for n in range(4):
+            get_rpc_client().call("test.echo", {"n": n})
+        assert flush()
+    finally:
+        writer.close()
+    assert redis_client.xlen(log_stream) >= 4  # in the stream: rows added there
+    assert sample(names[0]) - before[names[0]] == redis_client.xlen(log_stream)
+    assert sample(names[1]) - before[names[1]] >= 1
+    assert sample("rpc_audit_log_buffered_calls") == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_ingest_worker_publishes_rows_batches_claims_dead_letters_and_lag(
+    rpc_settings, redis_url, redis_client, log_stream
+):
+    rpc_settings(LOG_STREAM=log_stream, REDIS_URL=redis_url, INGEST_GROUP="g")
+    assert IngestWorker.from_config().observer is None  # off: nothing is published
+    rpc_settings(PROMETHEUS_METRICS=True)
+    names = {
+        "rows": "rpc_audit_ingest_rows_written_total",
+        "batches": "rpc_audit_ingest_batches_total",
+        "claimed": "rpc_audit_ingest_entries_claimed_total",
+        "dead": "rpc_audit_ingest_entries_dead_lettered_total",
+        "durations": "rpc_audit_ingest_batch_duration_seconds_count",
+    }
+    before = {key: sample(name) for key, name in names.items()}
+    ship(redis_url, log_stream, [stream_event(n) for n in range(30)])
+    redis_client.xadd(log_stream, {"r": "0\x00not an entry"})
+    worker = IngestWorker.from_config(claim_idle_seconds=0.2, block_ms=50)
+    assert isinstance(worker.observer, IngestMetrics)
+    worker.ensure_group()
+    worker._refresh_backlog()  # what the worker does every stats_interval
+    assert sample("rpc_audit_ingest_lag_entries") == 31  # nothing read yet
+    assert sample("rpc_audit_ingest_pending_entries") == 0
+    # A consumer takes ten entries and dies: claimed by the worker after 0.2 s.
+    redis_client.xreadgroup("g", "dead-consumer", {log_stream: ">"}, count=10)
+    drain(worker)
+
+    stats = worker.stats()
+    deltas = {key: sample(name) - before[key] for key, name in names.items()}
+    assert deltas == {
+        "rows": 30,
+        "batches": stats.batches,
+        "claimed": 10,
+        "dead": 1,
+        "durations": stats.batches,
+    }
+    assert stats.batches >= 2  # the claimed ones came in a batch of their own
+    assert sample("rpc_audit_ingest_lag_entries") == 0
+    assert sample("rpc_audit_ingest_pending_entries") == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_ingest_command_serves_its_metrics(rpc_settings, redis_url, log_stream):
+    rpc_settings(LOG_STREAM=log_stream, REDIS_URL=redis_url)
+    with pytest.raises(CommandError, match="PROMETHEUS_METRICS"):
+        call_command("rpc_logs_ingest", "--metrics-port", "9")
+    rpc_settings(PROMETHEUS_METRICS=True)
+    port = free_port()
+    before = sample("rpc_audit_ingest_rows_written_total")
+    ship(redis_url, log_stream, [stream_event(n) for n in range(3)])
+    scraped: list[str] = []
+
+    def scrape_then_stop() -> None:
+        url = f"http://127.0.0.1:{port}/metrics"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as reply:
+                    text = reply.read().decode()
+            except OSError:
+                time.sleep(0.05)
+                continue
+            exposed = families(text)
+            rows = exposed.get("rpc_audit_ingest_rows_written")
+            if rows is not None and rows.samples[0].value - before >= 3:
+                scraped.append(text)
+                break
+            time.sleep(0.05)
+        for worker in list(IngestWorker.running):
+            worker.stop()
+
+    scraper = threading.Thread(target=scrape_then_stop)
+    scraper.start()
+    call_command(
+        "rpc_logs_ingest",
+        "--metrics-port",
+        str(port),
+        "--stats-interval",
+        "0.05",
+        stdout=io.StringIO(),
+    )
+    scraper.join()
+    (text,) = scraped
+    for name in ("rpc_audit_ingest_lag_entries", "rpc_audit_ingest_batch_duration_seconds"):
+        assert name in families(text)
+    with pytest.raises(urllib.error.URLError, match="refused"):  # stopped with the worker
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)

@@ -6,6 +6,8 @@ One module-scoped scenario (:func:`scenario`), so Prometheus and gunicorn start 
 - **live**: this test process, single-process mode, its ``/metrics/`` served by pytest-django's
   live server. The test makes a known number of calls (some failing, some timing out) in two
   phases, and Prometheus is asked for counts and rates.
+- **ingest**: ``manage.py rpc_logs_ingest --metrics-port`` as the docs say, writing the
+  entries of a log stream of its own (the real Redis) into a SQLite file of this test.
 - **gunicorn**: two sync workers in prometheus-client's multiprocess mode, set up as the docs
   say (``PROMETHEUS_MULTIPROC_DIR``, the ``on_starting`` and ``child_exit`` hooks), each worker
   logging its calls with the buffered writer into a SQLite file of this test.
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from django.test import override_settings
 
 from django_rpc_audit import get_rpc_client
@@ -41,7 +44,9 @@ from django_rpc_audit.transports import register_local_handler, unregister_local
 from scripts.ipc_server import free_port
 from tests.conftest import unavailable
 from tests.prometheus_server import PrometheusServer, prometheus_binary
+from tests.settings import DJANGO_CFG_RPC
 from tests.test_writers_process import run_child, wait_for_port
+from tests.test_writers_stream import event, ship
 
 pytestmark = pytest.mark.prometheus
 
@@ -49,6 +54,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Calls of the live process per method, in the phase the rates are measured over.
 LIVE_CALLS = {"ok": 30, "fail": 8, "slow": 4}
+#: Log stream entries the live process's ingest worker writes.
+INGESTED = 25
 
 
 @dataclass
@@ -89,17 +96,23 @@ def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Pa
     env["DATABASE_URL"] = f"sqlite:///{database}"
     run_child(env, "migrate")
     port = free_port()
+    gunicorn = [
+        "gunicorn",
+        "tests.metrics_app:application",
+        "--config=python:tests.gunicorn_prometheus",
+    ]
+    with serving(
+        env, port, *gunicorn, "--workers=2", f"--bind=127.0.0.1:{port}", "--graceful-timeout=10"
+    ):
+        yield port, multiproc_dir, database
+
+
+@contextlib.contextmanager
+def serving(env: dict[str, str], port: int, module: str, *args: str) -> Iterator[None]:
+    """``python -m module args`` running until the block ends (SIGTERM), once it listens on
+    ``port``."""
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "tests.metrics_app:application",
-            "--config=python:tests.gunicorn_prometheus",
-            "--workers=2",
-            f"--bind=127.0.0.1:{port}",
-            "--graceful-timeout=10",
-        ],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -108,7 +121,7 @@ def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Pa
     )
     try:
         wait_for_port(port, server, timeout=60)
-        yield port, multiproc_dir, database
+        yield
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -116,6 +129,33 @@ def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Pa
         except subprocess.TimeoutExpired:
             server.kill()
             server.communicate()
+
+
+@pytest.fixture(scope="module")
+def ingest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str]]:
+    """``rpc_logs_ingest --metrics-port`` on a log stream of its own; yields (port, stream)."""
+    workdir = tmp_path_factory.mktemp("ingest")
+    stream = f"rpc_audit_test:{uuid.uuid4().hex}:log"
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("DJANGO_CFG_RPC__", "PYTEST_", "PROMETHEUS_"))
+    }
+    env.update(
+        PYTHONPATH=str(ROOT),
+        DATABASE_URL=f"sqlite:///{workdir / 'ingest.sqlite3'}",
+        DJANGO_CFG_RPC__PROMETHEUS_METRICS="true",
+        DJANGO_CFG_RPC__REDIS_URL=DJANGO_CFG_RPC["REDIS_URL"],
+        DJANGO_CFG_RPC__LOG_STREAM=stream,
+    )
+    run_child(env, "migrate")
+    port = free_port()
+    command = ["rpc_logs_ingest", "--settings=tests.settings", "--stats-interval=0.2"]
+    try:
+        with serving(env, port, "django", *command, f"--metrics-port={port}"):
+            yield port, stream
+    finally:
+        redis.Redis.from_url(DJANGO_CFG_RPC["REDIS_URL"]).delete(stream, f"{stream}:dead")
 
 
 def live_calls(prefix: str, counts: dict[str, int]) -> None:
@@ -128,7 +168,10 @@ def live_calls(prefix: str, counts: dict[str, int]) -> None:
 
 @pytest.fixture(scope="module")
 def scenario(
-    live_server: Any, gunicorn: tuple[int, Path, Path], django_db_blocker: Any
+    live_server: Any,
+    gunicorn: tuple[int, Path, Path],
+    ingest: tuple[int, str],
+    django_db_blocker: Any,
 ) -> Iterator[Scenario]:
     if prometheus_binary() is None:
         unavailable("prometheus is not installed (Debian: apt-get install prometheus)")
@@ -152,7 +195,13 @@ def scenario(
         # request_started closes stale connections), /metrics/ included.
         django_db_blocker.unblock(),
         override_settings(DJANGO_CFG_RPC=rpc),
-        PrometheusServer({"live": live, "gunicorn": f"127.0.0.1:{port}"}) as prometheus,
+        PrometheusServer(
+            {
+                "live": live,
+                "gunicorn": f"127.0.0.1:{port}",
+                "ingest": f"127.0.0.1:{ingest[0]}",
+            }
+        ) as prometheus,
     ):
         result = Scenario(prometheus, prefix, multiproc_dir=multiproc_dir)
         live_total = f'sum(rpc_audit_calls_total{{job="live", method=~"{prefix}[.].*"}})'
@@ -164,6 +213,12 @@ def scenario(
         result.live_done_at = prometheus.wait_for(
             live_total, len(LIVE_CALLS) + sum(LIVE_CALLS.values())
         )
+
+        # The ingest worker: entries shipped as a web process in stream mode would.
+        ingest_port, stream = ingest
+        ship(DJANGO_CFG_RPC["REDIS_URL"], stream, [event(n) for n in range(INGESTED)])
+        prometheus.wait_for('sum(rpc_audit_ingest_rows_written_total{job="ingest"})', INGESTED)
+        prometheus.wait_for('max(rpc_audit_ingest_lag_entries{job="ingest"})', 0)
 
         # gunicorn: calls through HTTP until both workers made some, every kind of call.
         base = f"http://127.0.0.1:{port}/call"
@@ -280,6 +335,21 @@ def test_prometheus_rates_are_the_calls_over_the_time_they_took(scenario: Scenar
     )
     failed = LIVE_CALLS["fail"] + LIVE_CALLS["slow"]
     assert error_ratio == pytest.approx(failed / sum(LIVE_CALLS.values()), rel=1e-9)
+
+
+def test_prometheus_sees_the_ingest_workers_rows_batches_and_lag(scenario: Scenario):
+    prometheus, at = scenario.prometheus, scenario.done_at
+    rows = prometheus.value('sum(rpc_audit_ingest_rows_written_total{job="ingest"})', at=at)
+    assert rows == INGESTED
+    batches = prometheus.value('sum(rpc_audit_ingest_batches_total{job="ingest"})', at=at)
+    assert batches is not None
+    assert batches >= 1
+    timed = prometheus.value(
+        'sum(rpc_audit_ingest_batch_duration_seconds_count{job="ingest"})', at=at
+    )
+    assert timed == batches
+    assert prometheus.value('max(rpc_audit_ingest_lag_entries{job="ingest"})', at=at) == 0
+    assert prometheus.value('max(rpc_audit_ingest_pending_entries{job="ingest"})', at=at) == 0
 
 
 # -- gunicorn, multiprocess -------------------------------------------------------------------

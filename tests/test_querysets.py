@@ -127,19 +127,25 @@ def test_percentile_cont_matches_postgres_definition(values, fraction, expected)
     ("queryset", "index"),
     [
         (lambda: RPCLog.objects.recent(hours=1), "rpclog_created_idx"),
-        (lambda: RPCLog.objects.recent(hours=1).failed(), "rpclog_status_created_idx"),
+        # The partial index of unsuccessful calls serves every status but success.
+        (lambda: RPCLog.objects.recent(hours=1).failed(), "rpclog_unsuccess_created_idx"),
+        (lambda: RPCLog.objects.recent(hours=1).timed_out(), "rpclog_unsuccess_created_idx"),
+        (lambda: RPCLog.objects.recent(hours=1).unsuccessful(), "rpclog_unsuccess_created_idx"),
+        (RPCLog.objects.stale, "rpclog_unsuccess_created_idx"),
+        (lambda: RPCLog.objects.failed().order_by("-created_at")[:50], "rpclog_unsuccess_"),
+        (lambda: RPCLog.objects.order_by("-created_at")[:100], "rpclog_created_idx"),
         (lambda: RPCLog.objects.recent(hours=1).for_method("m"), "rpclog_method_created_idx"),
         (lambda: RPCLog.objects.recent(hours=1).for_user(1), "rpclog_user_created_idx"),
-        (lambda: RPCLog.objects.filter(correlation_id="x"), "rpclog_correlation_idx"),
-        (lambda: RPCLog.objects.filter(trace_id="x"), "rpclog_trace_idx"),
+        (lambda: RPCLog.objects.filter(correlation_id="x"), "rpclog_correlation_hash"),
+        (lambda: RPCLog.objects.filter(trace_id="x"), "rpclog_traced_idx"),
         # The admin's search for 32 hex digits: a trace id or a correlation id, both indexed.
         (
             lambda: RPCLog.objects.filter(Q(trace_id="x") | Q(correlation_id="x")),
-            "rpclog_trace_idx",
+            "rpclog_traced_idx",
         ),
         (
             lambda: RPCLog.objects.filter(Q(trace_id="x") | Q(correlation_id="x")),
-            "rpclog_correlation_idx",
+            "rpclog_correlation_hash",
         ),
     ],
 )

@@ -8,9 +8,7 @@ The multi-process proof against the real django-ipc server is in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,7 +35,6 @@ from django_rpc_audit.ratelimit.limiter import RateLimiter, ip_subject
 from django_rpc_audit.ratelimit.rules import match_rule
 from django_rpc_audit.transports import LocalTransport, RPCRequest
 from scripts.ipc_server import free_port
-from tests.conftest import unavailable
 from tests.factories import UserFactory
 from tests.test_transports_redis import Responder, echo
 
@@ -104,59 +101,6 @@ def stats_delta(before: Any) -> dict[str, int]:
         for name in ("allowed", "limited", "errors", "failed_open", "failed_closed")
         if getattr(after, name) != getattr(before, name)
     }
-
-
-class PrivateRedis:
-    """A redis-server of the test's own on a free loopback port, which the test may stop."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> PrivateRedis:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
-        try:
-            for _ in range(100):
-                with contextlib.suppress(redis.ConnectionError):
-                    client.ping()
-                    return self
-                time.sleep(0.05)
-        finally:
-            client.close()
-        raise RuntimeError("the private redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    server = PrivateRedis()
-    try:
-        server.start()
-    except FileNotFoundError:
-        unavailable("redis-server is not installed")
-    yield server
-    server.stop()
 
 
 # -- limits and rules -------------------------------------------------------------------------

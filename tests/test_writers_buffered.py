@@ -46,6 +46,7 @@ from django_rpc_audit.writers import (
     writer_stats,
 )
 from django_rpc_audit.writers.sink import call_log_id
+from tests.calls import calls_for
 from tests.factories import UserFactory
 from tests.tcp_proxy import TCPProxy
 from tests.views import ViewFailed
@@ -647,30 +648,18 @@ def test_a_database_outage_neither_fails_nor_slows_calls_and_loses_nothing(
         writer = background_writer(using=alias, max_retry_delay=2.0, batch_size=500)
         client = get_rpc_client()
 
-        def calls_for(seconds: float, who: str) -> list[float]:
-            latencies = []
-            deadline = time.monotonic() + seconds
-            n = 0
-            while time.monotonic() < deadline:
-                clock = time.perf_counter()
-                client.call("test.echo", {"who": who, "n": n})
-                latencies.append(time.perf_counter() - clock)
-                n += 1
-                time.sleep(0.002)
-            return latencies
-
-        before = calls_for(5, "before")
+        before = calls_for(client, 5, "before")
         assert writer.flush(timeout=30)
         assert RPCLog.objects.filter(params__who="before").count() == len(before)
 
         with caplog.at_level(logging.WARNING, logger="django_rpc_audit.writers"):
             proxy.cut()
-            during = calls_for(OUTAGE_SECONDS, "during")
+            during = calls_for(client, OUTAGE_SECONDS, "during")
             assert RPCLog.objects.filter(params__who="during").count() == 0
             assert writer.stats().retries >= 3
             proxy.restore()
             assert writer.flush(timeout=60)
-        after = calls_for(2, "after")
+        after = calls_for(client, 2, "after")
         assert writer.flush(timeout=30)
 
         total = len(before) + len(during) + len(after)
@@ -900,19 +889,22 @@ def test_copy_interrupted_by_the_server_is_retried_as_a_batch(
         return real_bulk(queryset, events)
 
     killed: list[bool] = []
-    real_yield = sink._yield_the_gil
+    copied: list[int] = []
+    real_copy_values = sink.copy_values
 
-    def kill_once() -> None:
-        # Halfway through the first COPY, the server cancels it or ends the connection.
-        if not killed:
+    def kill_once(plan: Any, row: Any) -> Any:
+        # Halfway through the first COPY (its rows are sent one by one), the server cancels it
+        # or ends the connection.
+        copied.append(1)
+        if not killed and len(copied) == 20:
             killed.append(True)
             pid = connections[DEFAULT_DB_ALIAS].connection.info.backend_pid
             with psycopg.connect(**_libpq_params(), autocommit=True) as other:
                 assert other.execute(f"SELECT {kill}(%s)", [pid]).fetchone() == (True,)
-        real_yield()
+        return real_copy_values(plan, row)
 
     monkeypatch.setattr("django_rpc_audit.writers.buffered.bulk_record_events", counting_bulk)
-    monkeypatch.setattr(sink, "_yield_the_gil", kill_once)
+    monkeypatch.setattr(sink, "copy_values", kill_once)
     writer = background_writer(flush_interval=3600, max_retry_delay=0.2)
     events = [finished_event(started_event(), "success") for _ in range(40)]
     for event in events:

@@ -48,9 +48,10 @@ def delivery_id(endpoint: str, event_type: str, log_id: uuid.UUID) -> uuid.UUID:
 def enqueue_alerts(using: str, events: Iterable[Mapping[str, Any]]) -> int:
     """Add the alerts of the finished calls among ``events`` to the outbox; return how many.
 
-    Call it inside the transaction that writes the events' rows. Costs nothing without
-    ``WEBHOOKS``. A failure to write them is logged and never fails the log rows (a savepoint
-    keeps the surrounding transaction usable).
+    Call it inside the transaction that writes the events' rows. An event may name its row
+    with ``log_id`` (otherwise it is derived from the correlation id and start time). Costs
+    nothing without ``WEBHOOKS``. A failure to write them is logged and never fails the log
+    rows (a savepoint keeps the surrounding transaction usable).
     """
     config = get_config()
     if not config.webhooks:
@@ -87,7 +88,8 @@ def _delivery_rows(config: DjangoCfgRPCConfig, events: Iterable[Mapping[str, Any
         if not types:
             continue
         method = str(event["method"])
-        log_id = call_log_id(event["correlation_id"], event["started_at"])
+        # A stored row's event (the ingest worker's) names its row; the others are rebuilt.
+        log_id = event.get("log_id") or call_log_id(event["correlation_id"], event["started_at"])
         code = str(event.get("error_code") or "")[:100]
         for event_type in types:
             kind_code = "" if event_type == EVENT_SLOW else code

@@ -15,7 +15,8 @@ when the call ends.
   and the histogram ``rpc.client.call.duration`` through the metrics API.
 - :mod:`~django_rpc_audit.integrations.prometheus`: Prometheus (extra ``[prometheus]``):
   call counters and durations by method, status and error type, the log pipeline's health
-  (buffer depth, rows written, dropped and refused, write retries and latency), the
+  (buffer depth, rows written, dropped and refused, write retries and latency; the ingest
+  workers' rows, batches, claimed and dead-lettered entries, and the stream's lag), the
   ``/metrics`` view, multiprocess (gunicorn) support.
 - ``grafana-dashboard.json``: an importable Grafana dashboard over the Prometheus metrics
   (:data:`GRAFANA_DASHBOARD` is its path).
@@ -29,12 +30,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from django_rpc_audit.conf import DjangoCfgRPCConfig
     from django_rpc_audit.integrations.base import Instrumentation
     from django_rpc_audit.writers.base import WriterObserver
+    from django_rpc_audit.writers.ingest import IngestObserver
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +103,25 @@ def build_instrumentation(config: DjangoCfgRPCConfig) -> Instrumentation | None:
 
 def build_writer_observer(config: DjangoCfgRPCConfig) -> WriterObserver | None:
     """What publishes the buffered writer's health: Prometheus when it is on, else nothing."""
+    observer: WriterObserver | None = _prometheus_observer(config, "PipelineMetrics")
+    return observer
+
+
+def build_ingest_observer(config: DjangoCfgRPCConfig) -> IngestObserver | None:
+    """What publishes an ingest worker's figures: Prometheus when it is on, else nothing."""
+    observer: IngestObserver | None = _prometheus_observer(config, "IngestMetrics")
+    return observer
+
+
+def _prometheus_observer(config: DjangoCfgRPCConfig, name: str) -> Any:
+    """A new ``integrations.prometheus.<name>`` when Prometheus is on and installed, else
+    ``None``; never raises."""
     if not config.prometheus_metrics or "PROMETHEUS_METRICS" in missing_packages(config):
         return None
     try:
-        from django_rpc_audit.integrations.prometheus import PipelineMetrics
+        from django_rpc_audit.integrations import prometheus
 
-        return PipelineMetrics()
+        return getattr(prometheus, name)()
     except Exception:
-        logger.exception("Could not set up the RPC log pipeline's metrics.")
+        logger.exception("Could not set up the RPC log pipeline's metrics (%s).", name)
         return None

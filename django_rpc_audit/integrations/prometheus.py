@@ -15,6 +15,21 @@ user, IP or id is ever a label):
   ``rpc_audit_log_write_retries_total`` (database unreachable).
 - ``rpc_audit_log_write_duration_seconds``: time to write one batch (histogram).
 
+With ``WRITE_MODE = "stream"`` the same metrics describe the web process's side: rows written
+are rows added to the log stream, retries those of an unreachable Redis. The ingest workers
+(``rpc_logs_ingest --metrics-port``) publish theirs:
+
+- ``rpc_audit_ingest_rows_written_total``, ``rpc_audit_ingest_batches_total``: rows and
+  transactions committed.
+- ``rpc_audit_ingest_entries_claimed_total`` (taken over from dead consumers),
+  ``rpc_audit_ingest_entries_dead_lettered_total``, ``rpc_audit_ingest_entries_trimmed_total``
+  (trimmed from the stream before they were written: rows lost),
+  ``rpc_audit_ingest_write_retries_total`` (database unreachable).
+- ``rpc_audit_ingest_lag_entries`` (added to the stream, not yet read by the group) and
+  ``rpc_audit_ingest_pending_entries`` (read, not yet acknowledged): the consumer group's, the
+  same from every worker (take their ``max``).
+- ``rpc_audit_ingest_batch_duration_seconds``: time to write one batch (histogram).
+
 With ``PROMETHEUS_MULTIPROC_DIR`` set before the process starts, prometheus-client keeps every
 value in files in that directory and :func:`metrics_view` sums them over the processes
 (gunicorn workers). django-prometheus exports the same default registry, so its ``/metrics``
@@ -26,6 +41,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 from prometheus_client import (
@@ -40,6 +56,7 @@ from prometheus_client import (
 )
 
 from django_rpc_audit.writers.base import WriterStats
+from django_rpc_audit.writers.ingest import IngestStats
 
 NAMESPACE = "rpc_audit"
 #: Call duration buckets, in seconds: the OpenTelemetry RPC conventions' advised boundaries.
@@ -60,6 +77,15 @@ class Metrics:
     refused: Counter
     retries: Counter
     write_duration: Histogram
+    ingest_rows: Counter
+    ingest_batches: Counter
+    ingest_claimed: Counter
+    ingest_dead_lettered: Counter
+    ingest_trimmed: Counter
+    ingest_retries: Counter
+    ingest_lag: Gauge
+    ingest_pending: Gauge
+    ingest_batch_duration: Histogram
 
 
 _metrics: Metrics | None = None
@@ -94,7 +120,8 @@ def get_metrics() -> Metrics:
                     ),
                     written=Counter(
                         "log_rows_written",
-                        "RPC log rows written by the buffered writer.",
+                        "RPC log rows written by the buffered writer (stream mode: added to "
+                        "the log stream).",
                         namespace=NAMESPACE,
                     ),
                     dropped=Counter(
@@ -109,7 +136,8 @@ def get_metrics() -> Metrics:
                     ),
                     retries=Counter(
                         "log_write_retries",
-                        "Batch writes retried because the database was unreachable.",
+                        "Batch writes retried because the database (stream mode: the log "
+                        "stream's Redis) was unreachable.",
                         namespace=NAMESPACE,
                     ),
                     write_duration=Histogram(
@@ -118,8 +146,50 @@ def get_metrics() -> Metrics:
                         namespace=NAMESPACE,
                         buckets=WRITE_BUCKETS,
                     ),
+                    **_ingest_metrics(),
                 )
     return _metrics
+
+
+def _ingest_metrics() -> dict[str, Any]:
+    def counter(name: str, documentation: str) -> Counter:
+        return Counter(name, documentation, namespace=NAMESPACE)
+
+    def gauge(name: str, documentation: str) -> Gauge:
+        # Every worker reports the same group figure: the largest of the live ones, not a sum.
+        return Gauge(name, documentation, namespace=NAMESPACE, multiprocess_mode="livemax")
+
+    return {
+        "ingest_rows": counter("ingest_rows_written", "RPC log rows the ingest workers wrote."),
+        "ingest_batches": counter(
+            "ingest_batches", "Batches (transactions) the ingest workers wrote."
+        ),
+        "ingest_claimed": counter(
+            "ingest_entries_claimed", "Log stream entries taken over from dead consumers."
+        ),
+        "ingest_dead_lettered": counter(
+            "ingest_entries_dead_lettered", "Log stream entries moved to the dead-letter stream."
+        ),
+        "ingest_trimmed": counter(
+            "ingest_entries_trimmed",
+            "Pending log stream entries trimmed (LOG_STREAM_MAXLEN) before they were written.",
+        ),
+        "ingest_retries": counter(
+            "ingest_write_retries", "Batch writes retried because the database was unreachable."
+        ),
+        "ingest_lag": gauge(
+            "ingest_lag_entries", "Log stream entries not yet delivered to an ingest worker."
+        ),
+        "ingest_pending": gauge(
+            "ingest_pending_entries", "Log stream entries delivered but not yet acknowledged."
+        ),
+        "ingest_batch_duration": Histogram(
+            "ingest_batch_duration_seconds",
+            "Time an ingest worker took to write one batch, in seconds.",
+            namespace=NAMESPACE,
+            buckets=WRITE_BUCKETS,
+        ),
+    }
 
 
 class PrometheusCallRecorder:
@@ -145,6 +215,15 @@ class PrometheusCallRecorder:
         duration.observe(seconds)
 
 
+def _add_increases(*counts: tuple[Counter, int, int]) -> None:
+    """Add to each counter the increase of a count since it was last seen: ``(counter, now,
+    before)``. A count below its last value was reset (a new writer): all of it is new."""
+    for counter, now, before in counts:
+        delta = now - before if now >= before else now
+        if delta:
+            counter.inc(delta)
+
+
 class PipelineMetrics:
     """Publishes a buffered writer's counters (a
     :class:`~django_rpc_audit.writers.base.WriterObserver`), on the writer's thread."""
@@ -163,17 +242,54 @@ class PipelineMetrics:
             self._last, self._pid = WriterStats(), os.getpid()
         metrics, last = self.metrics, self._last
         metrics.buffered.set(stats.buffered)
-        for counter, now, before in (
+        _add_increases(
             (metrics.written, stats.written, last.written),
             (metrics.dropped, stats.dropped, last.dropped),
             (metrics.refused, stats.failed, last.failed),
             (metrics.retries, stats.retries, last.retries),
-        ):
-            # A counter below its last value was reset (a new writer): all of it is new.
-            delta = now - before if now >= before else now
-            if delta:
-                counter.inc(delta)
+        )
         self._last = stats
+
+
+class IngestMetrics:
+    """Publishes an ingest worker's figures (an
+    :class:`~django_rpc_audit.writers.ingest.IngestObserver`). One per worker: it counts the
+    increase of that worker's counters."""
+
+    def __init__(self) -> None:
+        self.metrics = get_metrics()
+        self._last = IngestStats()
+
+    def batch_written(self, rows: int, seconds: float) -> None:
+        self.metrics.ingest_batch_duration.observe(seconds)
+
+    def counts(self, stats: IngestStats) -> None:
+        metrics, last = self.metrics, self._last
+        _add_increases(
+            (metrics.ingest_rows, stats.rows, last.rows),
+            (metrics.ingest_batches, stats.batches, last.batches),
+            (metrics.ingest_claimed, stats.claimed, last.claimed),
+            (metrics.ingest_dead_lettered, stats.dead_lettered, last.dead_lettered),
+            (metrics.ingest_trimmed, stats.trimmed, last.trimmed),
+            (metrics.ingest_retries, stats.retries, last.retries),
+        )
+        if stats.backlog_at is not None:
+            if stats.lag is not None:
+                metrics.ingest_lag.set(stats.lag)
+            if stats.pending is not None:
+                metrics.ingest_pending.set(stats.pending)
+        self._last = stats
+
+
+def serve_metrics(port: int, address: str = "127.0.0.1") -> Any:
+    """Serve this process's metrics at ``http://<address>:<port>/metrics`` from a daemon thread
+    (prometheus-client's server): for a process with no web server, the ingest worker. Only its
+    own metrics, even in multiprocess mode, so that no process is counted twice."""
+    from prometheus_client import start_http_server
+
+    get_metrics()  # every family shows, at zero, before the first batch
+    server, _ = start_http_server(port, address)
+    return server  # shutdown() stops it
 
 
 def exposition() -> bytes:

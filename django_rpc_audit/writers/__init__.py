@@ -13,11 +13,21 @@ writes it.
   default), a bounded in-memory buffer written in batches by a background thread on its own
   connection, flushed at exit (multiprocessing children included), on ``SIGTERM`` and never
   shared with a forked child.
+- :mod:`~django_rpc_audit.writers.stream`: :class:`StreamLogWriter` (``"stream"``), the
+  buffered writer's buffer shipped to a Redis Stream with pipelined ``XADD`` instead of the
+  database.
+- :mod:`~django_rpc_audit.writers.entry`: a stored row as one compact, exact stream entry,
+  its layout made from the model's columns.
+- :mod:`~django_rpc_audit.writers.ingest`: :class:`IngestWorker` (``rpc_logs_ingest``), a
+  consumer-group worker writing the stream's rows (and their alerts) to the database, and
+  :func:`stream_backlog` (the group's lag), :func:`worker_stats` (the running workers'
+  counters) and :class:`IngestObserver` (what publishes them: Prometheus) for monitoring.
 - :mod:`~django_rpc_audit.writers.sink`: the rows themselves; column values made safe to store,
   single-row writes and idempotent batch writes (``COPY`` on PostgreSQL). Every writer ends
   here.
 - :mod:`~django_rpc_audit.writers.mysql`: the sink's batch writes on MySQL and MariaDB
-  (multi-row upserts) and which of their errors refuse a row rather than the connection.
+  (multi-row upserts, of events and of stored rows) and which of their errors refuse a row
+  rather than the connection.
 - :mod:`~django_rpc_audit.writers.registry`: the process-wide writer chosen by
   ``WRITE_MODE``, :func:`use_writer`, :func:`flush` and :func:`writer_stats`.
 
@@ -30,11 +40,19 @@ from __future__ import annotations
 
 from django_rpc_audit.writers.base import (
     DatabaseUnavailable,
+    DestinationUnavailable,
     LogWriter,
     WriterObserver,
     WriterStats,
 )
 from django_rpc_audit.writers.buffered import BufferedLogWriter, install_sigterm_flush
+from django_rpc_audit.writers.ingest import (
+    IngestObserver,
+    IngestStats,
+    IngestWorker,
+    stream_backlog,
+    worker_stats,
+)
 from django_rpc_audit.writers.registry import (
     flush,
     get_writer,
@@ -42,19 +60,28 @@ from django_rpc_audit.writers.registry import (
     writer_never_blocks,
     writer_stats,
 )
+from django_rpc_audit.writers.stream import StreamLogWriter, StreamUnavailable
 from django_rpc_audit.writers.sync import SyncLogWriter
 
 __all__ = [
     "BufferedLogWriter",
     "DatabaseUnavailable",
+    "DestinationUnavailable",
+    "IngestObserver",
+    "IngestStats",
+    "IngestWorker",
     "LogWriter",
+    "StreamLogWriter",
+    "StreamUnavailable",
     "SyncLogWriter",
     "WriterObserver",
     "WriterStats",
     "flush",
     "get_writer",
     "install_sigterm_flush",
+    "stream_backlog",
     "use_writer",
+    "worker_stats",
     "writer_never_blocks",
     "writer_stats",
 ]

@@ -26,20 +26,27 @@ class WriterStats:
 
     #: Calls waiting in the buffer.
     buffered: int = 0
-    #: Rows written: inserts and completions of pending rows.
+    #: Rows written: inserts and completions of pending rows (the stream writer: rows added
+    #: to the log stream).
     written: int = 0
     #: Calls dropped because the buffer was full (successful ones first).
     dropped: int = 0
     #: Rows the database refused (a data error, logged); not retried.
     failed: int = 0
-    #: Write attempts that failed because the database was unreachable, then retried.
+    #: Write attempts that failed because the database (or the log stream's Redis) was
+    #: unreachable, then retried.
     retries: int = 0
     #: Bytes the buffered calls hold (``BUFFER_MAX_BYTES`` bounds it), estimated from their
     #: texts. Left out of comparisons: it depends on the events' contents, not on the policy.
     buffered_bytes: int = field(default=0, compare=False)
 
 
-class DatabaseUnavailable(Exception):
+class DestinationUnavailable(Exception):
+    """A batch could not be delivered because its destination could not be reached; the
+    buffered writer keeps it and retries."""
+
+
+class DatabaseUnavailable(DestinationUnavailable):
     """A batch could not be written because the database could not be reached."""
 
 

@@ -27,6 +27,7 @@ from django_rpc_audit.conf import get_config
 from django_rpc_audit.status import RPCStatus
 from django_rpc_audit.writers.base import (
     DatabaseUnavailable,
+    DestinationUnavailable,
     WriterObserver,
     WriterStats,
     is_unreachable,
@@ -72,10 +73,15 @@ class BufferedLogWriter:
     Writes are idempotent (see :func:`~django_rpc_audit.writers.sink.bulk_record_events`), so
     retrying a batch whose commit reply was lost writes no duplicates.
 
+    Subclasses deliver elsewhere by overriding :meth:`_write_batch` (the stream writer).
+
     With ``background=False`` no thread is started and nothing is written until :meth:`flush`,
     which then writes on the calling thread's connection: what the ``rpc_log_writer`` test
     fixture uses, so rows land in the test's transaction.
     """
+
+    #: Where the rows go, as the log messages name it.
+    destination = "the database"
 
     def __init__(
         self,
@@ -133,7 +139,7 @@ class BufferedLogWriter:
 
     def __repr__(self) -> str:
         mode = "background" if self.background else "inline"
-        return f"<BufferedLogWriter {mode} buffered={len(self._buffer)}>"
+        return f"<{type(self).__name__} {mode} buffered={len(self._buffer)}>"
 
     # -- the caller's side --------------------------------------------------------------------
 
@@ -278,8 +284,8 @@ class BufferedLogWriter:
     def _write_inline(self) -> bool:
         try:
             self._write_buffered(close_on_error=False)
-        except DatabaseUnavailable:
-            logger.exception("Could not write the buffered RPC log rows.")
+        except DestinationUnavailable:
+            logger.exception("Could not write the buffered RPC log rows to %s.", self.destination)
             return False
         finally:
             self._report_drops()
@@ -327,13 +333,14 @@ class BufferedLogWriter:
                 limit = None if self._stop.is_set() else len(self._buffer)
                 try:
                     self._write_buffered(close_on_error=True, limit=limit)
-                except DatabaseUnavailable:
+                except DestinationUnavailable:
                     self._retries += 1
                     delay = min(max(delay * 2, _FIRST_RETRY_DELAY), self.max_retry_delay)
                     if self._retries == 1 or delay == self.max_retry_delay:
                         logger.warning(
-                            "Cannot write RPC log rows, the database is unreachable; "
+                            "Cannot write RPC log rows, %s is unreachable; "
                             "%d call(s) buffered, retrying in %.1f s.",
+                            self.destination,
                             len(self._buffer),
                             delay,
                             exc_info=True,
@@ -380,8 +387,8 @@ class BufferedLogWriter:
         """Write the buffer, oldest calls first, one batch per transaction, until it is empty
         (or, with ``limit``, once at least ``limit`` calls are written).
 
-        :raises DatabaseUnavailable: the database could not be reached; what is not written
-            stays buffered.
+        :raises DestinationUnavailable: the database (or stream) could not be reached; what is
+            not written stays buffered.
         """
         written = 0
         with self._write_lock:

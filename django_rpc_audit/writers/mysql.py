@@ -1,7 +1,8 @@
 """The sink's batch writes on MySQL and MariaDB: multi-row upserts through mysqlclient.
 
-:func:`~django_rpc_audit.writers.sink.bulk_record_events` hands a batch here when the
-database is MySQL or MariaDB. Django's ``bulk_create`` cannot do it there: with
+:func:`~django_rpc_audit.writers.sink.bulk_record_events` (events) and
+:func:`~django_rpc_audit.writers.sink.write_rows` (stored rows, the ingest worker's) hand a
+batch here when the database is MySQL or MariaDB. Django's ``bulk_create`` cannot do it there: with
 ``unique_fields`` it raises ``NotSupportedError``, and ``ignore_conflicts`` becomes
 ``INSERT IGNORE``, which turns a refused row (a value the column refuses) into a warning
 and drops it silently. Instead, one ``executemany`` per kind of row, which
@@ -27,25 +28,27 @@ from __future__ import annotations
 
 import json
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from django.db import DataError, OperationalError, models, transaction
 
+from django_rpc_audit.status import RPCStatus
 from django_rpc_audit.writers.sink import (
     _ROWS_PER_YIELD,
     _yield_the_gil,
     event_row_values,
-    is_finished_event,
-    live_user_pks,
     queue_alerts,
+    unset_missing_users,
 )
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
 
     from django_rpc_audit.querysets import RPCLogQuerySet
+
+_PENDING = RPCStatus.PENDING.value
 
 #: Server errors that mean "try again later", not "this row is refused": the connection or
 #: the server went away, is busy or read-only for now, or the transaction lost a lock race.
@@ -119,6 +122,24 @@ def bulk_record_events(
         is rolled back, and the buffered writer retries its rows one by one.
     :raises OperationalError: the server cannot be used now; the batch is rolled back.
     """
+    rows = (event_row_values(event, for_copy=True) for event in events)
+    return write_rows(queryset, connection, rows, lambda: queue_alerts(queryset.db, events))
+
+
+def write_rows(
+    queryset: RPCLogQuerySet,
+    connection: BaseDatabaseWrapper,
+    rows: Iterable[dict[str, Any]],
+    in_transaction: Callable[[], object] | None = None,
+) -> int:
+    """Write stored rows (:func:`~django_rpc_audit.writers.sink.event_row_values` with
+    ``for_copy``; a lazy iterable is only consumed once connected) in one transaction and
+    return their count: finished ones with ``REPLACE``, pending ones unless their row exists.
+    ``in_transaction`` runs in that transaction after the rows (the outbox's alerts).
+
+    :raises DataError: the server refused a row (see :func:`refused_by_server`).
+    :raises OperationalError: the server cannot be used now; nothing is written.
+    """
     model = queryset.model
     fields = list(model._meta.concrete_fields)
     quote = connection.ops.quote_name
@@ -136,10 +157,11 @@ def bulk_record_events(
         # Connected first: while the server is unreachable a retry fails at once, without
         # building its rows again (CPU and garbage, hence collector pauses, for the callers).
         with transaction.atomic(using=queryset.db), connection.cursor() as cursor:
-            live_users = live_user_pks(queryset, events)
-            for n, event in enumerate(events, 1):
-                row = row_of(event, live_users)
-                (finished if is_finished_event(event) else pending).append(row)
+            stored = list(rows)
+            unset_missing_users(queryset, stored)
+            for n, row in enumerate(stored, 1):
+                is_pending = row.get("status", _PENDING) == _PENDING
+                (pending if is_pending else finished).append(row_of(row))
                 if n % _ROWS_PER_YIELD == 0:
                     _yield_the_gil()
             _refuse_oversized_rows(
@@ -149,7 +171,8 @@ def bulk_record_events(
                 cursor.executemany(f"REPLACE {values}", finished)
             if pending:
                 cursor.executemany(f"INSERT {values} ON DUPLICATE KEY UPDATE {pk} = {pk}", pending)
-            queue_alerts(queryset.db, events)
+            if in_transaction is not None:
+                in_transaction()
     except OperationalError as exc:
         if refused_by_server(exc):
             raise DataError(*exc.args) from exc
@@ -191,10 +214,11 @@ def _refuse_oversized_rows(
 
 def _row_maker(
     fields: Sequence[models.Field[Any, Any]], connection: BaseDatabaseWrapper
-) -> Callable[[Mapping[str, Any], set[Any]], list[Any]]:
-    """A function from an event to the values of its row, in the order of ``fields``, as the
-    driver takes them: JSON columns as the sink's compact JSON text, the others as
-    :func:`_prep_for` says (datetimes naive in the connection's time zone, ...)."""
+) -> Callable[[Mapping[str, Any]], list[Any]]:
+    """A function from a stored row (:func:`~django_rpc_audit.writers.sink.event_row_values`
+    with ``for_copy``) to its values in the order of ``fields``, as the driver takes them: JSON
+    columns as the sink's compact JSON text, the others as :func:`_prep_for` says (datetimes
+    naive in the connection's time zone, ...)."""
     defaults: dict[str, Any] = {}
     preps: list[tuple[str, Callable[[Any], Any] | None]] = []
     for field in fields:
@@ -206,10 +230,7 @@ def _row_maker(
             defaults[field.attname] = default
             preps.append((field.attname, _prep_for(field, connection)))
 
-    def row_of(event: Mapping[str, Any], live_users: set[Any]) -> list[Any]:
-        values = event_row_values(event, for_copy=True)
-        if values["user_id"] not in live_users:
-            values["user_id"] = None  # a deleted user: the row stays, with its username
+    def row_of(values: Mapping[str, Any]) -> list[Any]:
         row = []
         for name, prep in preps:
             value = values.get(name, defaults[name])

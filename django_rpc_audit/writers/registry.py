@@ -11,6 +11,7 @@ from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
 from django_rpc_audit.integrations import build_writer_observer
 from django_rpc_audit.writers.base import LogWriter, WriterStats
 from django_rpc_audit.writers.buffered import BufferedLogWriter, shutdown_timeout
+from django_rpc_audit.writers.stream import StreamLogWriter
 from django_rpc_audit.writers.sync import SyncLogWriter
 
 _sync_writer = SyncLogWriter()
@@ -21,13 +22,20 @@ _writer_lock = threading.Lock()
 
 
 def _buffered_options(config: DjangoCfgRPCConfig) -> dict[str, Any]:
-    return {
+    options: dict[str, Any] = {
         "buffer_size": config.buffer_size,
         "buffer_max_bytes": config.buffer_max_bytes,
         "batch_size": config.buffer_batch_size,
         "flush_interval": config.buffer_flush_interval,
         "max_retry_delay": config.buffer_max_retry_delay,
     }
+    if config.write_mode == "stream":
+        options.update(
+            redis_url=config.log_stream_url,
+            stream=config.log_stream,
+            maxlen=config.log_stream_maxlen,
+        )
+    return options
 
 
 def get_writer() -> LogWriter:
@@ -54,7 +62,8 @@ def _configure_buffered_writer(config: DjangoCfgRPCConfig) -> BufferedLogWriter:
             _buffered_config = config
             old.observer = build_writer_observer(config)
             return old
-        _buffered_writer = BufferedLogWriter(**options)
+        kind = StreamLogWriter if config.write_mode == "stream" else BufferedLogWriter
+        _buffered_writer = kind(**options)
         _buffered_writer.observer = build_writer_observer(config)
         _buffered_config = config
     if old is not None:
@@ -74,7 +83,8 @@ def use_writer(writer: LogWriter) -> Iterator[LogWriter]:
 
 
 def flush(timeout: float | None = 30.0) -> bool:
-    """Write every call logged so far; True once they are all in the database.
+    """Write every call logged so far; True once they are all in the database (with
+    ``WRITE_MODE = "stream"``: in the log stream).
 
     A no-op (True) with the synchronous writer. ::
 

@@ -18,6 +18,7 @@ import json
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from django_rpc_audit.status import RPCStatus
 from django_rpc_audit.utils import stored_datetime
 
 if TYPE_CHECKING:
+    from django_rpc_audit.alerts.slow import SlowVerdict
     from django_rpc_audit.models import RPCLog
     from django_rpc_audit.querysets import RPCLogQuerySet
 
@@ -416,20 +418,134 @@ def bulk_record_events(queryset: RPCLogQuerySet, events: Sequence[Mapping[str, A
 
         return mysql.bulk_record_events(queryset, connection, events)
     if connection.vendor == "postgresql" and _copy_supported(connection):
+        rows = []
+        for n, event in enumerate(events, 1):
+            rows.append(event_row_values(event, for_copy=True))
+            if n % _ROWS_PER_YIELD == 0:
+                _yield_the_gil()
         with transaction.atomic(using=queryset.db):
-            written = _copy_record_events(queryset, connection, events)
+            unset_missing_users(queryset, rows)
+            written = _copy_rows(queryset, connection, rows)
             queue_alerts(queryset.db, events)
             return written
+    with transaction.atomic(using=queryset.db):
+        written = _bulk_create_rows(queryset, [event_row_values(event) for event in events])
+        queue_alerts(queryset.db, events)
+        return written
+
+
+def write_rows(
+    queryset: RPCLogQuerySet,
+    rows: Sequence[dict[str, Any]],
+    slow: Mapping[str, SlowVerdict] | None = None,
+) -> int:
+    """Write stored rows (:func:`event_row_values` with ``for_copy``) in one transaction, and
+    queue the alerts of the finished calls among them in it (``slow``: the verdicts of the slow
+    calls, by row id; see :func:`row_alert_events`).
+
+    What the ingest worker writes: the rows arrive already made safe to store, so only the
+    write is left. Idempotent like :func:`bulk_record_events`, alerts included; a row whose
+    ``status`` is ``pending`` never overwrites an existing row; a row whose user was deleted is
+    written with the user unset (``rows`` are changed so). At most one row per ``id``.
+    """
+    connection = connections[queryset.db]
+
+    def queue_row_alerts() -> None:
+        if get_config().webhooks:
+            queue_alerts(queryset.db, row_alert_events(queryset, rows, slow or {}))
+
+    if connection.vendor == "mysql":  # MySQL and MariaDB
+        from django_rpc_audit.writers import mysql
+
+        return mysql.write_rows(queryset, connection, rows, queue_row_alerts)
+    with transaction.atomic(using=queryset.db):
+        if connection.vendor == "postgresql" and _copy_supported(connection):
+            unset_missing_users(queryset, rows)
+            written = _copy_rows(queryset, connection, rows)
+        else:
+            model = queryset.model
+            written = _bulk_create_rows(queryset, [_model_values(model, row) for row in rows])
+        queue_row_alerts()
+        return written
+
+
+_ALERTING_STATUSES = frozenset({RPCStatus.FAILED.value, RPCStatus.TIMEOUT.value})
+
+
+def row_alert_events(
+    queryset: RPCLogQuerySet,
+    rows: Sequence[Mapping[str, Any]],
+    slow: Mapping[str, SlowVerdict],
+) -> list[dict[str, Any]]:
+    """The ``rpc_finished`` arguments the outbox needs
+    (:func:`~django_rpc_audit.alerts.outbox.enqueue_alerts`) of the stored rows that raise an
+    alert: failed and timed-out calls, and the slow ones (``slow``: verdicts by row id).
+
+    Made from the stored values, which are those the other writers' events carry (the client
+    stores and redacts before it sends ``rpc_finished``): JSON parsed back, an empty error
+    code or message ``None`` again, the users loaded in one query, ``log_id`` the row's id.
+    """
+    alerting = [
+        row
+        for row in rows
+        if row.get("status") in _ALERTING_STATUSES or (slow and row["id"] in slow)
+    ]
+    if not alerting:
+        return []
+    user_field = queryset.model._meta.get_field("user")
+    user_ids = {row["user_id"] for row in alerting if row.get("user_id") is not None}
+    users: dict[Any, Any] = {}
+    if user_ids:
+        manager = user_field.related_model._base_manager.db_manager(queryset.db)
+        users = manager.in_bulk(user_ids, field_name=user_field.target_field.attname)
+    events = []
+    for row in alerting:
+        response = row.get("response")
+        events.append(
+            {
+                "log_id": uuid.UUID(hex=row["id"]),
+                "correlation_id": row["correlation_id"],
+                "method": row["method"],
+                "params": json.loads(row["params"]),
+                "response": None if response is None else json.loads(response),
+                "user": users.get(row.get("user_id")),
+                "started_at": row["created_at"],
+                "completed_at": row["completed_at"],
+                "status": row["status"],
+                "error_code": row.get("error_code") or None,
+                "error_message": row.get("error_message") or None,
+                "duration_ms": row.get("duration_ms"),
+                "slow": slow.get(row["id"]),
+            }
+        )
+    return events
+
+
+def _model_values(model: type[RPCLog], row: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored row (``COPY``'s forms) as model field values: JSON parsed, the id a UUID."""
+    values = dict(row)
+    values["id"] = uuid.UUID(hex=values["id"])
+    for name in _json_attnames(model):
+        if isinstance(values.get(name), str):
+            values[name] = json.loads(values[name])
+    return values
+
+
+@functools.cache
+def _json_attnames(model: type[RPCLog]) -> tuple[str, ...]:
+    return tuple(f.attname for f in model._meta.concrete_fields if isinstance(f, models.JSONField))
+
+
+def _bulk_create_rows(queryset: RPCLogQuerySet, values: Sequence[dict[str, Any]]) -> int:
+    """The other databases' path: ``bulk_create`` with conflict handling, in one transaction."""
     model = queryset.model
     finished: list[RPCLog] = []
     pending: list[RPCLog] = []
     with transaction.atomic(using=queryset.db):
-        live_users = live_user_pks(queryset, events)
-        for event in events:
-            values = event_row_values(event)
-            if values["user_id"] not in live_users:
-                values["user_id"] = None
-            (finished if is_finished_event(event) else pending).append(model(**values))
+        unset_missing_users(queryset, values)
+        for row in values:
+            is_pending = row.get("status", _PENDING) == _PENDING
+            (pending if is_pending else finished).append(model(**row))
         if finished:
             update_fields = [f.name for f in model._meta.concrete_fields if not f.primary_key]
             queryset.bulk_create(
@@ -440,20 +556,19 @@ def bulk_record_events(queryset: RPCLogQuerySet, events: Sequence[Mapping[str, A
             )
         if pending:
             queryset.bulk_create(pending, ignore_conflicts=True)
-        queue_alerts(queryset.db, events)
     return len(finished) + len(pending)
 
 
-def _user_pks(events: Sequence[Mapping[str, Any]]) -> set[Any]:
-    """The primary keys of the users the ``events`` are attributed to."""
-    return {user.pk for event in events if isinstance(user := event.get("user"), models.Model)}
-
-
-def live_user_pks(queryset: RPCLogQuerySet, events: Sequence[Mapping[str, Any]]) -> set[Any]:
-    """Of the users ``events`` are attributed to, those still in the database: one query per
-    batch, in its transaction. A row whose user is not among them is written with the user
-    unset (and its username snapshot), never refused for its dangling key."""
-    return _existing_user_pks(queryset, _user_pks(events))
+def unset_missing_users(queryset: RPCLogQuerySet, rows: Sequence[dict[str, Any]]) -> None:
+    """Unset the user of the stored ``rows`` whose user is no longer in the database: one
+    query per batch, in its transaction. Such a row is written with the user unset (and its
+    username snapshot), never refused for its dangling key."""
+    live = _existing_user_pks(
+        queryset, {row["user_id"] for row in rows if row.get("user_id") is not None}
+    )
+    for row in rows:
+        if row.get("user_id") is not None and row["user_id"] not in live:
+            row["user_id"] = None
 
 
 def queue_alerts(using: str, events: Sequence[Mapping[str, Any]]) -> None:
@@ -462,6 +577,9 @@ def queue_alerts(using: str, events: Sequence[Mapping[str, Any]]) -> None:
     from django_rpc_audit.alerts.outbox import enqueue_alerts
 
     enqueue_alerts(using, events)
+
+
+_PENDING = RPCStatus.PENDING.value
 
 
 def _yield_the_gil() -> None:
@@ -480,7 +598,7 @@ _ROWS_PER_YIELD = 8
 
 
 #: Session-local staging table of the PostgreSQL path, emptied at each commit.
-_STAGING_TABLE = "django_rpc_audit_incoming"
+_STAGING_TABLE = "django_rpc_audit_incoming_v2"
 
 
 def _copy_supported(connection: Any) -> bool:
@@ -490,61 +608,137 @@ def _copy_supported(connection: Any) -> bool:
     return bool(is_psycopg3)
 
 
-def _copy_record_events(
-    queryset: RPCLogQuerySet, connection: Any, events: Sequence[Mapping[str, Any]]
-) -> int:
-    """The PostgreSQL path of :func:`bulk_record_events`: ``COPY`` into a staging table, then
-    one upsert of the finished rows and one insert of the pending ones, both idempotent.
+#: Column types ``COPY``'s binary format sends as they are; every other column travels as text
+#: and is cast by the server (``jsonb``, ``inet``, ``uuid``, the user's key).
+_BINARY_TYPES = {
+    "double precision": "float8",
+    "timestamp with time zone": "timestamptz",
+    "timestamp": "timestamp",
+}
 
-    ``COPY`` costs a fraction of an ``INSERT`` with thousands of bound parameters, which
-    is what lets one writer thread keep up with a busy process. Runs inside the caller's
-    transaction.
-    """
-    model = queryset.model
+
+@dataclass(frozen=True, slots=True)
+class _CopyPlan:
+    """The SQL and per-column conversions of the PostgreSQL path, made once per model."""
+
+    #: ``(attname, default)`` of each column, in ``COPY``'s order.
+    columns: tuple[tuple[str, Any], ...]
+    #: Positions of the text columns whose value may not be ``str`` yet (the user's key).
+    stringify: tuple[int, ...]
+    types: tuple[str, ...]
+    create_staging: str
+    copy: str
+    upsert_finished: str
+    insert_pending: str
+    empty_staging: str
+
+
+def _copy_plan(model: type[RPCLog], connection: Any) -> _CopyPlan:
+    key = (model, connection.alias, connection.settings_dict.get("NAME"))
+    plan = _copy_plans.get(key)
+    if plan is None:
+        plan = _copy_plans[key] = _make_copy_plan(model, connection)
+    return plan
+
+
+_copy_plans: dict[tuple[Any, ...], _CopyPlan] = {}
+
+
+def _make_copy_plan(model: type[RPCLog], connection: Any) -> _CopyPlan:
+    quote = connection.ops.quote_name
     fields = list(model._meta.concrete_fields)
-    defaults = {f.attname: f.get_default() for f in fields}
-    for f in fields:
-        # JSON columns are copied as JSON text (the server parses it), not adapted objects.
-        if isinstance(f, models.JSONField) and defaults[f.attname] is not None:
-            defaults[f.attname] = json.dumps(defaults[f.attname])
-    attnames = [f.attname for f in fields]
-    table = connection.ops.quote_name(model._meta.db_table)
-    staging = connection.ops.quote_name(_STAGING_TABLE)
-    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
-    updates = ", ".join(
-        f"{connection.ops.quote_name(f.column)} = EXCLUDED.{connection.ops.quote_name(f.column)}"
-        for f in fields
-        if not f.primary_key
+    defaults = []
+    types = []
+    staged = []
+    selected = []
+    stringify = []
+    text_fields = (
+        models.CharField,
+        models.TextField,
+        models.JSONField,
+        models.GenericIPAddressField,
     )
-    pending = RPCStatus.PENDING.value
-    counts = {True: 0, False: 0}  # finished, pending
+    for position, f in enumerate(fields):
+        default = f.get_default()
+        if isinstance(f, models.JSONField) and default is not None:
+            # JSON columns are copied as JSON text (the server parses it), not adapted objects.
+            default = json.dumps(default)
+        defaults.append(default)
+        db_type = f.db_type(connection) or "text"
+        binary = _BINARY_TYPES.get(db_type)
+        types.append(binary or "text")
+        if not binary and not isinstance(f, text_fields):
+            stringify.append(position)
+        column = quote(f.column)
+        staged.append(f"{column} {binary or 'text'}")
+        if binary or db_type == "text" or db_type.startswith("varchar"):
+            selected.append(column)
+        else:
+            selected.append(f"CAST({column} AS {db_type})")
+    table = quote(model._meta.db_table)
+    staging = quote(_STAGING_TABLE)
+    columns = ", ".join(quote(f.column) for f in fields)
+    updates = ", ".join(
+        f"{quote(f.column)} = EXCLUDED.{quote(f.column)}" for f in fields if not f.primary_key
+    )
     # Identifiers come from the model, quoted; values are bound or copied, never formatted.
-    select = f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {staging} WHERE status "  # noqa: S608
-    live_users = live_user_pks(queryset, events)
+    select = (
+        f"INSERT INTO {table} ({columns}) SELECT {', '.join(selected)} "  # noqa: S608
+        f"FROM {staging} WHERE {quote('status')} "
+    )
+    return _CopyPlan(
+        columns=tuple(zip((f.attname for f in fields), defaults, strict=True)),
+        stringify=tuple(stringify),
+        types=tuple(types),
+        create_staging=(
+            f"CREATE TEMPORARY TABLE IF NOT EXISTS {staging} ({', '.join(staged)}) "
+            "ON COMMIT DELETE ROWS"
+        ),
+        copy=f"COPY {staging} ({columns}) FROM STDIN (FORMAT BINARY)",
+        upsert_finished=f"{select}<> %s ON CONFLICT (id) DO UPDATE SET {updates}",
+        insert_pending=f"{select}= %s ON CONFLICT (id) DO NOTHING",
+        empty_staging=f"DELETE FROM {staging}",  # noqa: S608
+    )
+
+
+def copy_values(plan: _CopyPlan, row: Mapping[str, Any]) -> list[Any]:
+    """One stored row as the values binary ``COPY`` sends, in the plan's column order."""
+    get = row.get
+    values = [get(name, default) for name, default in plan.columns]
+    for position in plan.stringify:
+        value = values[position]
+        if value is not None and not isinstance(value, str):
+            values[position] = str(value)
+    return values
+
+
+def _copy_rows(queryset: RPCLogQuerySet, connection: Any, rows: Sequence[Mapping[str, Any]]) -> int:
+    """The PostgreSQL path: binary ``COPY`` into a staging table, then one upsert of the
+    finished rows and one insert of the pending ones, both idempotent.
+
+    ``COPY`` costs a fraction of an ``INSERT`` with thousands of bound parameters, and its
+    binary format spares formatting every value as text; the server casts the text columns
+    (JSON, addresses, ids) once per row in the upsert. Runs inside the caller's transaction.
+    """
+    plan = _copy_plan(queryset.model, connection)
+    pending = 0
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"CREATE TEMPORARY TABLE IF NOT EXISTS {staging} "
-            f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-        )
+        cursor.execute(plan.create_staging)
         # psycopg's own COPY, past Django's cursor wrapper: wrap its errors the way Django
         # wraps every other query's, so that a cancelled COPY or a dropped connection is an
         # OperationalError (an outage, retried) and not a bare psycopg exception.
-        with (
-            connection.wrap_database_errors,
-            cursor.cursor.copy(f"COPY {staging} ({columns}) FROM STDIN") as copy,
-        ):
-            for n, event in enumerate(events, 1):
-                values = event_row_values(event, for_copy=True)
-                if values["user_id"] not in live_users:
-                    values["user_id"] = None
-                copy.write_row([values.get(name, defaults[name]) for name in attnames])
-                counts[is_finished_event(event)] += 1
-                if n % _ROWS_PER_YIELD == 0:
-                    _yield_the_gil()
-        if counts[True]:
-            cursor.execute(f"{select}<> %s ON CONFLICT (id) DO UPDATE SET {updates}", [pending])
-        if counts[False]:
-            cursor.execute(f"{select}= %s ON CONFLICT (id) DO NOTHING", [pending])
-        # Emptied at commit anyway; explicitly for a batch written inside a longer transaction.
-        cursor.execute(f"DELETE FROM {staging}")  # noqa: S608
-    return len(events)
+        with connection.wrap_database_errors, cursor.cursor.copy(plan.copy) as copy:
+            copy.set_types(plan.types)
+            for row in rows:
+                copy.write_row(copy_values(plan, row))
+                pending += row.get("status", _PENDING) == _PENDING
+        if pending < len(rows):
+            cursor.execute(plan.upsert_finished, [_PENDING])
+        if pending:
+            cursor.execute(plan.insert_pending, [_PENDING])
+        if connection.savepoint_ids:
+            # Inside a longer transaction (a test's, a flush within an atomic block): empty it
+            # now. Otherwise the commit right after empties it (ON COMMIT DELETE ROWS), which
+            # costs nothing per row.
+            cursor.execute(plan.empty_staging)
+    return len(rows)
