@@ -826,6 +826,12 @@ def _validate_costs(config: DjangoCfgRPCConfig) -> None:
         raise _fail(
             "ROLLUP_RETENTION_DAYS", f"must be a whole number of days, 0 or more, not {days!r}."
         )
+    if days and days < config.retention_days:
+        raise _fail(
+            "ROLLUP_RETENTION_DAYS",
+            f"({days}) must be 0 (kept for ever) or at least RETENTION_DAYS "
+            f"({config.retention_days}): usage reports read the rollups once the rows are gone.",
+        )
     settle = config.rollup_settle_seconds
     if not _is_number(settle) or not 0 <= settle <= MAX_WAIT_SECONDS:
         raise _fail(

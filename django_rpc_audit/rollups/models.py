@@ -103,6 +103,8 @@ class RPCRollup(models.Model):
     timed_calls = models.FloatField(_("timed calls"), default=0.0)
     duration_sum_ms = models.FloatField(_("duration sum (ms)"), default=0.0)
     duration_max_ms = models.FloatField(_("longest (ms)"), null=True, blank=True)
+    objects: models.Manager[RPCRollup] = models.Manager()
+
     # The duration histogram (weighted calls per bucket, see HISTOGRAM_FIELDS).
     le_5ms = models.FloatField(default=0.0)
     le_10ms = models.FloatField(default=0.0)
@@ -149,6 +151,8 @@ class RPCRollupBucket(models.Model):
     #: The log rows of this hour created before it were deleted by ``rpc_logs_cleanup``, after
     #: they were counted in its sealed rollups.
     sealed_before = models.DateTimeField(_("sealed before"), null=True, blank=True)
+
+    objects: models.Manager[RPCRollupBucket] = models.Manager()
 
     class Meta:
         verbose_name = _("RPC rollup hour")
