@@ -118,9 +118,7 @@ def test_a_failing_function_is_logged_and_costs_nothing(
     costs: DjangoCfgRPCConfig, method: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.ERROR, logger="django_rpc_audit.costs"):
-        assert (
-            call_cost(costs, method=method, status="success", values=lambda: call_values()) is None
-        )
+        assert call_cost(costs, method=method, status="success", values=call_values) is None
     assert method in caplog.text
     assert "kept without a cost" in caplog.text
 
@@ -175,7 +173,7 @@ def test_bad_billing_and_rollup_settings_are_refused(values: dict[str, Any], mes
 def test_calls_that_may_cost_are_never_sampled_out(rpc_settings: Any) -> None:
     rpc_settings(SAMPLE_RATE=0.0, COSTS={"reports.*": "2.50"})
     config = get_config()
-    for n in range(200):
+    for _n in range(200):
         call = {"correlation_id": str(uuid.uuid4()), "method": "reports.generate"}
         assert started_is_logged(config, call)
         assert finished_sample_rate(config, {**call, "status": "success"}) == 1.0
@@ -213,7 +211,8 @@ def test_real_calls_store_their_cost_and_the_function_sees_redacted_params(
     assert RPCLog.objects.get(method="notify.email").sample_rate == 1.0
     (seen,) = SEEN
     assert seen.params["password"] != "hunter2"
-    assert seen.method == "notify.email" and seen.status == "success"
+    assert seen.method == "notify.email"
+    assert seen.status == "success"
 
 
 # -- every write path stores it ---------------------------------------------------------------

@@ -264,21 +264,21 @@ def hours_to_roll_up(
             "start", flat=True
         )
     )
-    while hour < end:
-        yield hour
-        following = hour + BUCKET
-        # The next hour with rows (or with unsettled rollups to remake).
+    while True:
+        # The next hour from ``hour`` on with rows (or with unsettled rollups to remake).
         upcoming = (
-            rows.filter(created_at__gte=following)
+            rows.filter(created_at__gte=hour)
             .order_by("created_at")
             .values_list("created_at", flat=True)
             .first()
         )
         candidates = [hour_of(upcoming)] if upcoming is not None else []
-        candidates += [start for start in unsettled if start >= following]
-        if not candidates:
+        candidates += [start for start in unsettled if start >= hour]
+        if not candidates or min(candidates) >= end:
             return
         hour = min(candidates)
+        yield hour
+        hour += BUCKET
 
 
 def roll_up(
