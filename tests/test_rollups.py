@@ -188,7 +188,8 @@ def test_cleanup_without_a_rollup_run_counts_the_rows_too(calls: dict[str, Any])
     RPCLog.objects.prune(days=0)
     assert totals() == {"rows": 16, "calls": 52.0, "cost": Decimal("50.015"), "billed": 11}
     bucket = RPCRollupBucket.objects.get(start=calls["start"])
-    assert bucket.sealed_before is not None and bucket.sealed_before > calls["start"]
+    assert bucket.sealed_before is not None
+    assert bucket.sealed_before > calls["start"]
 
 
 def test_a_row_arriving_after_its_hour_was_sealed_is_added_once(calls: dict[str, Any]) -> None:
