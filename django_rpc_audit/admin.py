@@ -579,9 +579,13 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
 
     def get_urls(self) -> list[URLPattern]:
         from django_rpc_audit.dashboard import dashboard_view
+        from django_rpc_audit.usage_page import usage_view
 
         def view(request: HttpRequest) -> HttpResponse:
             return dashboard_view(request, self)
+
+        def usage_page(request: HttpRequest) -> HttpResponse:
+            return usage_view(request, self)
 
         # Before the model's own URLs, whose "<path:object_id>/" would swallow this one.
         return [
@@ -589,6 +593,11 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
                 "dashboard/",
                 self.admin_site.admin_view(view),
                 name="django_rpc_audit_rpclog_dashboard",
+            ),
+            path(
+                "usage/",
+                self.admin_site.admin_view(usage_page),
+                name="django_rpc_audit_rpclog_usage",
             ),
             *super().get_urls(),
         ]

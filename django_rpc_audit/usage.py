@@ -29,6 +29,7 @@ from typing import Any, Literal
 from django.db.models import Count, Q, Sum
 from django.db.models.functions import Trunc
 
+from django_rpc_audit.conf import COST_DECIMAL_PLACES
 from django_rpc_audit.rollups.models import RPCRollup
 from django_rpc_audit.status import RPCStatus
 
@@ -41,6 +42,7 @@ _DIMENSIONS: dict[str, tuple[str, ...]] = {
     "method": ("method",),
 }
 _FAILED = (RPCStatus.FAILED.value, RPCStatus.TIMEOUT.value)
+_PLACES = Decimal(1).scaleb(-COST_DECIMAL_PLACES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +161,8 @@ def _line(row: dict[str, Any], period: Period | None) -> UsageLine:
         calls=round(row["calls_sum"] or 0),
         failed_calls=round(row["failed_sum"] or 0),
         billed_calls=int(row["billed"] or 0),
-        cost=Decimal(row["cost_sum"] or 0),
+        # Six places whatever the database returns (SQLite drops trailing zeros).
+        cost=Decimal(row["cost_sum"] if row["cost_sum"] is not None else 0).quantize(_PLACES),
     )
 
 
@@ -174,7 +177,7 @@ def _date_of(moment: dt.datetime | dt.date) -> dt.date:
 def total(lines: Iterable[UsageLine]) -> UsageLine:
     """The sum of ``lines``, as one line with no period, user or method."""
     calls = failed = billed = 0
-    cost = Decimal(0)
+    cost = Decimal(0).quantize(_PLACES)
     for line in lines:
         calls += line.calls
         failed += line.failed_calls
