@@ -88,3 +88,28 @@ def test_webhooks_without_logging_is_w006(rpc_settings):
     assert "ENABLE_LOGGING" in messages[0].msg
     rpc_settings(ENABLE_LOGGING=True)
     assert checks.check_alerts() == []
+
+
+def test_a_cost_function_that_cannot_be_loaded_is_e005(rpc_settings):
+    rpc_settings(
+        COSTS={"a": "tests.test_costs.no_such_function", "b": "tests.test_costs.COSTS", "c": "1"}
+    )
+    messages = checks.check_costs()
+    assert ids(messages) == ["django_rpc_audit.E005", "django_rpc_audit.E005"]
+    assert "cannot be imported" in messages[0].msg
+    assert "is not callable" in messages[1].msg
+    rpc_settings(COSTS={"a": "tests.test_costs.per_recipient"})
+    assert checks.check_costs() == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "warned"), [("buffered", True), ("stream", False), ("sync", False)]
+)
+def test_costs_with_the_buffered_writer_is_w007(rpc_settings, mode, warned):
+    rpc_settings(COSTS={"reports.*": "1"}, WRITE_MODE=mode)
+    messages = checks.check_costs()
+    assert ids(messages) == (["django_rpc_audit.W007"] if warned else [])
+    if warned:
+        assert "stream" in messages[0].hint
+    rpc_settings(COSTS={})
+    assert checks.check_costs() == []
