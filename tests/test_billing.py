@@ -43,7 +43,7 @@ from tests.test_ingest_process import (
     wait_for,
 )
 
-pytestmark = pytest.mark.skipif(
+SERVER_ONLY = pytest.mark.skipif(
     connection.vendor == "sqlite",
     reason="several processes share the database: PostgreSQL or MariaDB",
 )
@@ -84,6 +84,7 @@ def web_child(env: dict[str, str], calls: int, seed: int, usernames: list[str]) 
     )
 
 
+@SERVER_ONLY
 @pytest.mark.django_db(transaction=True)
 def test_the_monthly_usage_report_equals_the_calls_made_to_the_cent(
     pipeline_env: dict[str, str],  # noqa: F811
@@ -181,4 +182,27 @@ def test_the_monthly_usage_report_equals_the_calls_made_to_the_cent(
     assert not RPCLog.objects.exists()
     assert report(months) == bill
     roll_up()  # rerunning changes nothing either
+    assert report(months) == bill
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_report_is_exact_with_the_sync_writer_on_any_database(
+    rpc_settings: Any, local_handler: Any
+) -> None:
+    """In one process (SQLite too): each row written on the caller's connection, rollups run
+    between batches of calls, then every row deleted by cleanup."""
+    rpc_settings(COSTS=billing_process.COSTS, SAMPLE_RATE=0.1, WRITE_MODE="sync")
+    register_handlers(local_handler)
+    callers = [UserFactory(username=name) for name in ("alice", "bob")] + [None]
+    rng = random.Random(41)
+    ledger = Ledger()
+    for _ in range(3):
+        make_calls(500, callers, rng, ledger)
+        roll_up()
+    months = {month for month, _, _ in ledger.lines}
+    bill = report(months)
+    assert bill == expected(ledger)
+    assert RPCLog.objects.count() < ledger.calls  # sampled successes were left out
+    call_command("rpc_logs_cleanup", "--days", "0", stdout=StringIO())
+    assert not RPCLog.objects.exists()
     assert report(months) == bill
