@@ -239,7 +239,8 @@ def check_costs(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
     """E005: a ``COSTS`` function cannot be imported or is not callable; W007: ``COSTS`` is set
-    with the buffered writer, which loses the calls it holds when its process is killed."""
+    with the buffered writer, which loses the calls it holds when its process is killed; W008:
+    ``ROLLUP_RETENTION_DAYS`` is shorter than ``RETENTION_DAYS``."""
     try:
         config = get_config()
     except ImproperlyConfigured:
@@ -258,6 +259,16 @@ def check_costs(
                     id="django_rpc_audit.E005",
                 )
             )
+    if 0 < config.rollup_retention_days < config.retention_days:
+        messages.append(
+            Warning(
+                f"{SETTING_NAME}['ROLLUP_RETENTION_DAYS'] ({config.rollup_retention_days}) is "
+                f"shorter than RETENTION_DAYS ({config.retention_days}): rollups are kept as long "
+                "as the rows, and usage reports of older months are gone with both.",
+                hint="Keep the rollups longer than the rows (0 keeps them for ever).",
+                id="django_rpc_audit.W008",
+            )
+        )
     if config.costs and config.enable_logging and config.write_mode == "buffered":
         messages.append(
             Warning(

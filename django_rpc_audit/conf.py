@@ -257,8 +257,8 @@ class DjangoCfgRPCConfig:
     #: ``failed``, ``timeout``, ``rate_limited``.
     billable_statuses: tuple[str, ...] = ("success",)
     #: Days of rollups (hourly counts, costs and durations, see ``rpc_rollup``) that
-    #: ``rpc_logs_cleanup`` keeps; 0 keeps them for ever. Usage reports and bills read them,
-    #: so keep them at least as long as ``RETENTION_DAYS``.
+    #: ``rpc_logs_cleanup`` keeps; 0 keeps them for ever. Usage reports and bills read them;
+    #: rollups of rows still kept (``RETENTION_DAYS`` or ``--days``) are never deleted.
     rollup_retention_days: int = 400
     #: Seconds after an hour ends during which ``rpc_rollup`` still recomputes it on every run:
     #: longer than the latest a row may arrive (calls still running, an ingest backlog).
@@ -825,12 +825,6 @@ def _validate_costs(config: DjangoCfgRPCConfig) -> None:
     if isinstance(days, bool) or not isinstance(days, int) or days < 0:
         raise _fail(
             "ROLLUP_RETENTION_DAYS", f"must be a whole number of days, 0 or more, not {days!r}."
-        )
-    if days and days < config.retention_days:
-        raise _fail(
-            "ROLLUP_RETENTION_DAYS",
-            f"({days}) must be 0 (kept for ever) or at least RETENTION_DAYS "
-            f"({config.retention_days}): usage reports read the rollups once the rows are gone.",
         )
     settle = config.rollup_settle_seconds
     if not _is_number(settle) or not 0 <= settle <= MAX_WAIT_SECONDS:

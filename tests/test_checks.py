@@ -113,3 +113,13 @@ def test_costs_with_the_buffered_writer_is_w007(rpc_settings, mode, warned):
         assert "stream" in messages[0].hint
     rpc_settings(COSTS={})
     assert checks.check_costs() == []
+
+
+def test_rollups_kept_shorter_than_the_rows_is_w008(rpc_settings):
+    rpc_settings(RETENTION_DAYS=90, ROLLUP_RETENTION_DAYS=30)
+    messages = checks.check_costs()
+    assert ids(messages) == ["django_rpc_audit.W008"]
+    assert "RETENTION_DAYS (90)" in messages[0].msg
+    for days in (0, 90, 400):
+        rpc_settings(ROLLUP_RETENTION_DAYS=days)
+        assert checks.check_costs() == []

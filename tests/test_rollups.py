@@ -296,3 +296,12 @@ def test_concurrent_runs_and_cleanups_on_one_hour_count_each_row_once() -> None:
     assert totals() == {"rows": 300, "calls": 300.0, "cost": Decimal("3.00"), "billed": 300}
     keys = Counter(RPCRollup.objects.values_list("bucket_start", "method", "status", "sealed"))
     assert max(keys.values()) == 1
+
+
+def test_cleanup_never_deletes_the_rollups_of_rows_it_keeps(rpc_settings: Any) -> None:
+    rpc_settings(RETENTION_DAYS=30, ROLLUP_RETENTION_DAYS=10)
+    RPCLogFactory(created_at=timezone.now() - timedelta(days=20))
+    roll_up()
+    assert "rollup" not in run("rpc_logs_cleanup")  # rows of 20 days are kept: their rollups too
+    assert totals()["rows"] == 1
+    assert "Deleted 1 rollup row(s)" in run("rpc_logs_cleanup", "--days", "5")

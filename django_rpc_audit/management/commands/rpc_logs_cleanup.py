@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -61,6 +62,8 @@ class Command(BaseCommand):
         if rollup_days:
             from django_rpc_audit.rollups.maintain import prune_rollups
 
+            # Never the rollups of rows this run keeps.
+            rollup_days = max(rollup_days, math.ceil(kept))
             rollups = prune_rollups(rollup_days, batch_size=size, dry_run=dry_run)
             if rollups:
                 self.stdout.write(
