@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING, Any
 
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import reverse
@@ -30,13 +30,7 @@ def usage_view(request: HttpRequest, model_admin: RPCLogAdmin) -> HttpResponse:
         start, end = month_range(month)
     except ValueError:
         start, end = month_range(f"{timezone.now():%Y-%m}")
-    user_id = request.GET.get("user") or None
-    if user_id == "none":
-        user_filter: dict[str, Any] = {"user": None}
-    elif user_id is not None:
-        user_filter = {"user": user_id}
-    else:
-        user_filter = {}
+    user_filter = _user_filter(request.GET.get("user") or None)
     by = ("user", "method") if user_filter else ("user",)
     lines = _lines(start, end, by, user_filter)
     label = f"{start:%Y-%m}"
@@ -66,6 +60,21 @@ def usage_view(request: HttpRequest, model_admin: RPCLogAdmin) -> HttpResponse:
     }
     request.current_app = site.name
     return TemplateResponse(request, "django_rpc_audit/admin/usage.html", context)
+
+
+def _user_filter(raw: str | None) -> dict[str, Any]:
+    """``?user=``: a user's primary key, ``none`` for anonymous calls, else every user (a value
+    that is no key of the user model is ignored, not an error page)."""
+    if raw is None:
+        return {}
+    if raw == "none":
+        return {"user": None}
+    from django.contrib.auth import get_user_model
+
+    try:
+        return {"user": get_user_model()._meta.pk.to_python(raw)}
+    except ValidationError:
+        return {}
 
 
 def _lines(

@@ -274,3 +274,14 @@ def test_the_usage_page_reads_the_rollups_with_a_bounded_number_of_queries(
     admin_client_.get(reverse(USAGE), {"month": "2026-11"})
     with django_assert_max_num_queries(6):
         admin_client_.get(reverse(USAGE), {"month": "2026-11"})
+
+
+@pytest.mark.parametrize(
+    "params", [{"month": "2026-99"}, {"user": "not-a-key"}, {"month": "x", "user": "1e9"}]
+)
+def test_the_usage_page_ignores_parameters_it_cannot_use(
+    november: dict[str, Any], admin_client_: Any, params: dict[str, str]
+) -> None:
+    response = admin_client_.get(reverse(USAGE), params)
+    assert response.status_code == 200
+    assert response.context["one_user"] is False
