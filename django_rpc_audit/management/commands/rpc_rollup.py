@@ -72,6 +72,8 @@ class Command(BaseCommand):
     ) -> None:
         # Again: call_command() passes its keyword arguments without argparse's conversion.
         start = since if since is None or isinstance(since, dt.datetime) else _moment(since)
+        if start is not None and start.tzinfo is None:
+            start = start.replace(tzinfo=dt.UTC)
         pause = None if every is None else checked(positive_seconds, every, "--every")
         limit = None if runs is None else checked(positive_integer, runs, "--runs")
         if limit is not None and pause is None:
