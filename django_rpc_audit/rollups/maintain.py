@@ -133,11 +133,15 @@ def _aggregates(vendor: str) -> dict[str, Any]:
     return values
 
 
-def aggregate(queryset: RPCLogQuerySet) -> dict[_Key, dict[str, Any]]:
+def aggregate(queryset: RPCLogQuerySet, *, newest: bool = False) -> dict[_Key, dict[str, Any]]:
     """The rollup sums of the log rows ``queryset`` selects, by (method, user, username,
-    status): one ``GROUP BY`` query."""
+    status): one ``GROUP BY`` query. With ``newest``, each also has the ``newest`` row's
+    ``created_at``."""
     vendor = connections[queryset.db].vendor
-    grouped = queryset.order_by().values(*KEY_FIELDS).annotate(**_aggregates(vendor))
+    sums = _aggregates(vendor)
+    if newest:
+        sums["newest"] = Max("created_at")
+    grouped = queryset.order_by().values(*KEY_FIELDS).annotate(**sums)
     result: dict[_Key, dict[str, Any]] = {}
     for row in grouped:
         key = tuple(row.pop(name) for name in KEY_FIELDS)
@@ -337,29 +341,110 @@ def _seal_hour(selected: RPCLogQuerySet, start: dt.datetime, using: str, batch_s
     in_hour = selected.filter(created_at__gte=start, created_at__lt=start + BUCKET)
     with transaction.atomic(using=using):
         bucket = _lock_hour(start, using)
-        keys = list(in_hour.select_for_update().values_list("pk", flat=True))
-        totals: dict[_Key, dict[str, Any]] = {}
-        latest = None
-        model = selected.model
-        for chunk in _chunks(keys, min(batch_size, _IDS_PER_STATEMENT)):
-            rows = model.objects.using(using).filter(pk__in=chunk)
-            newest = rows.aggregate(newest=Max("created_at"))["newest"]
-            latest = newest if latest is None or (newest and newest > latest) else latest
-            for key, sums in aggregate(rows).items():
-                if key in totals:
-                    _add(totals[key], sums)
-                else:
-                    totals[key] = sums
-            rows.delete()
+        if connections[using].vendor == "postgresql":
+            deleted, totals, latest = _delete_returning_sums(in_hour, batch_size)
+        else:
+            deleted, totals, latest = _lock_sum_and_delete(in_hour, batch_size)
         _merge_sealed(start, using, totals)
-        _remake_unsealed(start, using, model.objects.using(using).all())
+        _remake_unsealed(start, using, selected.model.objects.using(using).all())
         bucket.computed_at = now
         if latest is not None:
             sealed_to = latest + dt.timedelta(microseconds=1)
             if bucket.sealed_before is None or sealed_to > bucket.sealed_before:
                 bucket.sealed_before = sealed_to
         bucket.save(using=using, update_fields=["computed_at", "sealed_before"])
-    return len(keys)
+    return deleted
+
+
+_Sealed = tuple[int, dict[_Key, dict[str, Any]], dt.datetime | None]
+
+
+def _fold(totals: dict[_Key, dict[str, Any]], key: _Key, sums: dict[str, Any]) -> None:
+    if key in totals:
+        _add(totals[key], sums)
+    else:
+        totals[key] = sums
+
+
+def _lock_sum_and_delete(in_hour: RPCLogQuerySet, batch_size: int) -> _Sealed:
+    """MySQL, MariaDB, SQLite: lock the rows' keys (``SELECT ... FOR UPDATE``: a writer
+    finishing one of them waits), sum and delete them by key, ``batch_size`` keys a statement.
+    The keys are fixed once locked, so exactly the rows summed are deleted."""
+    keys = list(in_hour.select_for_update().values_list("pk", flat=True))
+    totals: dict[_Key, dict[str, Any]] = {}
+    latest = None
+    manager = in_hour.model.objects.using(in_hour.db)
+    for chunk in _chunks(keys, min(batch_size, _IDS_PER_STATEMENT)):
+        rows = manager.filter(pk__in=chunk)
+        for key, sums in aggregate(rows, newest=True).items():
+            newest = sums.pop("newest")
+            latest = newest if latest is None or newest > latest else latest
+            _fold(totals, key, sums)
+        rows.delete()
+    return len(keys), totals, latest
+
+
+def _delete_returning_sums(in_hour: RPCLogQuerySet, batch_size: int) -> _Sealed:
+    """PostgreSQL: ``WITH gone AS (DELETE ... RETURNING ...) SELECT sums FROM gone GROUP BY``,
+    ``batch_size`` rows a statement: what is summed is exactly what the statement deleted (a
+    row a writer changes meanwhile is deleted, and summed, in its new state)."""
+    model = in_hour.model
+    connection = connections[in_hour.db]
+    quote = connection.ops.quote_name
+    meta = model._meta
+
+    columns = {f.name: str(f.column) for f in meta.concrete_fields}
+
+    def column(name: str) -> str:
+        return quote(columns[name])
+
+    keys_sql, keys_params = in_hour.order_by().values("pk")[:batch_size].query.sql_with_params()
+    returned = ("method", "user", "username", "status", "sample_rate", "cost", "duration_ms")
+    weight = f"(1.0 / NULLIF({column('sample_rate')}, 0))"
+    duration = column("duration_ms")
+    buckets = []
+    low: float | None = None
+    for edge in DURATION_EDGES_MS:
+        within = f"{duration} <= {float(edge)!r}"
+        if low is not None:
+            within = f"{duration} > {float(low)!r} AND {within}"
+        buckets.append(f"SUM(CASE WHEN {within} THEN {weight} ELSE 0 END)")
+        low = edge
+    last = float(DURATION_EDGES_MS[-1])
+    buckets.append(f"SUM(CASE WHEN {duration} > {last!r} THEN {weight} ELSE 0 END)")
+    group = ", ".join(column(name) for name in ("method", "user", "username", "status"))
+    # Identifiers come from the model, quoted, numbers from the code; values are bound.
+    sql = (
+        f"WITH gone AS (DELETE FROM {quote(meta.db_table)} "  # noqa: S608
+        f"WHERE {quote(str(meta.pk.column))} IN ({keys_sql}) "
+        f"RETURNING {', '.join(column(name) for name in returned)}, {column('created_at')}) "
+        f"SELECT {group}, COUNT(*), SUM({weight}), COUNT({column('cost')}), "
+        f"SUM({column('cost')}), "
+        f"SUM(CASE WHEN {duration} IS NOT NULL THEN {weight} ELSE 0 END), "
+        f"SUM({duration} * {weight}), MAX({duration}), {', '.join(buckets)}, "
+        f"MAX({column('created_at')}) FROM gone GROUP BY {group}"
+    )
+    names: tuple[str, ...] = ("rows", "calls", "billed_calls", "cost", "timed_calls")
+    names += ("duration_sum_ms", "duration_max_ms", *HISTOGRAM_FIELDS)
+    totals: dict[_Key, dict[str, Any]] = {}
+    latest = None
+    deleted = 0
+    with connection.cursor() as cursor:
+        while True:
+            cursor.execute(sql, keys_params)
+            batch = 0
+            for row in cursor.fetchall():
+                key, values, newest = tuple(row[:4]), row[4:-1], row[-1]
+                sums = dict(zip(names, values, strict=True))
+                sums["cost"] = sums["cost"] or Decimal(0)
+                for name in SUM_FIELDS:
+                    sums[name] = sums[name] or 0
+                batch += sums["rows"]
+                latest = newest if latest is None or newest > latest else latest
+                _fold(totals, key, sums)
+            deleted += batch
+            if batch < batch_size:
+                return deleted, totals, latest
 
 
 def _merge_sealed(start: dt.datetime, using: str, totals: dict[_Key, dict[str, Any]]) -> None:
