@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
 
+from django.conf import settings
 from django.db.models import Count, Max, Q, Sum
 from django.db.models.functions import Trunc
 
@@ -86,7 +87,8 @@ def month_range(month: str | dt.date) -> tuple[dt.datetime, dt.datetime]:
 
 
 def _midnight(day: dt.date) -> dt.datetime:
-    return dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
+    # Naive with USE_TZ = False, as the rows and rollups store their times then.
+    return dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC if settings.USE_TZ else None)
 
 
 def usage(
