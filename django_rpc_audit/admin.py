@@ -452,6 +452,8 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
             call = (*call[:2], "error_box", *call[2:])
         if obj is not None and obj.trace_id:
             call = (*call, "trace")
+        if obj is not None and obj.cost is not None:
+            call = (*call, "cost")
         return [
             (None, {"fields": call}),
             (_("Caller"), {"fields": ("user_link", "caller_ip", "user_agent")}),
