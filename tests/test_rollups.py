@@ -339,3 +339,14 @@ def test_the_rollup_histogram_gives_the_percentiles_of_the_calls() -> None:
     # The true p50 is 100.5 ms, p95 190.5 ms: the estimate stays in their buckets.
     assert 75 <= histogram_percentile(counts, 0.5) <= 100
     assert 100 <= histogram_percentile(counts, 0.95) <= 250
+
+
+def test_a_deleted_users_usage_stays_under_their_id_and_name(calls: dict[str, Any]) -> None:
+    alice = calls["alice"]
+    roll_up()
+    RPCLog.objects.prune(days=0)  # sealed: the rows are gone
+    alice_pk = alice.pk
+    alice.delete()
+    lines = usage(calls["start"], calls["start"] + 3 * HOUR, by=("user",))
+    (line,) = [line for line in lines if line.username == "alice"]
+    assert (line.user_id, line.billed_calls, line.cost) == (alice_pk, 10, Decimal("50.00"))
