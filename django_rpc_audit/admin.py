@@ -431,6 +431,10 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
                 f"{self.admin_site.name}:django_rpc_audit_rpclog_dashboard",
                 current_app=self.admin_site.name,
             ),
+            "rpc_usage_url": reverse(
+                f"{self.admin_site.name}:django_rpc_audit_rpclog_usage",
+                current_app=self.admin_site.name,
+            ),
         }
         return super().changelist_view(request, extra_context)  # type: ignore[no-any-return]
 

@@ -349,3 +349,9 @@ def test_a_call_with_a_cost_shows_it_on_its_page(admin_client_: Any) -> None:
     assert "5.250000" in page(billed)
     assert ">Cost</label>" in page(billed)
     assert ">Cost</label>" not in page(free)
+
+
+def test_the_changelist_links_to_the_usage_page(admin_client_: Any) -> None:
+    content = admin_client_.get(reverse("admin:django_rpc_audit_rpclog_changelist")).content
+    assert b"data-rpc-usage-link" in content
+    assert reverse(USAGE).encode() in content
