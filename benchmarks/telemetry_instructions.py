@@ -7,8 +7,9 @@ with ``--calls`` more runs of the part; the difference over ``--calls`` is its c
 Parts: ``probe`` (tracing on, every trace sampled: the span started, its trace context added
 to the message, the span ended), ``probe-sampled-out`` (the SDK's sampler drops the trace:
 ``ParentBased(TraceIdRatioBased(0))``), ``sdk-span`` (a bare SDK span with the same name,
-kind and attributes: the floor any instrumentation pays) and ``sdk-span+inject`` (and the
-global propagator's ``inject()`` through its generic path). The SDK is set up as in
+kind and attributes: the floor any instrumentation pays), ``sdk-span+inject`` (and the
+global propagator's ``inject()`` through its generic path) and ``sdk-span-sampled-out`` (the
+bare span when the sampler drops the trace). The SDK is set up as in
 ``telemetry_overhead.py`` (batch span processor, an exporter that drops).
 
     .venv/bin/python benchmarks/telemetry_instructions.py
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("probe", "probe-sampled-out", "sdk-span", "sdk-span+inject")
+PARTS = ("probe", "probe-sampled-out", "sdk-span", "sdk-span+inject", "sdk-span-sampled-out")
 WARM_UP = 300
 
 
@@ -93,13 +94,14 @@ def child(tree: Path, part: str, calls: int) -> None:
         "probe-sampled-out": sampled_out(probe),
         "sdk-span": sdk_span,
         "sdk-span+inject": sdk_span_and_inject,
+        "sdk-span-sampled-out": sampled_out(sdk_span),
     }
     for body in bodies.values():
         for _ in range(WARM_UP):
             body()
-    if part == "probe-sampled-out":
+    if part.endswith("-sampled-out"):
         use_sampler(0.0)
-        body = probe
+        body = bodies[part.removesuffix("-sampled-out")]
     else:
         body = bodies[part]
     for _ in range(calls):
