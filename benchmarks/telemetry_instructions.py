@@ -149,7 +149,8 @@ def main() -> None:
         parser.error("valgrind is not on the path")
     rows: list[tuple[str, str]] = [("this tree", part) for part in PARTS]
     if args.baseline is not None:
-        rows.insert(1, ("baseline", "probe"))
+        rows[1:1] = [("baseline", "probe")]
+        rows[3:3] = [("baseline", "probe-sampled-out")]
     trees = {"this tree": ROOT, "baseline": args.baseline.resolve() if args.baseline else ROOT}
     names = {name for name, _ in rows}
     warm = {name: count(tree, "probe", 0) for name, tree in trees.items() if name in names}

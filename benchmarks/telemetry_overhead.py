@@ -7,9 +7,13 @@ the rows go through the default buffered writer into the database (PostgreSQL wi
 as a project would: a ``BatchSpanProcessor`` and a ``PeriodicExportingMetricReader`` (every
 second) whose exporters take the data and drop it, on their own threads.
 
-Variants: ``off`` (every integration off: the caller's path as before them), ``traces``
-(``OTEL_TRACES``), ``otel-metrics`` (``OTEL_METRICS``), ``prometheus``
-(``PROMETHEUS_METRICS``), ``all`` (the three). Per variant: median and p99 µs per call, the
+Variants: ``off`` (every integration off: the caller's path as before them), ``sdk-span``
+(every integration off, each call inside a bare SDK span: the floor of any tracing),
+``traces`` (``OTEL_TRACES``, every trace sampled), ``traces-10%`` and ``traces-sampled-out``
+(the SDK's sampler ``ParentBased(TraceIdRatioBased(0.1))``, and ``(0)``: no trace kept),
+``otel-metrics`` (``OTEL_METRICS``), ``prometheus`` (``PROMETHEUS_METRICS``), ``all`` (the
+three), ``all-10%`` (the three, traces sampled at 10 %), ``traces-10%+prom`` (traces sampled
+at 10 % and Prometheus). Per variant: median and p99 µs per call, the
 ratio to ``off`` (the median over rounds of the ratio within each round, so that the machine's
 drift between rounds cancels out), and CPU µs per call of the calling thread (the caller's own
 cost) and of the whole process (the writer's and the exporters' threads too).
@@ -61,12 +65,13 @@ VARIANTS: dict[str, dict[str, bool]] = {
     "prometheus": {"PROMETHEUS_METRICS": True},
     "all": ALL,
     "all-10%": ALL,
+    "traces-10%+prom": {"OTEL_TRACES": True, "PROMETHEUS_METRICS": True},
 }
 KEYS = ("OTEL_TRACES", "OTEL_METRICS", "PROMETHEUS_METRICS")
 #: Variants whose traces the SDK samples at this ratio (``ParentBased(TraceIdRatioBased)``, as
 #: ``OTEL_TRACES_SAMPLER=parentbased_traceidratio``); the others keep the SDK's default
 #: (``ParentBased(ALWAYS_ON)``: every trace).
-SAMPLING = {"traces-10%": 0.1, "traces-sampled-out": 0.0, "all-10%": 0.1}
+SAMPLING = {"traces-10%": 0.1, "traces-sampled-out": 0.0, "all-10%": 0.1, "traces-10%+prom": 0.1}
 #: The SDK's own floor: every integration off, each call inside a bare SDK span (started with
 #: the same kind and attributes as ours, ended after the call; no context made current, no
 #: trace context on the wire), which any instrumentation of a call pays at least.
@@ -252,7 +257,9 @@ def measure(calls: int, rounds: int, variants: list[str]) -> None:
     from django_rpc_audit.writers import flush
 
     results: dict[str, list[Round]] = {v: [] for v in variants}
-    async_variants = [v for v in ("off", BARE_SPAN, "all", "all-10%") if v in variants]
+    async_variants = [
+        v for v in ("off", BARE_SPAN, "all", "all-10%", "traces-10%+prom") if v in variants
+    ]
     async_results: dict[str, list[Round]] = {v: [] for v in async_variants}
 
     def use_logging(variant: str) -> None:
