@@ -7,9 +7,13 @@ the rows go through the default buffered writer into the database (PostgreSQL wi
 as a project would: a ``BatchSpanProcessor`` and a ``PeriodicExportingMetricReader`` (every
 second) whose exporters take the data and drop it, on their own threads.
 
-Variants: ``off`` (every integration off: the caller's path as before them), ``traces``
-(``OTEL_TRACES``), ``otel-metrics`` (``OTEL_METRICS``), ``prometheus``
-(``PROMETHEUS_METRICS``), ``all`` (the three). Per variant: median and p99 µs per call, the
+Variants: ``off`` (every integration off: the caller's path as before them), ``sdk-span``
+(every integration off, each call inside a bare SDK span: the floor of any tracing),
+``traces`` (``OTEL_TRACES``, every trace sampled), ``traces-10%`` and ``traces-sampled-out``
+(the SDK's sampler ``ParentBased(TraceIdRatioBased(0.1))``, and ``(0)``: no trace kept),
+``otel-metrics`` (``OTEL_METRICS``), ``prometheus`` (``PROMETHEUS_METRICS``), ``all`` (the
+three), ``all-10%`` (the three, traces sampled at 10 %), ``traces-10%+prom`` (traces sampled
+at 10 % and Prometheus). Per variant: median and p99 µs per call, the
 ratio to ``off`` (the median over rounds of the ratio within each round, so that the machine's
 drift between rounds cancels out), and CPU µs per call of the calling thread (the caller's own
 cost) and of the whole process (the writer's and the exporters' threads too).
@@ -50,14 +54,35 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from buffered_writer import configure, setup_django, wait_for_responder  # noqa: E402
 from call_overhead import responder  # noqa: E402
 
+ALL = {"OTEL_TRACES": True, "OTEL_METRICS": True, "PROMETHEUS_METRICS": True}
 VARIANTS: dict[str, dict[str, bool]] = {
     "off": {},
+    "sdk-span": {},
     "traces": {"OTEL_TRACES": True},
+    "traces-10%": {"OTEL_TRACES": True},
+    "traces-sampled-out": {"OTEL_TRACES": True},
     "otel-metrics": {"OTEL_METRICS": True},
     "prometheus": {"PROMETHEUS_METRICS": True},
-    "all": {"OTEL_TRACES": True, "OTEL_METRICS": True, "PROMETHEUS_METRICS": True},
+    "all": ALL,
+    "all-10%": ALL,
+    "traces-10%+prom": {"OTEL_TRACES": True, "PROMETHEUS_METRICS": True},
 }
 KEYS = ("OTEL_TRACES", "OTEL_METRICS", "PROMETHEUS_METRICS")
+#: Variants whose traces the SDK samples at this ratio (``ParentBased(TraceIdRatioBased)``, as
+#: ``OTEL_TRACES_SAMPLER=parentbased_traceidratio``); the others keep the SDK's default
+#: (``ParentBased(ALWAYS_ON)``: every trace).
+SAMPLING = {"traces-10%": 0.1, "traces-sampled-out": 0.0, "all-10%": 0.1, "traces-10%+prom": 0.1}
+#: The SDK's own floor: every integration off, each call inside a bare SDK span (started with
+#: the same kind and attributes as ours, ended after the call; no context made current, no
+#: trace context on the wire), which any instrumentation of a call pays at least.
+BARE_SPAN = "sdk-span"
+#: The attributes of our spans, for the bare span.
+SPAN_ATTRIBUTES = {
+    "rpc.system.name": "django_ipc",
+    "rpc.method": "bench.echo",
+    "server.address": "127.0.0.1",
+    "server.port": 6379,
+}
 
 
 def setup_otel_sdk() -> dict[str, int]:
@@ -69,7 +94,7 @@ def setup_otel_sdk() -> dict[str, int]:
         MetricExportResult,
         PeriodicExportingMetricReader,
     )
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import TracerProvider, sampling
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
     exported = {"spans": 0, "metric_exports": 0}
@@ -90,7 +115,18 @@ def setup_otel_sdk() -> dict[str, int]:
         def shutdown(self, timeout_millis: float = 0, **kwargs: Any) -> None:
             pass
 
-    provider = TracerProvider()
+    class VariantSampler(sampling.Sampler):
+        """Samples as the current variant's sampler (one more Python call per span, in every
+        variant that makes spans)."""
+
+        def should_sample(self, *args: Any, **kwargs: Any) -> Any:
+            return VARIANT_SAMPLER["sampler"].should_sample(*args, **kwargs)
+
+        def get_description(self) -> str:
+            return f"VariantSampler{{{VARIANT_SAMPLER['sampler'].get_description()}}}"
+
+    use_sampler(None)
+    provider = TracerProvider(sampler=VariantSampler())
     provider.add_span_processor(BatchSpanProcessor(DropSpans()))
     trace.set_tracer_provider(provider)
     reader = PeriodicExportingMetricReader(DropMetrics(), export_interval_millis=1000)
@@ -108,29 +144,71 @@ class Round:
     process_cpu: float
 
 
-def timed_calls(calls: int) -> Round:
+#: The sampler of the global tracer provider: it samples as the variant's sampler does (the
+#: SDK keeps one tracer per scope, made with the provider's sampler of that time).
+VARIANT_SAMPLER: dict[str, Any] = {}
+
+
+def use_sampler(ratio: float | None) -> None:
+    """Sample traces with ``ParentBased(TraceIdRatioBased(ratio))`` from now on, or as the
+    SDK's default (``ParentBased(ALWAYS_ON)``) with ``None``."""
+    from opentelemetry.sdk.trace import sampling
+
+    VARIANT_SAMPLER["sampler"] = (
+        sampling.DEFAULT_ON
+        if ratio is None
+        else sampling.ParentBased(sampling.TraceIdRatioBased(ratio))
+    )
+
+
+def bare_span_tracer(variant: str) -> Any:
+    """The tracer of the bare SDK span around each call, for :data:`BARE_SPAN`."""
+    if variant != BARE_SPAN:
+        return None
+    from opentelemetry import trace
+
+    return trace.get_tracer("benchmark.sdk_span")
+
+
+def timed_calls(calls: int, variant: str = "off") -> Round:
+    from opentelemetry.trace import SpanKind
+
     from django_rpc_audit import get_rpc_client
 
     client = get_rpc_client()
+    tracer = bare_span_tracer(variant)
     samples = []
     thread, process = time.thread_time(), time.process_time()
     for n in range(calls):
         started = time.perf_counter()
-        client.call("bench.echo", {"n": n, "who": "benchmark"})
+        if tracer is None:
+            client.call("bench.echo", {"n": n, "who": "benchmark"})
+        else:
+            span = tracer.start_span("bench.echo", kind=SpanKind.CLIENT, attributes=SPAN_ATTRIBUTES)
+            client.call("bench.echo", {"n": n, "who": "benchmark"})
+            span.end()
         samples.append((time.perf_counter() - started) * 1e6)
     thread, process = time.thread_time() - thread, time.process_time() - process
     return Round(samples, thread / calls * 1e6, process / calls * 1e6)
 
 
-async def timed_acalls(calls: int) -> Round:
+async def timed_acalls(calls: int, variant: str = "off") -> Round:
+    from opentelemetry.trace import SpanKind
+
     from django_rpc_audit import get_rpc_client
 
     client = get_rpc_client()
+    tracer = bare_span_tracer(variant)
     samples = []
     thread, process = time.thread_time(), time.process_time()
     for n in range(calls):
         started = time.perf_counter()
-        await client.acall("bench.echo", {"n": n, "who": "benchmark"})
+        if tracer is None:
+            await client.acall("bench.echo", {"n": n, "who": "benchmark"})
+        else:
+            span = tracer.start_span("bench.echo", kind=SpanKind.CLIENT, attributes=SPAN_ATTRIBUTES)
+            await client.acall("bench.echo", {"n": n, "who": "benchmark"})
+            span.end()
         samples.append((time.perf_counter() - started) * 1e6)
     thread, process = time.thread_time() - thread, time.process_time() - process
     return Round(samples, thread / calls * 1e6, process / calls * 1e6)
@@ -152,14 +230,14 @@ def print_table(title: str, results: dict[str, list[Round]]) -> None:
     base_median = statistics.median(s for r in base for s in r.samples)
     print(f"\n{title}")
     print(
-        f"{'variant':<14}{'median µs':>11}{'p99 µs':>10}{'overhead µs':>13}{'ratio':>8}"
+        f"{'variant':<20}{'median µs':>11}{'p99 µs':>10}{'overhead µs':>13}{'ratio':>8}"
         f"{'caller CPU µs':>15}{'ratio':>8}{'process CPU µs':>16}{'ratio':>8}"
     )
     for variant, rounds in results.items():
         samples = [s for r in rounds for s in r.samples]
         median = statistics.median(samples)
         print(
-            f"{variant:<14}{median:>11.1f}{percentile(samples, 0.99):>10.1f}"
+            f"{variant:<20}{median:>11.1f}{percentile(samples, 0.99):>10.1f}"
             f"{median - base_median:>13.1f}"
             f"{round_ratio(rounds, base, lambda r: statistics.median(r.samples)):>8.3f}"
             f"{statistics.median(r.thread_cpu for r in rounds):>15.1f}"
@@ -169,28 +247,36 @@ def print_table(title: str, results: dict[str, list[Round]]) -> None:
         )
 
 
+def use(variant: str, **settings: Any) -> None:
+    """Switch to ``variant``: its settings (the client is made again) and its sampler."""
+    use_sampler(SAMPLING.get(variant))
+    configure(**settings, **{key: VARIANTS[variant].get(key, False) for key in KEYS})
+
+
 def measure(calls: int, rounds: int, variants: list[str]) -> None:
     from django_rpc_audit.writers import flush
 
     results: dict[str, list[Round]] = {v: [] for v in variants}
-    async_results: dict[str, list[Round]] = {v: [] for v in ("off", "all")}
+    async_variants = [
+        v for v in ("off", BARE_SPAN, "all", "all-10%", "traces-10%+prom") if v in variants
+    ]
+    async_results: dict[str, list[Round]] = {v: [] for v in async_variants}
 
-    def use(variant: str) -> None:
-        keys = {key: VARIANTS[variant].get(key, False) for key in KEYS}
-        configure(ENABLE_LOGGING=True, WRITE_MODE="buffered", **keys)
+    def use_logging(variant: str) -> None:
+        use(variant, ENABLE_LOGGING=True, WRITE_MODE="buffered")
 
     for variant in variants:  # warm-up: connections, caches, instruments, threads
-        use(variant)
-        timed_calls(200)
-        asyncio.run(timed_acalls(50))
+        use_logging(variant)
+        timed_calls(200, variant)
+        asyncio.run(timed_acalls(50, variant))
     for _round in range(rounds):
         for variant in variants:
-            use(variant)
-            results[variant].append(timed_calls(calls))
+            use_logging(variant)
+            results[variant].append(timed_calls(calls, variant))
             flush()  # the next variant does not pay for this one's rows
-        for variant in ("off", "all"):
-            use(variant)
-            async_results[variant].append(asyncio.run(timed_acalls(calls)))
+        for variant in async_variants:
+            use_logging(variant)
+            async_results[variant].append(asyncio.run(timed_acalls(calls, variant)))
             flush()
     print_table(f"call() over Redis, {rounds} rounds x {calls} calls per variant", results)
     print_table(f"acall() over Redis, {rounds} rounds x {calls} calls", async_results)
@@ -213,22 +299,56 @@ def measure_parts(repeat: int = 5000) -> None:
         5.0,
         json_module.dumps(message),
     )
-    print(f"\none call's share alone (probe started and finished), {repeat} times x 7")
-    print(f"{'variant':<14}{'caller CPU µs':>15}")
-    for variant in ("traces", "otel-metrics", "prometheus", "all"):
-        configure(**{key: VARIANTS[variant].get(key, False) for key in KEYS})
-        instrumentation = get_rpc_client().instrumentation
-        assert instrumentation is not None
+    from opentelemetry import propagate, trace
+    from opentelemetry.trace import SpanKind
 
+    def cpu(body: Any) -> float:
         for _ in range(1000):
-            instrumentation.start(request).finish("success", None, None, 1.0)
+            body()
         figures = []
         for _ in range(7):
             started = time.thread_time()
             for _ in range(repeat):
-                instrumentation.start(request).finish("success", None, None, 1.0)
+                body()
             figures.append((time.thread_time() - started) / repeat * 1e6)
-        print(f"{variant:<14}{statistics.median(figures):>15.1f}")
+        return statistics.median(figures)
+
+    print(f"\none call's share alone (probe started and finished), {repeat} times x 7")
+    print(f"{'variant':<20}{'caller CPU µs':>15}")
+    for variant in (
+        "traces",
+        "traces-sampled-out",
+        "otel-metrics",
+        "prometheus",
+        "all",
+        "all-10%",
+    ):
+        use(variant)
+        instrumentation = get_rpc_client().instrumentation
+        assert instrumentation is not None
+
+        def probe(instrumentation: Any = instrumentation) -> None:
+            instrumentation.start(request).finish("success", None, None, 1.0)
+
+        print(f"{variant:<20}{cpu(probe):>15.1f}")
+
+    # The SDK's own part, the same way: a bare span (the floor), and with the global
+    # propagator's inject() through its generic path (what the tracer did before it wrote the
+    # default propagator's fields itself).
+    use("traces")
+    tracer = trace.get_tracer("benchmark.sdk_span")
+
+    def bare_span() -> None:
+        tracer.start_span("bench.echo", kind=SpanKind.CLIENT, attributes=SPAN_ATTRIBUTES).end()
+
+    def bare_span_and_inject() -> None:
+        span = tracer.start_span("bench.echo", kind=SpanKind.CLIENT, attributes=SPAN_ATTRIBUTES)
+        propagate.inject({}, context=trace.set_span_in_context(span))
+        span.end()
+
+    print(f"{'SDK span alone':<20}{cpu(bare_span):>15.1f}")
+    print(f"{'+ generic inject()':<20}{cpu(bare_span_and_inject):>15.1f}")
+    use("off")
 
 
 def with_responder(redis_url: str, stream: str, body: Any) -> None:
@@ -365,8 +485,10 @@ def main() -> None:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    print("load average at the start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     with_responder(args.redis, stream, lambda: measure(args.calls, args.rounds, variants))
     measure_parts()
+    print("\nload average at the end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     from opentelemetry import metrics, trace
 
     trace.get_tracer_provider().force_flush()  # type: ignore[attr-defined]

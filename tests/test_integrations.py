@@ -3,9 +3,11 @@ labels, trace context spliced into the request, failures kept from the caller.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -18,7 +20,9 @@ from django_rpc_audit.integrations.base import (
     Instrumentation,
     LabelBound,
     TracedCall,
+    encode_wire_fields,
     with_wire_fields,
+    with_wire_members,
 )
 from django_rpc_audit.models import RPCLog
 from django_rpc_audit.transports import RPCRequest
@@ -68,6 +72,37 @@ def test_trace_fields_never_replace_the_protocols_own_or_carry_non_strings():
     assert with_wire_fields(original, {}) is original
 
 
+def test_spliced_request_keeps_every_other_field_as_it_was():
+    """The splice spells the request's fields out: a field added to ``RPCRequest`` and not
+    carried over fails here."""
+    ticket = object()
+    original = RPCRequest(
+        "m",
+        {"a": 1},
+        "cid",
+        "list:response:cid",
+        2.5,
+        '{"a":1}',
+        {"params_bytes": 7},
+        ticket,  # type: ignore[arg-type]
+    )
+    spliced = with_wire_members(original, '"traceparent":"tp"')
+    assert spliced.body == '{"a":1,"traceparent":"tp"}'
+    for field in dataclasses.fields(RPCRequest):
+        if field.name != "body":
+            assert getattr(spliced, field.name) is getattr(original, field.name), field.name
+    # The transport records reply sizes in ``wire``: the client reads them from either.
+    assert spliced.wire is original.wire
+    assert with_wire_members(original, "") is original
+    assert with_wire_members(replace(original, body="not json"), '"a":"b"').body == "not json"
+
+
+def test_encoded_wire_fields_are_json_members():
+    members = encode_wire_fields({"traceparent": "tp", "tracestate": 'a="b"\\'})
+    assert json.loads("{" + members + "}") == {"traceparent": "tp", "tracestate": 'a="b"\\'}
+    assert encode_wire_fields({"type": "evil", "n": 3}) == ""  # type: ignore[dict-item]
+
+
 class FailingTracer:
     def __init__(self, fail_on: str) -> None:
         self.fail_on = fail_on
@@ -78,10 +113,10 @@ class FailingTracer:
             raise RuntimeError("start failed")
         return TracedCall(span=object(), trace_id="t" * 32, span_id="s" * 16)
 
-    def wire_fields(self, span: Any) -> dict[str, str]:
+    def wire_fields(self, traced: TracedCall) -> str:
         if self.fail_on == "wire":
             raise RuntimeError("inject failed")
-        return {"traceparent": "tp"}
+        return '"traceparent":"tp"'
 
     def end(self, span: Any, *args: Any) -> None:
         if self.fail_on == "end":

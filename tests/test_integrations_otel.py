@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 import redis
 from django.test import Client
+from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import TextMapPropagator, default_setter
 from opentelemetry.trace import (
     NonRecordingSpan,
     SpanContext,
@@ -27,11 +29,16 @@ from opentelemetry.trace import (
     TraceFlags,
     TraceState,
 )
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from django_rpc_audit import get_rpc_client
 from django_rpc_audit.exceptions import RPCRemoteError, RPCTimeoutError
 from django_rpc_audit.integrations import build_instrumentation
-from django_rpc_audit.integrations.otel import DURATION_BUCKETS, DURATION_METRIC
+from django_rpc_audit.integrations.otel import (
+    DURATION_BUCKETS,
+    DURATION_METRIC,
+    MIN_CACHED_METHODS,
+)
 from django_rpc_audit.models import RPCLog
 from tests.conftest import OTelSDK
 
@@ -289,6 +296,149 @@ def test_an_unsampled_trace_is_propagated_but_not_linked_from_the_row(
     assert traced.spans() == []  # ... nothing was recorded here...
     log = RPCLog.objects.get()
     assert (log.trace_id, log.span_id) == ("", "")  # ... so the row links to no trace.
+
+
+def sdk_wire_fields(span: Any, propagator: Any) -> dict[str, str]:
+    """What ``propagator`` writes for ``span`` through the SDK's own path."""
+    carrier: dict[str, str] = {}
+    propagator.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier
+
+
+@pytest.mark.parametrize(
+    "parent",
+    [
+        pytest.param(None, id="root"),
+        pytest.param((TraceFlags.SAMPLED, None), id="sampled-parent"),
+        pytest.param((TraceFlags.DEFAULT, None), id="unsampled-parent"),
+        pytest.param((TraceFlags.SAMPLED | 0x02, None), id="random-flag"),
+        pytest.param(
+            (TraceFlags.SAMPLED, TraceState([("vendor", "abc"), ("odd", 'q"u\\o te')])),
+            id="tracestate-to-escape",
+        ),
+    ],
+)
+def test_the_default_propagators_fields_are_written_as_it_writes_them(
+    traced, echo_handler, monkeypatch, parent
+):
+    """With OpenTelemetry's default propagator (W3C trace context and baggage), the tracer
+    writes ``traceparent``/``tracestate`` itself: the very text the SDK's propagator writes,
+    without calling it."""
+    textmap = propagate.get_global_textmap()
+    assert type(textmap).__name__ == "CompositePropagator"  # the default, as set up
+    generic_calls: list[Any] = []
+    monkeypatch.setattr(textmap, "inject", lambda *a, **k: generic_calls.append(a))
+    tracer = get_rpc_client().instrumentation.tracer  # type: ignore[union-attr]
+    token = remote_parent(*parent) if parent else None
+    try:
+        traced_call = tracer.start("otel.fast")
+        members = tracer.wire_fields(traced_call)
+    finally:
+        if token is not None:
+            otel_context.detach(token)
+        traced_call.span.end()
+
+    assert generic_calls == []  # the fast path
+    written = json.loads("{" + members + "}")
+    assert written == sdk_wire_fields(traced_call.span, TraceContextTextMapPropagator())
+    assert set(written) == (
+        {"traceparent", "tracestate"} if parent and parent[1] else {"traceparent"}
+    )
+
+
+def test_baggage_takes_the_propagators_own_path(traced, echo_handler):
+    """The default propagator writes ``baggage`` when the context carries some: then the
+    tracer leaves the writing to it."""
+    token = otel_context.attach(baggage.set_baggage("tenant", "acme"))
+    try:
+        tracer = get_rpc_client().instrumentation.tracer  # type: ignore[union-attr]
+        traced_call = tracer.start("otel.baggage")
+        written = json.loads("{" + tracer.wire_fields(traced_call) + "}")
+        expected = sdk_wire_fields(traced_call.span, propagate.get_global_textmap())
+    finally:
+        otel_context.detach(token)
+        traced_call.span.end()
+    assert written == expected
+    assert written["baggage"] == "tenant=acme"
+    assert written["traceparent"].split("-")[2] == f"{traced_call.span.context.span_id:016x}"
+
+
+class VendorPropagator(TextMapPropagator):
+    """A propagator of another format (as B3 or a vendor's): its own header."""
+
+    def inject(self, carrier: Any, context: Any = None, setter: Any = default_setter) -> None:
+        span_context = trace.get_current_span(context).get_span_context()
+        setter.set(carrier, "x-vendor-trace", f"{span_context.trace_id:x}:{span_context.span_id:x}")
+
+    def extract(self, carrier: Any, context: Any = None, getter: Any = None) -> Any:
+        return context
+
+    @property
+    def fields(self) -> set[str]:
+        return {"x-vendor-trace"}
+
+
+class LoudTraceContext(TraceContextTextMapPropagator):
+    """A subclass of the W3C propagator that writes something more: not the default."""
+
+    def inject(self, carrier: Any, context: Any = None, setter: Any = default_setter) -> None:
+        super().inject(carrier, context, setter)
+        setter.set(carrier, "x-loud", "1")
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    ("propagator", "expected"),
+    [
+        pytest.param(VendorPropagator(), {"x-vendor-trace"}, id="other-format"),
+        pytest.param(
+            CompositePropagator([TraceContextTextMapPropagator(), VendorPropagator()]),
+            {"traceparent", "x-vendor-trace"},
+            id="w3c-and-another",
+        ),
+        pytest.param(LoudTraceContext(), {"traceparent", "x-loud"}, id="w3c-subclass"),
+        pytest.param(TraceContextTextMapPropagator(), {"traceparent"}, id="w3c-alone"),
+    ],
+)
+def test_a_configured_propagator_is_used_from_the_next_call_on(
+    traced, redis_transport, redis_client, propagator, expected
+):
+    client = get_rpc_client()
+    client.fire_and_forget("notify.send")  # the default propagator first
+    redis_client.delete(redis_transport)
+    previous = propagate.get_global_textmap()
+    propagate.set_global_textmap(propagator)
+    try:
+        client.fire_and_forget("notify.send")
+    finally:
+        propagate.set_global_textmap(previous)
+
+    message = sent_message(redis_client, redis_transport)
+    _, span = traced.spans()
+    fields = set(message) - {"type", "method", "params", "correlation_id", "reply_to", "timeout"}
+    assert fields == expected
+    sent = NonRecordingSpan(span.context)  # the exported span, as a live one
+    assert {key: message[key] for key in fields} == sdk_wire_fields(sent, propagator)
+
+
+def test_span_attributes_are_made_once_per_method_and_bounded(traced, echo_handler):
+    tracer = get_rpc_client().instrumentation.tracer  # type: ignore[union-attr]
+    first = tracer.span_attributes("otel.cached")
+    assert tracer.span_attributes("otel.cached") is first
+    with pytest.raises(TypeError):
+        first["rpc.method"] = "changed"  # type: ignore[index]
+    for n in range(MIN_CACHED_METHODS + 500):
+        assert tracer.span_attributes(f"otel.many.{n}")["rpc.method"] == f"otel.many.{n}"
+    assert len(tracer._method_attributes) == MIN_CACHED_METHODS
+    tracer._method_attributes.clear()
+    long_method = "otel." + "x" * 10_000  # kept neither for long nor in full
+    assert tracer.span_attributes(long_method)["rpc.method"] == long_method
+    assert tracer._method_attributes == {}
+    # Beyond the bound, a call still gets its own method on its span.
+    get_rpc_client().call("test.echo", {"a": 1})
+    (span,) = traced.spans()
+    assert span.attributes["rpc.method"] == "test.echo"
+    assert span.attributes["rpc.system.name"] == "django_ipc"
 
 
 @pytest.mark.redis

@@ -7,11 +7,10 @@ import json
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
 
-if TYPE_CHECKING:
-    from django_rpc_audit.transports import RPCRequest
+from django_rpc_audit.transports import RPCRequest
 
 logger = logging.getLogger("django_rpc_audit.integrations")
 
@@ -55,8 +54,10 @@ class CallTracer(Protocol):
         """Start the span of a call to ``method``; its ids for the row."""
         ...
 
-    def wire_fields(self, span: Any) -> Mapping[str, str]:
-        """The trace context of ``span`` as request message fields (``traceparent``)."""
+    def wire_fields(self, traced: TracedCall) -> str:
+        """The trace context of the call ``traced`` as JSON members to add to the request
+        message (``"traceparent":"00-…"``, encoded as :func:`encode_wire_fields` does), or
+        ``""`` for none."""
         ...
 
     def end(
@@ -79,9 +80,11 @@ class CallRecorder(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class TracedCall:
-    """A started span and the ids the row stores (``None`` unless the trace is sampled)."""
+class TracedCall(NamedTuple):
+    """A started span and the ids the row stores (``None`` unless the trace is sampled).
+
+    A named tuple rather than a dataclass: one is made per traced call, and a tuple is the
+    cheapest object to make."""
 
     span: Any
     trace_id: str | None = None
@@ -138,9 +141,11 @@ class Instrumentation:
             except Exception:
                 self._failed("start the span of")
                 return probe
-            probe.span, probe.trace_id, probe.span_id = traced.span, traced.trace_id, traced.span_id
+            probe.span, probe.trace_id, probe.span_id = traced
             try:
-                probe.request = with_wire_fields(request, self.tracer.wire_fields(traced.span))
+                members = self.tracer.wire_fields(traced)
+                if members:
+                    probe.request = with_wire_members(request, members)
             except Exception:
                 # The call is still traced; only its server cannot continue the trace.
                 self._failed("send the trace context of")
@@ -183,21 +188,45 @@ class Instrumentation:
             )
 
 
-def with_wire_fields(request: RPCRequest, fields: Mapping[str, str]) -> RPCRequest:
-    """``request`` with ``fields`` added to its JSON message (``traceparent``, ``tracestate``).
-
-    The body is already encoded (one JSON object, as ``RPCClient`` makes it): the fields are
-    spliced in before its closing brace instead of encoding the params a second time. String
-    fields only, and never one of the protocol's own.
-    """
+def encode_wire_fields(fields: Mapping[str, str]) -> str:
+    """``fields`` (``traceparent``, ``tracestate``) as JSON members to add to a request message:
+    ``"traceparent":"…","tracestate":"…"``, or ``""`` when none is left. String fields only, and
+    never one of the protocol's own."""
     extra = {
         key: value
         for key, value in fields.items()
         if isinstance(key, str) and isinstance(value, str) and key not in WIRE_FIELDS
     }
     if not extra:
-        return request
+        return ""
+    return json.dumps(extra, separators=(",", ":"))[1:-1]
+
+
+def with_wire_members(request: RPCRequest, members: str) -> RPCRequest:
+    """``request`` with the JSON ``members`` (:func:`encode_wire_fields`'s form) added to its
+    message.
+
+    The body is already encoded (one JSON object, as ``RPCClient`` makes it): the members are
+    spliced in before its closing brace instead of encoding the params a second time.
+    """
     body = request.body
-    if not body.endswith("}"):
+    if not members or not body.endswith("}"):
         return request
-    return replace(request, body=f"{body[:-1]},{json.dumps(extra, separators=(',', ':'))[1:]}")
+    # Every field as it is (the same ``wire`` dict, which the transport fills in), the body
+    # replaced; spelled out because ``dataclasses.replace`` costs twice as much.
+    return RPCRequest(
+        request.method,
+        request.params,
+        request.correlation_id,
+        request.reply_to,
+        request.timeout,
+        f"{body[:-1]},{members}}}",
+        request.wire,
+        request.rate_limit,
+    )
+
+
+def with_wire_fields(request: RPCRequest, fields: Mapping[str, str]) -> RPCRequest:
+    """``request`` with ``fields`` added to its JSON message (``traceparent``, ``tracestate``),
+    filtered and encoded by :func:`encode_wire_fields`."""
+    return with_wire_members(request, encode_wire_fields(fields))

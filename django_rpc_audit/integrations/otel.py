@@ -9,14 +9,25 @@ Without an SDK every span is a no-op and nothing goes on the wire.
 from __future__ import annotations
 
 import functools
+import json
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from opentelemetry import metrics, propagate, trace
+from opentelemetry import baggage, metrics, propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from django_rpc_audit import __version__
-from django_rpc_audit.integrations.base import OTHER, TracedCall
+from django_rpc_audit.integrations.base import (
+    MAX_LABEL_LENGTH,
+    OTHER,
+    TracedCall,
+    encode_wire_fields,
+)
 
 if TYPE_CHECKING:
     from django_rpc_audit.conf import DjangoCfgRPCConfig
@@ -32,6 +43,26 @@ DURATION_METRIC = "rpc.client.call.duration"
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
 #: Longest span status description (the redacted error message).
 MAX_DESCRIPTION = 1024
+#: Fewest methods whose span attributes a tracer keeps made (``METRICS_MAX_METHODS`` if more).
+MIN_CACHED_METHODS = 1000
+
+
+def default_w3c_propagator(textmap: object) -> tuple[bool, bool]:
+    """Whether ``textmap`` is exactly the W3C trace context propagator, alone or composed
+    with the W3C baggage propagator only (OpenTelemetry's default, ``OTEL_PROPAGATORS`` =
+    ``tracecontext,baggage``); and whether the baggage one is in it. Exact types: a subclass
+    or any other propagator may write something else, and takes the generic path."""
+    if type(textmap) is TraceContextTextMapPropagator:
+        return True, False
+    if type(textmap) is not CompositePropagator:
+        return False, False
+    kinds = [type(propagator) for propagator in getattr(textmap, "_propagators", ())]
+    if kinds in (
+        [TraceContextTextMapPropagator],
+        [TraceContextTextMapPropagator, W3CBaggagePropagator],
+    ):
+        return True, W3CBaggagePropagator in kinds
+    return False, False
 
 
 def server_attributes(config: DjangoCfgRPCConfig) -> dict[str, Any]:
@@ -57,28 +88,76 @@ class OTelTracer:
             **server_attributes(config),
         }
         self.status_code_key = config.otel_status_code_attribute
+        # Each method's span attributes, made once (read-only: the SDK copies them into the
+        # span, and a sampler only reads them). Bounded in methods and in their length: the
+        # others get theirs made per call (two threads may both add one at the bound: a few
+        # more at most).
+        self._method_attributes: dict[str, Mapping[str, Any]] = {}
+        self._max_cached_methods = max(config.metrics_max_methods, MIN_CACHED_METHODS)
+        # The global propagator last seen, whether it is exactly the default W3C one and
+        # whether it has the baggage one: one tuple, replaced at once (threads share it).
+        self._textmap_kind: tuple[object, bool, bool] = (None, False, False)
+
+    def span_attributes(self, method: str) -> Mapping[str, Any]:
+        """``rpc.system.name``, ``rpc.method``, ``server.address`` / ``server.port``."""
+        attributes = self._method_attributes.get(method)
+        if attributes is None:
+            attributes = MappingProxyType({**self.attributes, "rpc.method": method})
+            if (
+                len(self._method_attributes) < self._max_cached_methods
+                and len(method) <= MAX_LABEL_LENGTH
+            ):
+                self._method_attributes[method] = attributes
+        return attributes
 
     def start(self, method: str) -> TracedCall:
         span = self.tracer.start_span(
-            method, kind=SpanKind.CLIENT, attributes={**self.attributes, "rpc.method": method}
+            method, kind=SpanKind.CLIENT, attributes=self.span_attributes(method)
         )
         context = span.get_span_context()
-        if not context.is_valid or not context.trace_flags.sampled:
+        if not context.trace_flags.sampled or not context.is_valid:
             # Not recorded: the row gets no link to a trace that does not exist (the context
             # still goes on the wire, so that the server does not sample it either).
             return TracedCall(span)
-        return TracedCall(
-            span,
-            trace_id=trace.format_trace_id(context.trace_id),
-            span_id=trace.format_span_id(context.span_id),
-        )
+        # As trace.format_trace_id / format_span_id write them.
+        return TracedCall(span, f"{context.trace_id:032x}", f"{context.span_id:016x}")
 
-    def wire_fields(self, span: Any) -> dict[str, str]:
-        """``traceparent`` and ``tracestate`` (or what the global propagator writes)."""
+    def wire_fields(self, traced: TracedCall) -> str:
+        """``traceparent`` and ``tracestate`` (or what the global propagator writes), as JSON
+        members for the request message.
+
+        The global propagator decides. When it is exactly the default one (W3C trace context,
+        with or without W3C baggage, and no baggage in the context), the fields are written
+        here as that propagator writes them, without its generic path (a context made, a
+        carrier filled, then encoded): same text, about a quarter of the cost.
+        """
+        span = traced.span
+        context = span.get_span_context()
+        if not context.is_valid:
+            return ""
+        if self._fast_w3c():
+            trace_id = traced.trace_id or f"{context.trace_id:032x}"
+            span_id = traced.span_id or f"{context.span_id:016x}"
+            # Hex digits and dashes only: nothing to escape.
+            members = f'"traceparent":"00-{trace_id}-{span_id}-{context.trace_flags:02x}"'
+            if context.trace_state:
+                members += f',"tracestate":{json.dumps(context.trace_state.to_header())}'
+            return members
         carrier: dict[str, str] = {}
-        if span.get_span_context().is_valid:
-            propagate.inject(carrier, context=trace.set_span_in_context(span))
-        return carrier
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        return encode_wire_fields(carrier)
+
+    def _fast_w3c(self) -> bool:
+        """Whether the global propagator writes exactly ``traceparent`` / ``tracestate`` now."""
+        textmap = propagate.get_global_textmap()
+        seen, is_w3c, has_baggage = self._textmap_kind
+        if textmap is not seen:
+            is_w3c, has_baggage = default_w3c_propagator(textmap)
+            self._textmap_kind = (textmap, is_w3c, has_baggage)
+        if not is_w3c:
+            return False
+        # The baggage propagator writes nothing when the context carries no baggage.
+        return not (has_baggage and baggage.get_all())
 
     def end(
         self,
