@@ -27,6 +27,7 @@ A table already holding ``--rows`` rows is reused (``--refill`` makes it again).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import os
 import statistics
@@ -39,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from admin_pages import setup_django, urlpatterns  # noqa: E402
+from admin_pages import measure, setup_django, urlpatterns  # noqa: E402
 
 __all__ = ["urlpatterns"]
 
@@ -230,3 +231,102 @@ def time_roll_up(since: dt.datetime) -> None:
     )
     with connection.cursor() as cursor:
         cursor.execute("VACUUM ANALYZE django_rpc_audit_rpcrollup")
+
+
+def time_context(window: Any, rounds: int) -> float:
+    """Median milliseconds to compute the dashboard's figures for ``window`` (no page)."""
+    from django_rpc_audit.dashboard import dashboard_context
+
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        dashboard_context(window)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--database-url", required=True, help="a PostgreSQL URL")
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--days", type=int, default=91, help="days the rows are spread over")
+    parser.add_argument("--rounds", type=int, default=5, help="requests per page")
+    parser.add_argument(
+        "--rows-rounds", type=int, default=1, help="rounds of the figures from the raw rows"
+    )
+    parser.add_argument("--timed-hours", type=int, default=48, help="hours roll_up() remakes")
+    parser.add_argument("--refill", action="store_true", help="make the rows again")
+    args = parser.parse_args()
+    setup_django(args.database_url)
+    print(f"Load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    fill(args.rows, args.days, args.refill)
+
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+    from django.test import Client
+    from django.urls import reverse
+    from django.utils import timezone
+
+    from django_rpc_audit.dashboard import WINDOWS
+    from django_rpc_audit.models import RPCLog, RPCRollup
+    from django_rpc_audit.rollups.maintain import hour_of
+
+    if args.refill or not RPCRollup.objects.exists():
+        timed_from = hour_of(timezone.now() - dt.timedelta(hours=args.timed_hours))
+        roll_up_history(timed_from)
+        time_roll_up(timed_from)
+    with connection.cursor() as cursor:
+        sizes = []
+        for model in (RPCLog, RPCRollup):
+            cursor.execute("SELECT pg_total_relation_size(%s)", [model._meta.db_table])
+            sizes.append(cursor.fetchone()[0] / 2**20)
+    print(
+        f"{RPCLog.objects.count():,} log rows ({sizes[0]:,.0f} MiB with indexes), "
+        f"{RPCRollup.objects.count():,} rollup rows ({sizes[1]:,.0f} MiB)"
+    )
+
+    client = Client()
+    client.force_login(get_user_model().objects.get(username="bench-admin"))
+    dashboard = reverse("admin:django_rpc_audit_rpclog_dashboard")
+    usage = reverse("admin:django_rpc_audit_rpclog_usage")
+    first = timezone.now().replace(day=1)
+    last_month = f"{first - dt.timedelta(days=1):%Y-%m}"
+    busiest = (
+        RPCRollup.objects.exclude(user=None).values_list("user_id", flat=True).first() or "none"
+    )
+    pages = [
+        (f"dashboard, {window.label}", f"{dashboard}?window={key}")
+        for key, window in WINDOWS.items()
+    ]
+    pages += [
+        (f"usage, {last_month}", f"{usage}?month={last_month}"),
+        (f"usage, {last_month}, one user", f"{usage}?month={last_month}&user={busiest}"),
+        (f"usage, {first:%Y-%m}", f"{usage}?month={first:%Y-%m}"),
+    ]
+    for _, url in pages:  # warm the caches and the connection once
+        client.get(url)
+    print(f"\nPages: median of {args.rounds} requests each (Django test client)\n")
+    print(f"{'page':<36} {'median':>9} {'queries':>8} {'in SQL':>9} {'slowest query':>14}")
+    for label, url in pages:
+        result = measure(client, url, args.rounds)
+        print(
+            f"{label:<36} {result['median_ms']:>7.0f}ms {result['queries']:>8} "
+            f"{result['db_ms']:>7.0f}ms {result['slowest_ms']:>12.0f}ms"
+        )
+    print(
+        f"\nThe dashboard's figures (dashboard_context), as configured and from the raw rows "
+        f"(median of {args.rounds} and of {args.rows_rounds} rounds)\n"
+    )
+    print(f"{'window':<16} {'source':>8} {'as set':>9} {'raw rows':>10} {'ratio':>8}")
+    for window in WINDOWS.values():
+        configured = time_context(window, args.rounds)
+        raw = time_context(dataclasses.replace(window, source="rows"), args.rows_rounds)
+        print(
+            f"{window.key:<16} {window.source:>8} {configured:>7.0f}ms {raw:>8.0f}ms "
+            f"{raw / configured:>7.1f}x"
+        )
+    print(f"\nLoad average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
