@@ -21,16 +21,18 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
 
-from django.db.models import Count, Q, Sum
+from django.conf import settings
+from django.db.models import Count, Max, Q, Sum
 from django.db.models.functions import Trunc
 
 from django_rpc_audit.conf import COST_DECIMAL_PLACES
-from django_rpc_audit.rollups.models import RPCRollup
+from django_rpc_audit.rollups.models import BUCKET, RPCRollup, RPCRollupBucket
 from django_rpc_audit.status import RPCStatus
 
 Period = Literal["day", "month"]
@@ -85,7 +87,8 @@ def month_range(month: str | dt.date) -> tuple[dt.datetime, dt.datetime]:
 
 
 def _midnight(day: dt.date) -> dt.datetime:
-    return dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
+    # Naive with USE_TZ = False, as the rows and rollups store their times then.
+    return dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC if settings.USE_TZ else None)
 
 
 def usage(
@@ -239,3 +242,79 @@ def _cell(value: str | None) -> str:
     if value is None:
         return ""
     return f"'{value}" if value[:1] in ("=", "+", "-", "@") else value
+
+
+# -- CloudEvents --------------------------------------------------------------------------------
+
+#: The namespace of the events' ids (uuid5 of source, day, user and method).
+_EVENT_NAMESPACE = uuid.UUID("8a0f0c55-2b7e-4f0a-9d3c-6f7e1b2a4c19")
+#: The ``type`` of a usage event.
+EVENT_TYPE = "io.github.django-rpc-audit.usage.daily"
+
+
+def closed_until(using: str | None = None) -> dt.datetime | None:
+    """The end of the last day whose hours have all settled (see ``ROLLUP_SETTLE_SECONDS``):
+    its figures no longer change, so it can be exported once. ``None`` before any has."""
+    last = (
+        RPCRollupBucket.objects.using(using)
+        .filter(settled=True)
+        .aggregate(last=Max("start"))["last"]
+    )
+    if last is None:
+        return None
+    end: dt.datetime = last + BUCKET
+    if end.tzinfo is not None:
+        end = end.astimezone(dt.UTC)
+    return end.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def cloud_events(
+    start: dt.datetime,
+    end: dt.datetime,
+    *,
+    source: str = "django-rpc-audit",
+    using: str | None = None,
+) -> list[dict[str, Any]]:
+    """The usage of each user and method per closed day from ``start`` to ``end`` as
+    CloudEvents 1.0 (the shape OpenMeter ingests): one event per (day, user, method) with
+    calls or a cost, ``subject`` the username (``user:<id>`` without one, ``anonymous``), and
+    ``data`` the method, calls, billed calls and cost (a string: exact; and ``cost_micros``,
+    an integer of millionths). Days not closed yet (:func:`closed_until`) are left out.
+
+    The ``id`` is fixed by source, day, user and method, so a system that deduplicates on
+    source and id (OpenMeter) takes each day once, however often it is exported.
+    """
+    limit = closed_until(using)
+    if limit is None or limit <= start:
+        return []
+    lines = usage(start, min(end, limit), by=("user", "method"), period="day", using=using)
+    events = []
+    for line in lines:
+        assert line.period is not None  # period="day"
+        subject = line.username or (
+            f"user:{line.user_id}" if line.user_id is not None else "anonymous"
+        )
+        identity = (
+            f"{source}|{line.period.isoformat()}|{line.user_id}|{line.username}|{line.method}"
+        )
+        events.append(
+            {
+                "specversion": "1.0",
+                "id": str(uuid.uuid5(_EVENT_NAMESPACE, identity)),
+                "source": source,
+                "type": EVENT_TYPE,
+                "subject": subject,
+                "time": _midnight(line.period).isoformat().replace("+00:00", "Z"),
+                "datacontenttype": "application/json",
+                "data": {
+                    "method": line.method,
+                    "user_id": None if line.user_id is None else str(line.user_id),
+                    "calls": line.calls,
+                    "failed_calls": line.failed_calls,
+                    "billed_calls": line.billed_calls,
+                    "cost": str(line.cost),
+                    "cost_micros": int(line.cost.scaleb(COST_DECIMAL_PLACES)),
+                },
+            }
+        )
+    return events

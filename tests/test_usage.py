@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from io import StringIO
@@ -15,9 +16,17 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.urls import reverse
 
-from django_rpc_audit.models import RPCLog, RPCStatus
+from django_rpc_audit.models import RPCLog, RPCRollupBucket, RPCStatus
 from django_rpc_audit.rollups.maintain import roll_up
-from django_rpc_audit.usage import UsageLine, month_range, to_csv, total, usage
+from django_rpc_audit.usage import (
+    UsageLine,
+    closed_until,
+    cloud_events,
+    month_range,
+    to_csv,
+    total,
+    usage,
+)
 from tests.factories import RPCLogFactory, UserFactory, staff_client
 
 pytestmark = pytest.mark.django_db
@@ -285,3 +294,43 @@ def test_the_usage_page_ignores_parameters_it_cannot_use(
     response = admin_client_.get(reverse(USAGE), params)
     assert response.status_code == 200
     assert response.context["one_user"] is False
+
+
+# -- CloudEvents ------------------------------------------------------------------------------
+
+
+def test_closed_days_export_as_cloudevents_with_fixed_ids(november: dict[str, Any]) -> None:
+    events = cloud_events(*month_range("2026-11"), source="billing-test")
+    assert {event["specversion"] for event in events} == {"1.0"}
+    assert sum(Decimal(event["data"]["cost"]) for event in events) == Decimal("30.05")
+    assert sum(event["data"]["cost_micros"] for event in events) == 30_050_000
+    first = events[0]
+    assert first["time"] == "2026-11-01T00:00:00Z"
+    assert first["subject"] == "alice"
+    assert first["data"]["method"] == "reports.generate"
+    assert first["data"]["billed_calls"] == 2
+    assert {event["subject"] for event in events} == {"alice", "bob", "anonymous"}
+    # The same day, user and method: the same id, so a deduplicating consumer takes it once.
+    again = cloud_events(*month_range("2026-11"), source="billing-test")
+    assert [event["id"] for event in again] == [event["id"] for event in events]
+    assert len({event["id"] for event in events}) == len(events)
+    other = cloud_events(*month_range("2026-11"), source="elsewhere")
+    assert not {event["id"] for event in other} & {event["id"] for event in events}
+
+
+def test_days_not_settled_are_not_exported(november: dict[str, Any]) -> None:
+    RPCRollupBucket.objects.filter(start__gte=NOVEMBER + timedelta(days=10)).update(settled=False)
+    # The last settled hour is Nov 5, 00:00: that day is not whole yet.
+    assert closed_until() == datetime(2026, 11, 5, tzinfo=UTC)
+    days = {event["time"][:10] for event in cloud_events(*month_range("2026-11"))}
+    assert days == {"2026-11-01", "2026-11-03", "2026-11-04"}
+    RPCRollupBucket.objects.update(settled=False)
+    assert cloud_events(*month_range("2026-11")) == []
+
+
+def test_the_command_prints_cloudevents_as_json_lines(november: dict[str, Any]) -> None:
+    out = run("rpc_usage_report", "--month", "2026-11", "--format", "cloudevents")
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events == json.loads(json.dumps(cloud_events(*month_range("2026-11"))))
+    with pytest.raises(CommandError, match="--source"):
+        call_command("rpc_usage_report", month="2026-11", format="cloudevents", source="")

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from django.conf import settings
 from django.db import connections, router, transaction
 from django.db.models import (
     Case,
@@ -51,6 +50,7 @@ from django_rpc_audit.rollups.models import (
     RPCRollup,
     RPCRollupBucket,
 )
+from django_rpc_audit.utils import stored_datetime
 
 if TYPE_CHECKING:
     from django_rpc_audit.models import RPCLog
@@ -83,8 +83,8 @@ def hour_of(value: dt.datetime) -> dt.datetime:
 
 
 def _now() -> dt.datetime:
-    now = timezone.now()
-    return now if settings.USE_TZ else timezone.make_naive(now, dt.UTC)
+    """Now, as the rows store it (naive local time with ``USE_TZ = False``)."""
+    return stored_datetime(timezone.now())
 
 
 def _log_model() -> type[RPCLog]:

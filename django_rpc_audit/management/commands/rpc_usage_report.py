@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from django_rpc_audit.usage import month_range, to_csv, total, usage
+from django_rpc_audit.usage import cloud_events, month_range, to_csv, total, usage
 
-FORMATS = ("table", "csv")
+FORMATS = ("table", "csv", "cloudevents")
 DIMENSIONS = ("user", "method")
 PERIODS = ("day", "month")
 
@@ -22,7 +23,16 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--month", required=True, help="The month, YYYY-MM (UTC).")
         parser.add_argument(
-            "--format", choices=FORMATS, default="table", help="table (default) or csv."
+            "--format",
+            choices=FORMATS,
+            default="table",
+            help="table (default), csv, or cloudevents: one CloudEvents JSON line per closed "
+            "day, user and method (--by, --per, --method, --billed-only do not apply).",
+        )
+        parser.add_argument(
+            "--source",
+            default="django-rpc-audit",
+            help="The CloudEvents source (default: django-rpc-audit).",
         )
         parser.add_argument(
             "--by",
@@ -46,6 +56,7 @@ class Command(BaseCommand):
         per: str | None,
         method: str | None,
         billed_only: bool,
+        source: str = "django-rpc-audit",
         **options: Any,
     ) -> None:
         # Again: call_command() passes its keyword arguments without argparse's checks.
@@ -62,6 +73,12 @@ class Command(BaseCommand):
             start, end = month_range(str(month))
         except ValueError as exc:
             raise CommandError(f"--month: {exc}") from None
+        if format == "cloudevents":
+            if not source:
+                raise CommandError("--source must not be empty.")
+            for event in cloud_events(start, end, source=source):
+                self.stdout.write(json.dumps(event, separators=(",", ":")))
+            return
         lines = usage(
             start,
             end,
