@@ -10,8 +10,8 @@ analytics methods (``overview()``, ``stats_by_method()``, ``stats_by_user()``,
 - ``"rollups"``: the hourly rollups, completed by the rows not rolled up yet
   (:mod:`django_rpc_audit.rollups.read`): whole UTC hours, percentiles estimated from the
   duration histogram, and unchanged by ``rpc_logs_cleanup``;
-- ``"auto"`` (the default): the rollups for windows longer than :data:`ROLLUPS_AFTER`, the
-  rows otherwise. ::
+- ``"auto"`` (the default): the rollups for windows longer than :data:`ROLLUPS_AFTER` (an
+  hour), the rows otherwise. ::
 
     from datetime import timedelta
     from django.utils import timezone
@@ -54,8 +54,9 @@ if TYPE_CHECKING:
 
 Source = Literal["auto", "rows", "rollups"]
 SOURCES: tuple[str, ...] = ("auto", "rows", "rollups")
-#: ``source="auto"`` reads the rollups for windows longer than this, the rows otherwise.
-ROLLUPS_AFTER = dt.timedelta(days=1)
+#: ``source="auto"`` reads the rollups for windows longer than this, the rows otherwise (an
+#: hour: minute buckets and exact percentiles where they matter, as the dashboard does).
+ROLLUPS_AFTER = dt.timedelta(hours=1)
 
 #: Which count each status adds to (``total_calls`` counts them all).
 _STATUS_COUNTS = {

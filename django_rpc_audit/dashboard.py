@@ -55,7 +55,14 @@ WINDOWS: dict[str, Window] = {
     window.key: window
     for window in (
         Window("1h", _("Last hour"), timedelta(hours=1), "minute"),
-        Window("24h", _("Last 24 hours"), timedelta(hours=24), "hour", refresh_factor=6),
+        Window(
+            "24h",
+            _("Last 24 hours"),
+            timedelta(hours=24),
+            "hour",
+            refresh_factor=6,
+            source="rollups",
+        ),
         Window(
             "7d", _("Last 7 days"), timedelta(days=7), "hour", refresh_factor=12, source="rollups"
         ),

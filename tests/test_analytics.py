@@ -28,6 +28,17 @@ from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
 
+
+@pytest.fixture(autouse=True)
+def _empty_cache() -> Any:
+    """The rollups' block cache starts empty in each test."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+    cache.clear()
+
+
 DASHBOARD = "admin:django_rpc_audit_rpclog_dashboard"
 HOUR = timedelta(hours=1)
 METHODS = ("reports.generate", "system.ping", "notify.send", "search.query")
@@ -294,7 +305,7 @@ def test_every_window_renders_the_figures_of_its_source(admin_client_: Any, wind
     response = admin_client_.get(reverse(DASHBOARD), {"window": window})
     assert response.status_code == 200
     context = response.context
-    expected_source = "rows" if window in ("1h", "24h") else "rollups"
+    expected_source = "rows" if window == "1h" else "rollups"
     assert context["source"] == expected_source
     length = WINDOWS[window].length
     since = context["since"]
@@ -340,8 +351,8 @@ def test_long_windows_query_count_does_not_grow_with_rows(admin_client_: Any, wi
 
 def test_sources_and_their_choice() -> None:
     now = timezone.now()
-    assert CallWindow(now - timedelta(hours=24), now).source == "rows"
-    assert CallWindow(now - timedelta(hours=25), now).source == "rollups"
+    assert CallWindow(now - timedelta(hours=1), now).source == "rows"
+    assert CallWindow(now - timedelta(hours=1, seconds=1), now).source == "rollups"
     assert CallWindow(now - timedelta(days=90), now, source="rows").source == "rows"
     assert CallWindow(now - timedelta(minutes=5), now, source="rollups").since == hour_of(
         now - timedelta(minutes=5)
@@ -445,3 +456,46 @@ def test_a_cleanup_between_the_two_reads_neither_loses_nor_doubles_calls(monkeyp
         CallWindow(now - timedelta(days=7), now, source="rollups").overview()["total_calls"]
         == expected
     )
+
+
+# -- the cache of settled days and hours ---------------------------------------------------------
+
+
+def test_settled_days_are_read_from_the_cache_until_an_hour_of_theirs_changes(
+    monkeypatch: Any,
+) -> None:
+    now = timezone.now()
+    make_calls(now, count=200, days=20)
+    roll_up(now=now)
+    since = now - timedelta(days=30)
+
+    def figures() -> tuple[Any, int]:
+        with CaptureQueriesContext(connection) as queries:
+            window = CallWindow(since, now, source="rollups")
+            result = (window.overview(), window.stats_by_method(), window.busiest_users())
+        rollup_reads = [
+            q
+            for q in queries.captured_queries
+            if "rpcrollup" in q["sql"].lower() and "rpcrollupbucket" not in q["sql"].lower()
+        ]
+        return result, len(rollup_reads)
+
+    first, cold_reads = figures()
+    again, warm_reads = figures()
+    assert again == first
+    # Warm: only the sealed rollups after the boundary are read, once per figure.
+    assert warm_reads == 3
+    assert cold_reads > warm_reads
+    # A late row in an old hour, counted when that hour is remade: its day is read again.
+    old_hour = hour_of(now) - 5 * 24 * HOUR
+    RPCLog.objects.create(correlation_id="late", method="late.call", created_at=old_hour)
+    roll_up(since=old_hour, until=old_hour + HOUR, now=now)
+    changed, reads = figures()
+    assert reads > warm_reads
+    assert changed[0]["total_calls"] == first[0]["total_calls"] + 1
+    assert "late.call" in {row["method"] for row in changed[1]}
+    # Without a cache: the same figures, the rollups read every time.
+    monkeypatch.setattr(read, "CACHE_ALIAS", None)
+    uncached, reads = figures()
+    assert uncached == changed
+    assert reads > warm_reads

@@ -22,11 +22,13 @@ commits between the two queries cannot make a row count twice or not at all.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.core.cache import BaseCache, InvalidCacheBackendError, caches
 from django.db import connections, router, transaction
 from django.db.models import Max, Q, Sum
 from django.db.models.functions import Trunc
@@ -39,6 +41,16 @@ from django_rpc_audit.rollups.models import (
     RPCRollup,
     RPCRollupBucket,
 )
+from django_rpc_audit.status import RPCStatus
+
+#: The Django cache (``CACHES`` alias) holding the sums of whole settled days and hours; the
+#: default ``LocMemCache`` keeps them per process. ``None`` or a missing alias: no cache.
+CACHE_ALIAS: str | None = "default"
+#: How long a block's sums are kept: as long as a 90-day window may read them.
+CACHE_SECONDS = 100 * 24 * 3600
+#: Bumped when the cached form changes.
+_CACHE_FORMAT = 1
+DAY = dt.timedelta(days=1)
 
 #: What a window can be grouped by: the rollups' key columns and the hour.
 DIMENSIONS = ("status", "method", "user_id", "hour")
@@ -59,6 +71,21 @@ class Coverage:
     until: dt.datetime
     #: The database.
     using: str
+    #: The hours before the boundary as whole UTC days where they can be, single hours
+    #: elsewhere: the units whose sums are cached (:func:`window_sums`).
+    blocks: tuple[Block, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """Whole hours (a UTC day, or one hour) before the boundary, read and cached together."""
+
+    start: dt.datetime
+    end: dt.datetime
+    #: Changes whenever one of its hours' rollups change: how many of its hours were rolled
+    #: up, the last time one was (``computed_at``: ``rpc_rollup`` and every cleanup set it),
+    #: and up to when their rows were deleted.
+    version: str
 
 
 @dataclass(slots=True)
@@ -85,6 +112,18 @@ class Sums:
             self.histogram[index] += row[name] or 0.0
         self.username = max(self.username, row.get("username") or "")
 
+    def add_compact(self, values: tuple[Any, ...]) -> None:
+        """Add a block's cached sums (``_compact``'s tuple)."""
+        calls, timed, total, longest, histogram, username = values
+        self.calls += calls
+        self.timed_calls += timed
+        self.duration_sum_ms += total
+        if longest is not None and (self.duration_max_ms is None or longest > self.duration_max_ms):
+            self.duration_max_ms = longest
+        for index, value in enumerate(histogram):
+            self.histogram[index] += value
+        self.username = max(self.username, username)
+
     def merge(self, other: Sums) -> None:
         self.calls += other.calls
         self.timed_calls += other.timed_calls
@@ -108,13 +147,48 @@ def coverage(since: dt.datetime, until: dt.datetime, *, using: str | None = None
     boundary is the end of the last settled hour in it (its first hour when none is)."""
     using = using or router.db_for_read(RPCRollup)
     start, last = hour_of(since), hour_of(until)
-    settled = (
+    hours = list(
         RPCRollupBucket.objects.using(using)
-        .filter(settled=True, start__gte=start, start__lt=last)
-        .aggregate(last=Max("start"))["last"]
+        .filter(start__gte=start, start__lt=last)
+        .order_by("start")
+        .values_list("start", "settled", "computed_at", "sealed_before")
     )
+    settled = max((hour[0] for hour in hours if hour[1]), default=None)
     boundary = start if settled is None else settled + BUCKET
-    return Coverage(start=start, boundary=boundary, until=until, using=using)
+    return Coverage(
+        start=start,
+        boundary=boundary,
+        until=until,
+        using=using,
+        blocks=_blocks(start, boundary, [hour for hour in hours if hour[0] < boundary]),
+    )
+
+
+def _blocks(
+    start: dt.datetime, boundary: dt.datetime, hours: list[tuple[Any, ...]]
+) -> tuple[Block, ...]:
+    """Cut ``[start, boundary)`` into whole days and the hours around them, each with the
+    version of its rolled-up ``hours`` (``(start, settled, computed_at, sealed_before)``, in
+    order)."""
+    spans = []
+    moment = start
+    while moment < boundary:
+        midnight = moment.replace(hour=0)
+        end = moment + DAY if moment == midnight and moment + DAY <= boundary else moment + BUCKET
+        spans.append((moment, end))
+        moment = end
+    blocks = []
+    index = 0
+    for low, high in spans:
+        count, computed, sealed = 0, "", ""
+        while index < len(hours) and hours[index][0] < high:
+            _, _, computed_at, sealed_before = hours[index]
+            count += 1
+            computed = max(computed, computed_at.isoformat() if computed_at else "")
+            sealed = max(sealed, sealed_before.isoformat() if sealed_before else "")
+            index += 1
+        blocks.append(Block(low, high, f"{count}|{computed}|{sealed}"))
+    return tuple(blocks)
 
 
 @contextmanager
@@ -137,26 +211,24 @@ def snapshot(using: str) -> Iterator[None]:
 
 def window_sums(cover: Coverage, dims: Sequence[str]) -> dict[tuple[Any, ...], Sums]:
     """The sums of the window ``cover`` grouped by ``dims`` (of :data:`DIMENSIONS`; ``hour``
-    is the UTC hour), each key a tuple of the dims' values: two grouped queries, one over
-    the rollups and one over the rows after the boundary, in one snapshot."""
+    is the UTC hour), each key a tuple of the dims' values.
+
+    The hours before the boundary come by :class:`Block` from the cache (``CACHES`` alias
+    :data:`CACHE_ALIAS`), each computed from the rollups once per version; the rest is two
+    grouped queries in one snapshot: the rollups of rows already deleted after the boundary,
+    and the rows after it.
+    """
     unknown = [name for name in dims if name not in DIMENSIONS]
     if unknown:
         raise ValueError(f"unknown dimensions {unknown!r}; choose from {DIMENSIONS!r}")
+    dims = tuple(dims)
     using = cover.using
-    by_user = "user_id" in dims
-    rollups = RPCRollup.objects.using(using).filter(
-        Q(bucket_start__gte=cover.start, bucket_start__lt=cover.boundary)
-        | Q(sealed=True, bucket_start__gte=cover.boundary, bucket_start__lte=cover.until)
+    result = _merge_blocks(_block_sums(cover, dims), _is_light(dims))
+
+    sealed = RPCRollup.objects.using(using).filter(
+        sealed=True, bucket_start__gte=cover.boundary, bucket_start__lte=cover.until
     )
-    rollup_sums: dict[str, Any] = {name: Sum(name) for name in _SUMMED}
-    rollup_sums["duration_max_ms"] = Max("duration_max_ms")
-    if by_user:
-        rollup_sums["username"] = Max("username")
-    rollup_groups = (
-        rollups.order_by()
-        .values(*(("bucket_start" if name == "hour" else name) for name in dims))
-        .annotate(**rollup_sums)
-    )
+    rollup_groups = _grouped_rollups(sealed, dims, by_block=None)
 
     from django_rpc_audit.models import RPCLog
 
@@ -167,13 +239,12 @@ def window_sums(cover: Coverage, dims: Sequence[str]) -> dict[tuple[Any, ...], S
     every = _aggregates(connections[using].vendor)
     row_sums: dict[str, Any] = {name: every[name] for name in _SUMMED}
     row_sums["duration_max_ms"] = every["duration_max_ms"]
-    if by_user:
+    if "user_id" in dims:
         row_sums["username"] = Max("username")
     if "hour" in dims:
         rows = rows.annotate(hour=Trunc("created_at", "hour", tzinfo=dt.UTC))
     row_groups = rows.order_by().values(*dims).annotate(**row_sums)
 
-    result: dict[tuple[Any, ...], Sums] = {}
     with snapshot(using):
         for grouped, hour_name in ((rollup_groups, "bucket_start"), (row_groups, "hour")):
             for row in grouped:
@@ -185,11 +256,169 @@ def window_sums(cover: Coverage, dims: Sequence[str]) -> dict[tuple[Any, ...], S
     return result
 
 
+def _grouped_rollups(rollups: Any, dims: tuple[str, ...], *, by_block: str | None) -> Any:
+    """``rollups`` grouped by ``dims`` (and by ``"day"`` or ``"hour"`` with ``by_block``)."""
+    sums: dict[str, Any] = {name: Sum(name) for name in _SUMMED}
+    sums["duration_max_ms"] = Max("duration_max_ms")
+    if "user_id" in dims:
+        sums["username"] = Max("username")
+    columns = [("bucket_start" if name == "hour" else name) for name in dims]
+    if by_block == "day":
+        rollups = rollups.annotate(block=Trunc("bucket_start", "day", tzinfo=dt.UTC))
+        columns.append("block")
+    elif by_block == "hour" and "bucket_start" not in columns:
+        columns.append("bucket_start")
+    return rollups.order_by().values(*columns).annotate(**sums)
+
+
+_Compact = tuple[Any, ...]
+
+
+def _block_sums(cover: Coverage, dims: tuple[str, ...]) -> list[Any]:
+    """Per block of ``cover``: its ``(key, compact sums)`` pairs, from the cache or, for the
+    blocks it lacks, from the rollups (one grouped query for the missing days, one for the
+    missing hours), then cached."""
+    if not cover.blocks:
+        return []
+    cache = _cache()
+    database = connections[cover.using].settings_dict.get("NAME")
+    keys = {block: _cache_key(database, cover.using, dims, block) for block in cover.blocks}
+    found = cache.get_many(list(keys.values())) if cache is not None else {}
+    missing = [block for block in cover.blocks if keys[block] not in found]
+    if missing:
+        computed = _compute_blocks(cover.using, dims, missing)
+        if cache is not None:
+            cache.set_many({keys[block]: computed[block] for block in missing}, CACHE_SECONDS)
+        for block in missing:
+            found[keys[block]] = computed[block]
+    return [found[keys[block]] for block in cover.blocks]
+
+
+def _is_light(dims: tuple[str, ...]) -> bool:
+    """Groups by user or by hour (then by status) need only their calls: cached per block as
+    one entry per user or hour holding the calls of each status, the smallest form to read
+    and to add up over ninety days."""
+    return len(dims) == 2 and dims[-1] == "status" and dims[0] in ("user_id", "hour")
+
+
+#: The slot of each status in a light entry; the last slot holds the username.
+_STATUS_SLOTS = {status: index for index, status in enumerate(RPCStatus.values)}
+_NAME_SLOT = len(_STATUS_SLOTS)
+
+
+def _compute_blocks(using: str, dims: tuple[str, ...], blocks: list[Block]) -> dict[Block, Any]:
+    """The sums of ``blocks`` from the rollups: per block, ``{head: [calls per status...,
+    username]}`` for light groups, else a list of ``(key, compact sums)``."""
+    light = _is_light(dims)
+    computed: dict[Block, Any] = {block: {} if light else [] for block in blocks}
+    for kind in ("day", "hour"):
+        chosen = [block for block in blocks if (block.end - block.start == DAY) == (kind == "day")]
+        if not chosen:
+            continue
+        by_start = {block.start: block for block in chosen}
+        ranges = Q()
+        for low, high in _ranges(chosen):
+            ranges |= Q(bucket_start__gte=low, bucket_start__lt=high)
+        grouped = _grouped_rollups(
+            RPCRollup.objects.using(using).filter(ranges), dims, by_block=kind
+        )
+        for row in grouped:
+            moment = _key_value(row, "hour", "block" if kind == "day" else "bucket_start")
+            block = by_start[moment]
+            key = tuple(_key_value(row, name, "bucket_start") for name in dims)
+            if not light:
+                computed[block].append((key, _compact(row)))
+                continue
+            entry = computed[block].get(key[0])
+            if entry is None:
+                entry = computed[block][key[0]] = [0.0] * _NAME_SLOT + [""]
+            # A status outside RPCStatus (raw SQL) counts in the total only, like pending.
+            entry[_STATUS_SLOTS.get(key[1], _STATUS_SLOTS[RPCStatus.PENDING])] += (
+                row["calls"] or 0.0
+            )
+            entry[_NAME_SLOT] = max(entry[_NAME_SLOT], row.get("username") or "")
+    return computed
+
+
+def _merge_blocks(parts: list[Any], light: bool) -> dict[tuple[Any, ...], Sums]:
+    """Add up the blocks' cached sums into one :class:`Sums` per key."""
+    result: dict[tuple[Any, ...], Sums] = {}
+    if not light:
+        for part in parts:
+            for key, values in part:
+                sums = result.get(key)
+                if sums is None:
+                    sums = result[key] = Sums()
+                sums.add_compact(values)
+        return result
+    # Up to a few hundred thousand entries over ninety days: plain list arithmetic.
+    totals: dict[Any, list[Any]] = {}
+    slots = range(_NAME_SLOT)
+    for part in parts:
+        for head, entry in part.items():
+            total = totals.get(head)
+            if total is None:
+                totals[head] = list(entry)
+                continue
+            for slot in slots:
+                total[slot] += entry[slot]
+            if entry[_NAME_SLOT] > total[_NAME_SLOT]:  # noqa: PLR1730 (no call per entry)
+                total[_NAME_SLOT] = entry[_NAME_SLOT]
+    statuses = list(_STATUS_SLOTS)
+    for head, total in totals.items():
+        for slot, status in enumerate(statuses):
+            if total[slot]:
+                result[(head, status)] = Sums(calls=total[slot], username=total[_NAME_SLOT])
+    return result
+
+
+def _ranges(blocks: list[Block]) -> Iterator[tuple[dt.datetime, dt.datetime]]:
+    """The blocks' time ranges, neighbours joined."""
+    low = high = None
+    for block in sorted(blocks, key=lambda block: block.start):
+        if high == block.start:
+            high = block.end
+            continue
+        if low is not None and high is not None:
+            yield low, high
+        low, high = block.start, block.end
+    if low is not None and high is not None:
+        yield low, high
+
+
+def _compact(row: dict[str, Any]) -> _Compact:
+    """A grouped row's sums as a tuple (see :meth:`Sums.add_compact`)."""
+    return (
+        row["calls"] or 0.0,
+        row["timed_calls"] or 0.0,
+        row["duration_sum_ms"] or 0.0,
+        row["duration_max_ms"],
+        tuple(row[name] or 0.0 for name in HISTOGRAM_FIELDS),
+        row.get("username") or "",
+    )
+
+
+def _cache_key(database: Any, using: str, dims: tuple[str, ...], block: Block) -> str:
+    text = f"{_CACHE_FORMAT}|{database}|{using}|{','.join(dims)}|{block.start.isoformat()}|"
+    text += f"{block.end.isoformat()}|{block.version}"
+    return "rpc_audit:rollups:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _cache() -> BaseCache | None:
+    if CACHE_ALIAS is None:
+        return None
+    try:
+        return caches[CACHE_ALIAS]
+    except InvalidCacheBackendError:
+        return None
+
+
 def _key_value(row: dict[str, Any], name: str, hour_name: str) -> Any:
     if name != "hour":
         return row[name]
     value = row[hour_name]
-    return value.astimezone(dt.UTC) if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+    # Naive with USE_TZ = False: the stored local time, as the rollups' hours are.
+    return value.astimezone(dt.UTC) if value.tzinfo is not None else value
 
 
 def percentile(histogram: Sequence[float], fraction: float, longest: float | None) -> float | None:
