@@ -32,11 +32,9 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture(autouse=True)
 def _empty_cache() -> Any:
     """The rollups' block cache starts empty in each test."""
-    from django.core.cache import cache
-
-    cache.clear()
+    read.clear_cache()
     yield
-    cache.clear()
+    read.clear_cache()
 
 
 DASHBOARD = "admin:django_rpc_audit_rpclog_dashboard"

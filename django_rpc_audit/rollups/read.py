@@ -28,7 +28,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.core.cache import BaseCache, InvalidCacheBackendError, caches
+from django.conf import settings
+from django.core.cache import BaseCache, caches
+from django.core.cache.backends.locmem import LocMemCache
 from django.db import connections, router, transaction
 from django.db.models import Max, Q, Sum
 from django.db.models.functions import Trunc
@@ -43,9 +45,12 @@ from django_rpc_audit.rollups.models import (
 )
 from django_rpc_audit.status import RPCStatus
 
-#: The Django cache (``CACHES`` alias) holding the sums of whole settled days and hours; the
-#: default ``LocMemCache`` keeps them per process. ``None`` or a missing alias: no cache.
-CACHE_ALIAS: str | None = "default"
+#: The Django cache (``CACHES`` alias) holding the sums of whole settled days and hours. When
+#: ``CACHES`` has no such alias, a cache of the process's own (``LocMemCache``, up to
+#: :data:`PROCESS_CACHE_ENTRIES` entries); ``None``: no cache.
+CACHE_ALIAS: str | None = "rpc_audit"
+#: Entries of the per-process cache: a 90-day window needs about 150 per figure.
+PROCESS_CACHE_ENTRIES = 10_000
 #: How long a block's sums are kept: as long as a 90-day window may read them.
 CACHE_SECONDS = 100 * 24 * 3600
 #: Bumped when the cached form changes.
@@ -123,6 +128,17 @@ class Sums:
         for index, value in enumerate(histogram):
             self.histogram[index] += value
         self.username = max(self.username, username)
+
+    def compact(self) -> tuple[Any, ...]:
+        """The tuple :meth:`add_compact` adds (how blocks are cached)."""
+        return (
+            self.calls,
+            self.timed_calls,
+            self.duration_sum_ms,
+            self.duration_max_ms,
+            tuple(self.histogram),
+            self.username,
+        )
 
     def merge(self, other: Sums) -> None:
         self.calls += other.calls
@@ -223,7 +239,7 @@ def window_sums(cover: Coverage, dims: Sequence[str]) -> dict[tuple[Any, ...], S
         raise ValueError(f"unknown dimensions {unknown!r}; choose from {DIMENSIONS!r}")
     dims = tuple(dims)
     using = cover.using
-    result = _merge_blocks(_block_sums(cover, dims), _is_light(dims))
+    result = _merge_blocks(_run_sums(cover, dims), _is_light(dims))
 
     sealed = RPCRollup.objects.using(using).filter(
         sealed=True, bucket_start__gte=cover.boundary, bucket_start__lte=cover.until
@@ -274,24 +290,57 @@ def _grouped_rollups(rollups: Any, dims: tuple[str, ...], *, by_block: str | Non
 _Compact = tuple[Any, ...]
 
 
-def _block_sums(cover: Coverage, dims: tuple[str, ...]) -> list[Any]:
-    """Per block of ``cover``: its ``(key, compact sums)`` pairs, from the cache or, for the
-    blocks it lacks, from the rollups (one grouped query for the missing days, one for the
-    missing hours), then cached."""
+def _run_sums(cover: Coverage, dims: tuple[str, ...]) -> list[Any]:
+    """The sums of ``cover``'s blocks, as one part per *run* of them (the hours before its
+    first whole day, the whole days, the hours after): each run's sum is cached under the keys
+    of its blocks, so a window that did not move reads three entries; a run that did (an hour
+    settled, a day began, a cleanup sealed rows) is added up again from its blocks' entries,
+    and only the blocks that changed are read from the rollups."""
     if not cover.blocks:
         return []
+    light = _is_light(dims)
     cache = _cache()
     database = connections[cover.using].settings_dict.get("NAME")
-    keys = {block: _cache_key(database, cover.using, dims, block) for block in cover.blocks}
-    found = cache.get_many(list(keys.values())) if cache is not None else {}
-    missing = [block for block in cover.blocks if keys[block] not in found]
+    block_keys = {block: _cache_key(database, cover.using, dims, block) for block in cover.blocks}
+    runs: list[tuple[Block, ...]] = []
+    for block in cover.blocks:
+        if runs and (runs[-1][-1].end - runs[-1][-1].start) == (block.end - block.start):
+            runs[-1] = (*runs[-1], block)
+        else:
+            runs.append((block,))
+    run_keys = {
+        run: "rpc_audit:rollups:run:"
+        + hashlib.sha256("|".join(block_keys[block] for block in run).encode()).hexdigest()
+        for run in runs
+    }
+    found = cache.get_many(list(run_keys.values())) if cache is not None else {}
+    missing = [run for run in runs if run_keys[run] not in found]
     if missing:
-        computed = _compute_blocks(cover.using, dims, missing)
+        blocks = [block for run in missing for block in run]
+        parts = dict(zip(blocks, _block_sums(cover.using, dims, blocks, block_keys), strict=True))
+        made = {run_keys[run]: _combine([parts[block] for block in run], light) for run in missing}
         if cache is not None:
-            cache.set_many({keys[block]: computed[block] for block in missing}, CACHE_SECONDS)
-        for block in missing:
-            found[keys[block]] = computed[block]
-    return [found[keys[block]] for block in cover.blocks]
+            cache.set_many(made, CACHE_SECONDS)
+        found.update(made)
+    return [found[run_keys[run]] for run in runs]
+
+
+def _block_sums(
+    using: str, dims: tuple[str, ...], blocks: list[Block], keys: dict[Block, str]
+) -> list[Any]:
+    """Per block: its sums (a part), from the cache or, for the blocks it lacks, from the
+    rollups (one grouped query for the missing days, one for the missing hours), then
+    cached."""
+    cache = _cache()
+    found = cache.get_many([keys[block] for block in blocks]) if cache is not None else {}
+    missing = [block for block in blocks if keys[block] not in found]
+    if missing:
+        computed = _compute_blocks(using, dims, missing)
+        made = {keys[block]: computed[block] for block in missing}
+        if cache is not None:
+            cache.set_many(made, CACHE_SECONDS)
+        found.update(made)
+    return [found[keys[block]] for block in blocks]
 
 
 def _is_light(dims: tuple[str, ...]) -> bool:
@@ -340,17 +389,17 @@ def _compute_blocks(using: str, dims: tuple[str, ...], blocks: list[Block]) -> d
     return computed
 
 
-def _merge_blocks(parts: list[Any], light: bool) -> dict[tuple[Any, ...], Sums]:
-    """Add up the blocks' cached sums into one :class:`Sums` per key."""
-    result: dict[tuple[Any, ...], Sums] = {}
+def _combine(parts: list[Any], light: bool) -> Any:
+    """Several parts added up into one part of the same form."""
     if not light:
+        sums: dict[tuple[Any, ...], Sums] = {}
         for part in parts:
             for key, values in part:
-                sums = result.get(key)
-                if sums is None:
-                    sums = result[key] = Sums()
-                sums.add_compact(values)
-        return result
+                found = sums.get(key)
+                if found is None:
+                    found = sums[key] = Sums()
+                found.add_compact(values)
+        return [(key, found.compact()) for key, found in sums.items()]
     # Up to a few hundred thousand entries over ninety days: plain list arithmetic.
     totals: dict[Any, list[Any]] = {}
     slots = range(_NAME_SLOT)
@@ -364,8 +413,20 @@ def _merge_blocks(parts: list[Any], light: bool) -> dict[tuple[Any, ...], Sums]:
                 total[slot] += entry[slot]
             if entry[_NAME_SLOT] > total[_NAME_SLOT]:  # noqa: PLR1730 (no call per entry)
                 total[_NAME_SLOT] = entry[_NAME_SLOT]
+    return totals
+
+
+def _merge_blocks(parts: list[Any], light: bool) -> dict[tuple[Any, ...], Sums]:
+    """Add up the parts into one :class:`Sums` per key."""
+    combined = _combine(parts, light)
+    result: dict[tuple[Any, ...], Sums] = {}
+    if not light:
+        for key, values in combined:
+            result[key] = Sums()
+            result[key].add_compact(values)
+        return result
     statuses = list(_STATUS_SLOTS)
-    for head, total in totals.items():
+    for head, total in combined.items():
         for slot, status in enumerate(statuses):
             if total[slot]:
                 result[(head, status)] = Sums(calls=total[slot], username=total[_NAME_SLOT])
@@ -405,12 +466,28 @@ def _cache_key(database: Any, using: str, dims: tuple[str, ...], block: Block) -
 
 
 def _cache() -> BaseCache | None:
+    """The cache of :data:`CACHE_ALIAS`, or the process's own."""
+    global _process_cache
     if CACHE_ALIAS is None:
         return None
-    try:
+    if CACHE_ALIAS in settings.CACHES:
         return caches[CACHE_ALIAS]
-    except InvalidCacheBackendError:
-        return None
+    if _process_cache is None:
+        _process_cache = LocMemCache(
+            "django_rpc_audit.rollups",
+            {"TIMEOUT": CACHE_SECONDS, "OPTIONS": {"MAX_ENTRIES": PROCESS_CACHE_ENTRIES}},
+        )
+    return _process_cache
+
+
+def clear_cache() -> None:
+    """Empty the cache of block sums (they are also replaced whenever their hours change)."""
+    cache = _cache()
+    if cache is not None:
+        cache.clear()
+
+
+_process_cache: BaseCache | None = None
 
 
 def _key_value(row: dict[str, Any], name: str, hour_name: str) -> Any:
