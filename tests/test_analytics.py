@@ -423,6 +423,8 @@ def test_a_cleanup_between_the_two_reads_neither_loses_nor_doubles_calls(monkeyp
     now = timezone.now()
     make_calls(now, count=120, days=5)
     roll_up(now=now)
+    # Some rows of the current hour already deleted: its sealed rollups are read first.
+    assert RPCLog.objects.filter(created_at__gte=hour_of(now)).prune(days=0) > 0
     window = CallWindow(now - timedelta(days=7), now, source="rollups")
     expected = window.overview()["total_calls"]
     cover = window.coverage
