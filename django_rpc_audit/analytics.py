@@ -240,7 +240,8 @@ class CallWindow:
         if bucket == "minute":
             raise ValueError("the rollups count hours: ask for 'hour' or 'day' buckets.")
         per_hour = self._sums(("hour", "status"))
-        counts = _counts(per_hour.items(), lambda key: _bucket_start(key[0], bucket))
+        starts = {hour: _bucket_start(hour, bucket) for hour in {key[0] for key in per_hour}}
+        counts = _counts(per_hour.items(), lambda key: starts[key[0]])
         return _timeline(counts, self.since, self.until, bucket)
 
     # -- reading --------------------------------------------------------------------------------

@@ -424,7 +424,10 @@ def test_a_cleanup_between_the_two_reads_neither_loses_nor_doubles_calls(monkeyp
     make_calls(now, count=120, days=5)
     roll_up(now=now)
     # Some rows of the current hour already deleted: its sealed rollups are read first.
-    assert RPCLog.objects.filter(created_at__gte=hour_of(now)).prune(days=0) > 0
+    RPCLog.objects.bulk_create(
+        [RPCLog(correlation_id=f"now{n}", method="m", created_at=hour_of(now)) for n in range(3)]
+    )
+    assert RPCLog.objects.filter(created_at__gte=hour_of(now)).prune(days=0) >= 3
     window = CallWindow(now - timedelta(days=7), now, source="rollups")
     expected = window.overview()["total_calls"]
     cover = window.coverage

@@ -102,9 +102,15 @@ class Sums:
     duration_sum_ms: float = 0.0
     duration_max_ms: float | None = None
     #: Weighted calls per bucket of ``DURATION_EDGES_MS`` (the last: slower than the last edge).
-    histogram: list[float] = field(default_factory=lambda: [0.0] * len(HISTOGRAM_FIELDS))
+    #: (Empty until timed sums are added: most groups of a window only count calls.)
+    histogram: list[float] = field(default_factory=list)
     #: The username snapshot of the group's calls (when grouped by user).
     username: str = ""
+
+    def _bins(self) -> list[float]:
+        if not self.histogram:
+            self.histogram = [0.0] * len(HISTOGRAM_FIELDS)
+        return self.histogram
 
     def add(self, row: dict[str, Any]) -> None:
         self.calls += row["calls"] or 0.0
@@ -113,8 +119,9 @@ class Sums:
         longest = row["duration_max_ms"]
         if longest is not None and (self.duration_max_ms is None or longest > self.duration_max_ms):
             self.duration_max_ms = longest
+        bins = self._bins()
         for index, name in enumerate(HISTOGRAM_FIELDS):
-            self.histogram[index] += row[name] or 0.0
+            bins[index] += row[name] or 0.0
         self.username = max(self.username, row.get("username") or "")
 
     def add_compact(self, values: tuple[Any, ...]) -> None:
@@ -125,8 +132,9 @@ class Sums:
         self.duration_sum_ms += total
         if longest is not None and (self.duration_max_ms is None or longest > self.duration_max_ms):
             self.duration_max_ms = longest
+        bins = self._bins()
         for index, value in enumerate(histogram):
-            self.histogram[index] += value
+            bins[index] += value
         self.username = max(self.username, username)
 
     def compact(self) -> tuple[Any, ...]:
@@ -141,6 +149,10 @@ class Sums:
         )
 
     def merge(self, other: Sums) -> None:
+        if not other.timed_calls and other.duration_max_ms is None:  # counts only
+            self.calls += other.calls
+            self.username = max(self.username, other.username)
+            return
         self.calls += other.calls
         self.timed_calls += other.timed_calls
         self.duration_sum_ms += other.duration_sum_ms
@@ -148,8 +160,9 @@ class Sums:
             self.duration_max_ms is None or other.duration_max_ms > self.duration_max_ms
         ):
             self.duration_max_ms = other.duration_max_ms
+        bins = self._bins()
         for index, value in enumerate(other.histogram):
-            self.histogram[index] += value
+            bins[index] += value
         self.username = max(self.username, other.username)
 
     @property
@@ -253,8 +266,12 @@ def window_sums(cover: Coverage, dims: Sequence[str]) -> dict[tuple[Any, ...], S
     )
     # The very sums rpc_rollup stores, so the tail adds up as its rollups will.
     every = _aggregates(connections[using].vendor)
-    row_sums: dict[str, Any] = {name: every[name] for name in _SUMMED}
-    row_sums["duration_max_ms"] = every["duration_max_ms"]
+    light = _is_light(dims)
+    if light:  # counts are all these groups give
+        row_sums: dict[str, Any] = {"calls": every["calls"]}
+    else:
+        row_sums = {name: every[name] for name in _SUMMED}
+        row_sums["duration_max_ms"] = every["duration_max_ms"]
     if "user_id" in dims:
         row_sums["username"] = Max("username")
     if "hour" in dims:
@@ -268,14 +285,21 @@ def window_sums(cover: Coverage, dims: Sequence[str]) -> dict[tuple[Any, ...], S
                 sums = result.get(key)
                 if sums is None:
                     sums = result[key] = Sums()
-                sums.add(row)
+                if light:
+                    sums.calls += row["calls"] or 0.0
+                    sums.username = max(sums.username, row.get("username") or "")
+                else:
+                    sums.add(row)
     return result
 
 
 def _grouped_rollups(rollups: Any, dims: tuple[str, ...], *, by_block: str | None) -> Any:
     """``rollups`` grouped by ``dims`` (and by ``"day"`` or ``"hour"`` with ``by_block``)."""
-    sums: dict[str, Any] = {name: Sum(name) for name in _SUMMED}
-    sums["duration_max_ms"] = Max("duration_max_ms")
+    if _is_light(dims):
+        sums: dict[str, Any] = {"calls": Sum("calls")}
+    else:
+        sums = {name: Sum(name) for name in _SUMMED}
+        sums["duration_max_ms"] = Max("duration_max_ms")
     if "user_id" in dims:
         sums["username"] = Max("username")
     columns = [("bucket_start" if name == "hour" else name) for name in dims]
