@@ -245,6 +245,41 @@ def time_context(window: Any, rounds: int) -> float:
     return statistics.median(times) * 1000
 
 
+def time_misses() -> None:
+    """The 90-day figures cold, warm, and when one block changed: an hour after the last whole
+    day remade (as when an hour settles), then an hour of a whole day (as after a cleanup)."""
+    from django.utils import timezone
+
+    from django_rpc_audit.dashboard import WINDOWS, dashboard_context
+    from django_rpc_audit.models import RPCRollupBucket
+    from django_rpc_audit.rollups.maintain import hour_of
+    from django_rpc_audit.rollups.read import clear_cache
+
+    window = WINDOWS["90d"]
+    clear_cache()
+
+    def timed(label: str) -> None:
+        started = time.perf_counter()
+        dashboard_context(window)
+        print(f"  {label:<58} {(time.perf_counter() - started) * 1000:>7.0f} ms")
+
+    print("\nThe 90-day figures when blocks change")
+    timed("cold (cache empty)")
+    timed("warm")
+    last = RPCRollupBucket.objects.filter(settled=True).order_by("-start").first()
+    assert last is not None
+    for label, start in (
+        ("the last settled hour remade", last.start),
+        (
+            "an hour of a whole day 40 days ago remade",
+            hour_of(timezone.now() - dt.timedelta(days=40)),
+        ),
+    ):
+        RPCRollupBucket.objects.filter(start=start).update(computed_at=timezone.now())
+        timed(label)
+        timed("then warm again")
+
+
 def main() -> None:  # noqa: PLR0915 (one run, step by step)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--database-url", required=True, help="a PostgreSQL URL")
@@ -256,10 +291,16 @@ def main() -> None:  # noqa: PLR0915 (one run, step by step)
     )
     parser.add_argument("--timed-hours", type=int, default=48, help="hours roll_up() remakes")
     parser.add_argument("--refill", action="store_true", help="make the rows again")
+    parser.add_argument(
+        "--misses", action="store_true", help="only time the 90-day figures as blocks change"
+    )
     args = parser.parse_args()
     setup_django(args.database_url)
     print(f"Load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     fill(args.rows, args.days, args.refill)
+    if args.misses:
+        time_misses()
+        return
 
     from django.contrib.auth import get_user_model
     from django.db import connection
