@@ -431,6 +431,10 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
                 f"{self.admin_site.name}:django_rpc_audit_rpclog_dashboard",
                 current_app=self.admin_site.name,
             ),
+            "rpc_usage_url": reverse(
+                f"{self.admin_site.name}:django_rpc_audit_rpclog_usage",
+                current_app=self.admin_site.name,
+            ),
         }
         return super().changelist_view(request, extra_context)  # type: ignore[no-any-return]
 
@@ -452,6 +456,8 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
             call = (*call[:2], "error_box", *call[2:])
         if obj is not None and obj.trace_id:
             call = (*call, "trace")
+        if obj is not None and obj.cost is not None:
+            call = (*call, "cost")
         return [
             (None, {"fields": call}),
             (_("Caller"), {"fields": ("user_link", "caller_ip", "user_agent")}),

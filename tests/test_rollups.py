@@ -305,3 +305,48 @@ def test_cleanup_never_deletes_the_rollups_of_rows_it_keeps(rpc_settings: Any) -
     assert "rollup" not in run("rpc_logs_cleanup")  # rows of 20 days are kept: their rollups too
     assert totals()["rows"] == 1
     assert "Deleted 1 rollup row(s)" in run("rpc_logs_cleanup", "--days", "5")
+
+
+def test_a_percentile_read_from_the_histogram_is_within_its_bucket() -> None:
+    from django_rpc_audit.percentiles import histogram_percentile
+
+    durations = [float(ms) for ms in range(1, 1001)]  # 1..1000 ms, one each
+    edges = (5, 10, 25, 50, 75, 100, 250, 500, 750, 1000, 2500, 5000, 7500, 10000)
+    counts = [0.0] * (len(edges) + 1)
+    for value in durations:
+        counts[next(i for i, edge in enumerate(edges) if value <= edge)] += 1
+    assert histogram_percentile(counts, 0.5) == pytest.approx(500.0)
+    assert histogram_percentile(counts, 0.95) == pytest.approx(950.0)
+    assert histogram_percentile(counts, 0.99) == pytest.approx(990.0)
+    assert histogram_percentile([0.0] * 15, 0.5) is None
+    assert histogram_percentile([0.0] * 14 + [3.0], 0.5) == 10_000.0  # the open bucket
+    with pytest.raises(ValueError, match="need 15 counts"):
+        histogram_percentile([1.0], 0.5)
+    with pytest.raises(ValueError, match="fraction"):
+        histogram_percentile(counts, 1.5)
+
+
+def test_the_rollup_histogram_gives_the_percentiles_of_the_calls() -> None:
+    from django_rpc_audit.percentiles import histogram_percentile
+
+    start = hours_ago(2)
+    for ms in range(1, 201):  # 1..200 ms, sampled at 0.5: 400 calls
+        RPCLogFactory(duration_ms=float(ms), sample_rate=0.5, created_at=start)
+    roll_up()
+    row = RPCRollup.objects.get()
+    counts = [getattr(row, name) for name in HISTOGRAM_FIELDS]
+    assert sum(counts) == row.calls == 400.0
+    # The true p50 is 100.5 ms, p95 190.5 ms: the estimate stays in their buckets.
+    assert 75 <= histogram_percentile(counts, 0.5) <= 100
+    assert 100 <= histogram_percentile(counts, 0.95) <= 250
+
+
+def test_a_deleted_users_usage_stays_under_their_id_and_name(calls: dict[str, Any]) -> None:
+    alice = calls["alice"]
+    roll_up()
+    RPCLog.objects.prune(days=0)  # sealed: the rows are gone
+    alice_pk = alice.pk
+    alice.delete()
+    lines = usage(calls["start"], calls["start"] + 3 * HOUR, by=("user",))
+    (line,) = [line for line in lines if line.username == "alice"]
+    assert (line.user_id, line.billed_calls, line.cost) == (alice_pk, 10, Decimal("50.00"))

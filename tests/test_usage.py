@@ -334,3 +334,24 @@ def test_the_command_prints_cloudevents_as_json_lines(november: dict[str, Any]) 
     assert events == json.loads(json.dumps(cloud_events(*month_range("2026-11"))))
     with pytest.raises(CommandError, match="--source"):
         call_command("rpc_usage_report", month="2026-11", format="cloudevents", source="")
+
+
+def test_a_call_with_a_cost_shows_it_on_its_page(admin_client_: Any) -> None:
+    billed = RPCLogFactory(method="reports.generate", cost=Decimal("5.25"))
+    free = RPCLogFactory(method="system.ping")
+
+    def page(log: RPCLog) -> str:
+        url = reverse("admin:django_rpc_audit_rpclog_change", args=[log.pk])
+        response = admin_client_.get(url)
+        assert response.status_code == 200
+        return response.content.decode()
+
+    assert "5.250000" in page(billed)
+    assert ">Cost</label>" in page(billed)
+    assert ">Cost</label>" not in page(free)
+
+
+def test_the_changelist_links_to_the_usage_page(admin_client_: Any) -> None:
+    content = admin_client_.get(reverse("admin:django_rpc_audit_rpclog_changelist")).content
+    assert b"data-rpc-usage-link" in content
+    assert reverse(USAGE).encode() in content

@@ -8,8 +8,9 @@ Two operations change an hour's rollups, each in one transaction that first lock
   after a failure, gives the same rows; a late row is counted by the next run that remakes
   its hour. :func:`roll_up` runs it over every hour not yet settled (the last
   ``ROLLUP_SETTLE_SECONDS`` and any hour after the last settled one), or over a given range.
-- :func:`seal_and_delete` (``rpc_logs_cleanup``, ``RPCLog.objects.prune()``): lock the log
-  rows to delete, add them to the hour's *sealed* rollups, delete exactly those rows, and
+- :func:`seal_and_delete` (``rpc_logs_cleanup``, ``RPCLog.objects.prune()``): delete the log
+  rows and add exactly the rows deleted to the hour's *sealed* rollups (PostgreSQL: ``DELETE
+  ... RETURNING`` summed in the same statement; elsewhere their keys are locked first), then
   remake the unsealed rollups from what is left. A row is counted in the sealed rollups in
   the transaction that deletes it, so it is counted once whatever fails or runs at the same
   time; nothing is deleted before it is counted.
