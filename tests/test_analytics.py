@@ -425,7 +425,20 @@ def test_a_cleanup_between_the_two_reads_neither_loses_nor_doubles_calls(monkeyp
     roll_up(now=now)
     # Some rows of the current hour already deleted: its sealed rollups are read first.
     RPCLog.objects.bulk_create(
-        [RPCLog(correlation_id=f"now{n}", method="m", created_at=hour_of(now)) for n in range(3)]
+        [
+            RPCLog(correlation_id=f"now{n}", method="m", status="success", created_at=hour_of(now))
+            for n in range(3)
+        ]
+        # and more in the previous hour, not settled yet: rows the cleanup below will seal
+        + [
+            RPCLog(
+                correlation_id=f"tail{n}",
+                method="m",
+                status="success",
+                created_at=hour_of(now) - timedelta(minutes=n),
+            )
+            for n in range(1, 21)
+        ]
     )
     assert RPCLog.objects.filter(created_at__gte=hour_of(now)).prune(days=0) >= 3
     window = CallWindow(now - timedelta(days=7), now, source="rollups")
@@ -433,7 +446,7 @@ def test_a_cleanup_between_the_two_reads_neither_loses_nor_doubles_calls(monkeyp
     cover = window.coverage
     assert cover is not None
     tail = RPCLog.objects.filter(created_at__gte=cover.boundary).exclude(status="pending").count()
-    assert tail > 10
+    assert tail >= 20
     real = read._key_value
     ran: list[int] = []
 
