@@ -101,6 +101,7 @@ class CallWindow:
         self.source: Literal["rows", "rollups"] = source
         self.until = until
         self._cover: Coverage | None = None
+        self._read: dict[tuple[str, ...], dict[tuple[Any, ...], Sums]] = {}
         if self.source == "rollups":
             self._cover = coverage(since, until, using=self.using)
             since = self._cover.start
@@ -248,10 +249,9 @@ class CallWindow:
 
     def _sums(self, dims: tuple[str, ...]) -> dict[tuple[Any, ...], Sums]:
         assert self._cover is not None
-        cache = self.__dict__.setdefault("_read", {})
-        if dims not in cache:
-            cache[dims] = window_sums(self._cover, dims)
-        return cache[dims]  # type: ignore[no-any-return]
+        if dims not in self._read:  # calls_by_method() and stats_by_method() share a read
+            self._read[dims] = window_sums(self._cover, dims)
+        return self._read[dims]
 
     def _by(self, name: str) -> dict[Any, tuple[dict[str, int], Sums]]:
         """Per value of ``name``: the rounded counts by outcome, and the summed figures."""
