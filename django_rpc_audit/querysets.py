@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 
 from django.db import connections, models
-from django.db.models import Avg, Count, ExpressionWrapper, F, Max, Q, Sum, Value
+from django.db.models import Case, Count, ExpressionWrapper, F, Max, Q, Sum, Value, When
 from django.db.models.functions import Trunc
 from django.utils import timezone
 
@@ -50,13 +50,18 @@ class UserStats(TypedDict):
     failed_count: int
     timeout_count: int
     rate_limited_count: int
-    caller_ip_count: int
+    #: Distinct caller IPs; ``None`` when answered from the rollups, which keep no addresses.
+    caller_ip_count: int | None
 
 
 # -- dashboard analytics types
 
-Bucket = Literal["minute", "hour"]
-_BUCKETS: dict[str, timedelta] = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1)}
+Bucket = Literal["minute", "hour", "day"]
+_BUCKETS: dict[str, timedelta] = {
+    "minute": timedelta(minutes=1),
+    "hour": timedelta(hours=1),
+    "day": timedelta(days=1),
+}
 _OVERVIEW_PERCENTILES = {"p50_duration_ms": 0.5, "p95_duration_ms": 0.95, "p99_duration_ms": 0.99}
 
 
@@ -117,8 +122,10 @@ def _bucket_start(value: datetime, bucket: str) -> datetime:
     if timezone.is_aware(value):
         value = timezone.localtime(value)
     value = value.replace(second=0, microsecond=0)
-    if bucket == "hour":
+    if bucket in ("hour", "day"):
         value = value.replace(minute=0)
+    if bucket == "day":
+        value = value.replace(hour=0)
     return value
 
 
@@ -190,6 +197,19 @@ def _outcome_counts() -> dict[str, Sum]:
         "timeout_count": Sum(weight, filter=Q(status=RPCStatus.TIMEOUT)),
         "rate_limited_count": Sum(weight, filter=Q(status=RPCStatus.RATE_LIMITED)),
     }
+
+
+def _mean_duration() -> Any:
+    """The mean duration of the timed calls, each row weighted as the ``1 / sample_rate``
+    calls it stands for (the rollups' mean: the sum of weighted durations over the weighted
+    count); the plain mean when nothing is sampled."""
+    weight = Value(1.0) / F("sample_rate")
+    timed = Case(When(duration_ms__isnull=False, then=weight), output_field=models.FloatField())
+    return ExpressionWrapper(
+        Sum(F("duration_ms") * weight, output_field=models.FloatField())
+        / Sum(timed, output_field=models.FloatField()),
+        output_field=models.FloatField(),
+    )
 
 
 def _rounded_counts(row: dict[str, Any]) -> dict[str, int]:
@@ -282,8 +302,10 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
         PostgreSQL the database's ``percentile_cont``, elsewhere the same interpolation over
         window functions (:mod:`~django_rpc_audit.percentiles`). Pending calls count in
         ``total_calls`` but have no duration. Under sampling each row counts as
-        ``1 / sample_rate`` calls, so the counts are estimated totals; durations are those of
-        the logged rows. Methods are grouped as the database compares them (on MySQL and
+        ``1 / sample_rate`` calls, so the counts are estimated totals, and the mean duration
+        weighs each row the same way (the rollups' mean); the percentile is that of the logged
+        rows. For long windows, :class:`~django_rpc_audit.analytics.CallWindow` answers from
+        the rollups. Methods are grouped as the database compares them (on MySQL and
         MariaDB by default regardless of case).
         """
         # django-stubs cannot see annotations passed as **kwargs; the rows are plain dicts.
@@ -291,7 +313,7 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
             "models.QuerySet[Any, dict[str, Any]]",
             self.order_by()
             .values("method")
-            .annotate(**_outcome_counts(), avg_duration_ms=Avg("duration_ms")),
+            .annotate(**_outcome_counts(), avg_duration_ms=_mean_duration()),
         )
         on_postgres = connections[self.db].vendor == "postgresql"
         percentiles: dict[Any, list[float | None]] = {}
@@ -482,7 +504,8 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
     def calls_over_time(
         self, *, since: datetime, bucket: Bucket = "minute", until: datetime | None = None
     ) -> list[TimeBucket]:
-        """Call counts by outcome per ``bucket`` (``"minute"`` or ``"hour"``) from ``since``.
+        """Call counts by outcome per ``bucket`` (``"minute"``, ``"hour"`` or ``"day"``) from
+        ``since``.
 
         Every bucket from ``since`` to ``until`` (default: now) is present, empty ones with
         zero counts, in order; buckets follow the current time zone.
@@ -532,7 +555,7 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
             "Iterable[dict[str, Any]]",
             grouped.annotate(
                 **_outcome_counts(),
-                avg_duration_ms=Avg("duration_ms"),
+                avg_duration_ms=_mean_duration(),
                 max_duration_ms=Max("duration_ms"),
             ),
         )

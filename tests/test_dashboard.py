@@ -121,8 +121,12 @@ def test_calls_over_time_fills_every_bucket():
     )
     assert len(hourly) == 3
     assert sum(b["total_calls"] for b in hourly) == 4
+    daily = RPCLog.objects.calls_over_time(since=now - timedelta(days=2), until=now, bucket="day")
+    assert len(daily) == 3
+    assert daily[-1]["start"] == timezone.localtime(now).replace(hour=0, minute=0, second=0)
+    assert sum(b["total_calls"] for b in daily) == 4
     with pytest.raises(ValueError, match="bucket"):
-        RPCLog.objects.calls_over_time(since=now, bucket="day")  # type: ignore[arg-type]
+        RPCLog.objects.calls_over_time(since=now, bucket="week")  # type: ignore[arg-type]
 
 
 def test_calls_over_time_buckets_follow_a_half_hour_time_zone(settings):

@@ -9,5 +9,9 @@
   hours from the log rows, and :func:`~django_rpc_audit.rollups.maintain.seal_and_delete`
   (``rpc_logs_cleanup``), which counts log rows into the sealed rollups as it deletes them.
 
-Reading them is :mod:`django_rpc_audit.usage`'s concern.
+- :mod:`~django_rpc_audit.rollups.read`: reading a time window from them, completed by the
+  log rows not rolled up yet (the dashboard's long windows,
+  :class:`~django_rpc_audit.analytics.CallWindow`).
+
+Usage reports read them in :mod:`django_rpc_audit.usage`.
 """
