@@ -28,7 +28,7 @@ from django_rpc_audit.integrations.base import CallProbe
 from django_rpc_audit.payload import Stored, stored, stored_text
 from django_rpc_audit.ratelimit import RateLimiter, build_rate_limiter
 from django_rpc_audit.redaction import Redactor, get_redactor
-from django_rpc_audit.signals import rpc_finished, rpc_slow, rpc_started
+from django_rpc_audit.signals import listened, rpc_finished, rpc_slow, rpc_started
 from django_rpc_audit.status import RPCStatus
 from django_rpc_audit.transports import (
     Result,
@@ -75,12 +75,15 @@ class _Outcome:
         request: RPCRequest,
         redactor: Redactor,
         config: DjangoCfgRPCConfig,
+        *,
+        reported: bool = True,
     ) -> dict[str, Any]:
         """``rpc_finished``'s own arguments in their stored form: capped, then redacted (the
-        caller gets the originals)."""
+        caller gets the originals). Not ``reported`` (no receiver reads them): the response's
+        stored form is not built."""
         self.slow = judge_call(request.method, self.status, duration_ms)
         response: Stored | None = None
-        if self.response is not None:
+        if self.response is not None and reported:
             response = stored(
                 self.response,
                 config.max_response_bytes,
@@ -205,20 +208,13 @@ class RPCClient:
         The params are their stored form, capped then redacted
         (:func:`~django_rpc_audit.payload.stored`): the request (already encoded in
         ``request.body``) goes over the wire unchanged, while no receiver ever sees a secret.
+        When no receiver would read them (``_reported_call``), ``params`` and
+        ``params_json`` are left out and the signals are not sent.
         """
         context = get_caller_context()
-        params = stored(
-            request.params,
-            self.config.max_params_bytes,
-            self.redactor,
-            self.redactor.rule_for(request.method).params,
-            original_bytes=request.wire.get("params_bytes"),
-        )
-        return {
+        started = {
             "correlation_id": request.correlation_id,
             "method": request.method,
-            "params": params.value,
-            "params_json": params.text,
             "user": user,
             "caller_ip": caller_ip if caller_ip is not None else context.caller_ip,
             "user_agent": user_agent if user_agent is not None else context.user_agent,
@@ -226,6 +222,16 @@ class RPCClient:
             "trace_id": probe.trace_id if probe is not None else None,
             "span_id": probe.span_id if probe is not None else None,
         }
+        if _reported_call(type(self)):
+            params = stored(
+                request.params,
+                self.config.max_params_bytes,
+                self.redactor,
+                self.redactor.rule_for(request.method).params,
+                original_bytes=request.wire.get("params_bytes"),
+            )
+            started["params"], started["params_json"] = params.value, params.text
+        return started
 
     @contextlib.contextmanager
     def _reported(
@@ -239,8 +245,10 @@ class RPCClient:
         """
         outcome = _Outcome()
         clock: float | None = None
+        reported = "params_json" in started
         try:
-            rpc_started.send_robust(sender=type(self), **started)
+            if reported:
+                rpc_started.send_robust(sender=type(self), **started)
             clock = time.perf_counter()
             yield outcome
         except BaseException as exc:
@@ -248,13 +256,16 @@ class RPCClient:
             raise
         finally:
             duration_ms = 0.0 if clock is None else (time.perf_counter() - clock) * 1000
-            finished = outcome.as_kwargs(duration_ms, request, self.redactor, self.config)
+            finished = outcome.as_kwargs(
+                duration_ms, request, self.redactor, self.config, reported=reported
+            )
             if probe is not None:
                 probe.finish(
                     outcome.status, outcome.error_code, finished["error_message"], duration_ms
                 )
-            rpc_finished.send_robust(sender=type(self), **started, **finished)
-            if outcome.slow is not None:
+            if reported:
+                rpc_finished.send_robust(sender=type(self), **started, **finished)
+            if reported and outcome.slow is not None:
                 rpc_slow.send_robust(
                     sender=type(self), **started, **finished, **slow_arguments(outcome.slow)
                 )
@@ -266,8 +277,10 @@ class RPCClient:
         """The ``async`` twin of :meth:`_reported`."""
         outcome = _Outcome()
         clock: float | None = None
+        reported = "params_json" in started
         try:
-            await rpc_started.asend_robust(sender=type(self), **started)
+            if reported:
+                await rpc_started.asend_robust(sender=type(self), **started)
             clock = time.perf_counter()
             yield outcome
         except BaseException as exc:
@@ -275,16 +288,19 @@ class RPCClient:
             raise
         finally:
             duration_ms = 0.0 if clock is None else (time.perf_counter() - clock) * 1000
-            kwargs = outcome.as_kwargs(duration_ms, request, self.redactor, self.config)
+            kwargs = outcome.as_kwargs(
+                duration_ms, request, self.redactor, self.config, reported=reported
+            )
             if probe is not None:
                 probe.finish(
                     outcome.status, outcome.error_code, kwargs["error_message"], duration_ms
                 )
-            finished = rpc_finished.asend_robust(sender=type(self), **started, **kwargs)
-            # A cancelled call still reports how it ended: shield the report from a second
-            # cancellation of the task.
-            await asyncio.shield(finished)
-            if outcome.slow is not None:
+            if reported:
+                finished = rpc_finished.asend_robust(sender=type(self), **started, **kwargs)
+                # A cancelled call still reports how it ended: shield the report from a
+                # second cancellation of the task.
+                await asyncio.shield(finished)
+            if reported and outcome.slow is not None:
                 slow = slow_arguments(outcome.slow)
                 await asyncio.shield(
                     rpc_slow.asend_robust(sender=type(self), **started, **kwargs, **slow)
@@ -384,6 +400,13 @@ class RPCClient:
         self.transport.close()
         if self.rate_limiter is not None:
             self.rate_limiter.close()
+
+
+def _reported_call(sender: type) -> bool:
+    """Whether a call's signals have a receiver that reads them: with ``ENABLE_LOGGING`` off
+    and none but the built-in receivers connected, a call builds no stored form and sends
+    nothing, so turning logging off costs the caller nothing (benchmarks/payload_cost.py)."""
+    return listened(sender, rpc_started, rpc_finished, rpc_slow)
 
 
 def _refuse_on_event_loop(name: str) -> None:

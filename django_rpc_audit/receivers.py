@@ -6,7 +6,7 @@ from typing import Any
 
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.sampling import finished_sample_rate, started_is_logged
-from django_rpc_audit.signals import loop_safe
+from django_rpc_audit.signals import idle_when, loop_safe
 from django_rpc_audit.writers import get_writer, writer_never_blocks
 
 # While the writer in use only buffers (the buffered writer, the default), acall() calls these
@@ -14,6 +14,11 @@ from django_rpc_audit.writers import get_writer, writer_never_blocks
 # Sampling is pure computation (a hash of the correlation id), so it keeps them loop-safe.
 
 
+def _logging_off() -> bool:
+    return not get_config().enable_logging
+
+
+@idle_when(_logging_off)
 @loop_safe(when=writer_never_blocks)
 def log_rpc_started(sender: type, **kwargs: Any) -> None:
     """Hand a started call to the log writer, unless ``ENABLE_LOGGING`` is off or not sampled."""
@@ -23,6 +28,7 @@ def log_rpc_started(sender: type, **kwargs: Any) -> None:
         get_writer().started(kwargs)
 
 
+@idle_when(_logging_off)
 @loop_safe(when=writer_never_blocks)
 def log_rpc_finished(sender: type, **kwargs: Any) -> None:
     """Hand a finished call to the log writer with its ``sample_rate``, unless not sampled."""

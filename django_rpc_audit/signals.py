@@ -25,6 +25,7 @@ from django.dispatch import Signal
 
 _Receiver = TypeVar("_Receiver", bound=Callable[..., Any])
 _LOOP_SAFE = "_rpc_audit_loop_safe"
+_IDLE = "_rpc_audit_idle_when"
 
 
 def _always() -> bool:
@@ -53,6 +54,38 @@ def loop_safe(when: Callable[[], bool] = _always) -> Callable[[_Receiver], _Rece
 def _is_loop_safe(receiver: Callable[..., Any]) -> bool:
     when = getattr(receiver, _LOOP_SAFE, None)
     return when is not None and bool(when())
+
+
+def idle_when(when: Callable[[], bool]) -> Callable[[_Receiver], _Receiver]:
+    """Mark a receiver that does nothing while ``when()`` is true (the built-in log receivers
+    while ``ENABLE_LOGGING`` is off).
+
+    When every live receiver of the call's signals is idle, the client skips building the
+    arguments nobody reads (the stored form of params and response) and sends nothing. ::
+
+        @idle_when(lambda: not settings.AUDIT_METRICS)
+        def count_calls(sender, **kwargs): ...
+    """
+
+    def mark(receiver: _Receiver) -> _Receiver:
+        setattr(receiver, _IDLE, when)
+        return receiver
+
+    return mark
+
+
+def listened(sender: Any, *signals: Signal) -> bool:
+    """True when one of ``signals`` has a live receiver for ``sender`` that is not idle
+    (:func:`idle_when`)."""
+    for signal in signals:
+        if not signal.receivers:
+            continue
+        sync_receivers, async_receivers = signal._live_receivers(sender)  # type: ignore[attr-defined]
+        for receiver in (*sync_receivers, *async_receivers):
+            when = getattr(receiver, _IDLE, None)
+            if when is None or not when():
+                return True
+    return False
 
 
 class RPCSignal(Signal):
