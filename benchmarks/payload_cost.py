@@ -2,9 +2,11 @@
 
 1. End to end, over real Redis (a responder process speaking django-ipc's protocol echoes the
    params) and the real database, through the public API, interleaved in rounds: ``call()``
-   with logging on (the buffered writer) and off, and the transport alone (the wire encoding
-   and the round trip, no signal at all), for params holding 10 KB of prose, a 64 KB hex blob
-   and a 1 MB base64 attachment. Median per call and the ratios.
+   with logging on (the buffered writer) and off (``ENABLE_LOGGING=False``, as a user sets
+   it), and the transport alone (the wire encoding and the round trip, no signal at all), for
+   params holding 10 KB of prose, a 64 KB hex blob and a 1 MB base64 attachment. Median per
+   call, the median of the per-round ratios (each round runs the variants one after the
+   other, in a rotating order) and the caller thread's CPU per call.
 2. Growth: CPU time on the caller's thread to build what the signals carry (the stored form
    of the params and of the echoed response, :func:`django_rpc_audit.payload.stored`) by
    payload kind (prose, hex, base64, one long run, many keys, deep nesting) and size
@@ -115,17 +117,28 @@ def end_to_end(rounds: int, calls: int) -> None:
         "64 KB hex": hex_blob(65_536),
         "1 MB base64": base64_blob(1_048_576),
     }
-    print(f"\n1. call() over Redis, echoed, {rounds} rounds x {calls} calls per variant")
+    print(
+        f"\n1. call() over Redis, echoed, {rounds} rounds x {calls} calls per variant; "
+        "medians per call, and the medians of the per-round ratios"
+    )
     print(
         f"{'params':<14}{'transport µs':>14}{'off µs':>10}{'on µs':>10}{'on/off':>8}"
-        f"{'on/transport':>14}"
+        f"{'on/transport':>14}{'off/transport':>15}{'on CPU µs':>11}{'off CPU µs':>12}"
     )
+    variants = ("transport", "off", "on")
     for label, params in payloads.items():
-        samples: dict[str, list[float]] = {"transport": [], "off": [], "on": []}
+        samples: dict[str, list[float]] = {variant: [] for variant in variants}
+        cpu: dict[str, list[float]] = {variant: [] for variant in variants}
+        ratios: dict[str, list[float]] = {"on/off": [], "on/transport": [], "off/transport": []}
         for round_ in range(rounds + 1):  # round 0 warms up
-            for variant, values in samples.items():
+            # Each round runs the variants in another order: none always follows another.
+            order = variants[round_ % 3 :] + variants[: round_ % 3]
+            medians = {}
+            for variant in order:
                 configure(ENABLE_LOGGING=variant == "on", WRITE_MODE="buffered")
                 client = get_rpc_client()
+                times = []
+                cpu_started = time.thread_time()
                 for _ in range(calls):
                     started = time.perf_counter()
                     if variant == "transport":
@@ -133,14 +146,25 @@ def end_to_end(rounds: int, calls: int) -> None:
                         client.transport.call(request)
                     else:
                         client.call("bench.echo", params)
-                    if round_:
-                        values.append((time.perf_counter() - started) * 1e6)
+                    times.append((time.perf_counter() - started) * 1e6)
+                cpu_used = (time.thread_time() - cpu_started) * 1e6 / calls
                 configure(ENABLE_LOGGING=True)
                 flush()  # untimed: the next variant does not pay for this one's backlog
+                if round_:
+                    samples[variant] += times
+                    cpu[variant].append(cpu_used)
+                    medians[variant] = statistics.median(times)
+            if round_:
+                for name, values in ratios.items():
+                    top, bottom = name.split("/")
+                    values.append(medians[top] / medians[bottom])
         med = {variant: statistics.median(values) for variant, values in samples.items()}
+        ratio = {name: statistics.median(values) for name, values in ratios.items()}
         print(
             f"{label:<14}{med['transport']:>14.0f}{med['off']:>10.0f}{med['on']:>10.0f}"
-            f"{med['on'] / med['off']:>8.3f}{med['on'] / med['transport']:>14.3f}"
+            f"{ratio['on/off']:>8.3f}{ratio['on/transport']:>14.3f}"
+            f"{ratio['off/transport']:>15.3f}{statistics.median(cpu['on']):>11.0f}"
+            f"{statistics.median(cpu['off']):>12.0f}"
         )
 
 

@@ -26,6 +26,7 @@ from django.dispatch import Signal
 _Receiver = TypeVar("_Receiver", bound=Callable[..., Any])
 _LOOP_SAFE = "_rpc_audit_loop_safe"
 _IDLE = "_rpc_audit_idle_when"
+_DEFERS = "_rpc_audit_takes_deferred"
 
 
 def _always() -> bool:
@@ -74,18 +75,42 @@ def idle_when(when: Callable[[], bool]) -> Callable[[_Receiver], _Receiver]:
     return mark
 
 
-def listened(sender: Any, *signals: Signal) -> bool:
-    """True when one of ``signals`` has a live receiver for ``sender`` that is not idle
-    (:func:`idle_when`)."""
+def takes_deferred_payloads(when: Callable[[], bool]) -> Callable[[_Receiver], _Receiver]:
+    """Mark a receiver that accepts ``params`` and ``response`` as
+    :class:`~django_rpc_audit.payload.Deferred` (their stored form made later, off the caller's
+    thread) while ``when()`` is true: the built-in log receivers, while the writer in use only
+    buffers. Not for other receivers: they get the stored form itself, always."""
+
+    def mark(receiver: _Receiver) -> _Receiver:
+        setattr(receiver, _DEFERS, when)
+        return receiver
+
+    return mark
+
+
+#: What the receivers of a call's signals need (:func:`audience`).
+NOBODY, DEFERRED, STORED = 0, 1, 2
+
+
+def audience(sender: Any, *signals: Signal) -> int:
+    """What the live receivers of ``signals`` for ``sender`` read: :data:`NOBODY` (none, or
+    all idle: see :func:`idle_when`), :data:`DEFERRED` (only receivers that take deferred
+    payloads, see :func:`takes_deferred_payloads`) or :data:`STORED` (a receiver reads the
+    stored form)."""
+    needs = NOBODY
     for signal in signals:
         if not signal.receivers:
             continue
-        sync_receivers, async_receivers = signal._live_receivers(sender)  # type: ignore[attr-defined]
+        sync_receivers, async_receivers = signal._live_receivers(sender)
         for receiver in (*sync_receivers, *async_receivers):
-            when = getattr(receiver, _IDLE, None)
-            if when is None or not when():
-                return True
-    return False
+            idle = getattr(receiver, _IDLE, None)
+            if idle is not None and idle():
+                continue
+            defers = getattr(receiver, _DEFERS, None)
+            if defers is None or not defers():
+                return STORED
+            needs = DEFERRED
+    return needs
 
 
 class RPCSignal(Signal):

@@ -254,7 +254,9 @@ def test_logging_off_with_no_other_receiver_builds_no_stored_form(
     built = []
     original = client_module.stored
     monkeypatch.setattr(
-        client_module, "stored", lambda *args, **kwargs: built.append(1) or original(*args, **kwargs)
+        client_module,
+        "stored",
+        lambda *args, **kwargs: built.append(1) or original(*args, **kwargs),
     )
     sent = []
     monkeypatch.setattr(rpc_started, "send_robust", lambda *a, **k: sent.append(1) or [])
