@@ -418,14 +418,25 @@ class _Walker:
         return _dumps_plain(copy)
 
 
+#: How far back the end kept of a cut text is searched from the start of its line (a
+#: ``key: value`` runs to the end of the line): this many times the cap, at least
+#: ``TAIL_LOOKBACK_MIN`` characters. The work stays a bounded multiple of what is kept.
+TAIL_LOOKBACK = 16
+TAIL_LOOKBACK_MIN = 262_144
+
+
 def stored_text(text: str | None, max_bytes: int, redactor: Redactor | None = None) -> str | None:
     """An error message as stored: capped at ``max_bytes`` UTF-8 bytes keeping its start and
     its end, and redacted, the work bounded by what is kept.
 
-    A text over the cap keeps its start and its last lines, joined by a note of the original
-    size: ``... [truncated, 25000 bytes] ...``. The start is searched for secrets as cut; the
-    end starts at a line break, so a secret that began before it (a ``key: value`` runs to the
-    end of its line) cannot show its tail. Never raises.
+    A text over the cap keeps its start (two thirds of the room) and its end (one third),
+    joined by a note of the original size: ``... [truncated, 25000 bytes] ...``, so the last
+    lines of a traceback, or the end of one long line, survive. The start is searched for
+    secrets as cut (a secret running past the cut is redacted to the cut). The end is searched
+    together with what precedes it on its line, so a secret that began before the end's first
+    character (``password: ...`` runs to the end of its line) is redacted whole; only when
+    that line began further back than ``TAIL_LOOKBACK`` caps (``TAIL_LOOKBACK_MIN``
+    characters at least) does the end kept start at its next line break instead. Never raises.
     """
     if not text:
         return text
@@ -451,11 +462,24 @@ def _stored_text(text: str, max_bytes: int, redactor: Redactor | None) -> str:
     head_bytes, tail_bytes = room - room // 3, room // 3
     head = redact(clean_text(text[: head_bytes + CUT_MARGIN]), cut=True)
     head = _cut_utf8(head, head_bytes)
-    tail = ""
-    window = text[-tail_bytes:] if tail_bytes else ""
-    newline = window.find("\n")
-    if newline >= 0:
-        tail = redact(clean_text(window[newline:]))
-        tail = _last_utf8(tail, tail_bytes)
-    capped = head + note + tail
-    return capped if _utf8_size(capped) <= max_bytes else _cut_utf8(capped, max_bytes)
+    return head + note + _tail(text, max_bytes, tail_bytes, redact)
+
+
+def _tail(text: str, max_bytes: int, tail_bytes: int, redact: Any) -> str:
+    """The end of ``text`` in at most ``tail_bytes`` bytes, redacted with the start of its line
+    (see :func:`stored_text`)."""
+    if tail_bytes <= 0:
+        return ""
+    start = len(text) - tail_bytes
+    floor = max(0, start - max(TAIL_LOOKBACK * max_bytes, TAIL_LOOKBACK_MIN))
+    line = text.rfind("\n", floor, start)
+    if line >= 0 or floor == 0:
+        context = line + 1  # the start of the line (or of the text) the end begins in
+    else:
+        # That line began too far back to search: the end kept starts at its next line.
+        context = text.find("\n", start)
+        if context < 0:
+            return ""
+    # Redacted from the start of its line, then cut: a secret is replaced whole before the
+    # cut, so none shows its tail.
+    return _last_utf8(redact(clean_text(text[context:])), tail_bytes)

@@ -214,7 +214,7 @@ Keyword arguments: all of :data:`rpc_started`'s, plus:
 ``error_message`` (str | None)
     The server's ``error`` text, or the client's description, with echoed secrets
     (``token=...``, ``Bearer ...``, URL passwords) redacted and capped at
-    ``MAX_ERROR_MESSAGE_BYTES`` (its start and its last lines kept); ``None`` on success.
+    ``MAX_ERROR_MESSAGE_BYTES`` (its start and its end kept); ``None`` on success.
 ``duration_ms`` (float)
     Time spent in the transport, measured with a monotonic clock, sub-millisecond precision.
 ``completed_at`` (datetime)

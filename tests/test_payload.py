@@ -205,6 +205,65 @@ def test_stored_text_is_bounded_by_the_cap(measured_redaction):
     assert "abc" not in capped
 
 
+def test_a_cut_error_message_keeps_its_start_and_the_end_of_one_long_line():
+    text = "ValueError: bad row " + "x" * 50_000 + " ... at the end: row 4711 is the culprit"
+    capped = stored_text(text, 1_000, Redactor())
+    assert len(capped.encode()) <= 1_000
+    head, note, tail = capped.partition(f" ... [truncated, {len(text)} bytes] ... ")
+    assert note
+    assert head.startswith("ValueError: bad row xxx")
+    assert tail.endswith("at the end: row 4711 is the culprit")
+    assert len(tail.encode()) > 250  # a third of the room, not a few characters
+
+
+def test_a_cut_error_message_keeps_a_tracebacks_last_lines():
+    frame = '  File "app/module{0}.py", line {0}, in f{0}\n    call()\n'
+    frames = "".join(frame.format(n) for n in range(999))
+    text = f"Traceback (most recent call last):\n{frames}RuntimeError: the real cause"
+    capped = stored_text(text, 2_000, Redactor())
+    assert capped.startswith("Traceback (most recent call last):")
+    assert capped.endswith("RuntimeError: the real cause")
+    assert len(capped.encode()) <= 2_000
+
+
+@pytest.mark.parametrize(
+    "secret_text",
+    [
+        f"password: {SECRET} and the rest of its line",
+        f"Authorization: Bearer {SECRET}.and.more",
+        f"token={SECRET}&next=1",
+        f"redis://user:{SECRET}@cache:6379/0",
+        f'"api_key": "{SECRET} quoted"',
+    ],
+)
+@pytest.mark.parametrize("shift", range(0, 60, 4))
+def test_the_end_kept_never_shows_part_of_a_secret_that_began_before_it(secret_text, shift):
+    """Wherever the end's first character falls (in the key, the separator or the value), the
+    secret on its line is redacted whole: no three characters of it in a row survive."""
+    max_bytes = 1_000
+    room = max_bytes - len(" ... [truncated, 99999 bytes] ... ")
+    end = "z" * (room // 3 - 20 - shift)  # the end kept starts `shift` characters earlier
+    text = "start " + "y" * 20_000 + " " + secret_text + " " + end
+    capped = stored_text(text, max_bytes, Redactor())
+    tail = capped.rpartition(" bytes] ... ")[2]
+    # The end is kept (a value after "key: " runs to the end of its line: all redacted).
+    assert tail.endswith(("zzz", " ***"))
+    assert len(tail) > 100
+    for start in range(len(SECRET) - 2):
+        assert SECRET[start : start + 3] not in tail, tail[:80]
+
+
+def test_the_end_of_a_line_begun_too_far_back_is_kept_from_the_next_line(measured_redaction):
+    line = "password: " + SECRET * 100_000  # one line, far longer than the lookback
+    text = f"{line}\nthe next line"
+    capped = stored_text(text, 1_000, Redactor())
+    assert capped.endswith("\nthe next line")
+    assert SECRET[:3] not in capped
+    # The head (and its margin), the lookback and the end: never the whole line.
+    assert measured_redaction[0] <= 1_000 + payload.CUT_MARGIN + payload.TAIL_LOOKBACK_MIN
+    assert stored_text(line, 1_000, Redactor()).endswith(" bytes] ... ")  # no next line
+
+
 # -- the buffer is bounded in bytes --------------------------------------------------------------
 
 
