@@ -314,3 +314,102 @@ def test_the_buffer_holds_at_most_its_byte_bound_and_keeps_failures():
     )
     key = (started["correlation_id"], started["started_at"])
     assert writer._buffer[key][1].get("status") == "success"
+
+
+# -- payloads deferred to the writer's thread ----------------------------------------------------
+
+
+def _buffered_event(writer: BufferedLogWriter) -> dict:
+    (_, event), *_ = writer._buffer.values()
+    return event
+
+
+def test_with_only_the_log_receivers_the_payloads_are_stored_by_the_writer(
+    echo_handler, rpc_log_writer, rpc_settings, db
+):
+    """The caller's thread hands the writer the wire texts; the row holds exactly what
+    storing on the caller's thread gives (redacted, capped: as when another receiver is
+    connected), even after the caller changed its params and its result."""
+    from django_rpc_audit import get_rpc_client
+    from django_rpc_audit.models import RPCLog
+    from django_rpc_audit.signals import rpc_finished
+
+    rpc_settings(MAX_PARAMS_BYTES=2_000, MAX_RESPONSE_BYTES=2_000)
+
+    def params() -> dict:
+        return {"user": "ann", "password": SECRET, "note": f"token={SECRET} " + "n" * 1_950}
+
+    rpc_finished.connect(lambda **kwargs: None, weak=False, dispatch_uid="tests.listening")
+    try:
+        get_rpc_client().call("test.echo", params())  # stored on the caller's thread
+    finally:
+        rpc_finished.disconnect(dispatch_uid="tests.listening")
+    rpc_log_writer.flush()
+    reference = RPCLog.objects.get()
+    assert reference.params["_truncated"] is True  # over its cap, under twice it
+    assert reference.response["_truncated"] is True
+
+    sent = params()
+    result = get_rpc_client().call("test.echo", sent)
+    event = _buffered_event(rpc_log_writer)
+    assert isinstance(event["params"], payload.Deferred)
+    assert isinstance(event["response"], payload.Deferred)
+    sent["user"] = result["echo"]["user"] = "changed after the call"
+
+    rpc_log_writer.flush()
+    log = RPCLog.objects.exclude(pk=reference.pk).get()
+    assert (log.params, log.response) == (reference.params, reference.response)
+    assert SECRET not in json.dumps([log.params, log.response])
+    assert "changed" not in json.dumps([log.params, log.response])
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"at": datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)},  # converted on the wire
+        {"blob": "x" * 5_000},  # over twice the cap
+    ],
+    ids=["converted", "over twice the cap"],
+)
+def test_params_are_stored_on_the_callers_thread_when_the_wire_text_would_differ_or_be_long(
+    params, echo_handler, rpc_log_writer, rpc_settings, db
+):
+    from django_rpc_audit import get_rpc_client
+
+    rpc_settings(MAX_PARAMS_BYTES=2_000)
+    get_rpc_client().call("test.echo", params)
+    event = _buffered_event(rpc_log_writer)
+    assert event["params"] == stored(params, 2_000, Redactor()).value
+    assert event["params_json"] == stored(params, 2_000, Redactor()).text
+
+
+def test_another_receiver_gets_the_stored_form_and_nothing_is_deferred(
+    echo_handler, rpc_log_writer, signals, db
+):
+    from django_rpc_audit import get_rpc_client
+
+    get_rpc_client().call("test.echo", {"password": SECRET})
+    assert signals.finished[0]["params"] == {"password": "***"}
+    assert signals.finished[0]["response"] == {"echo": {"password": "***"}}
+    assert not isinstance(_buffered_event(rpc_log_writer)["params"], payload.Deferred)
+
+
+def test_a_deferred_payload_is_counted_in_the_buffer_bytes_by_its_text():
+    text = json.dumps({"params": {"data": "x" * 50_000}})
+    deferred = payload.Deferred(text, "params", 65_536, Redactor(), None, len(text))
+    event = _event(0, None)
+    event.update(params=deferred, params_json=None)
+    writer = BufferedLogWriter(background=False)
+    writer.started(event)
+    assert writer.stats().buffered_bytes >= len(text)
+    assert deferred.resolve().value == {"data": "x" * 50_000}
+    assert deferred.source == ""  # the text is let go once stored
+
+
+def test_encode_json_text_escapes_as_the_json_encoder_does():
+    from django_rpc_audit.sanitize import _dumps_plain
+
+    tricky = {'k"\\': ['a"b\\c', "\x00\x1f\n\t\x7f", "é\u2028\ud800", 'end\\"']}
+    text = _dumps_plain(tricky)
+    for cut in range(len(text) + 1):  # a preview may end inside an escape
+        assert payload._encode_json_text(text[:cut]) == payload._encode_string(text[:cut])
