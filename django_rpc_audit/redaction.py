@@ -149,8 +149,10 @@ _AUTH_SCHEME = re2.compile(
 )
 _SCHEME_PREFIX = re.compile(rb"(?i)(?:bearer|basic|token|api[-_]?key|negotiate|digest)[ \t]++")
 # Values after ``key=`` / ``key: ``, read possessively from where the key's match ended.
-_DOUBLE_QUOTED = re.compile(rb'"(?:[^"\\]|\\.)*+(?:"|\Z)', re.S)
-_SINGLE_QUOTED = re.compile(rb"'(?:[^'\\]|\\.)*+(?:'|\Z)", re.S)
+# A quoted value may be cut at the end of the text, even right after a backslash (a cut text,
+# a value cut inside an escape): it then runs to the end, and is hidden whole.
+_DOUBLE_QUOTED = re.compile(rb'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)', re.S)
+_SINGLE_QUOTED = re.compile(rb"'(?:[^'\\]|\\.)*+(?:'|\\?\Z)", re.S)
 _REST_OF_LINE = re.compile(rb"[^\r\n]*+")
 _BARE_VALUE = re.compile(rb"[^\s&,;\"'<>]*+")
 _REDACTED_BYTES = REDACTED.encode()
