@@ -15,7 +15,7 @@ from django_rpc_audit import get_rpc_client, rpc_context
 from django_rpc_audit.client import RPCClient
 from django_rpc_audit.exceptions import RPCProtocolError, RPCRemoteError, RPCTimeoutError
 from django_rpc_audit.models import RPCLog
-from django_rpc_audit.signals import rpc_finished, rpc_started
+from django_rpc_audit.signals import idle_when, rpc_finished, rpc_started
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -275,6 +275,14 @@ def test_logging_off_with_no_other_receiver_builds_no_stored_form(
         return client.call("test.echo", {"a": 1})
 
     assert call() == {"echo": {"a": 1}}
+    assert (built, sent) == ([], [])
+    # A receiver of one's own that says it is idle counts as not connected either.
+    idle = idle_when(lambda: True)(lambda **kwargs: None)
+    rpc_finished.connect(idle, weak=False, dispatch_uid="t.idle")
+    try:
+        assert call() == {"echo": {"a": 1}}
+    finally:
+        rpc_finished.disconnect(dispatch_uid="t.idle")
     assert (built, sent) == ([], [])
 
     heard = []
