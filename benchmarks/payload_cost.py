@@ -6,7 +6,8 @@
    it), and the transport alone (the wire encoding and the round trip, no signal at all), for
    params holding 10 KB of prose, a 64 KB hex blob and a 1 MB base64 attachment. Median per
    call, the median of the per-round ratios (each round runs the variants one after the
-   other, in a rotating order) and the caller thread's CPU per call.
+   other, in a rotating order), the caller thread's CPU per call, and the whole process's
+   (the log writer's thread included, its flush after each variant's calls too).
 2. Growth: CPU time on the caller's thread to build what the signals carry (the stored form
    of the params and of the echoed response, :func:`django_rpc_audit.payload.stored`) by
    payload kind (prose, hex, base64, one long run, many keys, deep nesting) and size
@@ -124,11 +125,14 @@ def end_to_end(rounds: int, calls: int) -> None:
     print(
         f"{'params':<14}{'transport µs':>14}{'off µs':>10}{'on µs':>10}{'on/off':>8}"
         f"{'on/transport':>14}{'off/transport':>15}{'on CPU µs':>11}{'off CPU µs':>12}"
+        f"{'on all µs':>11}{'off all µs':>12}"
     )
     variants = ("transport", "off", "on")
     for label, params in payloads.items():
         samples: dict[str, list[float]] = {variant: [] for variant in variants}
         cpu: dict[str, list[float]] = {variant: [] for variant in variants}
+        # The process's CPU for the calls and the flush after them: the writer's thread too.
+        total: dict[str, list[float]] = {variant: [] for variant in variants}
         ratios: dict[str, list[float]] = {"on/off": [], "on/transport": [], "off/transport": []}
         for round_ in range(rounds + 1):  # round 0 warms up
             # Each round runs the variants in another order: none always follows another.
@@ -138,6 +142,7 @@ def end_to_end(rounds: int, calls: int) -> None:
                 configure(ENABLE_LOGGING=variant == "on", WRITE_MODE="buffered")
                 client = get_rpc_client()
                 times = []
+                process_started = time.process_time()
                 cpu_started = time.thread_time()
                 for _ in range(calls):
                     started = time.perf_counter()
@@ -150,9 +155,11 @@ def end_to_end(rounds: int, calls: int) -> None:
                 cpu_used = (time.thread_time() - cpu_started) * 1e6 / calls
                 configure(ENABLE_LOGGING=True)
                 flush()  # untimed: the next variant does not pay for this one's backlog
+                process_used = (time.process_time() - process_started) * 1e6 / calls
                 if round_:
                     samples[variant] += times
                     cpu[variant].append(cpu_used)
+                    total[variant].append(process_used)
                     medians[variant] = statistics.median(times)
             if round_:
                 for name, values in ratios.items():
@@ -164,7 +171,8 @@ def end_to_end(rounds: int, calls: int) -> None:
             f"{label:<14}{med['transport']:>14.0f}{med['off']:>10.0f}{med['on']:>10.0f}"
             f"{ratio['on/off']:>8.3f}{ratio['on/transport']:>14.3f}"
             f"{ratio['off/transport']:>15.3f}{statistics.median(cpu['on']):>11.0f}"
-            f"{statistics.median(cpu['off']):>12.0f}"
+            f"{statistics.median(cpu['off']):>12.0f}{statistics.median(total['on']):>11.0f}"
+            f"{statistics.median(total['off']):>12.0f}"
         )
 
 
