@@ -87,7 +87,7 @@ class _Outcome:
     ) -> dict[str, Any]:
         """``rpc_finished``'s own arguments in their stored form: capped, then redacted (the
         caller gets the originals). With no ``readers`` the response's stored form is not
-        made; with only :data:`~django_rpc_audit.signals.DEFERRED` ones, it is left to the
+        made; with only ``DEFERRED`` ones, it is left to the
         log writer's thread when it can be (``_deferred_response``)."""
         self.slow = judge_call(request.method, self.status, duration_ms)
         response: Stored | Deferred | None = None

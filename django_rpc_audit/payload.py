@@ -108,7 +108,7 @@ class Deferred:
     """A payload whose stored form is made later, by the log writer's thread, from the JSON
     text it had on the wire (the request's body, the reply as received): what the client hands
     the built-in receivers when no other receiver reads the stored form (see
-    :mod:`django_rpc_audit.receivers`).
+    ``django_rpc_audit.receivers``).
 
     The text is immutable, so what is logged is what was sent and received, whatever the
     caller does with its objects afterwards. :meth:`resolve` gives the same :class:`Stored`

@@ -93,9 +93,9 @@ NOBODY, DEFERRED, STORED = 0, 1, 2
 
 
 def audience(sender: Any, *signals: Signal) -> int:
-    """What the live receivers of ``signals`` for ``sender`` read: :data:`NOBODY` (none, or
-    all idle: see :func:`idle_when`), :data:`DEFERRED` (only receivers that take deferred
-    payloads, see :func:`takes_deferred_payloads`) or :data:`STORED` (a receiver reads the
+    """What the live receivers of ``signals`` for ``sender`` read: ``NOBODY`` (none, or
+    all idle: see :func:`idle_when`), ``DEFERRED`` (only receivers that take deferred
+    payloads, see :func:`takes_deferred_payloads`) or ``STORED`` (a receiver reads the
     stored form)."""
     needs = NOBODY
     for signal in signals:
