@@ -15,6 +15,8 @@
 3. Memory: a stream of calls with 1 MB params through the in-process transport into a
    buffered writer whose thread is held back, so the buffer sits at ``BUFFER_MAX_BYTES``;
    resident memory at checkpoints.
+4. The pause of a full (generation 2) garbage collection, which runs on whichever thread
+   allocates, with an empty buffer and with 100,000 small calls buffered.
 
     createdb -h 127.0.0.1 -U postgres rpc_bench
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/rpc_bench .venv/bin/python \\
@@ -230,6 +232,37 @@ def memory(calls: int, max_bytes: int) -> None:
                 )
 
 
+def gc_pause(entries: int) -> None:
+    """A full collection's pause on the caller's thread with ``entries`` calls buffered."""
+    import gc
+
+    from django_rpc_audit import get_rpc_client
+    from django_rpc_audit.transports import register_local_handler
+    from django_rpc_audit.writers import BufferedLogWriter, use_writer
+
+    register_local_handler("bench.echo", lambda params: {"echo": params})
+    configure(TRANSPORT="local", ENABLE_LOGGING=True)
+    client = get_rpc_client()
+
+    def pause() -> float:
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            gc.collect()
+            times.append((time.perf_counter() - started) * 1e3)
+        return statistics.median(times)
+
+    print(f"\n4. gen-2 collection, median of 5, with {entries:,} small calls buffered")
+    empty = pause()
+    writer = BufferedLogWriter(buffer_size=entries, buffer_max_bytes=2**40, background=False)
+    with use_writer(writer):
+        for n in range(entries):
+            client.call("bench.echo", {"user_id": n, "note": "hello"})
+    full = pause()
+    print(f"empty buffer {empty:.1f} ms; {writer.stats().buffered:,} buffered {full:.1f} ms")
+    print(f"objects the collector tracks: {len(gc.get_objects()):,}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--redis", metavar="URL", default="redis://127.0.0.1:6379/9")
@@ -238,7 +271,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--memory-calls", type=int, default=2_000)
     parser.add_argument("--buffer-max-bytes", type=int, default=32 * 2**20)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["e2e", "growth", "memory"])
+    parser.add_argument("--gc-entries", type=int, default=100_000)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["e2e", "growth", "memory", "gc"])
     args = parser.parse_args()
 
     stream = f"bench:{uuid.uuid4().hex}"
@@ -260,6 +294,8 @@ def main() -> None:
         growth(args.repeats)
     if "memory" not in args.skip:
         memory(args.memory_calls, args.buffer_max_bytes)
+    if "gc" not in args.skip:
+        gc_pause(args.gc_entries)
 
 
 if __name__ == "__main__":
