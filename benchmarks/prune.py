@@ -11,8 +11,11 @@ the prune is measured side by side in one run.
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/rpc_bench .venv/bin/python benchmarks/prune.py
     ... benchmarks/prune.py --rows 1000000 --batch-size 1000,5000,20000 --single-delete
 
-``--single-delete`` also times one plain ``DELETE`` of the same rows in a single transaction
-(refilling the table first), for comparison. The table is emptied at the start and the end.
+``prune()`` counts every row it deletes into the hourly rollups in the same transaction
+(``django_rpc_audit.rollups``). ``--plain-batches`` also times deleting the same rows the way
+``prune()`` did before rollups, batches of keys chosen by ``LIMIT`` and nothing counted,
+``--single-delete`` one plain ``DELETE`` in a single transaction (each refilling the table
+first), for comparison. The tables are emptied at the start and the end.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def fill(old_rows: int, recent_rows: int) -> float:
     start = time.perf_counter()
     with connection.cursor() as cursor:
         cursor.execute("TRUNCATE django_rpc_audit_rpclog")
+        cursor.execute("TRUNCATE django_rpc_audit_rpcrollup, django_rpc_audit_rpcrollupbucket")
         cursor.execute(FILL_SQL, [60, 60, old_rows])
         cursor.execute(FILL_SQL, [1, 1, recent_rows])
         cursor.execute("VACUUM ANALYZE django_rpc_audit_rpclog")
@@ -89,6 +93,7 @@ def insert_until_stopped(database_url: str, stop: Any, ready: Any, results: Any)
     from django.utils import timezone
 
     from django_rpc_audit.models import RPCLog
+    from django_rpc_audit.writers.sink import record_finished
 
     latencies: list[float] = []
     errors = 0
@@ -98,7 +103,8 @@ def insert_until_stopped(database_url: str, stop: Any, ready: Any, results: Any)
         begin = time.perf_counter()
         try:
             with transaction.atomic():
-                RPCLog.objects.record_finished(
+                record_finished(
+                    RPCLog.objects.all(),
                     correlation_id=str(uuid.uuid4()),
                     method="bench.insert",
                     params={"n": len(latencies)},
@@ -154,6 +160,26 @@ def describe(name: str, latencies: list[float], seconds: float, errors: int) -> 
     )
 
 
+def plain_batches(size: int) -> int:
+    """Delete the rows older than 30 days as ``prune()`` did before rollups: batches of keys
+    chosen by ``LIMIT``, each its own transaction, nothing counted."""
+    from django.db import transaction
+    from django.db.models import Subquery
+    from django.utils import timezone
+
+    from django_rpc_audit.models import RPCLog
+
+    old = RPCLog.objects.filter(created_at__lt=timezone.now() - timedelta(days=30))
+    deleted = 0
+    while True:
+        with transaction.atomic():
+            keys = old.order_by("created_at").values("pk")[:size]
+            count, _ = RPCLog.objects.filter(pk__in=Subquery(keys)).delete()
+        deleted += count
+        if count < size:
+            return deleted
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="old rows to prune")
@@ -166,6 +192,11 @@ def main() -> None:
     )
     parser.add_argument("--baseline", type=float, default=5.0, help="seconds of inserts alone")
     parser.add_argument("--single-delete", action="store_true", help="also time one DELETE")
+    parser.add_argument(
+        "--plain-batches",
+        action="store_true",
+        help="also time batched deletes that count nothing into the rollups (the old prune)",
+    )
     args = parser.parse_args()
 
     url = os.environ.get("DATABASE_URL")
@@ -205,6 +236,16 @@ def main() -> None:
         print(describe("alone        ", alone, base_seconds, alone_errors))
         print(describe("during prune ", during, seconds, during_errors))
 
+    if args.plain_batches:
+        print(f"refill: {fill(args.rows, args.recent):.1f} s")
+        size = args.batch_size[0]
+        deleted, seconds, during, errors = run_with_inserter(url, lambda: plain_batches(size))
+        print(
+            f"plain batches of {size:,}, nothing rolled up: {deleted:,} rows in "
+            f"{seconds:.1f} s = {deleted / seconds:,.0f} rows/s"
+        )
+        print(describe("during plain ", during, seconds, errors))
+
     if args.single_delete:
         print(f"refill: {fill(args.rows, args.recent):.1f} s")
         cutoff = timezone.now() - timedelta(days=30)
@@ -222,6 +263,7 @@ def main() -> None:
 
     with connection.cursor() as cursor:
         cursor.execute("TRUNCATE django_rpc_audit_rpclog")
+        cursor.execute("TRUNCATE django_rpc_audit_rpcrollup, django_rpc_audit_rpcrollupbucket")
 
 
 if __name__ == "__main__":

@@ -433,6 +433,10 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
                 f"{self.admin_site.name}:django_rpc_audit_rpclog_dashboard",
                 current_app=self.admin_site.name,
             ),
+            "rpc_usage_url": reverse(
+                f"{self.admin_site.name}:django_rpc_audit_rpclog_usage",
+                current_app=self.admin_site.name,
+            ),
         }
         return super().changelist_view(request, extra_context)  # type: ignore[no-any-return]
 
@@ -454,6 +458,8 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
             call = (*call[:2], "error_box", *call[2:])
         if obj is not None and obj.trace_id:
             call = (*call, "trace")
+        if obj is not None and obj.cost is not None:
+            call = (*call, "cost")
         return [
             (None, {"fields": call}),
             (_("Caller"), {"fields": ("user_link", "caller_ip", "user_agent")}),
@@ -581,9 +587,13 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
 
     def get_urls(self) -> list[URLPattern]:
         from django_rpc_audit.dashboard import dashboard_view
+        from django_rpc_audit.usage_page import usage_view
 
         def view(request: HttpRequest) -> HttpResponse:
             return dashboard_view(request, self)
+
+        def usage_page(request: HttpRequest) -> HttpResponse:
+            return usage_view(request, self)
 
         # Before the model's own URLs, whose "<path:object_id>/" would swallow this one.
         return [
@@ -591,6 +601,11 @@ class RPCLogAdmin(RPCLogDisplayMixin, ModelAdmin):  # type: ignore[misc]
                 "dashboard/",
                 self.admin_site.admin_view(view),
                 name="django_rpc_audit_rpclog_dashboard",
+            ),
+            path(
+                "usage/",
+                self.admin_site.admin_view(usage_page),
+                name="django_rpc_audit_rpclog_usage",
             ),
             *super().get_urls(),
         ]

@@ -232,3 +232,53 @@ def check_alerts(
             )
         ]
     return []
+
+
+@register(Tags.compatibility)
+def check_costs(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """E005: a ``COSTS`` function cannot be imported or is not callable; W007: ``COSTS`` is set
+    with the buffered writer, which loses the calls it holds when its process is killed; W008:
+    ``ROLLUP_RETENTION_DAYS`` is shorter than ``RETENTION_DAYS``."""
+    try:
+        config = get_config()
+    except ImproperlyConfigured:
+        return []  # E001 reports it
+    from django_rpc_audit.costs import cost_functions, load_cost_function
+
+    messages: list[CheckMessage] = []
+    for path in cost_functions(config):
+        try:
+            load_cost_function(path)
+        except ImproperlyConfigured as exc:
+            messages.append(
+                Error(
+                    str(exc),
+                    hint="Give the dotted path of a function taking a CostCall.",
+                    id="django_rpc_audit.E005",
+                )
+            )
+    if 0 < config.rollup_retention_days < config.retention_days:
+        messages.append(
+            Warning(
+                f"{SETTING_NAME}['ROLLUP_RETENTION_DAYS'] ({config.rollup_retention_days}) is "
+                f"shorter than RETENTION_DAYS ({config.retention_days}): rollups are kept as long "
+                "as the rows, and usage reports of older months are gone with both.",
+                hint="Keep the rollups longer than the rows (0 keeps them for ever).",
+                id="django_rpc_audit.W008",
+            )
+        )
+    if config.costs and config.enable_logging and config.write_mode == "buffered":
+        messages.append(
+            Warning(
+                f"{SETTING_NAME}['COSTS'] is set with WRITE_MODE 'buffered': a process killed "
+                "without its exit handlers (SIGKILL, out of memory) loses the calls its buffer "
+                "holds, and a buffer full during a long database outage drops calls, so usage "
+                "reports can miss billed calls.",
+                hint="Use WRITE_MODE 'stream' (with rpc_logs_ingest workers) or 'sync' for "
+                "exact billing: see docs/usage-and-costs.md.",
+                id="django_rpc_audit.W007",
+            )
+        )
+    return messages

@@ -8,6 +8,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -243,6 +244,26 @@ class DjangoCfgRPCConfig:
     #: replaced by the row's ids. Empty: no link.
     trace_url_template: str = ""
 
+    # -- usage and costs (docs/usage-and-costs.md)
+    #: What a call costs, by exact method name or glob (exact names first, then the first
+    #: matching pattern in the order given): a price (``"5.00"``, a ``Decimal``, an int), or the
+    #: dotted path of a function computing it from the call
+    #: (:class:`~django_rpc_audit.costs.CostCall`), e.g. ``{"reports.generate": "5.00",
+    #: "ai.*": "myapp.billing.tokens"}``. A dotted path alone applies to every method. Prices
+    #: are in one unit of your choice (a currency, credits), stored with 6 decimal places.
+    #: Calls that carry a cost are never sampled out.
+    costs: tuple[tuple[str, Decimal | str], ...] = field(default=())
+    #: Outcomes that are billed: a call ending otherwise stores no cost. Any of ``success``,
+    #: ``failed``, ``timeout``, ``rate_limited``.
+    billable_statuses: tuple[str, ...] = ("success",)
+    #: Days of rollups (hourly counts, costs and durations, see ``rpc_rollup``) that
+    #: ``rpc_logs_cleanup`` keeps; 0 keeps them for ever. Usage reports and bills read them;
+    #: rollups of rows still kept (``RETENTION_DAYS`` or ``--days``) are never deleted.
+    rollup_retention_days: int = 400
+    #: Seconds after an hour ends during which ``rpc_rollup`` still recomputes it on every run:
+    #: longer than the latest a row may arrive (calls still running, an ingest backlog).
+    rollup_settle_seconds: float = 3_600.0
+
     @property
     def log_stream_url(self) -> str:
         """The Redis URL of the log stream: ``LOG_STREAM_REDIS_URL``, else ``REDIS_URL``."""
@@ -264,6 +285,7 @@ class DjangoCfgRPCConfig:
         _normalise_data_hygiene(self)
         _normalise_alerts(self)
         _normalise_rate_limits(self)
+        _normalise_costs(self)
         _validate(self)
 
     @classmethod
@@ -345,6 +367,7 @@ def _validate(config: DjangoCfgRPCConfig) -> None:
     _validate_alerts(config)
     _validate_rate_limits(config)
     _validate_integrations(config)
+    _validate_costs(config)
 
 
 def _pairs(value: object) -> object:
@@ -713,6 +736,102 @@ def _validate_integrations(config: DjangoCfgRPCConfig) -> None:
                 "TRACE_URL_TEMPLATE",
                 f"must be an http(s) URL containing '{{trace_id}}', not {template!r}.",
             )
+
+
+#: Decimal places of a stored cost (``RPCLog.cost``); a price must not need more.
+COST_DECIMAL_PLACES = 6
+#: Digits of a stored cost, decimal places included.
+COST_MAX_DIGITS = 20
+#: The outcomes a call can be billed for (a pending call has no outcome yet).
+BILLABLE_STATUSES = ("success", "failed", "timeout", "rate_limited")
+#: A dotted path to a function: ``package.module.function``.
+_DOTTED_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+$")
+
+
+def parse_price(value: object) -> Decimal:
+    """A price from the settings as a ``Decimal``: a string, an int or a ``Decimal``, finite,
+    0 or more, with at most ``COST_DECIMAL_PLACES`` places and fitting ``RPCLog.cost``.
+
+    :raises ValueError: any other value (a float is refused: ``0.1`` is not exactly a tenth).
+    """
+    if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
+        raise ValueError(f"a price is a string, an int or a Decimal, not {value!r}")
+    try:
+        price = Decimal(value.strip() if isinstance(value, str) else value)
+    except InvalidOperation:
+        raise ValueError(f"{value!r} is not a number") from None
+    if not price.is_finite() or price < 0:
+        raise ValueError(f"{value!r} is not a finite number >= 0")
+    exponent = price.as_tuple().exponent
+    if isinstance(exponent, int) and -exponent > COST_DECIMAL_PLACES:
+        raise ValueError(f"{value!r} has more than {COST_DECIMAL_PLACES} decimal places")
+    if price >= Decimal(10) ** (COST_MAX_DIGITS - COST_DECIMAL_PLACES):
+        raise ValueError(f"{value!r} is too large")
+    return price
+
+
+def _normalise_costs(config: DjangoCfgRPCConfig) -> None:
+    """``COSTS`` as ``(method or glob, price or dotted path)`` pairs; a path alone is ``*``'s."""
+    costs: object = config.costs
+    if isinstance(costs, list | tuple) and len(costs) == 1 and isinstance(costs[0], str):
+        costs = costs[0] if "=" not in costs[0] else costs  # one path from the environment
+    if isinstance(costs, str):
+        costs = (("*", costs),) if costs else ()
+    rules = _pairs(costs)
+    if isinstance(rules, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in rules):
+        converted: list[tuple[str, Decimal | str]] = []
+        for method, rule in rules:
+            if isinstance(rule, str) and _DOTTED_PATH.match(rule.strip()):
+                converted.append((method, rule.strip()))
+                continue
+            try:
+                converted.append((method, parse_price(rule)))
+            except ValueError as exc:
+                raise _fail(
+                    "COSTS",
+                    f"cost of {method!r} must be a price or the dotted path of a function: {exc}.",
+                ) from None
+        rules = tuple(converted)
+    object.__setattr__(config, "costs", rules)
+    if isinstance(config.billable_statuses, list | set | frozenset | str):
+        statuses = config.billable_statuses
+        object.__setattr__(
+            config,
+            "billable_statuses",
+            (statuses,) if isinstance(statuses, str) else tuple(statuses),
+        )
+
+
+def _validate_costs(config: DjangoCfgRPCConfig) -> None:
+    if not isinstance(config.costs, tuple) or not all(
+        isinstance(pair, tuple) and isinstance(pair[0], str) and pair[0] for pair in config.costs
+    ):
+        raise _fail(
+            "COSTS",
+            "must be a dict of method names (or glob patterns) to prices or dotted paths of "
+            f"functions, or one dotted path, not {config.costs!r}.",
+        )
+    statuses = config.billable_statuses
+    if (
+        not isinstance(statuses, tuple)
+        or not statuses
+        or not all(status in BILLABLE_STATUSES for status in statuses)
+    ):
+        raise _fail(
+            "BILLABLE_STATUSES",
+            f"must be a non-empty list of {', '.join(BILLABLE_STATUSES)}, not {statuses!r}.",
+        )
+    days = config.rollup_retention_days
+    if isinstance(days, bool) or not isinstance(days, int) or days < 0:
+        raise _fail(
+            "ROLLUP_RETENTION_DAYS", f"must be a whole number of days, 0 or more, not {days!r}."
+        )
+    settle = config.rollup_settle_seconds
+    if not _is_number(settle) or not 0 <= settle <= MAX_WAIT_SECONDS:
+        raise _fail(
+            "ROLLUP_SETTLE_SECONDS",
+            f"must be a number of seconds from 0 to {MAX_WAIT_SECONDS:g}, not {settle!r}.",
+        )
 
 
 def validate_redis_url(url: object, key: str = "REDIS_URL") -> None:

@@ -133,6 +133,9 @@ def _complete(
         duration_ms=duration_ms,
         completed_at=timezone.now(),
     )
+    if config.costs:
+        row = {"method": log.method, "params": log.params, "user_id": log.user_id}
+        values["cost"] = sink.stored_cost({}, {**row, "username": log.username, **values})
     try:
         RPCLog.objects.using(router.db_for_write(RPCLog)).filter(pk=log.pk).update(**values)
     except Exception:

@@ -10,11 +10,20 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from django_rpc_audit.alerts.models import WebhookDelivery, WebhookEndpointState
+from django_rpc_audit.conf import COST_DECIMAL_PLACES, COST_MAX_DIGITS
 from django_rpc_audit.indexes import HashIndex, PartialIndex
 from django_rpc_audit.querysets import RPCLogQuerySet
+from django_rpc_audit.rollups.models import RPCRollup, RPCRollupBucket
 from django_rpc_audit.status import RPCStatus
 
-__all__ = ["RPCLog", "RPCStatus", "WebhookDelivery", "WebhookEndpointState"]
+__all__ = [
+    "RPCLog",
+    "RPCRollup",
+    "RPCRollupBucket",
+    "RPCStatus",
+    "WebhookDelivery",
+    "WebhookEndpointState",
+]
 
 
 class RPCLog(models.Model):
@@ -61,6 +70,16 @@ class RPCLog(models.Model):
     span_id = models.CharField(_("span id"), max_length=16, blank=True, default="", db_default="")
     #: Slower than its method's recent normal (``django_rpc_audit.alerts.slow``).
     is_slow = models.BooleanField(_("slow"), default=False, db_default=False)
+    #: What the call costs (``COSTS``), in the unit the prices are in; ``NULL`` when it costs
+    #: nothing: no rule for its method, an outcome that is not billed, or a function that
+    #: returned ``None`` (or failed). Calls with a cost are never sampled out.
+    cost = models.DecimalField(
+        _("cost"),
+        max_digits=COST_MAX_DIGITS,
+        decimal_places=COST_DECIMAL_PLACES,
+        null=True,
+        blank=True,
+    )
 
     objects = RPCLogQuerySet.as_manager()
 

@@ -10,8 +10,8 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 
-from django.db import connections, models, transaction
-from django.db.models import Avg, Count, ExpressionWrapper, F, Max, Q, Subquery, Sum, Value
+from django.db import connections, models
+from django.db.models import Avg, Count, ExpressionWrapper, F, Max, Q, Sum, Value
 from django.db.models.functions import Trunc
 from django.utils import timezone
 
@@ -355,12 +355,12 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
     ) -> int:
         """Delete rows started more than ``days`` days ago (default ``RETENTION_DAYS``).
 
-        Returns how many rows were deleted (with ``dry_run``: would be). Deletes in batches of
-        ``batch_size`` primary keys, each batch its own short transaction, so no long lock is
-        held and inserts go on meanwhile. A row still ``pending`` and younger than
-        ``RPC_TIMEOUT`` plus ``REAP_MARGIN_SECONDS`` is never deleted: its call may still be
-        running. Bigger batches are not faster: on a million rows PostgreSQL plans a table
-        scan per batch at 20,000 (see "Pruning a big table" in the docs). Applies to the rows
+        Returns how many rows were deleted (with ``dry_run``: would be). Deletes hour by hour,
+        each hour its own transaction that first counts the rows in the hour's rollups (so
+        usage reports and bills are unchanged, see :func:`~django_rpc_audit.rollups.maintain.
+        seal_and_delete`), ``batch_size`` primary keys per statement; inserts go on meanwhile.
+        A row still ``pending`` and younger than ``RPC_TIMEOUT`` plus ``REAP_MARGIN_SECONDS``
+        is never deleted: its call may still be running. Applies to the rows
         this queryset selects::
 
             RPCLog.objects.prune(days=30)
@@ -371,26 +371,11 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
             raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}.")
         if dry_run:
             return candidates.count()
-        deleted = 0
-        while True:
-            with transaction.atomic(using=self.db):
-                count = candidates._delete_oldest(batch_size)
-            deleted += count
-            if count < batch_size:
-                return deleted
+        # Counted in the rollups in the transaction that deletes them: usage reports and bills
+        # outlive the rows (django_rpc_audit.rollups.maintain).
+        from django_rpc_audit.rollups.maintain import seal_and_delete
 
-    def _delete_oldest(self, limit: int) -> int:
-        """Delete the ``limit`` oldest rows of this queryset, chosen by primary key."""
-        oldest = self.order_by("created_at").values("pk")[:limit]
-        if connections[self.db].vendor == "mysql":
-            # MySQL refuses LIMIT in an IN subquery: fetch the keys first.
-            chosen: Any = list(oldest.values_list("pk", flat=True))
-        else:
-            # One statement, no keys through Python: several times faster on PostgreSQL.
-            chosen = Subquery(oldest)
-        # The conditions apply again to the chosen keys: a row may have changed meanwhile.
-        count, _ = self.filter(pk__in=chosen).order_by().delete()
-        return count
+        return seal_and_delete(candidates, batch_size=batch_size)
 
     def _prunable(self, days: float | None) -> RPCLogQuerySet:
         config = get_config()

@@ -12,6 +12,7 @@ import hashlib
 from typing import Any
 
 from django_rpc_audit.conf import DjangoCfgRPCConfig
+from django_rpc_audit.costs import is_costed
 from django_rpc_audit.status import RPCStatus
 
 _SCALE = float(2**64)
@@ -49,19 +50,25 @@ def is_sampled(correlation_id: str, rate: float) -> bool:
 
 
 def started_is_logged(config: DjangoCfgRPCConfig, event: dict[str, Any]) -> bool:
-    """Whether the pending row of a starting call is written."""
-    return is_sampled(event["correlation_id"], sample_rate_for(config, event["method"]))
+    """Whether the pending row of a starting call is written: always for a method that may
+    carry a cost (``COSTS``), whose finished row is never sampled out either."""
+    if is_sampled(event["correlation_id"], sample_rate_for(config, event["method"])):
+        return True
+    return is_costed(config, event["method"])
 
 
 def finished_sample_rate(config: DjangoCfgRPCConfig, event: dict[str, Any]) -> float | None:
     """The ``sample_rate`` to store with a finished call, or ``None`` to log nothing.
 
-    Failures, timeouts, calls flagged slow (``slow``: slower than their method's normal) and
-    calls at least ``ALWAYS_LOG_SLOWER_THAN_MS`` slow are always logged with rate 1.0: they
-    are all there, and count once each.
+    Failures, timeouts, calls flagged slow (``slow``: slower than their method's normal),
+    calls at least ``ALWAYS_LOG_SLOWER_THAN_MS`` slow and calls that may carry a cost (a
+    ``COSTS`` rule and a billable outcome) are always logged with rate 1.0: they are all
+    there, and count once each.
     """
     rate = sample_rate_for(config, event["method"])
     if rate >= 1:
+        return 1.0
+    if is_costed(config, event["method"], event.get("status")):
         return 1.0
     duration = event.get("duration_ms")
     slow = event.get("slow") is not None or (

@@ -88,3 +88,38 @@ def test_webhooks_without_logging_is_w006(rpc_settings):
     assert "ENABLE_LOGGING" in messages[0].msg
     rpc_settings(ENABLE_LOGGING=True)
     assert checks.check_alerts() == []
+
+
+def test_a_cost_function_that_cannot_be_loaded_is_e005(rpc_settings):
+    rpc_settings(
+        COSTS={"a": "tests.test_costs.no_such_function", "b": "tests.test_costs.COSTS", "c": "1"}
+    )
+    messages = checks.check_costs()
+    assert ids(messages) == ["django_rpc_audit.E005", "django_rpc_audit.E005"]
+    assert "cannot be imported" in messages[0].msg
+    assert "is not callable" in messages[1].msg
+    rpc_settings(COSTS={"a": "tests.test_costs.per_recipient"})
+    assert checks.check_costs() == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "warned"), [("buffered", True), ("stream", False), ("sync", False)]
+)
+def test_costs_with_the_buffered_writer_is_w007(rpc_settings, mode, warned):
+    rpc_settings(COSTS={"reports.*": "1"}, WRITE_MODE=mode)
+    messages = checks.check_costs()
+    assert ids(messages) == (["django_rpc_audit.W007"] if warned else [])
+    if warned:
+        assert "stream" in messages[0].hint
+    rpc_settings(COSTS={})
+    assert checks.check_costs() == []
+
+
+def test_rollups_kept_shorter_than_the_rows_is_w008(rpc_settings):
+    rpc_settings(RETENTION_DAYS=90, ROLLUP_RETENTION_DAYS=30)
+    messages = checks.check_costs()
+    assert ids(messages) == ["django_rpc_audit.W008"]
+    assert "RETENTION_DAYS (90)" in messages[0].msg
+    for days in (0, 90, 400):
+        rpc_settings(ROLLUP_RETENTION_DAYS=days)
+        assert checks.check_costs() == []

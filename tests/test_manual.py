@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from decimal import Decimal
 
 import pytest
 
@@ -114,3 +115,16 @@ def test_a_uuid_correlation_id_is_stored_as_the_client_writes_it():
     )
     RPCLogger.create_log("cid-7", "legacy.sync", {})  # not a UUID: kept as given
     assert RPCLog.objects.filter(correlation_id="cid-7").exists()
+
+
+def test_manually_logged_calls_store_their_cost(rpc_settings):
+    rpc_settings(COSTS={"legacy.report": "2.50", "legacy.notify": "tests.test_costs.per_recipient"})
+    report = RPCLogger.create_log("cid-c1", "legacy.report", {})
+    notify = RPCLogger.create_log("cid-c2", "legacy.notify", {"to": ["a", "b", "c"]})
+    failed = RPCLogger.create_log("cid-c3", "legacy.report", {})
+    RPCLogger.mark_success(report, {"ok": True}, duration_ms=3.0)
+    RPCLogger.mark_success(notify, {"sent": 3}, duration_ms=3.0)
+    RPCLogger.mark_failed(failed, "E", "no", 3.0)
+    costs = dict(RPCLog.objects.values_list("correlation_id", "cost"))
+    assert costs == {"cid-c1": Decimal("2.5"), "cid-c2": Decimal("0.03"), "cid-c3": None}
+    assert report.cost == Decimal("2.50")

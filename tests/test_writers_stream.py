@@ -207,14 +207,14 @@ def test_a_new_column_travels_and_changes_the_layout() -> None:
 
 def test_new_columns_round_trip_through_an_entry(monkeypatch: pytest.MonkeyPatch) -> None:
     fields = list(RPCLog._meta.concrete_fields)
-    cost = models.DecimalField(max_digits=12, decimal_places=6, null=True)
-    cost.set_attributes_from_name("cost")
+    credit = models.DecimalField(max_digits=12, decimal_places=6, null=True)
+    credit.set_attributes_from_name("credit")
     retries = models.PositiveSmallIntegerField(default=0)
     retries.set_attributes_from_name("retries")
     monkeypatch.setattr(
-        entry_module, "layout", lambda model=None: layout_of([*fields, cost, retries])
+        entry_module, "layout", lambda model=None: layout_of([*fields, credit, retries])
     )
-    row = event_row_values(event(1), for_copy=True) | {"cost": Decimal("0.000125"), "retries": 3}
+    row = event_row_values(event(1), for_copy=True) | {"credit": Decimal("0.000125"), "retries": 3}
     assert decode_row(encode_row(row)) == row
     assert decode_row(encode_row(row | {"cost": None})) == row | {"cost": None}
 

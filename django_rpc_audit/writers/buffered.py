@@ -24,6 +24,7 @@ from typing import Any
 from django.db import connections, router
 
 from django_rpc_audit.conf import get_config
+from django_rpc_audit.costs import is_costed
 from django_rpc_audit.status import RPCStatus
 from django_rpc_audit.writers.base import (
     DatabaseUnavailable,
@@ -49,6 +50,8 @@ _Entry = tuple[int, dict[str, Any]]
 #: Outcomes dropped first when the buffer is full: successes, and calls a rate limit refused
 #: (a flood of those must not push out the failures).
 _EXPENDABLE = frozenset({RPCStatus.SUCCESS.value, RPCStatus.RATE_LIMITED.value})
+#: What an expendable outcome with a cost (``COSTS``) counts as: not expendable.
+_BILLED = "billed"
 
 #: Characters of deferred payloads parsed and stored between two yields of the GIL (about a
 #: millisecond of work; see sink._yield_the_gil).
@@ -175,6 +178,10 @@ class BufferedLogWriter:
     def _put(self, event: dict[str, Any]) -> None:
         key = (event["correlation_id"], event["started_at"])
         status = event.get("status")
+        if status in _EXPENDABLE and is_costed(get_config(), event.get("method", ""), status):
+            # A call with a cost is on a bill: it is kept like a failure when the buffer is full
+            # (the status here only decides evictions; the event keeps its own).
+            status = _BILLED
         size = event_bytes(event)
         buffer = self._buffer
         with self._lock:

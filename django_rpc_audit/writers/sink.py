@@ -20,11 +20,13 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from django.db import connections, models, transaction
 
 from django_rpc_audit.conf import get_config
+from django_rpc_audit.costs import call_cost
 from django_rpc_audit.payload import Deferred
 from django_rpc_audit.sanitize import cap_text, clean_text, stored_json_and_text
 from django_rpc_audit.status import RPCStatus
@@ -304,8 +306,13 @@ def record_finished(
         sample_rate=sample_rate,
         slow=slow,
     )
+    row = None
+    if get_config().costs:
+        row = _started_row_of(started)
+        outcome["cost"] = stored_cost(started, {**row, **outcome})
     if not queryset.filter(pk=log_id).update(**outcome):
-        queryset.create(**_without_missing_user(queryset, _started_row_of(started)), **outcome)
+        row = row or _started_row_of(started)
+        queryset.create(**_without_missing_user(queryset, row), **outcome)
     event = {key: started.get(key) for key in ("correlation_id", "method", "params", "user")}
     event |= {"started_at": started["started_at"], "status": status, "response": response}
     event |= {"slow": slow, "error_code": error_code, "error_message": error_message}
@@ -373,6 +380,7 @@ def event_row_values(event: Mapping[str, Any], *, for_copy: bool = False) -> dic
         values.update(outcome_values(**outcome, json_text=for_copy))
         if response_json is not None:
             values["response"] = response_json if for_copy else event["response"]
+        values["cost"] = stored_cost(event, values)
     return values
 
 
@@ -390,6 +398,39 @@ def resolve_payloads(event: dict[str, Any]) -> int:
             result = value.resolve()
             event[key], event[text_key] = result.value, result.text
     return work
+
+
+def stored_cost(event: Mapping[str, Any], values: Mapping[str, Any]) -> Decimal | None:
+    """The cost of the finished call ``event`` (``COSTS``), whose row holds ``values``.
+
+    A price costs a lookup; a function gets the stored params and response (redacted and
+    capped, as the row holds them, parsed back from their JSON text when needed) and is only
+    called for a billable outcome. Never raises (see :func:`~django_rpc_audit.costs.call_cost`).
+    """
+    config = get_config()
+    if not config.costs:
+        return None
+
+    def call_values() -> dict[str, Any]:
+        return {
+            "params": _stored_value(event, values, "params"),
+            "response": _stored_value(event, values, "response"),
+            "error_code": values.get("error_code") or "",
+            "duration_ms": values.get("duration_ms"),
+            "user_id": values.get("user_id"),
+            "username": values.get("username") or "",
+        }
+
+    return call_cost(config, method=values["method"], status=values["status"], values=call_values)
+
+
+def _stored_value(event: Mapping[str, Any], values: Mapping[str, Any], key: str) -> Any:
+    """The stored JSON value of ``key`` (params or response): the event's when it carries its
+    stored form (``<key>_json``), else the row's, parsed back if it is JSON text."""
+    if event.get(f"{key}_json") is not None:
+        return event.get(key)
+    value = values.get(key)
+    return json.loads(value) if isinstance(value, str) else value
 
 
 #: What one buffered call costs beyond its texts: the event dict, datetimes, ids (an estimate).

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import re
 import textwrap
+import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -219,7 +220,10 @@ def _type_name(hint: Any) -> str:
         if typing.get_origin(item) is tuple and len(typing.get_args(item)) == 2:
             key, value = typing.get_args(item)
             # Rules normalised from the dicts the settings give are read as dicts.
-            value_name = _type_name(value) if value in (str, int, float, bool) else "dict"
+            if isinstance(value, types.UnionType):  # prices or dotted paths (COSTS)
+                value_name = " or ".join(_type_name(arg) for arg in typing.get_args(value))
+            else:
+                value_name = _type_name(value) if value in (str, int, float, bool) else "dict"
             return f"dict of {_type_name(key)} to {value_name}"
         return f"list of {_type_name(item)}"
     if isinstance(hint, type):

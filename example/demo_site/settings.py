@@ -109,6 +109,12 @@ UNFOLD = {
                         "link": reverse_lazy("admin:django_rpc_audit_rpclog_dashboard"),
                         "permission": "django_rpc_audit.dashboard.can_view_rpc_logs",
                     },
+                    {
+                        "title": "Usage",
+                        "icon": "receipt_long",
+                        "link": reverse_lazy("admin:django_rpc_audit_rpclog_usage"),
+                        "permission": "django_rpc_audit.dashboard.can_view_rpc_logs",
+                    },
                 ],
             },
         ],

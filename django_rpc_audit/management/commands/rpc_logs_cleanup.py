@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -19,7 +20,9 @@ from django_rpc_audit.models import RPCLog
 class Command(BaseCommand):
     help = (
         "Delete RPC log rows older than --days days (default: RETENTION_DAYS), in batches. "
-        "Rows still pending within the call timeout are kept."
+        "Rows still pending within the call timeout are kept. Each row is counted in the hourly "
+        "rollups as it is deleted (usage reports do not change); rollups older than "
+        "ROLLUP_RETENTION_DAYS are deleted too."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -55,6 +58,18 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
         verb = "Would delete" if dry_run else "Deleted"
         self.stdout.write(f"{verb} {count} RPC log row(s) older than {shown(kept)} day(s).")
+        rollup_days = get_config().rollup_retention_days
+        if rollup_days:
+            from django_rpc_audit.rollups.maintain import prune_rollups
+
+            # Never the rollups of rows this run keeps.
+            rollup_days = max(rollup_days, math.ceil(kept))
+            rollups = prune_rollups(rollup_days, batch_size=size, dry_run=dry_run)
+            if rollups:
+                self.stdout.write(
+                    f"{verb} {rollups} rollup row(s) older than {rollup_days} day(s) "
+                    "(ROLLUP_RETENTION_DAYS)."
+                )
         # The alerts' outbox keeps the same days (its pending rows stay until delivered).
         from django_rpc_audit.alerts.delivery import prune_deliveries
 

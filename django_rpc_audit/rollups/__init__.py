@@ -1,0 +1,13 @@
+"""Rollups: hourly counts, costs and durations that outlive the log rows they were made from.
+
+- :mod:`~django_rpc_audit.rollups.models`: the tables,
+  :class:`~django_rpc_audit.rollups.models.RPCRollup` (per hour, method, user and status) and
+  :class:`~django_rpc_audit.rollups.models.RPCRollupBucket` (per hour: when it was rolled up,
+  and the lock).
+- :mod:`~django_rpc_audit.rollups.maintain`: keeping them:
+  :func:`~django_rpc_audit.rollups.maintain.roll_up` (``rpc_rollup``), which remakes recent
+  hours from the log rows, and :func:`~django_rpc_audit.rollups.maintain.seal_and_delete`
+  (``rpc_logs_cleanup``), which counts log rows into the sealed rollups as it deletes them.
+
+Reading them is :mod:`django_rpc_audit.usage`'s concern.
+"""
