@@ -88,6 +88,7 @@ PATTERNS: dict[str, tuple[Callable[[object], object], object, list[str]]] = {
     "admin._TRACE_ID": (admin._TRACE_ID.match, str, ["a", "F", "0", "g"]),
     # settings only, checked anyway
     "rules._SPEC": (rules._SPEC.match, str, ["1", " ", "/", "a", "burst ", "s"]),
+    "conf._DOTTED_PATH": (conf._DOTTED_PATH.match, str, ["a", ".", "_", "a.", "A0", ".."]),
     "conf._ATTRIBUTE_KEY": (
         conf._ATTRIBUTE_KEY.match,
         str,
@@ -102,7 +103,7 @@ COMPILED_IN = {
     "sanitize.py": 1,
     "admin.py": 2,
     "ratelimit/rules.py": 1,
-    "conf.py": 1,
+    "conf.py": 2,
 }
 
 
