@@ -2,9 +2,12 @@
 
 1. End to end, over real Redis (a responder process speaking django-ipc's protocol echoes the
    params) and the real database, through the public API, interleaved in rounds: ``call()``
-   with logging on (the buffered writer) and off, and the transport alone (the wire encoding
-   and the round trip, no signal at all), for params holding 10 KB of prose, a 64 KB hex blob
-   and a 1 MB base64 attachment. Median per call and the ratios.
+   with logging on (the buffered writer) and off (``ENABLE_LOGGING=False``, as a user sets
+   it), and the transport alone (the wire encoding and the round trip, no signal at all), for
+   params holding 10 KB of prose, a 64 KB hex blob and a 1 MB base64 attachment. Median per
+   call, the median of the per-round ratios (each round runs the variants one after the
+   other, in a rotating order), the caller thread's CPU per call, and the whole process's
+   (the log writer's thread included, its flush after each variant's calls too).
 2. Growth: CPU time on the caller's thread to build what the signals carry (the stored form
    of the params and of the echoed response, :func:`django_rpc_audit.payload.stored`) by
    payload kind (prose, hex, base64, one long run, many keys, deep nesting) and size
@@ -12,6 +15,8 @@
 3. Memory: a stream of calls with 1 MB params through the in-process transport into a
    buffered writer whose thread is held back, so the buffer sits at ``BUFFER_MAX_BYTES``;
    resident memory at checkpoints.
+4. The pause of a full (generation 2) garbage collection, which runs on whichever thread
+   allocates, with an empty buffer and with 100,000 small calls buffered.
 
     createdb -h 127.0.0.1 -U postgres rpc_bench
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/rpc_bench .venv/bin/python \\
@@ -25,6 +30,7 @@ import base64
 import multiprocessing
 import os
 import random
+import resource
 import statistics
 import sys
 import time
@@ -115,17 +121,37 @@ def end_to_end(rounds: int, calls: int) -> None:
         "64 KB hex": hex_blob(65_536),
         "1 MB base64": base64_blob(1_048_576),
     }
-    print(f"\n1. call() over Redis, echoed, {rounds} rounds x {calls} calls per variant")
+    print(
+        f"\n1. call() over Redis, echoed, {rounds} rounds x {calls} calls per variant; "
+        "medians per call, and the medians of the per-round ratios"
+    )
     print(
         f"{'params':<14}{'transport µs':>14}{'off µs':>10}{'on µs':>10}{'on/off':>8}"
-        f"{'on/transport':>14}"
+        f"{'on/transport':>14}{'off/transport':>15}{'on CPU µs':>11}{'off CPU µs':>12}"
+        f"{'on all µs':>11}{'off all µs':>12}{'on faults':>11}{'off faults':>12}"
     )
+    variants = ("transport", "off", "on")
     for label, params in payloads.items():
-        samples: dict[str, list[float]] = {"transport": [], "off": [], "on": []}
+        samples: dict[str, list[float]] = {variant: [] for variant in variants}
+        cpu: dict[str, list[float]] = {variant: [] for variant in variants}
+        # The process's CPU for the calls and the flush after them: the writer's thread too.
+        total: dict[str, list[float]] = {variant: [] for variant in variants}
+        # Minor page faults of the calling thread per call: memory it touches for the first
+        # time (what the buffer holds is not reused by the next call, and glibc gives the
+        # freed memory back to the system after a flush).
+        faults: dict[str, list[float]] = {variant: [] for variant in variants}
+        ratios: dict[str, list[float]] = {"on/off": [], "on/transport": [], "off/transport": []}
         for round_ in range(rounds + 1):  # round 0 warms up
-            for variant, values in samples.items():
+            # Each round runs the variants in another order: none always follows another.
+            order = variants[round_ % 3 :] + variants[: round_ % 3]
+            medians = {}
+            for variant in order:
                 configure(ENABLE_LOGGING=variant == "on", WRITE_MODE="buffered")
                 client = get_rpc_client()
+                times = []
+                process_started = time.process_time()
+                faults_before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+                cpu_started = time.thread_time()
                 for _ in range(calls):
                     started = time.perf_counter()
                     if variant == "transport":
@@ -133,14 +159,31 @@ def end_to_end(rounds: int, calls: int) -> None:
                         client.transport.call(request)
                     else:
                         client.call("bench.echo", params)
-                    if round_:
-                        values.append((time.perf_counter() - started) * 1e6)
+                    times.append((time.perf_counter() - started) * 1e6)
+                cpu_used = (time.thread_time() - cpu_started) * 1e6 / calls
+                faulted = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - faults_before
                 configure(ENABLE_LOGGING=True)
                 flush()  # untimed: the next variant does not pay for this one's backlog
+                process_used = (time.process_time() - process_started) * 1e6 / calls
+                if round_:
+                    samples[variant] += times
+                    cpu[variant].append(cpu_used)
+                    total[variant].append(process_used)
+                    faults[variant].append(faulted / calls)
+                    medians[variant] = statistics.median(times)
+            if round_:
+                for name, values in ratios.items():
+                    top, bottom = name.split("/")
+                    values.append(medians[top] / medians[bottom])
         med = {variant: statistics.median(values) for variant, values in samples.items()}
+        ratio = {name: statistics.median(values) for name, values in ratios.items()}
         print(
             f"{label:<14}{med['transport']:>14.0f}{med['off']:>10.0f}{med['on']:>10.0f}"
-            f"{med['on'] / med['off']:>8.3f}{med['on'] / med['transport']:>14.3f}"
+            f"{ratio['on/off']:>8.3f}{ratio['on/transport']:>14.3f}"
+            f"{ratio['off/transport']:>15.3f}{statistics.median(cpu['on']):>11.0f}"
+            f"{statistics.median(cpu['off']):>12.0f}{statistics.median(total['on']):>11.0f}"
+            f"{statistics.median(total['off']):>12.0f}{statistics.median(faults['on']):>11.1f}"
+            f"{statistics.median(faults['off']):>12.1f}"
         )
 
 
@@ -198,6 +241,37 @@ def memory(calls: int, max_bytes: int) -> None:
                 )
 
 
+def gc_pause(entries: int) -> None:
+    """A full collection's pause on the caller's thread with ``entries`` calls buffered."""
+    import gc
+
+    from django_rpc_audit import get_rpc_client
+    from django_rpc_audit.transports import register_local_handler
+    from django_rpc_audit.writers import BufferedLogWriter, use_writer
+
+    register_local_handler("bench.echo", lambda params: {"echo": params})
+    configure(TRANSPORT="local", ENABLE_LOGGING=True)
+    client = get_rpc_client()
+
+    def pause() -> float:
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            gc.collect()
+            times.append((time.perf_counter() - started) * 1e3)
+        return statistics.median(times)
+
+    print(f"\n4. gen-2 collection, median of 5, with {entries:,} small calls buffered")
+    empty = pause()
+    writer = BufferedLogWriter(buffer_size=entries, buffer_max_bytes=2**40, background=False)
+    with use_writer(writer):
+        for n in range(entries):
+            client.call("bench.echo", {"user_id": n, "note": "hello"})
+    full = pause()
+    print(f"empty buffer {empty:.1f} ms; {writer.stats().buffered:,} buffered {full:.1f} ms")
+    print(f"objects the collector tracks: {len(gc.get_objects()):,}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--redis", metavar="URL", default="redis://127.0.0.1:6379/9")
@@ -206,7 +280,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--memory-calls", type=int, default=2_000)
     parser.add_argument("--buffer-max-bytes", type=int, default=32 * 2**20)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["e2e", "growth", "memory"])
+    parser.add_argument("--gc-entries", type=int, default=100_000)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["e2e", "growth", "memory", "gc"])
     args = parser.parse_args()
 
     stream = f"bench:{uuid.uuid4().hex}"
@@ -228,6 +303,8 @@ def main() -> None:
         growth(args.repeats)
     if "memory" not in args.skip:
         memory(args.memory_calls, args.buffer_max_bytes)
+    if "gc" not in args.skip:
+        gc_pause(args.gc_entries)
 
 
 if __name__ == "__main__":

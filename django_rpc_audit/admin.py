@@ -50,9 +50,11 @@ STATUS_VARIANTS: dict[str, str] = {
 # An OpenTelemetry trace id (32 hex digits, as Grafana, Tempo and Jaeger show it).
 _TRACE_ID = re.compile(r"^[0-9a-fA-F]{32}$")
 
+# Possessive, and a string may run to the end of the text (cut at JSON_DISPLAY_LIMIT): an
+# unterminated string is one token, not a fresh scan from each quote inside it (quadratic).
 _JSON_TOKEN = re.compile(
-    r'(?P<key>"(?:\\.|[^"\\])*")(?=\s*:)'
-    r'|(?P<string>"(?:\\.|[^"\\])*")'
+    r'(?P<key>"(?:\\.|[^"\\])*+")(?=\s*:)'
+    r'|(?P<string>"(?:\\.|[^"\\])*+(?:"|\\?\Z))'
     r"|(?P<number>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)"
     r"|(?P<literal>\btrue\b|\bfalse\b|\bnull\b)"
 )

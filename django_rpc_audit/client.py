@@ -25,10 +25,17 @@ from django_rpc_audit.exceptions import (
 )
 from django_rpc_audit.integrations import build_instrumentation
 from django_rpc_audit.integrations.base import CallProbe
-from django_rpc_audit.payload import Stored, stored, stored_text
+from django_rpc_audit.payload import Deferred, Stored, stored, stored_text
 from django_rpc_audit.ratelimit import RateLimiter, build_rate_limiter
 from django_rpc_audit.redaction import Redactor, get_redactor
-from django_rpc_audit.signals import rpc_finished, rpc_slow, rpc_started
+from django_rpc_audit.signals import (
+    DEFERRED,
+    NOBODY,
+    audience,
+    rpc_finished,
+    rpc_slow,
+    rpc_started,
+)
 from django_rpc_audit.status import RPCStatus
 from django_rpc_audit.transports import (
     Result,
@@ -75,23 +82,31 @@ class _Outcome:
         request: RPCRequest,
         redactor: Redactor,
         config: DjangoCfgRPCConfig,
+        *,
+        readers: int,
     ) -> dict[str, Any]:
         """``rpc_finished``'s own arguments in their stored form: capped, then redacted (the
-        caller gets the originals)."""
+        caller gets the originals). With no ``readers`` the response's stored form is not
+        made; with only ``DEFERRED`` ones, it is left to the
+        log writer's thread when it can be (``_deferred_response``)."""
         self.slow = judge_call(request.method, self.status, duration_ms)
-        response: Stored | None = None
-        if self.response is not None:
-            response = stored(
-                self.response,
-                config.max_response_bytes,
-                redactor,
-                redactor.rule_for(request.method).response,
-                original_bytes=request.wire.get("reply_bytes"),
-            )
+        response: Stored | Deferred | None = None
+        if self.response is not None and readers != NOBODY:
+            rule = redactor.rule_for(request.method).response
+            if readers == DEFERRED:
+                response = _deferred_response(request, config.max_response_bytes, redactor, rule)
+            if response is None:
+                response = stored(
+                    self.response,
+                    config.max_response_bytes,
+                    redactor,
+                    rule,
+                    original_bytes=request.wire.get("reply_bytes"),
+                )
         return {
             "status": self.status,
-            "response": None if response is None else response.value,
-            "response_json": None if response is None else response.text,
+            "response": response.value if isinstance(response, Stored) else response,
+            "response_json": response.text if isinstance(response, Stored) else None,
             "error_code": self.error_code,
             "error_message": stored_text(
                 self.error_message, config.max_error_message_bytes, redactor
@@ -165,8 +180,9 @@ class RPCClient:
                     f"correlation_id must be a UUID string, not {correlation_id!r}."
                 ) from None
         reply_to = f"{self.config.response_key_prefix}{correlation_id}"
+        encoder = _ParamsEncoder(separators=(",", ":"), allow_nan=False)
         try:
-            params_json = _WIRE_ENCODER.encode(params)
+            params_json = encoder.encode(params)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"RPC params for {method!r} cannot be sent as JSON: {exc}") from exc
         except RecursionError:
@@ -182,6 +198,8 @@ class RPCClient:
         )
         request = RPCRequest(method, params, correlation_id, reply_to, float(timeout), body)
         request.wire["params_bytes"] = len(params_json)
+        # Only JSON types: decoding the body gives the caller's values back, unconverted.
+        request.wire["params_plain"] = not encoder.converted
         return request
 
     def _instrumented(self, request: RPCRequest) -> tuple[RPCRequest, CallProbe | None]:
@@ -199,26 +217,22 @@ class RPCClient:
         caller_ip: str | None,
         user_agent: str | None,
         probe: CallProbe | None = None,
-    ) -> dict[str, Any]:
-        """The keyword arguments of ``rpc_started``; explicit values win over the context.
+    ) -> tuple[dict[str, Any], int]:
+        """The keyword arguments of ``rpc_started`` (explicit values win over the context), and
+        what the signals' receivers read (:func:`~django_rpc_audit.signals.audience`).
 
         The params are their stored form, capped then redacted
         (:func:`~django_rpc_audit.payload.stored`): the request (already encoded in
         ``request.body``) goes over the wire unchanged, while no receiver ever sees a secret.
+        When no receiver would read them, ``params`` and ``params_json`` are left out and the
+        signals are not sent; when only the built-in log receivers read them (and the writer
+        buffers), the params may be :class:`~django_rpc_audit.payload.Deferred` to the
+        writer's thread (``params_json`` then ``None``).
         """
         context = get_caller_context()
-        params = stored(
-            request.params,
-            self.config.max_params_bytes,
-            self.redactor,
-            self.redactor.rule_for(request.method).params,
-            original_bytes=request.wire.get("params_bytes"),
-        )
-        return {
+        started = {
             "correlation_id": request.correlation_id,
             "method": request.method,
-            "params": params.value,
-            "params_json": params.text,
             "user": user,
             "caller_ip": caller_ip if caller_ip is not None else context.caller_ip,
             "user_agent": user_agent if user_agent is not None else context.user_agent,
@@ -226,10 +240,28 @@ class RPCClient:
             "trace_id": probe.trace_id if probe is not None else None,
             "span_id": probe.span_id if probe is not None else None,
         }
+        readers = audience(type(self), rpc_started, rpc_finished, rpc_slow)
+        if readers == NOBODY:
+            return started, readers
+        rule = self.redactor.rule_for(request.method).params
+        cap = self.config.max_params_bytes
+        size = request.wire.get("params_bytes")
+        if readers == DEFERRED and request.wire.get("params_plain") and _deferrable(size, cap):
+            # The body is the wire text: its params decode to the caller's values as they were.
+            started["params"] = Deferred(request.body, "params", cap, self.redactor, rule, size)
+            started["params_json"] = None
+        else:
+            params = stored(request.params, cap, self.redactor, rule, original_bytes=size)
+            started["params"], started["params_json"] = params.value, params.text
+        return started, readers
 
     @contextlib.contextmanager
     def _reported(
-        self, request: RPCRequest, started: dict[str, Any], probe: CallProbe | None = None
+        self,
+        request: RPCRequest,
+        started: dict[str, Any],
+        readers: int,
+        probe: CallProbe | None = None,
     ) -> Iterator[_Outcome]:
         """Send ``rpc_started``, time the block, then send ``rpc_finished`` whatever happened.
 
@@ -239,8 +271,10 @@ class RPCClient:
         """
         outcome = _Outcome()
         clock: float | None = None
+        reported = readers != NOBODY
         try:
-            rpc_started.send_robust(sender=type(self), **started)
+            if reported:
+                rpc_started.send_robust(sender=type(self), **started)
             clock = time.perf_counter()
             yield outcome
         except BaseException as exc:
@@ -248,26 +282,35 @@ class RPCClient:
             raise
         finally:
             duration_ms = 0.0 if clock is None else (time.perf_counter() - clock) * 1000
-            finished = outcome.as_kwargs(duration_ms, request, self.redactor, self.config)
+            finished = outcome.as_kwargs(
+                duration_ms, request, self.redactor, self.config, readers=readers
+            )
             if probe is not None:
                 probe.finish(
                     outcome.status, outcome.error_code, finished["error_message"], duration_ms
                 )
-            rpc_finished.send_robust(sender=type(self), **started, **finished)
-            if outcome.slow is not None:
+            if reported:
+                rpc_finished.send_robust(sender=type(self), **started, **finished)
+            if reported and outcome.slow is not None:
                 rpc_slow.send_robust(
                     sender=type(self), **started, **finished, **slow_arguments(outcome.slow)
                 )
 
     @contextlib.asynccontextmanager
     async def _areported(
-        self, request: RPCRequest, started: dict[str, Any], probe: CallProbe | None = None
+        self,
+        request: RPCRequest,
+        started: dict[str, Any],
+        readers: int,
+        probe: CallProbe | None = None,
     ) -> AsyncIterator[_Outcome]:
         """The ``async`` twin of :meth:`_reported`."""
         outcome = _Outcome()
         clock: float | None = None
+        reported = readers != NOBODY
         try:
-            await rpc_started.asend_robust(sender=type(self), **started)
+            if reported:
+                await rpc_started.asend_robust(sender=type(self), **started)
             clock = time.perf_counter()
             yield outcome
         except BaseException as exc:
@@ -275,16 +318,19 @@ class RPCClient:
             raise
         finally:
             duration_ms = 0.0 if clock is None else (time.perf_counter() - clock) * 1000
-            kwargs = outcome.as_kwargs(duration_ms, request, self.redactor, self.config)
+            kwargs = outcome.as_kwargs(
+                duration_ms, request, self.redactor, self.config, readers=readers
+            )
             if probe is not None:
                 probe.finish(
                     outcome.status, outcome.error_code, kwargs["error_message"], duration_ms
                 )
-            finished = rpc_finished.asend_robust(sender=type(self), **started, **kwargs)
-            # A cancelled call still reports how it ended: shield the report from a second
-            # cancellation of the task.
-            await asyncio.shield(finished)
-            if outcome.slow is not None:
+            if reported:
+                finished = rpc_finished.asend_robust(sender=type(self), **started, **kwargs)
+                # A cancelled call still reports how it ended: shield the report from a
+                # second cancellation of the task.
+                await asyncio.shield(finished)
+            if reported and outcome.slow is not None:
                 slow = slow_arguments(outcome.slow)
                 await asyncio.shield(
                     rpc_slow.asend_robust(sender=type(self), **started, **kwargs, **slow)
@@ -323,8 +369,8 @@ class RPCClient:
         if user is None:
             user = resolve_user(get_caller_context())
         request, probe = self._instrumented(request)
-        started = self._started(request, user, caller_ip, user_agent, probe)
-        with self._reported(request, started, probe) as outcome:
+        started, readers = self._started(request, user, caller_ip, user_agent, probe)
+        with self._reported(request, started, readers, probe) as outcome:
             if self.rate_limiter is not None:
                 request = self.rate_limiter.limit(request, user, started["caller_ip"])
             outcome.succeed(self.transport.call(request))
@@ -351,8 +397,8 @@ class RPCClient:
         if user is None:
             user = await aresolve_user(get_caller_context())
         request, probe = self._instrumented(request)
-        started = self._started(request, user, caller_ip, user_agent, probe)
-        async with self._areported(request, started, probe) as outcome:
+        started, readers = self._started(request, user, caller_ip, user_agent, probe)
+        async with self._areported(request, started, readers, probe) as outcome:
             if self.rate_limiter is not None:
                 request = await self.rate_limiter.alimit(request, user, started["caller_ip"])
             outcome.succeed(await self.transport.acall(request))
@@ -371,8 +417,8 @@ class RPCClient:
         request = self._request(method, params, None, None)
         user = resolve_user(get_caller_context())
         request, probe = self._instrumented(request)
-        started = self._started(request, user, None, None, probe)
-        with self._reported(request, started, probe) as outcome:
+        started, readers = self._started(request, user, None, None, probe)
+        with self._reported(request, started, readers, probe) as outcome:
             if self.rate_limiter is not None:
                 request = self.rate_limiter.limit(request, user, started["caller_ip"])
             self.transport.send(request)
@@ -384,6 +430,31 @@ class RPCClient:
         self.transport.close()
         if self.rate_limiter is not None:
             self.rate_limiter.close()
+
+
+#: Payloads whose wire text is at most this many times their cap are left to the log writer's
+#: thread (it holds the text meanwhile, counted in BUFFER_MAX_BYTES); bigger ones are cut to
+#: the cap at once, on the caller's thread, so a buffered call holds about its caps.
+_DEFER_FACTOR = 2
+
+
+def _deferrable(size: int | None, cap: int | None) -> bool:
+    return size is not None and cap is not None and size <= _DEFER_FACTOR * cap
+
+
+def _deferred_response(
+    request: RPCRequest, cap: int | None, redactor: Redactor, rule: Any
+) -> Deferred | None:
+    """The response deferred to the log writer's thread, made from the reply's text as the
+    transport received it; ``None`` when the transport kept no text or it is too long."""
+    size = request.wire.get("reply_bytes")
+    if not _deferrable(size, cap):
+        return None
+    if "reply" in request.wire:
+        return Deferred(request.wire["reply"], "result", cap, redactor, rule, size)
+    if "result_text" in request.wire:
+        return Deferred(request.wire["result_text"], None, cap, redactor, rule, size)
+    return None
 
 
 def _refuse_on_event_loop(name: str) -> None:
@@ -400,6 +471,17 @@ def _refuse_on_event_loop(name: str) -> None:
 
 #: The wire's JSON: Django's encoder (dates, decimals, UUIDs), compact, no NaN.
 _WIRE_ENCODER = DjangoJSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+class _ParamsEncoder(DjangoJSONEncoder):
+    """The wire's encoder for one call's params, noting whether a value was converted."""
+
+    converted = False
+
+    def default(self, o: Any) -> Any:
+        self.converted = True
+        return super().default(o)
+
 
 _client: RPCClient | None = None
 _client_lock = threading.Lock()

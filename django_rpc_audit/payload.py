@@ -104,6 +104,71 @@ def stored(
         return Stored(dict(FAILED), _dumps_plain(FAILED))
 
 
+class Deferred:
+    """A payload whose stored form is made later, by the log writer's thread, from the JSON
+    text it had on the wire (the request's body, the reply as received): what the client hands
+    the built-in receivers when no other receiver reads the stored form (see
+    ``django_rpc_audit.receivers``).
+
+    The text is immutable, so what is logged is what was sent and received, whatever the
+    caller does with its objects afterwards. :meth:`resolve` gives the same :class:`Stored`
+    that :func:`stored` gives for the value the text encodes (the client defers only params
+    whose wire encoding converted nothing, so that value is the caller's). ``size``: the
+    characters (or bytes) held until then, which the buffer counts against
+    ``BUFFER_MAX_BYTES``; the client defers only texts up to a small multiple of the cap.
+    """
+
+    __slots__ = ("_stored", "key", "max_bytes", "original_bytes", "redactor", "rule", "source")
+
+    def __init__(
+        self,
+        source: str | bytes,
+        key: str | None,
+        max_bytes: int | None,
+        redactor: Redactor | None,
+        rule: FieldRule | None,
+        original_bytes: int | None,
+    ) -> None:
+        #: The JSON text; ``key``: the member holding the payload (``None``: the whole text).
+        self.source = source
+        self.key = key
+        self.max_bytes = max_bytes
+        self.redactor = redactor
+        self.rule = rule
+        self.original_bytes = original_bytes
+        self._stored: Stored | None = None
+
+    def __repr__(self) -> str:
+        return f"<Deferred {self.key or 'document'}: {len(self.source)} characters>"
+
+    @property
+    def size(self) -> int:
+        """Characters held: the text, or once resolved its stored form (value and text)."""
+        if self._stored is not None:
+            return 2 * len(self._stored.text)
+        return len(self.source)
+
+    def resolve(self) -> Stored:
+        """The stored form, made once (the text is then let go). Never raises."""
+        if self._stored is None:
+            self._stored = self._resolve()
+            self.source = ""
+        return self._stored
+
+    def _resolve(self) -> Stored:
+        try:
+            document = json.loads(self.source)
+            if self.key is not None:
+                document = document.get(self.key)
+        except Exception:  # the client checked the text already: never here
+            return Stored(dict(FAILED), _dumps_plain(FAILED))
+        if document is None:
+            document = {}  # a null result is the caller's {}
+        return stored(
+            document, self.max_bytes, self.redactor, self.rule, original_bytes=self.original_bytes
+        )
+
+
 def _stored(
     value: Any,
     max_bytes: int | None,
@@ -144,16 +209,27 @@ def _marker(text: str, original_bytes: int | None, max_bytes: int) -> Stored:
     head = f'{{"{TRUNCATED_KEY}":true,"original_bytes":{json.dumps(original_bytes)},"preview":'
     room = max_bytes - len(head) - 3  # the preview's quotes and the closing brace
     preview = _cut_utf8(text, room) if room > 0 else ""
-    encoded = _encode_string(preview)
-    # Escapes (quotes, backslashes, control characters) grow the preview inside JSON.
+    encoded = _encode_json_text(preview)
+    # Escapes (quotes, backslashes) grow the preview inside JSON.
     while preview and len(head) + _utf8_size(encoded) + 1 > max_bytes:
         preview = preview[: max(0, len(preview) - max(1, len(preview) // 10))]
-        encoded = _encode_string(preview)
+        encoded = _encode_json_text(preview)
     marker = {TRUNCATED_KEY: True, "original_bytes": original_bytes, "preview": preview}
     return Stored(marker, f"{head}{encoded}}}", truncated=True)
 
 
 _encode_string = json.encoder.encode_basestring  # what _dumps_plain writes for a str
+
+
+def _encode_json_text(text: str) -> str:
+    """``_encode_string(text)`` for (a piece of) JSON text that :data:`_dumps_plain` wrote, at
+    twice its speed: such text holds no control character (all are escaped as ``\\n`` or
+    ``\\u001f``), so only backslashes and quotes need escaping."""
+    if "\\" in text:
+        text = text.replace("\\", "\\\\")
+    if '"' in text:
+        text = text.replace('"', '\\"')
+    return f'"{text}"'
 
 
 class _Walker:
@@ -342,14 +418,25 @@ class _Walker:
         return _dumps_plain(copy)
 
 
+#: How far back the end kept of a cut text is searched from the start of its line (a
+#: ``key: value`` runs to the end of the line): this many times the cap, at least
+#: ``TAIL_LOOKBACK_MIN`` characters. The work stays a bounded multiple of what is kept.
+TAIL_LOOKBACK = 16
+TAIL_LOOKBACK_MIN = 262_144
+
+
 def stored_text(text: str | None, max_bytes: int, redactor: Redactor | None = None) -> str | None:
     """An error message as stored: capped at ``max_bytes`` UTF-8 bytes keeping its start and
     its end, and redacted, the work bounded by what is kept.
 
-    A text over the cap keeps its start and its last lines, joined by a note of the original
-    size: ``... [truncated, 25000 bytes] ...``. The start is searched for secrets as cut; the
-    end starts at a line break, so a secret that began before it (a ``key: value`` runs to the
-    end of its line) cannot show its tail. Never raises.
+    A text over the cap keeps its start (two thirds of the room) and its end (one third),
+    joined by a note of the original size: ``... [truncated, 25000 bytes] ...``, so the last
+    lines of a traceback, or the end of one long line, survive. The start is searched for
+    secrets as cut (a secret running past the cut is redacted to the cut). The end is searched
+    together with what precedes it on its line, so a secret that began before the end's first
+    character (``password: ...`` runs to the end of its line) is redacted whole; only when
+    that line began further back than ``TAIL_LOOKBACK`` caps (``TAIL_LOOKBACK_MIN``
+    characters at least) does the end kept start at its next line break instead. Never raises.
     """
     if not text:
         return text
@@ -375,11 +462,24 @@ def _stored_text(text: str, max_bytes: int, redactor: Redactor | None) -> str:
     head_bytes, tail_bytes = room - room // 3, room // 3
     head = redact(clean_text(text[: head_bytes + CUT_MARGIN]), cut=True)
     head = _cut_utf8(head, head_bytes)
-    tail = ""
-    window = text[-tail_bytes:] if tail_bytes else ""
-    newline = window.find("\n")
-    if newline >= 0:
-        tail = redact(clean_text(window[newline:]))
-        tail = _last_utf8(tail, tail_bytes)
-    capped = head + note + tail
-    return capped if _utf8_size(capped) <= max_bytes else _cut_utf8(capped, max_bytes)
+    return head + note + _tail(text, max_bytes, tail_bytes, redact)
+
+
+def _tail(text: str, max_bytes: int, tail_bytes: int, redact: Any) -> str:
+    """The end of ``text`` in at most ``tail_bytes`` bytes, redacted with the start of its line
+    (see :func:`stored_text`)."""
+    if tail_bytes <= 0:
+        return ""
+    start = len(text) - tail_bytes
+    floor = max(0, start - max(TAIL_LOOKBACK * max_bytes, TAIL_LOOKBACK_MIN))
+    line = text.rfind("\n", floor, start)
+    if line >= 0 or floor == 0:
+        context = line + 1  # the start of the line (or of the text) the end begins in
+    else:
+        # That line began too far back to search: the end kept starts at its next line.
+        context = text.find("\n", start)
+        if context < 0:
+            return ""
+    # Redacted from the start of its line, then cut: a secret is replaced whole before the
+    # cut, so none shows its tail.
+    return _last_utf8(redact(clean_text(text[context:])), tail_bytes)

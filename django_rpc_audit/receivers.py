@@ -6,14 +6,20 @@ from typing import Any
 
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.sampling import finished_sample_rate, started_is_logged
-from django_rpc_audit.signals import loop_safe
-from django_rpc_audit.writers import get_writer, writer_never_blocks
+from django_rpc_audit.signals import idle_when, loop_safe, takes_deferred_payloads
+from django_rpc_audit.writers import get_writer, writer_buffers, writer_never_blocks
 
 # While the writer in use only buffers (the buffered writer, the default), acall() calls these
 # on the event loop, without a thread hop; with the sync writer they run in a worker thread.
 # Sampling is pure computation (a hash of the correlation id), so it keeps them loop-safe.
 
 
+def _logging_off() -> bool:
+    return not get_config().enable_logging
+
+
+@idle_when(_logging_off)
+@takes_deferred_payloads(writer_buffers)
 @loop_safe(when=writer_never_blocks)
 def log_rpc_started(sender: type, **kwargs: Any) -> None:
     """Hand a started call to the log writer, unless ``ENABLE_LOGGING`` is off or not sampled."""
@@ -23,6 +29,8 @@ def log_rpc_started(sender: type, **kwargs: Any) -> None:
         get_writer().started(kwargs)
 
 
+@idle_when(_logging_off)
+@takes_deferred_payloads(writer_buffers)
 @loop_safe(when=writer_never_blocks)
 def log_rpc_finished(sender: type, **kwargs: Any) -> None:
     """Hand a finished call to the log writer with its ``sample_rate``, unless not sampled."""

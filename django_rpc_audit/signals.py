@@ -25,6 +25,8 @@ from django.dispatch import Signal
 
 _Receiver = TypeVar("_Receiver", bound=Callable[..., Any])
 _LOOP_SAFE = "_rpc_audit_loop_safe"
+_IDLE = "_rpc_audit_idle_when"
+_DEFERS = "_rpc_audit_takes_deferred"
 
 
 def _always() -> bool:
@@ -53,6 +55,62 @@ def loop_safe(when: Callable[[], bool] = _always) -> Callable[[_Receiver], _Rece
 def _is_loop_safe(receiver: Callable[..., Any]) -> bool:
     when = getattr(receiver, _LOOP_SAFE, None)
     return when is not None and bool(when())
+
+
+def idle_when(when: Callable[[], bool]) -> Callable[[_Receiver], _Receiver]:
+    """Mark a receiver that does nothing while ``when()`` is true (the built-in log receivers
+    while ``ENABLE_LOGGING`` is off).
+
+    When every live receiver of the call's signals is idle, the client skips building the
+    arguments nobody reads (the stored form of params and response) and sends nothing. ::
+
+        @idle_when(lambda: not settings.AUDIT_METRICS)
+        def count_calls(sender, **kwargs): ...
+    """
+
+    def mark(receiver: _Receiver) -> _Receiver:
+        setattr(receiver, _IDLE, when)
+        return receiver
+
+    return mark
+
+
+def takes_deferred_payloads(when: Callable[[], bool]) -> Callable[[_Receiver], _Receiver]:
+    """Mark a receiver that accepts ``params`` and ``response`` as
+    :class:`~django_rpc_audit.payload.Deferred` (their stored form made later, off the caller's
+    thread) while ``when()`` is true: the built-in log receivers, while the writer in use only
+    buffers. Not for other receivers: they get the stored form itself, always."""
+
+    def mark(receiver: _Receiver) -> _Receiver:
+        setattr(receiver, _DEFERS, when)
+        return receiver
+
+    return mark
+
+
+#: What the receivers of a call's signals need (:func:`audience`).
+NOBODY, DEFERRED, STORED = 0, 1, 2
+
+
+def audience(sender: Any, *signals: Signal) -> int:
+    """What the live receivers of ``signals`` for ``sender`` read: ``NOBODY`` (none, or
+    all idle: see :func:`idle_when`), ``DEFERRED`` (only receivers that take deferred
+    payloads, see :func:`takes_deferred_payloads`) or ``STORED`` (a receiver reads the
+    stored form)."""
+    needs = NOBODY
+    for signal in signals:
+        if not signal.receivers:
+            continue
+        sync_receivers, async_receivers = signal._live_receivers(sender)
+        for receiver in (*sync_receivers, *async_receivers):
+            idle = getattr(receiver, _IDLE, None)
+            if idle is not None and idle():
+                continue
+            defers = getattr(receiver, _DEFERS, None)
+            if defers is None or not defers():
+                return STORED
+            needs = DEFERRED
+    return needs
 
 
 class RPCSignal(Signal):
@@ -156,7 +214,7 @@ Keyword arguments: all of :data:`rpc_started`'s, plus:
 ``error_message`` (str | None)
     The server's ``error`` text, or the client's description, with echoed secrets
     (``token=...``, ``Bearer ...``, URL passwords) redacted and capped at
-    ``MAX_ERROR_MESSAGE_BYTES`` (its start and its last lines kept); ``None`` on success.
+    ``MAX_ERROR_MESSAGE_BYTES`` (its start and its end kept); ``None`` on success.
 ``duration_ms`` (float)
     Time spent in the transport, measured with a monotonic clock, sub-millisecond precision.
 ``completed_at`` (datetime)

@@ -41,8 +41,11 @@ Result: TypeAlias = dict[str, Any]
 class RPCRequest:
     """One call as it goes on the wire. ``body`` is the JSON payload, encoded once.
 
-    ``wire`` records sizes seen on the wire, for the log's truncation markers:
-    ``"params_bytes"`` (set by the client) and ``"reply_bytes"`` (set by the transport).
+    ``wire`` records what the log needs from the wire: the sizes for its truncation markers,
+    ``"params_bytes"`` (set by the client) and ``"reply_bytes"`` (set by the transport), and
+    the reply's text as received, ``"reply"`` (a django-ipc reply: the result under
+    ``"result"``) or ``"result_text"`` (the result itself), from which the log makes the
+    response's stored form off the caller's thread (:class:`~django_rpc_audit.payload.Deferred`).
     ``rate_limit``: the limit check the Redis transport runs in the request's ``XADD`` script.
     """
 
@@ -52,7 +55,7 @@ class RPCRequest:
     reply_to: str
     timeout: float
     body: str
-    wire: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+    wire: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     rate_limit: RateLimitTicket | None = None
 
 
@@ -79,6 +82,7 @@ def parse_reply(raw: bytes | str, request: RPCRequest) -> Result:
     server's own ``error_code`` and ``error`` are what the caller sees.
     """
     request.wire["reply_bytes"] = len(raw)
+    request.wire["reply"] = raw
     try:
         reply = json.loads(raw)
     except ValueError as exc:
@@ -381,6 +385,7 @@ class LocalTransport:
                 f"Local handler for {request.method!r} returned a result that is not JSON."
             ) from exc
         request.wire["reply_bytes"] = len(text)
+        request.wire["result_text"] = text
         return result
 
 

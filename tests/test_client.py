@@ -15,7 +15,7 @@ from django_rpc_audit import get_rpc_client, rpc_context
 from django_rpc_audit.client import RPCClient
 from django_rpc_audit.exceptions import RPCProtocolError, RPCRemoteError, RPCTimeoutError
 from django_rpc_audit.models import RPCLog
-from django_rpc_audit.signals import rpc_finished, rpc_started
+from django_rpc_audit.signals import idle_when, rpc_finished, rpc_started
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -238,6 +238,62 @@ def test_logging_switched_off_in_the_environment_writes_no_rows(rpc_env, signals
 def test_logging_switched_off_in_settings_writes_no_rows(rpc_settings):
     rpc_settings(ENABLE_LOGGING=False)
     get_rpc_client().call("test.echo")
+    assert not RPCLog.objects.exists()
+
+
+@pytest.mark.usefixtures("echo_handler")
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_logging_off_with_no_other_receiver_builds_no_stored_form(
+    rpc_settings, monkeypatch, asynchronous
+):
+    """Off is off: with only the built-in (idle) receivers, neither the params' nor the
+    response's stored form is built and no signal is sent; a receiver connected brings both
+    back, since it reads them."""
+    from django_rpc_audit import client as client_module
+
+    built = []
+    original = client_module.stored
+    monkeypatch.setattr(
+        client_module,
+        "stored",
+        lambda *args, **kwargs: built.append(1) or original(*args, **kwargs),
+    )
+    sent = []
+    monkeypatch.setattr(rpc_started, "send_robust", lambda *a, **k: sent.append(1) or [])
+
+    async def asend(*args, **kwargs):
+        sent.append(1)
+        return []
+
+    monkeypatch.setattr(rpc_started, "asend_robust", asend)
+    rpc_settings(ENABLE_LOGGING=False)
+
+    def call() -> object:
+        client = get_rpc_client()
+        if asynchronous:
+            return asyncio.run(client.acall("test.echo", {"a": 1}))
+        return client.call("test.echo", {"a": 1})
+
+    assert call() == {"echo": {"a": 1}}
+    assert (built, sent) == ([], [])
+    # A receiver of one's own that says it is idle counts as not connected either.
+    idle = idle_when(lambda: True)(lambda **kwargs: None)
+    rpc_finished.connect(idle, weak=False, dispatch_uid="t.idle")
+    try:
+        assert call() == {"echo": {"a": 1}}
+    finally:
+        rpc_finished.disconnect(dispatch_uid="t.idle")
+    assert (built, sent) == ([], [])
+
+    heard = []
+    rpc_finished.connect(lambda **kwargs: heard.append(kwargs), weak=False, dispatch_uid="t.h")
+    try:
+        assert call() == {"echo": {"a": 1}}
+    finally:
+        rpc_finished.disconnect(dispatch_uid="t.h")
+    assert len(built) == 2  # the params and the response
+    assert heard[0]["params"] == {"a": 1}
+    assert heard[0]["response"] == {"echo": {"a": 1}}
     assert not RPCLog.objects.exists()
 
 

@@ -86,6 +86,18 @@ def test_redact_text(text, expected):
     assert redact_text(text) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"password": "s3cr3t\\', '{"password": "***'),  # cut right after a backslash
+        ("x password='s3cr3t\\", "x password='***"),
+        ('{"password": "s3cr3t\\"still', '{"password": "***'),  # an escaped quote, then cut
+    ],
+)
+def test_a_quoted_value_cut_at_the_end_of_a_cut_text_is_hidden_whole(text, expected):
+    assert redact_text(text, cut=True) == expected
+
+
 def test_values_are_redacted_recursively_and_the_input_is_not_changed():
     params = {
         "user": "ann",

@@ -57,6 +57,7 @@ from django_rpc_audit.writers.registry import (
     flush,
     get_writer,
     use_writer,
+    writer_buffers,
     writer_never_blocks,
     writer_stats,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "stream_backlog",
     "use_writer",
     "worker_stats",
+    "writer_buffers",
     "writer_never_blocks",
     "writer_stats",
 ]

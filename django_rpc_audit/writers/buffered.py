@@ -33,7 +33,12 @@ from django_rpc_audit.writers.base import (
     WriterStats,
     is_unreachable,
 )
-from django_rpc_audit.writers.sink import bulk_record_events, event_bytes, is_finished_event
+from django_rpc_audit.writers.sink import (
+    bulk_record_events,
+    event_bytes,
+    is_finished_event,
+    resolve_payloads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +52,22 @@ _Entry = tuple[int, dict[str, Any]]
 _EXPENDABLE = frozenset({RPCStatus.SUCCESS.value, RPCStatus.RATE_LIMITED.value})
 #: What an expendable outcome with a cost (``COSTS``) counts as: not expendable.
 _BILLED = "billed"
+
+#: Characters of deferred payloads parsed and stored between two yields of the GIL (about a
+#: millisecond of work; see sink._yield_the_gil).
+_CHARS_PER_YIELD = 200_000
+
+
+def _resolve_payloads(events: list[dict[str, Any]]) -> None:
+    """Make the stored form of the payloads the client deferred to this thread, letting a
+    request thread that waits for the GIL run every millisecond or so."""
+    work = 0
+    for event in events:
+        work += resolve_payloads(event)
+        if work >= _CHARS_PER_YIELD:
+            time.sleep(0)
+            work = 0
+
 
 #: First wait before retrying an unreachable database; doubled up to BUFFER_MAX_RETRY_DELAY.
 _FIRST_RETRY_DELAY = 0.1
@@ -404,7 +425,9 @@ class BufferedLogWriter:
                     batch = list(itertools.islice(self._buffer.items(), self.batch_size))
                 if not batch:
                     return
-                self._write_batch([event for _, (_, event) in batch], close_on_error)
+                events = [event for _, (_, event) in batch]
+                _resolve_payloads(events)
+                self._write_batch(events, close_on_error)
                 written += len(batch)
                 with self._lock:
                     for key, entry in batch:

@@ -98,6 +98,12 @@ def flush(timeout: float | None = 30.0) -> bool:
     return True
 
 
+def writer_buffers() -> bool:
+    """True when the writer in use is a buffered one (the default, or the stream writer): it
+    writes on its own thread, where it can make the stored form of deferred payloads."""
+    return isinstance(get_writer(), BufferedLogWriter)
+
+
 def writer_never_blocks() -> bool:
     """True when handing an event to the writer in use cannot block: it only buffers."""
     return not get_config().enable_logging or isinstance(get_writer(), BufferedLogWriter)

@@ -27,6 +27,7 @@ from django.db import connections, models, transaction
 
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.costs import call_cost
+from django_rpc_audit.payload import Deferred
 from django_rpc_audit.sanitize import cap_text, clean_text, stored_json_and_text
 from django_rpc_audit.status import RPCStatus
 from django_rpc_audit.utils import stored_datetime
@@ -356,8 +357,11 @@ def event_row_values(event: Mapping[str, Any], *, for_copy: bool = False) -> dic
     the whole row in its final state. Keys the helpers do not take are ignored, so events
     may carry more than today's keys. With ``for_copy`` the JSON columns hold their compact
     JSON text (``None`` stays ``None``: SQL ``NULL``) and ``id`` its hex digits, as ``COPY``
-    takes them.
+    takes them. A payload the client deferred (:class:`~django_rpc_audit.payload.Deferred`)
+    is made into its stored form here, in the event itself (see :func:`resolve_payloads`).
     """
+    if isinstance(event, dict):
+        resolve_payloads(event)
     started: dict[str, Any] = {key: event.get(key) for key in STARTED_KEYS}
     # The client's events carry their JSON already in stored form (capped, redacted) and its
     # text: used as they are instead of being made again.
@@ -378,6 +382,22 @@ def event_row_values(event: Mapping[str, Any], *, for_copy: bool = False) -> dic
             values["response"] = response_json if for_copy else event["response"]
         values["cost"] = stored_cost(event, values)
     return values
+
+
+_PAYLOAD_KEYS = (("params", "params_json"), ("response", "response_json"))
+
+
+def resolve_payloads(event: dict[str, Any]) -> int:
+    """Replace the deferred payloads of ``event`` by their stored form and its text, in place
+    (so the alerts queued with the row read them too); return the characters parsed."""
+    work = 0
+    for key, text_key in _PAYLOAD_KEYS:
+        value = event.get(key)
+        if isinstance(value, Deferred):
+            work += value.size
+            result = value.resolve()
+            event[key], event[text_key] = result.value, result.text
+    return work
 
 
 def stored_cost(event: Mapping[str, Any], values: Mapping[str, Any]) -> Decimal | None:
@@ -428,12 +448,16 @@ def event_bytes(event: dict[str, Any]) -> int:
     """
     config = get_config()
     size = EVENT_OVERHEAD_BYTES
+    for key, _ in _PAYLOAD_KEYS:
+        value = event.get(key)
+        if isinstance(value, Deferred):
+            size += value.size  # one text, parsed later
     for key, text_key, cap in (
         ("params", "params_json", config.max_params_bytes),
         ("response", "response_json", config.max_response_bytes),
     ):
         text = event.get(text_key)
-        if text is None and event.get(key) is not None:
+        if text is None and event.get(key) is not None and not isinstance(event[key], Deferred):
             value, text = stored_json_and_text(event[key], cap)
             event[key], event[text_key] = value, text
         if text is not None:
