@@ -14,27 +14,28 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 from django.db import connection, connections
+from django.db.models import F
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
 from django_rpc_audit.analytics import CallWindow
-from django_rpc_audit.models import RPCLog, RPCRollup, RPCRollupBucket, RPCStatus
+from django_rpc_audit.models import (
+    RPCDailyRollup,
+    RPCDailyUserRollup,
+    RPCLog,
+    RPCRollup,
+    RPCRollupBucket,
+    RPCRollupDay,
+    RPCStatus,
+)
 from django_rpc_audit.querysets import percentile_cont
 from django_rpc_audit.rollups import read
-from django_rpc_audit.rollups.maintain import hour_of, roll_up
+from django_rpc_audit.rollups.maintain import DAY, day_of, hour_of, recompute_hour, roll_up
 from django_rpc_audit.rollups.read import bucket_bounds, percentile
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _empty_cache() -> Any:
-    """The rollups' block cache starts empty in each test."""
-    read.clear_cache()
-    yield
-    read.clear_cache()
 
 
 DASHBOARD = "admin:django_rpc_audit_rpclog_dashboard"
@@ -474,44 +475,66 @@ def test_a_cleanup_between_the_two_reads_neither_loses_nor_doubles_calls(monkeyp
     )
 
 
-# -- the cache of settled days and hours ---------------------------------------------------------
+# -- the daily tables ----------------------------------------------------------------------------
 
 
-def test_settled_days_are_read_from_the_cache_until_an_hour_of_theirs_changes(
-    monkeypatch: Any,
-) -> None:
+def test_whole_days_come_from_the_daily_tables_while_no_hour_of_theirs_changed() -> None:
     now = timezone.now()
     make_calls(now, count=200, days=20)
     roll_up(now=now)
     since = now - timedelta(days=30)
 
-    def figures() -> tuple[Any, int]:
-        with CaptureQueriesContext(connection) as queries:
-            window = CallWindow(since, now, source="rollups")
-            result = (window.overview(), window.stats_by_method(), window.busiest_users())
-        rollup_reads = [
-            q
-            for q in queries.captured_queries
-            if "rpcrollup" in q["sql"].lower() and "rpcrollupbucket" not in q["sql"].lower()
-        ]
-        return result, len(rollup_reads)
+    def figures() -> tuple[Any, ...]:
+        window = CallWindow(since, now, source="rollups")
+        return (
+            window.overview(),
+            window.stats_by_method(),
+            window.busiest_users(),
+            window.calls_over_time("day"),
+            window.calls_over_time("hour"),
+        )
 
-    first, cold_reads = figures()
-    again, warm_reads = figures()
-    assert again == first
-    # Warm: only the sealed rollups after the boundary are read, once per figure.
-    assert warm_reads == 3
-    assert cold_reads > warm_reads
-    # A late row in an old hour, counted when that hour is remade: its day is read again.
-    old_hour = hour_of(now) - 5 * 24 * HOUR
-    RPCLog.objects.create(correlation_id="late", method="late.call", created_at=old_hour)
-    roll_up(since=old_hour, until=old_hour + HOUR, now=now)
-    changed, reads = figures()
-    assert reads > warm_reads
-    assert changed[0]["total_calls"] == first[0]["total_calls"] + 1
+    truth = figures()
+    old_day = day_of(hour_of(now) - 5 * 24 * HOUR)
+    assert not RPCRollupDay.objects.get(day=old_day).stale
+    assert RPCDailyRollup.objects.filter(day=old_day).exists()
+    # What the window reads for that day is its daily rows: changed there, changed in it.
+    RPCDailyRollup.objects.filter(day=old_day).update(calls=F("calls") + 1000)
+    RPCDailyUserRollup.objects.filter(day=old_day).update(success_calls=F("success_calls") + 1000)
+    hours = RPCRollupBucket.objects.filter(start__gte=old_day, start__lt=old_day + DAY)
+    hours.update(success_calls=F("success_calls") + 1000)
+    doctored = figures()
+    assert doctored[0]["total_calls"] > truth[0]["total_calls"]
+    assert doctored[2][0]["total_calls"] > truth[2][0]["total_calls"]
+    assert sum(b["total_calls"] for b in doctored[3]) > sum(b["total_calls"] for b in truth[3])
+    assert sum(b["total_calls"] for b in doctored[4]) > sum(b["total_calls"] for b in truth[4])
+    # A late row in an hour of that day, its hour remade: the day is stale, so it is read
+    # from its hours, exactly, until its daily rows are made again.
+    late_hour = old_day + 3 * HOUR
+    RPCLog.objects.create(correlation_id="late", method="late.call", created_at=late_hour)
+    recompute_hour(late_hour, now=now)
+    assert RPCRollupDay.objects.get(day=old_day).stale
+    changed = figures()
+    assert changed[0]["total_calls"] == truth[0]["total_calls"] + 1
     assert "late.call" in {row["method"] for row in changed[1]}
-    # Without a cache: the same figures, the rollups read every time.
-    monkeypatch.setattr(read, "CACHE_ALIAS", None)
-    uncached, reads = figures()
-    assert uncached == changed
-    assert reads > warm_reads
+    assert sum(b["total_calls"] for b in changed[3]) == sum(b["total_calls"] for b in truth[3]) + 1
+    # The next roll_up remakes the day: read from its daily rows again, the same figures.
+    roll_up(now=now)
+    assert not RPCRollupDay.objects.get(day=old_day).stale
+    assert_close(figures(), changed)
+
+
+def assert_close(got: Any, want: Any) -> None:
+    """Equal, but floats only to rounding: sums added up in another order."""
+    if isinstance(want, float):
+        assert got == pytest.approx(want)
+    elif isinstance(want, dict):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert_close(got[key], want[key])
+    elif isinstance(want, list | tuple):
+        assert len(got) == len(want)
+        for one, other in zip(got, want, strict=True):
+            assert_close(one, other)
+    else:
+        assert got == want
