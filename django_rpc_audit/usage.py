@@ -151,7 +151,7 @@ def usage(
             daily = daily_model.objects.using(using).filter(day__in=days)
             if user is not None:
                 daily = daily.filter(user_id=getattr(user, "pk", user))
-            failed = Sum("calls", filter=Q(status__in=_FAILED))
+            failed: Any = Sum("calls", filter=Q(status__in=_FAILED))
             if daily_model is RPCDailyUserRollup:
                 failed = Sum("failed_calls") + Sum("timeout_calls")
             _fold(totals, _grouped(daily, fields, period, "day", failed), fields)

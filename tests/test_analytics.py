@@ -6,6 +6,7 @@ import json
 import math
 import random
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
 from io import StringIO
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 from django.db import connection, connections
-from django.db.models import F
+from django.db.models import F, Sum
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
@@ -31,8 +32,18 @@ from django_rpc_audit.models import (
 )
 from django_rpc_audit.querysets import percentile_cont
 from django_rpc_audit.rollups import read
-from django_rpc_audit.rollups.maintain import DAY, day_of, hour_of, recompute_hour, roll_up
+from django_rpc_audit.rollups.maintain import (
+    DAY,
+    day_of,
+    hour_of,
+    prune_rollups,
+    recompute_hour,
+    refresh_days,
+    roll_up,
+)
+from django_rpc_audit.rollups.models import HISTOGRAM_FIELDS
 from django_rpc_audit.rollups.read import bucket_bounds, percentile
+from django_rpc_audit.usage import month_range, usage
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -538,3 +549,146 @@ def assert_close(got: Any, want: Any) -> None:
             assert_close(one, other)
     else:
         assert got == want
+
+
+def from_days_and_from_hours(read: Callable[[], Any]) -> tuple[Any, Any]:
+    """``read()`` with the daily rows, then with every day stale (read from the hours)."""
+    assert not RPCRollupDay.objects.filter(stale=True).exists()
+    from_days = read()
+    RPCRollupDay.objects.update(stale=True)
+    from_hours = read()
+    refresh_days()
+    return from_days, from_hours
+
+
+def month_usage(now: datetime) -> list[Any]:
+    start, end = month_range(now.date())
+    previous = month_range(start.date() - timedelta(days=1))
+    return [
+        usage(*month, by=by, period=period)
+        for month in (previous, (start, end))
+        for by, period in ((("user",), None), (("method",), "day"), (("user", "method"), None))
+    ]
+
+
+def window_figures(now: datetime, days: int = 30) -> tuple[Any, ...]:
+    window = CallWindow(now - timedelta(days=days), now, source="rollups")
+    return (
+        window.overview(),
+        window.stats_by_method(),
+        window.calls_by_method(),
+        window.busiest_users(),
+        window.calls_over_time("day"),
+        window.calls_over_time("hour"),
+    )
+
+
+def test_daily_rows_are_the_sums_of_the_hours_and_of_the_rows() -> None:
+    now = timezone.now()
+    make_calls(now, count=300, days=20)
+    roll_up(now=now)
+    assert RPCDailyRollup.objects.exists()
+    for daily in RPCDailyRollup.objects.all():
+        hours = RPCRollup.objects.filter(
+            bucket_start__gte=daily.day,
+            bucket_start__lt=daily.day + DAY,
+            method=daily.method,
+            status=daily.status,
+        )
+        rows = list(
+            RPCLog.objects.filter(
+                created_at__gte=daily.day,
+                created_at__lt=daily.day + DAY,
+                method=daily.method,
+                status=daily.status,
+            )
+        )
+        assert daily.rows == len(rows) == sum(hour.rows for hour in hours)
+        assert daily.calls == pytest.approx(sum(1 / row.sample_rate for row in rows))
+        assert daily.calls == pytest.approx(sum(hour.calls for hour in hours))
+        assert daily.billed_calls == sum(row.cost is not None for row in rows)
+        assert daily.cost == sum((row.cost or Decimal(0) for row in rows), Decimal(0))
+        timed = [row for row in rows if row.duration_ms is not None]
+        assert daily.timed_calls == pytest.approx(sum(1 / row.sample_rate for row in timed))
+        assert daily.duration_max_ms == max((row.duration_ms for row in timed), default=None)
+        histogram = [getattr(daily, name) for name in HISTOGRAM_FIELDS]
+        assert sum(histogram) == pytest.approx(daily.timed_calls)
+    for daily_user in RPCDailyUserRollup.objects.all():
+        rows = list(
+            RPCLog.objects.filter(
+                created_at__gte=daily_user.day,
+                created_at__lt=daily_user.day + DAY,
+                user_id=daily_user.user_id,
+            )
+        )
+        assert daily_user.rows == len(rows)
+        assert daily_user.calls == pytest.approx(sum(1 / row.sample_rate for row in rows))
+        assert daily_user.success_calls == pytest.approx(
+            sum(1 / row.sample_rate for row in rows if row.status == RPCStatus.SUCCESS)
+        )
+        assert daily_user.pending_calls == pytest.approx(
+            sum(1 / row.sample_rate for row in rows if row.status == RPCStatus.PENDING)
+        )
+        assert daily_user.cost == sum((row.cost or Decimal(0) for row in rows), Decimal(0))
+    # Every figure read from the days is the one read from the hours.
+    from_days, from_hours = from_days_and_from_hours(lambda: month_usage(now))
+    assert from_days == from_hours
+    assert any(lines for lines in from_days)
+    from_days, from_hours = from_days_and_from_hours(lambda: window_figures(now))
+    assert_close(from_days, from_hours)
+
+
+def test_rolling_up_again_and_late_rows_never_count_twice() -> None:
+    now = timezone.now()
+    make_calls(now, count=200, days=10)
+    roll_up(now=now)
+    first, figures = month_usage(now), window_figures(now)
+    roll_up(since=now - timedelta(days=12), now=now)  # every hour remade
+    refresh_days(list(RPCRollupDay.objects.values_list("day", flat=True)))  # every day too
+    assert month_usage(now) == first
+    assert_close(window_figures(now), figures)
+    late_hour = hour_of(now) - 4 * 24 * HOUR
+    RPCLog.objects.create(
+        correlation_id="late", method="late.call", created_at=late_hour, cost=Decimal("2.5")
+    )
+    for _ in range(2):
+        roll_up(since=late_hour, until=late_hour + HOUR, now=now)
+        again = window_figures(now)
+        assert again[0]["total_calls"] == figures[0]["total_calls"] + 1
+        lines = usage(late_hour.replace(hour=0), late_hour.replace(hour=0) + DAY, by=("method",))
+        assert [(line.billed_calls, line.cost) for line in lines if line.method == "late.call"] == [
+            (1, Decimal("2.500000"))
+        ]
+
+
+def test_a_cleanup_of_every_row_leaves_the_30_day_figures_and_the_months_unchanged() -> None:
+    now = timezone.now()
+    make_calls(now, count=300, days=25)
+    roll_up(now=now)
+    months, figures = month_usage(now), window_figures(now)
+    call_command("rpc_logs_cleanup", "--days", "0", stdout=StringIO())
+    # Every row went but the calls still in flight.
+    assert set(RPCLog.objects.values_list("status", flat=True)) <= {RPCStatus.PENDING}
+    assert RPCRollup.objects.filter(sealed=True).count() > 100
+    assert not RPCRollupDay.objects.filter(stale=True).exists()  # remade by the cleanup
+    assert month_usage(now) == months
+    assert_close(window_figures(now), figures)
+
+
+def test_pruning_rollups_remakes_the_days_it_cuts() -> None:
+    now = timezone.now()
+    make_calls(now, count=300, days=20)
+    roll_up(now=now)
+    before = RPCDailyRollup.objects.aggregate(calls=Sum("calls"))["calls"]
+    assert prune_rollups(10) > 0
+    cutoff = RPCRollup.objects.order_by("bucket_start").values_list("bucket_start", flat=True)[0]
+    assert not RPCRollupDay.objects.filter(stale=True).exists()
+    assert not RPCDailyRollup.objects.filter(day__lt=day_of(cutoff)).exists()
+    assert not RPCDailyUserRollup.objects.filter(day__lt=day_of(cutoff)).exists()
+    after = RPCDailyRollup.objects.aggregate(calls=Sum("calls"))["calls"]
+    assert after < before
+    assert after == pytest.approx(RPCRollup.objects.aggregate(calls=Sum("calls"))["calls"])
+    from_days, from_hours = from_days_and_from_hours(lambda: month_usage(now))
+    assert from_days == from_hours
+    from_days, from_hours = from_days_and_from_hours(lambda: window_figures(now))
+    assert_close(from_days, from_hours)

@@ -358,7 +358,7 @@ def seal_and_delete(queryset: RPCLogQuerySet, *, batch_size: int = 5_000) -> int
     using = queryset.db
     deleted = 0
     selected = queryset.order_by()
-    days = set()
+    days: set[dt.datetime] = set()
     while True:
         oldest = selected.order_by("created_at").values_list("created_at", flat=True).first()
         if oldest is None:
@@ -526,13 +526,13 @@ def prune_rollups(
     if dry_run:
         return old.count()
     deleted = 0
-    days = RPCRollupDay.objects.using(using).filter(day__lt=cutoff)
+    old_days = RPCRollupDay.objects.using(using).filter(day__lt=cutoff)
     while True:
         with transaction.atomic(using=using):
             keys = list(old.order_by("bucket_start").values_list("pk", flat=True)[:batch_size])
             count, _ = RPCRollup.objects.using(using).filter(pk__in=keys).delete()
             # The days losing hours: read from their hours until refreshed below.
-            days.filter(stale=False).update(stale=True)
+            old_days.filter(stale=False).update(stale=True)
         deleted += count
         if count < batch_size:
             break
@@ -540,7 +540,7 @@ def prune_rollups(
     oldest = log_rows.order_by("created_at").values_list("created_at", flat=True).first()
     kept_from = cutoff if oldest is None else min(cutoff, hour_of(oldest))
     RPCRollupBucket.objects.using(using).filter(start__lt=kept_from).delete()
-    refresh_days(list(days.order_by("day").values_list("day", flat=True)), using=using)
+    refresh_days(list(old_days.order_by("day").values_list("day", flat=True)), using=using)
     return deleted
 
 
@@ -604,14 +604,16 @@ def refresh_day(
     RPCRollupDay.objects.using(using).get_or_create(day=day)
     with transaction.atomic(using=using):
         marker = RPCRollupDay.objects.using(using).select_for_update().get(day=day)
-        hourly = RPCRollup.objects.using(using).filter(
+        hourly: Any = RPCRollup.objects.using(using).filter(
             bucket_start__gte=day, bucket_start__lt=day + DAY
         )
         RPCDailyRollup.objects.using(using).filter(day=day).delete()
         RPCDailyUserRollup.objects.using(using).filter(day=day).delete()
         sums: dict[str, Any] = {name: Sum(name) for name in SUM_FIELDS}
         sums["duration_max_ms"] = Max("duration_max_ms")
-        by_method = hourly.order_by().values("method", "status").annotate(**sums)
+        by_method: list[dict[str, Any]] = list(
+            hourly.order_by().values("method", "status").annotate(**sums)
+        )
         RPCDailyRollup.objects.using(using).bulk_create(
             [
                 RPCDailyRollup(
@@ -627,8 +629,9 @@ def refresh_day(
         # Named apart from the columns: the outcomes' sums filter the ``calls`` column.
         totals = ("rows", "calls", "billed_calls", "cost")
         user_sums = {f"all_{name}": Sum(name) for name in totals}
-        by_user = hourly.order_by().values("user_id", "username")
-        by_user = by_user.annotate(**user_sums, **outcome_sums())
+        by_user: list[dict[str, Any]] = list(
+            hourly.order_by().values("user_id", "username").annotate(**user_sums, **outcome_sums())
+        )
         RPCDailyUserRollup.objects.using(using).bulk_create(
             [
                 RPCDailyUserRollup(
@@ -641,15 +644,15 @@ def refresh_day(
                 for row in by_user
             ]
         )
-        per_hour = {
-            row.pop("bucket_start"): row
+        per_hour: dict[dt.datetime, dict[str, Any]] = {
+            row["bucket_start"]: row
             for row in hourly.order_by().values("bucket_start").annotate(**outcome_sums())
         }
         hours = list(
             RPCRollupBucket.objects.using(using).filter(start__gte=day, start__lt=day + DAY)
         )
         for hour in hours:
-            found = per_hour.get(hour.start, {})
+            found: dict[str, Any] = per_hour.get(hour.start, {})
             for name in OUTCOME_FIELDS:
                 setattr(hour, name, found.get(name) or 0.0)
         RPCRollupBucket.objects.using(using).bulk_update(hours, list(OUTCOME_FIELDS))

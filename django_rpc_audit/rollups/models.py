@@ -295,4 +295,4 @@ class RPCDailyUserRollup(models.Model):
         )
 
     def __str__(self) -> str:
-        return f"{self.day:%Y-%m-%d} {self.username or self.user_id}"
+        return f"{self.day:%Y-%m-%d} {self.username}"
