@@ -20,8 +20,8 @@ rows still there.
 
 Both also mark the hour's UTC day stale (:class:`~django_rpc_audit.rollups.models.RPCRollupDay`)
 in their transaction. :func:`refresh_day` remakes a day's daily rows from its hourly rollups in
-one transaction that first locks the day's marker, and marks it fresh: idempotent, and a change
-that commits meanwhile marks the day stale again after it. :func:`roll_up` refreshes every stale
+one transaction that first locks the day's hours and marker, and marks it fresh: idempotent,
+and a change that commits meanwhile marks the day stale again after it. :func:`roll_up` refreshes every stale
 day (and every day rolled up but never refreshed) after its hours; :func:`seal_and_delete` and
 :func:`prune_rollups` the days they changed.
 """
@@ -596,13 +596,22 @@ def refresh_day(
     day: dt.datetime, *, using: str | None = None, now: dt.datetime | None = None
 ) -> None:
     """Remake the daily rows of the UTC day starting at ``day`` from its hourly rollups, and
-    its hours' calls per outcome, in one transaction that first locks the day's marker; then
-    mark it fresh. Idempotent. A day with neither rollups nor hours left loses its marker."""
+    its hours' calls per outcome, in one transaction that first locks the day's hours and
+    marker; then mark it fresh. Idempotent. A day with neither rollups nor hours left loses its
+    marker."""
     using = using or router.db_for_write(RPCRollup)
     now = now or _now()
     day = day_of(day)
     RPCRollupDay.objects.using(using).get_or_create(day=day)
     with transaction.atomic(using=using):
+        # The day's hours first, then its marker: the order every change to an hour locks
+        # them in (its hour, then the marker it marks stale), so they never deadlock.
+        hours = list(
+            RPCRollupBucket.objects.using(using)
+            .select_for_update()
+            .filter(start__gte=day, start__lt=day + DAY)
+            .order_by("start")
+        )
         marker = RPCRollupDay.objects.using(using).select_for_update().get(day=day)
         hourly: Any = RPCRollup.objects.using(using).filter(
             bucket_start__gte=day, bucket_start__lt=day + DAY
@@ -648,9 +657,6 @@ def refresh_day(
             row["bucket_start"]: row
             for row in hourly.order_by().values("bucket_start").annotate(**outcome_sums())
         }
-        hours = list(
-            RPCRollupBucket.objects.using(using).filter(start__gte=day, start__lt=day + DAY)
-        )
         for hour in hours:
             found: dict[str, Any] = per_hour.get(hour.start, {})
             for name in OUTCOME_FIELDS:
