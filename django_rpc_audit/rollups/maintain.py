@@ -22,8 +22,8 @@ Both also mark the hour's UTC day stale (:class:`~django_rpc_audit.rollups.model
 in their transaction. :func:`refresh_day` remakes a day's daily rows from its hourly rollups in
 one transaction that first locks the day's hours and marker, and marks it fresh: idempotent,
 and a change that commits meanwhile marks the day stale again after it. :func:`roll_up`
-refreshes every stale day (and every day rolled up but never refreshed) after its hours; :func:`seal_and_delete` and
-:func:`prune_rollups` the days they changed.
+refreshes every stale day (and every day rolled up but never refreshed) after its hours;
+:func:`seal_and_delete` and :func:`prune_rollups` the days they changed.
 """
 
 from __future__ import annotations
