@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 def usage_view(request: HttpRequest, model_admin: RPCLogAdmin) -> HttpResponse:
     """The Usage page (``?month=2026-11``, ``&user=<id>`` for one user's methods,
     ``&format=csv`` to download it); staff with the view permission on ``RPCLog`` (else 403).
-    Read-only: one aggregate query over the month's rollups."""
+    Read-only: every user's month from the daily user rollups (its whole UTC days) and the
+    hourly ones (the rest); one user's methods from the hourly rollups."""
     if not model_admin.has_view_permission(request):
         raise PermissionDenied
     site = model_admin.admin_site
