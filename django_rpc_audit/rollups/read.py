@@ -258,8 +258,11 @@ def window_sums(cover: Coverage, dims: Sequence[str]) -> dict[tuple[Any, ...], S
         source = _daily_source(dims)
         whole = cover.whole_days
         days = fresh_days(using, *whole) if whole is not None and source is not None else []
+        if source == "hour":
+            # The hours' calls by outcome are kept per hour: the edge days' hours too.
+            days = fresh_days(using, cover.start.replace(hour=0), cover.boundary)
         if days:
-            _add_daily(result, using, dims, source, days)
+            _add_daily(result, using, dims, source, days, (cover.start, cover.boundary))
         hourly = hours_outside(cover.start, cover.boundary, days)
         rollups = RPCRollup.objects.using(using)
         groups: list[tuple[Any, str]] = []
@@ -296,8 +299,10 @@ def _add_daily(
     dims: tuple[str, ...],
     source: str | None,
     days: list[dt.datetime],
+    span: tuple[dt.datetime, dt.datetime],
 ) -> None:
-    """Add the sums of the fresh ``days`` from the table ``source`` names."""
+    """Add the sums of the fresh ``days`` from the table ``source`` names (the hours: those of
+    ``span`` only)."""
     if source == "method":
         daily = RPCDailyRollup.objects.using(using).filter(day__in=days)
         sums: dict[str, Any] = {name: Sum(name) for name in _SUMMED}
@@ -312,7 +317,9 @@ def _add_daily(
         heads = [(row["user_id"], row) for row in grouped]
     else:
         hours = RPCRollupBucket.objects.using(using).filter(
-            Q(*[Q(start__gte=day, start__lt=day + DAY) for day in days], _connector=Q.OR)
+            Q(*[Q(start__gte=day, start__lt=day + DAY) for day in days], _connector=Q.OR),
+            start__gte=span[0],
+            start__lt=span[1],
         )
         values = hours.values("start", *OUTCOME_FIELDS)
         heads = [(_key_value(row, "hour", "start"), row) for row in values]
