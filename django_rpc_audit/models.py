@@ -16,6 +16,7 @@ from django_rpc_audit.querysets import RPCLogQuerySet
 from django_rpc_audit.rollups.models import (
     RPCDailyRollup,
     RPCDailyUserRollup,
+    RPCHourlyMethodRollup,
     RPCRollup,
     RPCRollupBucket,
     RPCRollupDay,
@@ -25,6 +26,7 @@ from django_rpc_audit.status import RPCStatus
 __all__ = [
     "RPCDailyRollup",
     "RPCDailyUserRollup",
+    "RPCHourlyMethodRollup",
     "RPCLog",
     "RPCRollup",
     "RPCRollupBucket",

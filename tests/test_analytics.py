@@ -24,6 +24,7 @@ from django_rpc_audit.analytics import CallWindow
 from django_rpc_audit.models import (
     RPCDailyRollup,
     RPCDailyUserRollup,
+    RPCHourlyMethodRollup,
     RPCLog,
     RPCRollup,
     RPCRollupBucket,
@@ -509,6 +510,15 @@ def test_whole_days_come_from_the_daily_tables_while_no_hour_of_theirs_changed()
     old_day = day_of(hour_of(now) - 5 * 24 * HOUR)
     assert not RPCRollupDay.objects.get(day=old_day).stale
     assert RPCDailyRollup.objects.filter(day=old_day).exists()
+    # A window starting within that day: its hours from the hourly method rows.
+    edge_hours = RPCHourlyMethodRollup.objects.filter(
+        hour__gte=old_day + 5 * HOUR, hour__lt=old_day + DAY
+    )
+    assert edge_hours.exists()
+    edge_truth = CallWindow(old_day + 5 * HOUR, now, source="rollups").overview()
+    edge_hours.update(calls=F("calls") + 1000)
+    edge_doctored = CallWindow(old_day + 5 * HOUR, now, source="rollups").overview()
+    assert edge_doctored["total_calls"] == edge_truth["total_calls"] + 1000 * edge_hours.count()
     # What the window reads for that day is its daily rows: changed there, changed in it.
     RPCDailyRollup.objects.filter(day=old_day).update(calls=F("calls") + 1000)
     RPCDailyUserRollup.objects.filter(day=old_day).update(success_calls=F("success_calls") + 1000)

@@ -58,6 +58,7 @@ from django_rpc_audit.rollups.models import (
     OUTCOME_FIELDS,
     RPCDailyRollup,
     RPCDailyUserRollup,
+    RPCHourlyMethodRollup,
     RPCRollup,
     RPCRollupBucket,
     RPCRollupDay,
@@ -618,6 +619,9 @@ def refresh_day(
         )
         RPCDailyRollup.objects.using(using).filter(day=day).delete()
         RPCDailyUserRollup.objects.using(using).filter(day=day).delete()
+        RPCHourlyMethodRollup.objects.using(using).filter(
+            hour__gte=day, hour__lt=day + DAY
+        ).delete()
         sums: dict[str, Any] = {name: Sum(name) for name in SUM_FIELDS}
         sums["duration_max_ms"] = Max("duration_max_ms")
         by_method: list[dict[str, Any]] = list(
@@ -633,6 +637,21 @@ def refresh_day(
                     **{name: _summed(row[name], name) for name in SUM_FIELDS},
                 )
                 for row in by_method
+            ]
+        )
+        by_hour: list[dict[str, Any]] = list(
+            hourly.order_by().values("bucket_start", "method", "status").annotate(**sums)
+        )
+        RPCHourlyMethodRollup.objects.using(using).bulk_create(
+            [
+                RPCHourlyMethodRollup(
+                    hour=row["bucket_start"],
+                    method=row["method"],
+                    status=row["status"],
+                    duration_max_ms=row["duration_max_ms"],
+                    **{name: _summed(row[name], name) for name in SUM_FIELDS},
+                )
+                for row in by_hour
             ]
         )
         # Named apart from the columns: the outcomes' sums filter the ``calls`` column.

@@ -203,12 +203,10 @@ class RPCRollupDay(models.Model):
         return f"{self.day:%Y-%m-%d}"
 
 
-class RPCDailyRollup(models.Model):
-    """Calls of one method with one outcome within one UTC day, every user together: the sums
-    of the day's hourly :class:`RPCRollup` rows (sealed and unsealed)."""
+class MethodSums(models.Model):
+    """The figures of :class:`RPCRollup` without a user: the columns of the method tables."""
 
     id = models.BigAutoField(primary_key=True)
-    day = models.DateTimeField(_("day"))
     method = models.CharField(_("method"), max_length=255)
     status = models.CharField(_("status"), max_length=16)
     rows = models.PositiveBigIntegerField(_("rows"), default=0)
@@ -239,6 +237,16 @@ class RPCDailyRollup(models.Model):
     le_10000ms = models.FloatField(default=0.0)
     gt_10000ms = models.FloatField(default=0.0)
 
+    class Meta:
+        abstract = True
+
+
+class RPCDailyRollup(MethodSums):
+    """Calls of one method with one outcome within one UTC day, every user together: the sums
+    of the day's hourly :class:`RPCRollup` rows (sealed and unsealed)."""
+
+    day = models.DateTimeField(_("day"))
+
     objects: models.Manager[RPCDailyRollup] = models.Manager()
 
     class Meta:
@@ -249,6 +257,25 @@ class RPCDailyRollup(models.Model):
 
     def __str__(self) -> str:
         return f"{self.day:%Y-%m-%d} {self.method} [{self.status}]"
+
+
+class RPCHourlyMethodRollup(MethodSums):
+    """Calls of one method with one outcome within one hour, every user together: made with
+    its day's daily rows (valid while the day is not stale), for the hours at a window's
+    edges, which are not whole days."""
+
+    hour = models.DateTimeField(_("hour"))
+
+    objects: models.Manager[RPCHourlyMethodRollup] = models.Manager()
+
+    class Meta:
+        verbose_name = _("RPC hourly method rollup")
+        verbose_name_plural = _("RPC hourly method rollups")
+        ordering = ("-hour",)
+        indexes = (models.Index(fields=["hour", "method"], name="rpchourlymethod_hour_idx"),)
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H:00} {self.method} [{self.status}]"
 
 
 class RPCDailyUserRollup(models.Model):

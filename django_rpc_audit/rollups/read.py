@@ -46,6 +46,7 @@ from django_rpc_audit.rollups.models import (
     OUTCOME_FIELDS,
     RPCDailyRollup,
     RPCDailyUserRollup,
+    RPCHourlyMethodRollup,
     RPCRollup,
     RPCRollupBucket,
     RPCRollupDay,
@@ -209,9 +210,10 @@ def hours_outside(start: dt.datetime, end: dt.datetime, days: list[dt.datetime])
 
 
 def _daily_source(dims: tuple[str, ...]) -> str | None:
-    """Which coarser table answers ``dims`` for the fresh days: ``"method"`` (per day, method
-    and status), ``"user"`` (per day and user: calls by outcome), ``"hour"`` (the hours' calls
-    by outcome), or none (the hourly rollups)."""
+    """Which coarser tables answer ``dims`` for the fresh days: ``"method"`` (per day, method
+    and status, and per hour, method and status for the edge days), ``"user"`` (per day and
+    user: calls by outcome), ``"hour"`` (the hours' calls by outcome), or none (the hourly
+    rollups)."""
     if set(dims) <= {"method", "status"}:
         return "method"
     if _is_light(dims):
@@ -256,13 +258,26 @@ def window_sums(cover: Coverage, dims: Sequence[str]) -> dict[tuple[Any, ...], S
 
     with snapshot(using):
         source = _daily_source(dims)
-        whole = cover.whole_days
-        days = fresh_days(using, *whole) if whole is not None and source is not None else []
-        if source == "hour":
-            # The hours' calls by outcome are kept per hour: the edge days' hours too.
+        span = (cover.start, cover.boundary)
+        days = []
+        if source is not None:
             days = fresh_days(using, cover.start.replace(hour=0), cover.boundary)
-        if days:
-            _add_daily(result, using, dims, source, days, (cover.start, cover.boundary))
+        whole = [day for day in days if day >= span[0] and day + DAY <= span[1]]
+        edges = [day for day in days if day not in whole]
+        # Per method and per hour, the fresh days are kept per hour too: the hours of the
+        # fresh days at the window's edges are read from them (per user, from the hourly
+        # rollups: only whole days are kept per user).
+        if source == "method":
+            if whole:
+                _add_daily(result, using, dims, "method", whole, span)
+            if edges:
+                _add_daily(result, using, dims, "hour-method", edges, span)
+        elif source == "hour" and days:
+            _add_daily(result, using, dims, "hour", days, span)
+        elif source == "user":
+            if whole:
+                _add_daily(result, using, dims, "user", whole, span)
+            days = whole
         hourly = hours_outside(cover.start, cover.boundary, days)
         rollups = RPCRollup.objects.using(using)
         groups: list[tuple[Any, str]] = []
@@ -301,10 +316,16 @@ def _add_daily(
     days: list[dt.datetime],
     span: tuple[dt.datetime, dt.datetime],
 ) -> None:
-    """Add the sums of the fresh ``days`` from the table ``source`` names (the hours: those of
-    ``span`` only)."""
-    if source == "method":
-        daily = RPCDailyRollup.objects.using(using).filter(day__in=days)
+    """Add the sums of the fresh ``days`` from the table ``source`` names: ``"method"``,
+    ``"hour-method"``, ``"user"`` or ``"hour"`` (the per-hour ones: the hours of ``span``
+    only)."""
+    if source in ("method", "hour-method"):
+        if source == "method":
+            daily: Any = RPCDailyRollup.objects.using(using).filter(day__in=days)
+        else:
+            daily = RPCHourlyMethodRollup.objects.using(using).filter(
+                _in_days("hour", days), hour__gte=span[0], hour__lt=span[1]
+            )
         sums: dict[str, Any] = {name: Sum(name) for name in _SUMMED}
         sums["duration_max_ms"] = Max("duration_max_ms")
         for row in daily.order_by().values(*dims).annotate(**sums):
@@ -317,9 +338,7 @@ def _add_daily(
         heads = [(row["user_id"], row) for row in grouped]
     else:
         hours = RPCRollupBucket.objects.using(using).filter(
-            Q(*[Q(start__gte=day, start__lt=day + DAY) for day in days], _connector=Q.OR),
-            start__gte=span[0],
-            start__lt=span[1],
+            _in_days("start", days), start__gte=span[0], start__lt=span[1]
         )
         values = hours.values("start", *OUTCOME_FIELDS)
         heads = [(_key_value(row, "hour", "start"), row) for row in values]
@@ -332,6 +351,13 @@ def _add_daily(
                     {"calls": row[name], "username": row.get("username")},
                     light=True,
                 )
+
+
+def _in_days(name: str, days: list[dt.datetime]) -> Q:
+    """``name`` within one of ``days``."""
+    return Q(
+        *[Q(**{f"{name}__gte": day, f"{name}__lt": day + DAY}) for day in days], _connector=Q.OR
+    )
 
 
 def _grouped_rollups(rollups: QuerySet[RPCRollup], dims: tuple[str, ...]) -> Any:
