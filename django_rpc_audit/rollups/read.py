@@ -323,9 +323,7 @@ def _add_daily(
         if source == "method":
             daily: Any = RPCDailyRollup.objects.using(using).filter(day__in=days)
         else:
-            daily = RPCHourlyMethodRollup.objects.using(using).filter(
-                _in_days("hour", days), hour__gte=span[0], hour__lt=span[1]
-            )
+            daily = RPCHourlyMethodRollup.objects.using(using).filter(_in_days("hour", days, span))
         sums: dict[str, Any] = {name: Sum(name) for name in _SUMMED}
         sums["duration_max_ms"] = Max("duration_max_ms")
         for row in daily.order_by().values(*dims).annotate(**sums):
@@ -337,9 +335,7 @@ def _add_daily(
         grouped = users.order_by().values("user_id").annotate(username=Max("username"), **outcomes)
         heads = [(row["user_id"], row) for row in grouped]
     else:
-        hours = RPCRollupBucket.objects.using(using).filter(
-            _in_days("start", days), start__gte=span[0], start__lt=span[1]
-        )
+        hours = RPCRollupBucket.objects.using(using).filter(_in_days("start", days, span))
         values = hours.values("start", *OUTCOME_FIELDS)
         heads = [(_key_value(row, "hour", "start"), row) for row in values]
     for head, row in heads:
@@ -353,10 +349,15 @@ def _add_daily(
                 )
 
 
-def _in_days(name: str, days: list[dt.datetime]) -> Q:
-    """``name`` within one of ``days``."""
+def _in_days(name: str, days: list[dt.datetime], span: tuple[dt.datetime, dt.datetime]) -> Q:
+    """``name`` within one of ``days`` and within ``span``: one tight range per day, so that
+    the index on ``name`` reads those hours only."""
     return Q(
-        *[Q(**{f"{name}__gte": day, f"{name}__lt": day + DAY}) for day in days], _connector=Q.OR
+        *[
+            Q(**{f"{name}__gte": max(day, span[0]), f"{name}__lt": min(day + DAY, span[1])})
+            for day in days
+        ],
+        _connector=Q.OR,
     )
 
 
