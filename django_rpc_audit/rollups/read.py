@@ -87,16 +87,6 @@ class Coverage:
     #: The database.
     using: str
 
-    @property
-    def whole_days(self) -> tuple[dt.datetime, dt.datetime] | None:
-        """The first and the end of the whole UTC days before the boundary, if any: read
-        from the daily tables where they are not stale."""
-        first = self.start.replace(hour=0)
-        if first < self.start:
-            first += DAY
-        end = self.boundary.replace(hour=0)
-        return (first, end) if first < end else None
-
 
 @dataclass(slots=True)
 class Sums:
