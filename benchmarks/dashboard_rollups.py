@@ -245,39 +245,70 @@ def time_context(window: Any, rounds: int) -> float:
     return statistics.median(times) * 1000
 
 
+def time_daily_upkeep() -> None:
+    """The daily rows of every day made (as the first ``rpc_rollup`` after the upgrade does),
+    then what one hour costs to keep: its rollups remade, then its day remade."""
+    from django.utils import timezone
+
+    from django_rpc_audit.models import RPCDailyRollup, RPCDailyUserRollup, RPCRollupDay
+    from django_rpc_audit.rollups.maintain import (
+        day_of,
+        days_to_refresh,
+        hour_of,
+        recompute_hour,
+        refresh_day,
+        refresh_days,
+    )
+
+    days = days_to_refresh()
+    if days:
+        started = time.perf_counter()
+        refresh_days(days)
+        seconds = time.perf_counter() - started
+        print(
+            f"Made the daily rows of {len(days)} days in {seconds:.1f} s "
+            f"({seconds / len(days) * 1000:.0f} ms a day): {RPCDailyRollup.objects.count():,} "
+            f"per day and method, {RPCDailyUserRollup.objects.count():,} per day and user"
+        )
+    hour = hour_of(timezone.now() - dt.timedelta(days=40))
+    timings: dict[str, list[float]] = {"hour": [], "day": []}
+    for _ in range(3):
+        started = time.perf_counter()
+        recompute_hour(hour)
+        timings["hour"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        refresh_day(day_of(hour))
+        timings["day"].append(time.perf_counter() - started)
+    assert not RPCRollupDay.objects.filter(stale=True).exists()
+    hour_ms, day_ms = (statistics.median(timings[name]) * 1000 for name in ("hour", "day"))
+    print(
+        f"One hour 40 days ago remade: recompute_hour {hour_ms:.0f} ms, then its day's daily "
+        f"rows {day_ms:.0f} ms (median of 3)"
+    )
+
+
 def time_misses() -> None:
-    """The 90-day figures cold, warm, and when one block changed: an hour after the last whole
-    day remade (as when an hour settles), then an hour of a whole day (as after a cleanup)."""
+    """The 90-day figures in a fresh process, again, with a whole day stale (an hour of it
+    remade: read from its hours until ``rpc_rollup`` remakes it), and after."""
     from django.utils import timezone
 
     from django_rpc_audit.dashboard import WINDOWS, dashboard_context
-    from django_rpc_audit.models import RPCRollupBucket
-    from django_rpc_audit.rollups.maintain import hour_of
-    from django_rpc_audit.rollups.read import clear_cache
+    from django_rpc_audit.rollups.maintain import hour_of, recompute_hour, refresh_days
 
     window = WINDOWS["90d"]
-    clear_cache()
 
     def timed(label: str) -> None:
         started = time.perf_counter()
         dashboard_context(window)
         print(f"  {label:<58} {(time.perf_counter() - started) * 1000:>7.0f} ms")
 
-    print("\nThe 90-day figures when blocks change")
-    timed("cold (cache empty)")
-    timed("warm")
-    last = RPCRollupBucket.objects.filter(settled=True).order_by("-start").first()
-    assert last is not None
-    for label, start in (
-        ("the last settled hour remade", last.start),
-        (
-            "an hour of a whole day 40 days ago remade",
-            hour_of(timezone.now() - dt.timedelta(days=40)),
-        ),
-    ):
-        RPCRollupBucket.objects.filter(start=start).update(computed_at=timezone.now())
-        timed(label)
-        timed("then warm again")
+    print("\nThe 90-day figures (no cache: each request reads the database)")
+    timed("first request of the process")
+    timed("again")
+    recompute_hour(hour_of(timezone.now() - dt.timedelta(days=40)))
+    timed("a day 40 days ago stale (an hour of it remade)")
+    refresh_days()
+    timed("its day remade (rpc_rollup)")
 
 
 def main() -> None:  # noqa: PLR0915 (one run, step by step)
@@ -299,6 +330,7 @@ def main() -> None:  # noqa: PLR0915 (one run, step by step)
     print(f"Load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     fill(args.rows, args.days, args.refill)
     if args.misses:
+        time_daily_upkeep()
         time_misses()
         return
 
@@ -311,12 +343,13 @@ def main() -> None:  # noqa: PLR0915 (one run, step by step)
     from django_rpc_audit.dashboard import WINDOWS
     from django_rpc_audit.models import RPCLog, RPCRollup
     from django_rpc_audit.rollups.maintain import hour_of
-    from django_rpc_audit.rollups.read import clear_cache
 
     if args.refill or not RPCRollup.objects.exists():
         timed_from = hour_of(timezone.now() - dt.timedelta(hours=args.timed_hours))
         roll_up_history(timed_from)
+        time_daily_upkeep()
         time_roll_up(timed_from)
+    time_daily_upkeep()
     with connection.cursor() as cursor:
         sizes = []
         for model in (RPCLog, RPCRollup):
@@ -347,14 +380,13 @@ def main() -> None:  # noqa: PLR0915 (one run, step by step)
     ]
     client.get(pages[0][1])  # the connection and the templates
     print(
-        f"\nPages: the first request with the cache emptied just before (cold), then the median"
-        f" of {args.rounds} requests (Django test client)\n"
+        f"\nPages: the first request of each (no cache is kept: every request reads the "
+        f"database), then the median of {args.rounds} requests (Django test client)\n"
     )
     print(
         f"{'page':<36} {'cold':>8} {'median':>9} {'queries':>8} {'in SQL':>9} {'slowest query':>14}"
     )
     for label, url in pages:
-        clear_cache()
         started = time.perf_counter()
         client.get(url)
         cold = (time.perf_counter() - started) * 1000
@@ -364,7 +396,7 @@ def main() -> None:  # noqa: PLR0915 (one run, step by step)
             f"{result['db_ms']:>7.0f}ms {result['slowest_ms']:>12.0f}ms"
         )
     print(
-        f"\nThe dashboard's figures (dashboard_context), as configured (cache warm) and from the "
+        f"\nThe dashboard's figures (dashboard_context), as configured and from the "
         f"raw rows (median of {args.rounds} and of {args.rows_rounds} rounds)\n"
     )
     print(f"{'window':<16} {'source':>8} {'as set':>9} {'raw rows':>10} {'ratio':>8}")

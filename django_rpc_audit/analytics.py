@@ -128,7 +128,10 @@ class CallWindow:
         histogram's estimates (:func:`~django_rpc_audit.rollups.read.percentile`)."""
         if self._cover is None:
             return self.rows().overview()
-        by_status = self._sums(("status",))
+        # By status from the sums by method and status, which the method tables read anyway.
+        by_status: dict[tuple[Any, ...], Sums] = defaultdict(Sums)
+        for (_method, status), sums in self._sums(("method", "status")).items():
+            by_status[(status,)].merge(sums)
         everything = _merged(by_status.values())
         counts = _counts(by_status.items(), lambda key: None).get(None) or dict.fromkeys(
             _COUNT_NAMES, 0

@@ -13,13 +13,24 @@ from django_rpc_audit.alerts.models import WebhookDelivery, WebhookEndpointState
 from django_rpc_audit.conf import COST_DECIMAL_PLACES, COST_MAX_DIGITS
 from django_rpc_audit.indexes import HashIndex, PartialIndex
 from django_rpc_audit.querysets import RPCLogQuerySet
-from django_rpc_audit.rollups.models import RPCRollup, RPCRollupBucket
+from django_rpc_audit.rollups.models import (
+    RPCDailyRollup,
+    RPCDailyUserRollup,
+    RPCHourlyMethodRollup,
+    RPCRollup,
+    RPCRollupBucket,
+    RPCRollupDay,
+)
 from django_rpc_audit.status import RPCStatus
 
 __all__ = [
+    "RPCDailyRollup",
+    "RPCDailyUserRollup",
+    "RPCHourlyMethodRollup",
     "RPCLog",
     "RPCRollup",
     "RPCRollupBucket",
+    "RPCRollupDay",
     "RPCStatus",
     "WebhookDelivery",
     "WebhookEndpointState",

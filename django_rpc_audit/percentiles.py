@@ -161,38 +161,3 @@ class _Ranked(Sequence[float]):
 
     def __iter__(self) -> Iterator[float]:
         raise TypeError("only single ranks were fetched")
-
-
-def histogram_percentile(
-    counts: Sequence[float], fraction: float, edges: Sequence[float] | None = None
-) -> float | None:
-    """An estimate of the ``fraction`` percentile (0 to 1) of the values a fixed-bucket
-    histogram counted: ``counts[i]`` values above ``edges[i - 1]`` (0 for the first) and at
-    most ``edges[i]``, plus a last count for those above the last edge. ``edges`` default to the
-    rollups' (:data:`~django_rpc_audit.rollups.models.DURATION_EDGES_MS`, milliseconds).
-
-    Interpolated linearly within the bucket holding the rank (as Prometheus's
-    ``histogram_quantile``): off by at most that bucket's width. A rank in the last, open
-    bucket gives the last edge. ``None`` without values.
-    """
-    if edges is None:
-        from django_rpc_audit.rollups.models import DURATION_EDGES_MS
-
-        edges = DURATION_EDGES_MS
-    if len(counts) != len(edges) + 1:
-        raise ValueError(f"{len(edges)} edges need {len(edges) + 1} counts, not {len(counts)}.")
-    if not 0 <= fraction <= 1:
-        raise ValueError(f"fraction must be from 0 to 1, not {fraction!r}.")
-    total = sum(counts)
-    if total <= 0:
-        return None
-    rank = fraction * total
-    below = 0.0
-    for index, count in enumerate(counts):
-        if count > 0 and below + count >= rank:
-            if index == len(edges):
-                return float(edges[-1])
-            low = 0.0 if index == 0 else float(edges[index - 1])
-            return low + (float(edges[index]) - low) * (rank - below) / count
-        below += count
-    return float(edges[-1])

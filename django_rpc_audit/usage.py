@@ -28,11 +28,20 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from django.conf import settings
-from django.db.models import Count, Max, Q, Sum
+from django.db import router
+from django.db.models import Max, Q, Sum
 from django.db.models.functions import Trunc
 
 from django_rpc_audit.conf import COST_DECIMAL_PLACES
-from django_rpc_audit.rollups.models import BUCKET, RPCRollup, RPCRollupBucket
+from django_rpc_audit.rollups.maintain import DAY, hour_of
+from django_rpc_audit.rollups.models import (
+    BUCKET,
+    RPCDailyRollup,
+    RPCDailyUserRollup,
+    RPCRollup,
+    RPCRollupBucket,
+)
+from django_rpc_audit.rollups.read import fresh_days, hours_outside, snapshot
 from django_rpc_audit.status import RPCStatus
 
 Period = Literal["day", "month"]
@@ -107,8 +116,9 @@ def usage(
 
     ``start`` and ``end`` are rounded down to the hour (the rollups' bucket). ``user`` (a user
     or its primary key) and ``method`` narrow it down; ``billed_only`` keeps the lines with a
-    cost. Lines come by period, then highest cost, then most calls. One aggregate query over
-    the rollups of the range (indexed by hour).
+    cost. Lines come by period, then highest cost, then most calls. Read in one snapshot: per
+    user (or per method) over the whole UTC days of the range from the daily tables, where
+    they are not stale, and the other hours from the hourly rollups.
 
     :raises ValueError: an unknown dimension or period, or ``end`` before ``start``.
     """
@@ -119,29 +129,42 @@ def usage(
         raise ValueError(f"period must be 'day', 'month' or None, not {period!r}.")
     if end < start:
         raise ValueError(f"end ({end.isoformat()}) is before start ({start.isoformat()}).")
-    rollups = RPCRollup.objects.using(using).filter(bucket_start__gte=start, bucket_start__lt=end)
-    if user is not None:
-        rollups = rollups.filter(user_id=getattr(user, "pk", user))
-    if method is not None:
-        rollups = rollups.filter(method=method)
+    using = using or router.db_for_read(RPCRollup)
     fields = [field for name in by for field in _DIMENSIONS[name]]
     if period is not None:
-        rollups = rollups.annotate(period=Trunc("bucket_start", period, tzinfo=dt.UTC))
         fields.insert(0, "period")
-    grouped = (
-        rollups.order_by()
-        .values(*fields)
-        .annotate(
-            calls_sum=Sum("calls"),
-            failed_sum=Sum("calls", filter=Q(status__in=_FAILED)),
-            billed=Sum("billed_calls"),
-            cost_sum=Sum("cost"),
-            parts=Count("pk"),
-        )
-    )
-    if billed_only:
-        grouped = grouped.filter(billed__gt=0)
-    lines = [_line(row, period) for row in grouped]
+    # Per user over whole UTC days: the daily user rows; per method: the daily method rows;
+    # by user and method, or one user's: the hourly rollups.
+    daily_model: Any = None
+    if method is None and tuple(by) == ("user",):
+        daily_model = RPCDailyUserRollup
+    elif user is None and tuple(by) == ("method",):
+        daily_model = RPCDailyRollup
+    start, end = _next_hour(start), _next_hour(end)  # the hours starting from start to end
+    first = start.replace(hour=0)
+    if first < start:
+        first += DAY
+    totals: dict[tuple[Any, ...], dict[str, Any]] = {}
+    with snapshot(using):
+        days = fresh_days(using, first, end.replace(hour=0)) if daily_model is not None else []
+        if days:
+            daily = daily_model.objects.using(using).filter(day__in=days)
+            if user is not None:
+                daily = daily.filter(user_id=getattr(user, "pk", user))
+            failed: Any = Sum("calls", filter=Q(status__in=_FAILED))
+            if daily_model is RPCDailyUserRollup:
+                failed = Sum("failed_calls") + Sum("timeout_calls")
+            _fold(totals, _grouped(daily, fields, period, "day", failed), fields)
+        hours = hours_outside(start, end, days)
+        if hours is not None:
+            rollups = RPCRollup.objects.using(using).filter(hours)
+            if user is not None:
+                rollups = rollups.filter(user_id=getattr(user, "pk", user))
+            if method is not None:
+                rollups = rollups.filter(method=method)
+            failed = Sum("calls", filter=Q(status__in=_FAILED))
+            _fold(totals, _grouped(rollups, fields, period, "bucket_start", failed), fields)
+    lines = [_line(row, period) for row in totals.values() if not billed_only or row["billed"] > 0]
     lines.sort(
         key=lambda line: (
             line.period or dt.date.min,
@@ -152,6 +175,49 @@ def usage(
         )
     )
     return lines
+
+
+def _next_hour(moment: dt.datetime) -> dt.datetime:
+    """The first hour starting at or after ``moment``."""
+    hour = hour_of(moment)
+    return hour if hour == moment else hour + BUCKET
+
+
+def _grouped(table: Any, fields: list[str], period: Period | None, moment: str, failed: Any) -> Any:
+    if period is not None:
+        table = table.annotate(period=Trunc(moment, period, tzinfo=dt.UTC))
+    return (
+        table.order_by()
+        .values(*fields)
+        .annotate(
+            calls_sum=Sum("calls"),
+            failed_sum=failed,
+            billed=Sum("billed_calls"),
+            cost_sum=Sum("cost"),
+        )
+    )
+
+
+def _fold(totals: dict[tuple[Any, ...], dict[str, Any]], grouped: Any, fields: list[str]) -> None:
+    """Add the grouped rows to ``totals``, by their ``fields``."""
+    for row in grouped:
+        key = tuple(_period_key(row[name]) if name == "period" else row[name] for name in fields)
+        found = totals.get(key)
+        values = {
+            "calls_sum": row["calls_sum"] or 0.0,
+            "failed_sum": row["failed_sum"] or 0.0,
+            "billed": int(row["billed"] or 0),
+            "cost_sum": Decimal(row["cost_sum"] if row["cost_sum"] is not None else 0),
+        }
+        if found is None:
+            totals[key] = {**{name: row[name] for name in fields}, **values}
+            continue
+        for name, value in values.items():
+            found[name] += value
+
+
+def _period_key(moment: Any) -> Any:
+    return _date_of(moment) if moment is not None else None
 
 
 def _line(row: dict[str, Any], period: Period | None) -> UsageLine:

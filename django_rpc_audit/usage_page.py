@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import HttpRequest, HttpResponse
@@ -21,7 +22,8 @@ if TYPE_CHECKING:
 def usage_view(request: HttpRequest, model_admin: RPCLogAdmin) -> HttpResponse:
     """The Usage page (``?month=2026-11``, ``&user=<id>`` for one user's methods,
     ``&format=csv`` to download it); staff with the view permission on ``RPCLog`` (else 403).
-    Read-only: one aggregate query over the month's rollups."""
+    Read-only: every user's month from the daily user rollups (its whole UTC days) and the
+    hourly ones (the rest); one user's methods from the hourly rollups."""
     if not model_admin.has_view_permission(request):
         raise PermissionDenied
     site = model_admin.admin_site
@@ -40,6 +42,7 @@ def usage_view(request: HttpRequest, model_admin: RPCLogAdmin) -> HttpResponse:
         to_csv(lines, response)
         return response
     here = reverse(f"{site.name}:django_rpc_audit_rpclog_usage", current_app=site.name)
+    changelist = _changelist(site.name)
     context = {
         **site.each_context(request),
         "title": _("RPC usage"),
@@ -48,7 +51,7 @@ def usage_view(request: HttpRequest, model_admin: RPCLogAdmin) -> HttpResponse:
         "content_title": _("Usage"),
         "month": label,
         "one_user": bool(user_filter),
-        "rows": [_row(line, start, end, site.name, here, label) for line in lines],
+        "rows": [_row(line, start, end, changelist, here, label) for line in lines],
         "total": total(lines),
         "previous_url": f"{here}?month={_shift(start, -1):%Y-%m}",
         "next_url": f"{here}?month={_shift(start, 1):%Y-%m}",
@@ -87,8 +90,10 @@ def _lines(
 
 
 def _row(
-    line: UsageLine, start: dt.datetime, end: dt.datetime, site_name: str, here: str, month: str
+    line: UsageLine, start: dt.datetime, end: dt.datetime, changelist: str, here: str, month: str
 ) -> dict[str, Any]:
+    """A line of the page, with its links (``changelist``: the changelist's URL, reversed once
+    for every line of a month)."""
     period = _period(start, end)
     if line.user_id is not None:
         who = {"user": line.user_id}
@@ -98,8 +103,8 @@ def _row(
     method = {"method": line.method} if line.method else {}
     return {
         "line": line,
-        "calls_url": _changelist(site_name, **period, **who, **method),
-        "billed_url": _changelist(site_name, **period, **who, **method, cost__isnull="False"),
+        "calls_url": _with_query(changelist, **period, **who, **method),
+        "billed_url": _with_query(changelist, **period, **who, **method, cost__isnull="False"),
         "methods_url": f"{here}?month={month}&user={line.user_id or 'none'}",
     }
 
@@ -117,3 +122,10 @@ def _changelist(site_name: str, **params: Any) -> str:
     from django_rpc_audit.admin import changelist_url
 
     return changelist_url(site_name, **params)
+
+
+def _with_query(url: str, **params: Any) -> str:
+    """``url`` with ``params`` as its query string (``None`` values left out), as
+    :func:`~django_rpc_audit.admin.changelist_url` builds it."""
+    query = {key: value for key, value in params.items() if value is not None}
+    return f"{url}?{urlencode(query)}" if query else url

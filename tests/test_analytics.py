@@ -6,6 +6,7 @@ import json
 import math
 import random
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
 from io import StringIO
@@ -14,27 +15,39 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 from django.db import connection, connections
+from django.db.models import F, Sum
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
 from django_rpc_audit.analytics import CallWindow
-from django_rpc_audit.models import RPCLog, RPCRollup, RPCRollupBucket, RPCStatus
+from django_rpc_audit.models import (
+    RPCDailyRollup,
+    RPCDailyUserRollup,
+    RPCHourlyMethodRollup,
+    RPCLog,
+    RPCRollup,
+    RPCRollupBucket,
+    RPCRollupDay,
+    RPCStatus,
+)
 from django_rpc_audit.querysets import percentile_cont
 from django_rpc_audit.rollups import read
-from django_rpc_audit.rollups.maintain import hour_of, roll_up
+from django_rpc_audit.rollups.maintain import (
+    DAY,
+    day_of,
+    hour_of,
+    prune_rollups,
+    recompute_hour,
+    refresh_days,
+    roll_up,
+)
+from django_rpc_audit.rollups.models import HISTOGRAM_FIELDS
 from django_rpc_audit.rollups.read import bucket_bounds, percentile
+from django_rpc_audit.usage import month_range, usage
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _empty_cache() -> Any:
-    """The rollups' block cache starts empty in each test."""
-    read.clear_cache()
-    yield
-    read.clear_cache()
 
 
 DASHBOARD = "admin:django_rpc_audit_rpclog_dashboard"
@@ -474,44 +487,218 @@ def test_a_cleanup_between_the_two_reads_neither_loses_nor_doubles_calls(monkeyp
     )
 
 
-# -- the cache of settled days and hours ---------------------------------------------------------
+# -- the daily tables ----------------------------------------------------------------------------
 
 
-def test_settled_days_are_read_from_the_cache_until_an_hour_of_theirs_changes(
-    monkeypatch: Any,
-) -> None:
+def test_whole_days_come_from_the_daily_tables_while_no_hour_of_theirs_changed() -> None:
     now = timezone.now()
     make_calls(now, count=200, days=20)
     roll_up(now=now)
     since = now - timedelta(days=30)
 
-    def figures() -> tuple[Any, int]:
-        with CaptureQueriesContext(connection) as queries:
-            window = CallWindow(since, now, source="rollups")
-            result = (window.overview(), window.stats_by_method(), window.busiest_users())
-        rollup_reads = [
-            q
-            for q in queries.captured_queries
-            if "rpcrollup" in q["sql"].lower() and "rpcrollupbucket" not in q["sql"].lower()
-        ]
-        return result, len(rollup_reads)
+    def figures() -> tuple[Any, ...]:
+        window = CallWindow(since, now, source="rollups")
+        return (
+            window.overview(),
+            window.stats_by_method(),
+            window.busiest_users(),
+            window.calls_over_time("day"),
+            window.calls_over_time("hour"),
+        )
 
-    first, cold_reads = figures()
-    again, warm_reads = figures()
-    assert again == first
-    # Warm: only the sealed rollups after the boundary are read, once per figure.
-    assert warm_reads == 3
-    assert cold_reads > warm_reads
-    # A late row in an old hour, counted when that hour is remade: its day is read again.
-    old_hour = hour_of(now) - 5 * 24 * HOUR
-    RPCLog.objects.create(correlation_id="late", method="late.call", created_at=old_hour)
-    roll_up(since=old_hour, until=old_hour + HOUR, now=now)
-    changed, reads = figures()
-    assert reads > warm_reads
-    assert changed[0]["total_calls"] == first[0]["total_calls"] + 1
+    truth = figures()
+    old_day = day_of(hour_of(now) - 5 * 24 * HOUR)
+    assert not RPCRollupDay.objects.get(day=old_day).stale
+    assert RPCDailyRollup.objects.filter(day=old_day).exists()
+    # A window starting within that day: its hours from the hourly method rows.
+    edge_hours = RPCHourlyMethodRollup.objects.filter(
+        hour__gte=old_day + 5 * HOUR, hour__lt=old_day + DAY
+    )
+    assert edge_hours.exists()
+    edge_truth = CallWindow(old_day + 5 * HOUR, now, source="rollups").overview()
+    edge_hours.update(calls=F("calls") + 1000)
+    edge_doctored = CallWindow(old_day + 5 * HOUR, now, source="rollups").overview()
+    assert edge_doctored["total_calls"] == edge_truth["total_calls"] + 1000 * edge_hours.count()
+    # What the window reads for that day is its daily rows: changed there, changed in it.
+    RPCDailyRollup.objects.filter(day=old_day).update(calls=F("calls") + 1000)
+    RPCDailyUserRollup.objects.filter(day=old_day).update(success_calls=F("success_calls") + 1000)
+    hours = RPCRollupBucket.objects.filter(start__gte=old_day, start__lt=old_day + DAY)
+    hours.update(success_calls=F("success_calls") + 1000)
+    doctored = figures()
+    assert doctored[0]["total_calls"] > truth[0]["total_calls"]
+    assert doctored[2][0]["total_calls"] > truth[2][0]["total_calls"]
+    assert sum(b["total_calls"] for b in doctored[3]) > sum(b["total_calls"] for b in truth[3])
+    assert sum(b["total_calls"] for b in doctored[4]) > sum(b["total_calls"] for b in truth[4])
+    # A late row in an hour of that day, its hour remade: the day is stale, so it is read
+    # from its hours, exactly, until its daily rows are made again.
+    late_hour = old_day + 3 * HOUR
+    RPCLog.objects.create(correlation_id="late", method="late.call", created_at=late_hour)
+    recompute_hour(late_hour, now=now)
+    assert RPCRollupDay.objects.get(day=old_day).stale
+    changed = figures()
+    assert changed[0]["total_calls"] == truth[0]["total_calls"] + 1
     assert "late.call" in {row["method"] for row in changed[1]}
-    # Without a cache: the same figures, the rollups read every time.
-    monkeypatch.setattr(read, "CACHE_ALIAS", None)
-    uncached, reads = figures()
-    assert uncached == changed
-    assert reads > warm_reads
+    assert sum(b["total_calls"] for b in changed[3]) == sum(b["total_calls"] for b in truth[3]) + 1
+    # The next roll_up remakes the day: read from its daily rows again, the same figures.
+    roll_up(now=now)
+    assert not RPCRollupDay.objects.get(day=old_day).stale
+    assert_close(figures(), changed)
+
+
+def assert_close(got: Any, want: Any) -> None:
+    """Equal, but floats only to rounding: sums added up in another order."""
+    if isinstance(want, float):
+        assert got == pytest.approx(want)
+    elif isinstance(want, dict):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert_close(got[key], want[key])
+    elif isinstance(want, list | tuple):
+        assert len(got) == len(want)
+        for one, other in zip(got, want, strict=True):
+            assert_close(one, other)
+    else:
+        assert got == want
+
+
+def from_days_and_from_hours(read: Callable[[], Any]) -> tuple[Any, Any]:
+    """``read()`` with the daily rows, then with every day stale (read from the hours)."""
+    assert not RPCRollupDay.objects.filter(stale=True).exists()
+    from_days = read()
+    RPCRollupDay.objects.update(stale=True)
+    from_hours = read()
+    refresh_days()
+    return from_days, from_hours
+
+
+def month_usage(now: datetime) -> list[Any]:
+    start, end = month_range(now.date())
+    previous = month_range(start.date() - timedelta(days=1))
+    return [
+        usage(*month, by=by, period=period)
+        for month in (previous, (start, end))
+        for by, period in ((("user",), None), (("method",), "day"), (("user", "method"), None))
+    ]
+
+
+def window_figures(now: datetime, days: int = 30) -> tuple[Any, ...]:
+    window = CallWindow(now - timedelta(days=days), now, source="rollups")
+    return (
+        window.overview(),
+        window.stats_by_method(),
+        window.calls_by_method(),
+        window.busiest_users(),
+        window.calls_over_time("day"),
+        window.calls_over_time("hour"),
+    )
+
+
+def test_daily_rows_are_the_sums_of_the_hours_and_of_the_rows() -> None:
+    now = timezone.now()
+    make_calls(now, count=300, days=20)
+    roll_up(now=now)
+    assert RPCDailyRollup.objects.exists()
+    for daily in RPCDailyRollup.objects.all():
+        hours = RPCRollup.objects.filter(
+            bucket_start__gte=daily.day,
+            bucket_start__lt=daily.day + DAY,
+            method=daily.method,
+            status=daily.status,
+        )
+        rows = list(
+            RPCLog.objects.filter(
+                created_at__gte=daily.day,
+                created_at__lt=daily.day + DAY,
+                method=daily.method,
+                status=daily.status,
+            )
+        )
+        assert daily.rows == len(rows) == sum(hour.rows for hour in hours)
+        assert daily.calls == pytest.approx(sum(1 / row.sample_rate for row in rows))
+        assert daily.calls == pytest.approx(sum(hour.calls for hour in hours))
+        assert daily.billed_calls == sum(row.cost is not None for row in rows)
+        assert daily.cost == sum((row.cost or Decimal(0) for row in rows), Decimal(0))
+        timed = [row for row in rows if row.duration_ms is not None]
+        assert daily.timed_calls == pytest.approx(sum(1 / row.sample_rate for row in timed))
+        assert daily.duration_max_ms == max((row.duration_ms for row in timed), default=None)
+        histogram = [getattr(daily, name) for name in HISTOGRAM_FIELDS]
+        assert sum(histogram) == pytest.approx(daily.timed_calls)
+    for daily_user in RPCDailyUserRollup.objects.all():
+        rows = list(
+            RPCLog.objects.filter(
+                created_at__gte=daily_user.day,
+                created_at__lt=daily_user.day + DAY,
+                user_id=daily_user.user_id,
+            )
+        )
+        assert daily_user.rows == len(rows)
+        assert daily_user.calls == pytest.approx(sum(1 / row.sample_rate for row in rows))
+        assert daily_user.success_calls == pytest.approx(
+            sum(1 / row.sample_rate for row in rows if row.status == RPCStatus.SUCCESS)
+        )
+        assert daily_user.pending_calls == pytest.approx(
+            sum(1 / row.sample_rate for row in rows if row.status == RPCStatus.PENDING)
+        )
+        assert daily_user.cost == sum((row.cost or Decimal(0) for row in rows), Decimal(0))
+    # Every figure read from the days is the one read from the hours.
+    from_days, from_hours = from_days_and_from_hours(lambda: month_usage(now))
+    assert from_days == from_hours
+    assert any(lines for lines in from_days)
+    from_days, from_hours = from_days_and_from_hours(lambda: window_figures(now))
+    assert_close(from_days, from_hours)
+
+
+def test_rolling_up_again_and_late_rows_never_count_twice() -> None:
+    now = timezone.now()
+    make_calls(now, count=200, days=10)
+    roll_up(now=now)
+    first, figures = month_usage(now), window_figures(now)
+    roll_up(since=now - timedelta(days=12), now=now)  # every hour remade
+    refresh_days(list(RPCRollupDay.objects.values_list("day", flat=True)))  # every day too
+    assert month_usage(now) == first
+    assert_close(window_figures(now), figures)
+    late_hour = hour_of(now) - 4 * 24 * HOUR
+    RPCLog.objects.create(
+        correlation_id="late", method="late.call", created_at=late_hour, cost=Decimal("2.5")
+    )
+    for _ in range(2):
+        roll_up(since=late_hour, until=late_hour + HOUR, now=now)
+        again = window_figures(now)
+        assert again[0]["total_calls"] == figures[0]["total_calls"] + 1
+        lines = usage(late_hour.replace(hour=0), late_hour.replace(hour=0) + DAY, by=("method",))
+        assert [(line.billed_calls, line.cost) for line in lines if line.method == "late.call"] == [
+            (1, Decimal("2.500000"))
+        ]
+
+
+def test_a_cleanup_of_every_row_leaves_the_30_day_figures_and_the_months_unchanged() -> None:
+    now = timezone.now()
+    make_calls(now, count=300, days=25)
+    roll_up(now=now)
+    months, figures = month_usage(now), window_figures(now)
+    call_command("rpc_logs_cleanup", "--days", "0", stdout=StringIO())
+    # Every row went but the calls still in flight.
+    assert set(RPCLog.objects.values_list("status", flat=True)) <= {RPCStatus.PENDING}
+    assert RPCRollup.objects.filter(sealed=True).count() > 100
+    assert not RPCRollupDay.objects.filter(stale=True).exists()  # remade by the cleanup
+    assert month_usage(now) == months
+    assert_close(window_figures(now), figures)
+
+
+def test_pruning_rollups_remakes_the_days_it_cuts() -> None:
+    now = timezone.now()
+    make_calls(now, count=300, days=20)
+    roll_up(now=now)
+    before = RPCDailyRollup.objects.aggregate(calls=Sum("calls"))["calls"]
+    assert prune_rollups(10) > 0
+    cutoff = RPCRollup.objects.order_by("bucket_start").values_list("bucket_start", flat=True)[0]
+    assert not RPCRollupDay.objects.filter(stale=True).exists()
+    assert not RPCDailyRollup.objects.filter(day__lt=day_of(cutoff)).exists()
+    assert not RPCDailyUserRollup.objects.filter(day__lt=day_of(cutoff)).exists()
+    after = RPCDailyRollup.objects.aggregate(calls=Sum("calls"))["calls"]
+    assert after < before
+    assert after == pytest.approx(RPCRollup.objects.aggregate(calls=Sum("calls"))["calls"])
+    from_days, from_hours = from_days_and_from_hours(lambda: month_usage(now))
+    assert from_days == from_hours
+    from_days, from_hours = from_days_and_from_hours(lambda: window_figures(now))
+    assert_close(from_days, from_hours)

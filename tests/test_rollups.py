@@ -25,6 +25,7 @@ from django_rpc_audit.rollups.maintain import (
     roll_up,
 )
 from django_rpc_audit.rollups.models import HISTOGRAM_FIELDS
+from django_rpc_audit.rollups.read import percentile
 from django_rpc_audit.usage import usage
 from tests.factories import RPCLogFactory, UserFactory
 
@@ -308,27 +309,25 @@ def test_cleanup_never_deletes_the_rollups_of_rows_it_keeps(rpc_settings: Any) -
 
 
 def test_a_percentile_read_from_the_histogram_is_within_its_bucket() -> None:
-    from django_rpc_audit.percentiles import histogram_percentile
-
     durations = [float(ms) for ms in range(1, 1001)]  # 1..1000 ms, one each
     edges = (5, 10, 25, 50, 75, 100, 250, 500, 750, 1000, 2500, 5000, 7500, 10000)
     counts = [0.0] * (len(edges) + 1)
     for value in durations:
         counts[next(i for i, edge in enumerate(edges) if value <= edge)] += 1
-    assert histogram_percentile(counts, 0.5) == pytest.approx(500.0)
-    assert histogram_percentile(counts, 0.95) == pytest.approx(950.0)
-    assert histogram_percentile(counts, 0.99) == pytest.approx(990.0)
-    assert histogram_percentile([0.0] * 15, 0.5) is None
-    assert histogram_percentile([0.0] * 14 + [3.0], 0.5) == 10_000.0  # the open bucket
+    # Ranked as percentile_cont ranks them: here exactly its values (uniform buckets).
+    assert percentile(counts, 0.5, 1000.0) == pytest.approx(500.5)
+    assert percentile(counts, 0.95, 1000.0) == pytest.approx(950.05)
+    assert percentile(counts, 0.99, 1000.0) == pytest.approx(990.01)
+    assert percentile([0.0] * 15, 0.5, None) is None
+    # The open bucket ends at the slowest call: rank 2 of 3 is two thirds of the way there.
+    assert percentile([0.0] * 14 + [3.0], 0.5, 13_000.0) == pytest.approx(12_000.0)
     with pytest.raises(ValueError, match="need 15 counts"):
-        histogram_percentile([1.0], 0.5)
+        percentile([1.0], 0.5, None)
     with pytest.raises(ValueError, match="fraction"):
-        histogram_percentile(counts, 1.5)
+        percentile(counts, 1.5, None)
 
 
 def test_the_rollup_histogram_gives_the_percentiles_of_the_calls() -> None:
-    from django_rpc_audit.percentiles import histogram_percentile
-
     start = hours_ago(2)
     for ms in range(1, 201):  # 1..200 ms, sampled at 0.5: 400 calls
         RPCLogFactory(duration_ms=float(ms), sample_rate=0.5, created_at=start)
@@ -337,8 +336,10 @@ def test_the_rollup_histogram_gives_the_percentiles_of_the_calls() -> None:
     counts = [getattr(row, name) for name in HISTOGRAM_FIELDS]
     assert sum(counts) == row.calls == 400.0
     # The true p50 is 100.5 ms, p95 190.5 ms: the estimate stays in their buckets.
-    assert 75 <= histogram_percentile(counts, 0.5) <= 100
-    assert 100 <= histogram_percentile(counts, 0.95) <= 250
+    # (Ranked as percentile_cont ranks them, both are in the bucket above 100 ms, capped at
+    # the slowest call.)
+    assert 100 < percentile(counts, 0.5, row.duration_max_ms) <= 250
+    assert 100 < percentile(counts, 0.95, row.duration_max_ms) <= 200
 
 
 def test_a_deleted_users_usage_stays_under_their_id_and_name(calls: dict[str, Any]) -> None:

@@ -17,6 +17,13 @@ Two operations change an hour's rollups, each in one transaction that first lock
 
 A figure for an hour is the sum of its sealed and unsealed rollups: the rows deleted plus the
 rows still there.
+
+Both also mark the hour's UTC day stale (:class:`~django_rpc_audit.rollups.models.RPCRollupDay`)
+in their transaction. :func:`refresh_day` remakes a day's daily rows from its hourly rollups in
+one transaction that first locks the day's hours and marker, and marks it fresh: idempotent,
+and a change that commits meanwhile marks the day stale again after it. :func:`roll_up`
+refreshes every stale day (and every day rolled up but never refreshed) after its hours;
+:func:`seal_and_delete` and :func:`prune_rollups` the days they changed.
 """
 
 from __future__ import annotations
@@ -48,9 +55,15 @@ from django_rpc_audit.rollups.models import (
     BUCKET,
     DURATION_EDGES_MS,
     HISTOGRAM_FIELDS,
+    OUTCOME_FIELDS,
+    RPCDailyRollup,
+    RPCDailyUserRollup,
+    RPCHourlyMethodRollup,
     RPCRollup,
     RPCRollupBucket,
+    RPCRollupDay,
 )
+from django_rpc_audit.status import RPCStatus
 from django_rpc_audit.utils import stored_datetime
 
 if TYPE_CHECKING:
@@ -81,6 +94,15 @@ def hour_of(value: dt.datetime) -> dt.datetime:
     if timezone.is_aware(value):
         value = value.astimezone(dt.UTC)
     return value.replace(minute=0, second=0, microsecond=0)
+
+
+#: A UTC day: the span of the daily tables' rows.
+DAY = dt.timedelta(days=1)
+
+
+def day_of(value: dt.datetime) -> dt.datetime:
+    """The midnight (UTC when ``value`` is aware) starting the day holding ``value``."""
+    return hour_of(value).replace(hour=0)
 
 
 def _now() -> dt.datetime:
@@ -184,8 +206,15 @@ def _lock_hour(start: dt.datetime, using: str) -> RPCRollupBucket:
 
 
 def _ensure_hour(start: dt.datetime, using: str) -> None:
-    """Create the hour's bucket row if it does not exist (its own transaction)."""
+    """Create the hour's bucket row, and its day's marker, if they do not exist (their own
+    transactions): a change to the hour then always finds the marker to mark stale."""
     RPCRollupBucket.objects.using(using).get_or_create(start=start)
+    RPCRollupDay.objects.using(using).get_or_create(day=day_of(start))
+
+
+def _mark_stale(start: dt.datetime, using: str) -> None:
+    """Mark the day of the hour ``start`` stale: in the transaction that changed the hour."""
+    RPCRollupDay.objects.using(using).filter(day=day_of(start)).update(stale=True)
 
 
 def _remake_unsealed(start: dt.datetime, using: str, rows: RPCLogQuerySet) -> int:
@@ -212,6 +241,7 @@ def recompute_hour(
         bucket.computed_at = now
         bucket.settled = now >= start + BUCKET + _settle()
         bucket.save(using=using, update_fields=["computed_at", "settled"])
+        _mark_stale(start, using)
     return count
 
 
@@ -309,6 +339,7 @@ def roll_up(
         hours += 1
         first = first or hour
         last = hour
+    refresh_days(using=using, now=now)
     return RollupRun(hours=hours, rollup_rows=rollup_rows, first=first, last=last)
 
 
@@ -328,12 +359,15 @@ def seal_and_delete(queryset: RPCLogQuerySet, *, batch_size: int = 5_000) -> int
     using = queryset.db
     deleted = 0
     selected = queryset.order_by()
+    days: set[dt.datetime] = set()
     while True:
         oldest = selected.order_by("created_at").values_list("created_at", flat=True).first()
         if oldest is None:
+            refresh_days(sorted(days), using=using)
             return deleted
         start = hour_of(oldest)
         deleted += _seal_hour(selected, start, using, batch_size)
+        days.add(day_of(start))
 
 
 def _seal_hour(selected: RPCLogQuerySet, start: dt.datetime, using: str, batch_size: int) -> int:
@@ -354,6 +388,7 @@ def _seal_hour(selected: RPCLogQuerySet, start: dt.datetime, using: str, batch_s
             if bucket.sealed_before is None or sealed_to > bucket.sealed_before:
                 bucket.sealed_before = sealed_to
         bucket.save(using=using, update_fields=["computed_at", "sealed_before"])
+        _mark_stale(start, using)
     return deleted
 
 
@@ -492,10 +527,13 @@ def prune_rollups(
     if dry_run:
         return old.count()
     deleted = 0
+    old_days = RPCRollupDay.objects.using(using).filter(day__lt=cutoff)
     while True:
         with transaction.atomic(using=using):
             keys = list(old.order_by("bucket_start").values_list("pk", flat=True)[:batch_size])
             count, _ = RPCRollup.objects.using(using).filter(pk__in=keys).delete()
+            # The days losing hours: read from their hours until refreshed below.
+            old_days.filter(stale=False).update(stale=True)
         deleted += count
         if count < batch_size:
             break
@@ -503,4 +541,157 @@ def prune_rollups(
     oldest = log_rows.order_by("created_at").values_list("created_at", flat=True).first()
     kept_from = cutoff if oldest is None else min(cutoff, hour_of(oldest))
     RPCRollupBucket.objects.using(using).filter(start__lt=kept_from).delete()
+    refresh_days(list(old_days.order_by("day").values_list("day", flat=True)), using=using)
     return deleted
+
+
+# -- the daily tables ---------------------------------------------------------------------------
+
+#: The statuses with a column of their own in the calls per outcome; ``pending_calls`` counts
+#: the rest (pending, and any status written by other means).
+_OUTCOME_STATUSES = {
+    "success_calls": RPCStatus.SUCCESS.value,
+    "failed_calls": RPCStatus.FAILED.value,
+    "timeout_calls": RPCStatus.TIMEOUT.value,
+    "rate_limited_calls": RPCStatus.RATE_LIMITED.value,
+}
+
+
+def outcome_sums() -> dict[str, Any]:
+    """Aggregates of rollup rows' calls per outcome (:data:`OUTCOME_FIELDS`)."""
+    sums: dict[str, Any] = {
+        name: Sum("calls", filter=Q(status=status)) for name, status in _OUTCOME_STATUSES.items()
+    }
+    sums["pending_calls"] = Sum("calls", filter=~Q(status__in=list(_OUTCOME_STATUSES.values())))
+    return sums
+
+
+def days_to_refresh(using: str | None = None) -> list[dt.datetime]:
+    """The days whose daily rows are stale, or were never made for hours rolled up."""
+    using = using or router.db_for_write(RPCRollup)
+    markers = dict(RPCRollupDay.objects.using(using).values_list("day", "stale"))
+    days = {day for day, stale in markers.items() if stale}
+    for start in RPCRollupBucket.objects.using(using).values_list("start", flat=True):
+        day = day_of(start)
+        if day not in markers:
+            days.add(day)
+    return sorted(days)
+
+
+def refresh_days(
+    days: list[dt.datetime] | None = None,
+    *,
+    using: str | None = None,
+    now: dt.datetime | None = None,
+) -> int:
+    """Remake the daily rows of ``days`` (default: :func:`days_to_refresh`), each day in its
+    own transaction (:func:`refresh_day`); return how many days were remade."""
+    using = using or router.db_for_write(RPCRollup)
+    chosen = days_to_refresh(using) if days is None else days
+    for day in chosen:
+        refresh_day(day, using=using, now=now)
+    return len(chosen)
+
+
+def refresh_day(
+    day: dt.datetime, *, using: str | None = None, now: dt.datetime | None = None
+) -> None:
+    """Remake the daily rows of the UTC day starting at ``day`` from its hourly rollups, and
+    its hours' calls per outcome, in one transaction that first locks the day's hours and
+    marker; then mark it fresh. Idempotent. A day with neither rollups nor hours left loses its
+    marker."""
+    using = using or router.db_for_write(RPCRollup)
+    now = now or _now()
+    day = day_of(day)
+    RPCRollupDay.objects.using(using).get_or_create(day=day)
+    with transaction.atomic(using=using):
+        # The day's hours first, then its marker: the order every change to an hour locks
+        # them in (its hour, then the marker it marks stale), so they never deadlock.
+        hours = list(
+            RPCRollupBucket.objects.using(using)
+            .select_for_update()
+            .filter(start__gte=day, start__lt=day + DAY)
+            .order_by("start")
+        )
+        marker = RPCRollupDay.objects.using(using).select_for_update().get(day=day)
+        hourly: Any = RPCRollup.objects.using(using).filter(
+            bucket_start__gte=day, bucket_start__lt=day + DAY
+        )
+        RPCDailyRollup.objects.using(using).filter(day=day).delete()
+        RPCDailyUserRollup.objects.using(using).filter(day=day).delete()
+        RPCHourlyMethodRollup.objects.using(using).filter(
+            hour__gte=day, hour__lt=day + DAY
+        ).delete()
+        sums: dict[str, Any] = {name: Sum(name) for name in SUM_FIELDS}
+        sums["duration_max_ms"] = Max("duration_max_ms")
+        by_method: list[dict[str, Any]] = list(
+            hourly.order_by().values("method", "status").annotate(**sums)
+        )
+        RPCDailyRollup.objects.using(using).bulk_create(
+            [
+                RPCDailyRollup(
+                    day=day,
+                    method=row["method"],
+                    status=row["status"],
+                    duration_max_ms=row["duration_max_ms"],
+                    **{name: _summed(row[name], name) for name in SUM_FIELDS},
+                )
+                for row in by_method
+            ]
+        )
+        by_hour: list[dict[str, Any]] = list(
+            hourly.order_by().values("bucket_start", "method", "status").annotate(**sums)
+        )
+        RPCHourlyMethodRollup.objects.using(using).bulk_create(
+            [
+                RPCHourlyMethodRollup(
+                    hour=row["bucket_start"],
+                    method=row["method"],
+                    status=row["status"],
+                    duration_max_ms=row["duration_max_ms"],
+                    **{name: _summed(row[name], name) for name in SUM_FIELDS},
+                )
+                for row in by_hour
+            ]
+        )
+        # Named apart from the columns: the outcomes' sums filter the ``calls`` column.
+        totals = ("rows", "calls", "billed_calls", "cost")
+        user_sums = {f"all_{name}": Sum(name) for name in totals}
+        by_user: list[dict[str, Any]] = list(
+            hourly.order_by().values("user_id", "username").annotate(**user_sums, **outcome_sums())
+        )
+        RPCDailyUserRollup.objects.using(using).bulk_create(
+            [
+                RPCDailyUserRollup(
+                    day=day,
+                    user_id=row["user_id"],
+                    username=row["username"],
+                    **{name: _summed(row[f"all_{name}"], name) for name in totals},
+                    **{name: row[name] or 0.0 for name in OUTCOME_FIELDS},
+                )
+                for row in by_user
+            ]
+        )
+        per_hour: dict[dt.datetime, dict[str, Any]] = {
+            row["bucket_start"]: row
+            for row in hourly.order_by().values("bucket_start").annotate(**outcome_sums())
+        }
+        for hour in hours:
+            found: dict[str, Any] = per_hour.get(hour.start, {})
+            for name in OUTCOME_FIELDS:
+                setattr(hour, name, found.get(name) or 0.0)
+        RPCRollupBucket.objects.using(using).bulk_update(hours, list(OUTCOME_FIELDS))
+        if not hours and not per_hour:
+            marker.delete(using=using)
+            return
+        marker.stale = False
+        marker.computed_at = now
+        marker.save(using=using, update_fields=["stale", "computed_at"])
+
+
+def _summed(value: Any, name: str) -> Any:
+    """A summed column's value, zero for none; costs rounded to their places (SQLite sums
+    decimals as floats)."""
+    if name == "cost":
+        return Decimal(value or 0).quantize(Decimal(1).scaleb(-COST_DECIMAL_PLACES))
+    return value or 0

@@ -151,6 +151,14 @@ class RPCRollupBucket(models.Model):
     #: The log rows of this hour created before it were deleted by ``rpc_logs_cleanup``, after
     #: they were counted in its sealed rollups.
     sealed_before = models.DateTimeField(_("sealed before"), null=True, blank=True)
+    #: The hour's calls (weighted) per outcome, from its rollups, remade with its day's rows
+    #: (valid while :class:`RPCRollupDay` says the day is not stale); ``pending_calls`` also
+    #: counts any status outside :class:`~django_rpc_audit.status.RPCStatus`.
+    success_calls = models.FloatField(_("successful calls"), default=0.0)
+    failed_calls = models.FloatField(_("failed calls"), default=0.0)
+    timeout_calls = models.FloatField(_("timed out calls"), default=0.0)
+    rate_limited_calls = models.FloatField(_("rate limited calls"), default=0.0)
+    pending_calls = models.FloatField(_("pending calls"), default=0.0)
 
     objects: models.Manager[RPCRollupBucket] = models.Manager()
 
@@ -162,3 +170,156 @@ class RPCRollupBucket(models.Model):
 
     def __str__(self) -> str:
         return f"{self.start:%Y-%m-%d %H:00}"
+
+
+#: The columns of the calls per outcome (``pending_calls``: pending and any other status).
+OUTCOME_FIELDS: tuple[str, ...] = (
+    "success_calls",
+    "failed_calls",
+    "timeout_calls",
+    "rate_limited_calls",
+    "pending_calls",
+)
+
+
+class RPCRollupDay(models.Model):
+    """One UTC day whose daily rows were made; ``stale`` once one of its hours changed since."""
+
+    #: Midnight (UTC) starting the day.
+    day = models.DateTimeField(_("day"), primary_key=True)
+    #: An hour of the day changed after its daily rows were made: read its hours instead.
+    stale = models.BooleanField(_("stale"), default=True)
+    computed_at = models.DateTimeField(_("computed at"), null=True, blank=True)
+
+    objects: models.Manager[RPCRollupDay] = models.Manager()
+
+    class Meta:
+        verbose_name = _("RPC rollup day")
+        verbose_name_plural = _("RPC rollup days")
+        ordering = ("-day",)
+        indexes = (models.Index(fields=["stale", "day"], name="rpcrollupday_stale_idx"),)
+
+    def __str__(self) -> str:
+        return f"{self.day:%Y-%m-%d}"
+
+
+class MethodSums(models.Model):
+    """The figures of :class:`RPCRollup` without a user: the columns of the method tables."""
+
+    id = models.BigAutoField(primary_key=True)
+    method = models.CharField(_("method"), max_length=255)
+    status = models.CharField(_("status"), max_length=16)
+    rows = models.PositiveBigIntegerField(_("rows"), default=0)
+    calls = models.FloatField(_("calls"), default=0.0)
+    billed_calls = models.PositiveBigIntegerField(_("billed calls"), default=0)
+    cost = models.DecimalField(
+        _("cost"),
+        max_digits=COST_SUM_MAX_DIGITS,
+        decimal_places=COST_DECIMAL_PLACES,
+        default=0,
+    )
+    timed_calls = models.FloatField(_("timed calls"), default=0.0)
+    duration_sum_ms = models.FloatField(_("duration sum (ms)"), default=0.0)
+    duration_max_ms = models.FloatField(_("longest (ms)"), null=True, blank=True)
+    le_5ms = models.FloatField(default=0.0)
+    le_10ms = models.FloatField(default=0.0)
+    le_25ms = models.FloatField(default=0.0)
+    le_50ms = models.FloatField(default=0.0)
+    le_75ms = models.FloatField(default=0.0)
+    le_100ms = models.FloatField(default=0.0)
+    le_250ms = models.FloatField(default=0.0)
+    le_500ms = models.FloatField(default=0.0)
+    le_750ms = models.FloatField(default=0.0)
+    le_1000ms = models.FloatField(default=0.0)
+    le_2500ms = models.FloatField(default=0.0)
+    le_5000ms = models.FloatField(default=0.0)
+    le_7500ms = models.FloatField(default=0.0)
+    le_10000ms = models.FloatField(default=0.0)
+    gt_10000ms = models.FloatField(default=0.0)
+
+    class Meta:
+        abstract = True
+
+
+class RPCDailyRollup(MethodSums):
+    """Calls of one method with one outcome within one UTC day, every user together: the sums
+    of the day's hourly :class:`RPCRollup` rows (sealed and unsealed)."""
+
+    day = models.DateTimeField(_("day"))
+
+    objects: models.Manager[RPCDailyRollup] = models.Manager()
+
+    class Meta:
+        verbose_name = _("RPC daily rollup")
+        verbose_name_plural = _("RPC daily rollups")
+        ordering = ("-day",)
+        indexes = (models.Index(fields=["day", "method"], name="rpcdailyrollup_day_idx"),)
+
+    def __str__(self) -> str:
+        return f"{self.day:%Y-%m-%d} {self.method} [{self.status}]"
+
+
+class RPCHourlyMethodRollup(MethodSums):
+    """Calls of one method with one outcome within one hour, every user together: made with
+    its day's daily rows (valid while the day is not stale), for the hours at a window's
+    edges, which are not whole days."""
+
+    hour = models.DateTimeField(_("hour"))
+
+    objects: models.Manager[RPCHourlyMethodRollup] = models.Manager()
+
+    class Meta:
+        verbose_name = _("RPC hourly method rollup")
+        verbose_name_plural = _("RPC hourly method rollups")
+        ordering = ("-hour",)
+        indexes = (models.Index(fields=["hour", "method"], name="rpchourlymethod_hour_idx"),)
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H:00} {self.method} [{self.status}]"
+
+
+class RPCDailyUserRollup(models.Model):
+    """Calls of one user (and username snapshot) within one UTC day, every method together:
+    calls per outcome, billed calls and cost, summed from the day's hourly rollups."""
+
+    id = models.BigAutoField(primary_key=True)
+    day = models.DateTimeField(_("day"))
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        verbose_name=_("user"),
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="+",
+        db_index=False,
+    )
+    username = models.CharField(_("username"), max_length=255, blank=True, default="")
+    rows = models.PositiveBigIntegerField(_("rows"), default=0)
+    calls = models.FloatField(_("calls"), default=0.0)
+    success_calls = models.FloatField(_("successful calls"), default=0.0)
+    failed_calls = models.FloatField(_("failed calls"), default=0.0)
+    timeout_calls = models.FloatField(_("timed out calls"), default=0.0)
+    rate_limited_calls = models.FloatField(_("rate limited calls"), default=0.0)
+    pending_calls = models.FloatField(_("pending calls"), default=0.0)
+    billed_calls = models.PositiveBigIntegerField(_("billed calls"), default=0)
+    cost = models.DecimalField(
+        _("cost"),
+        max_digits=COST_SUM_MAX_DIGITS,
+        decimal_places=COST_DECIMAL_PLACES,
+        default=0,
+    )
+
+    objects: models.Manager[RPCDailyUserRollup] = models.Manager()
+
+    class Meta:
+        verbose_name = _("RPC daily user rollup")
+        verbose_name_plural = _("RPC daily user rollups")
+        ordering = ("-day",)
+        indexes = (
+            models.Index(fields=["day"], name="rpcdailyuser_day_idx"),
+            models.Index(fields=["user", "day"], name="rpcdailyuser_user_day_idx"),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.day:%Y-%m-%d} {self.username}"

@@ -4,23 +4,24 @@ A window answered from the rollups covers whole UTC hours, from the hour holding
 ``until``, split at a *boundary* (:func:`coverage`):
 
 - hours before it (up to the last *settled* hour in the window: remade by ``rpc_rollup`` after
-  ``ROLLUP_SETTLE_SECONDS`` past its end, and left alone since) are read from their rollups,
-  sealed and unsealed: the rows ``rpc_logs_cleanup`` deleted plus the rows still stored;
+  ``ROLLUP_SETTLE_SECONDS`` past its end, and left alone since) are read from the rollups,
+  sealed and unsealed: the rows ``rpc_logs_cleanup`` deleted plus the rows still stored. Whole
+  UTC days among them are read from the daily tables (a row per day and method, or per day and
+  user) while their day is not stale, and the other hours from the hourly rollups;
 - hours from it on (the current hour, the hours not settled yet, and every hour when
   ``rpc_rollup`` never ran) are read from the log rows themselves, plus their *sealed* rollups
   only: the rows already deleted.
 
 Each log row is in exactly one of these parts: a row is counted in an hour's sealed rollups in
 the transaction that deletes it (:func:`~django_rpc_audit.rollups.maintain.seal_and_delete`),
-and unsealed rollups are only read for hours before the boundary, whose rows are not read. The
-hours after the boundary (their rows, and the sealed rollups of their deleted rows) are read in
-one transaction at ``REPEATABLE READ`` (one snapshot), so a cleanup that commits between the two
-queries cannot make a row count twice or not at all.
+unsealed rollups are only read for hours before the boundary, whose rows are not read, and a
+day's daily rows only while no hour of the day changed since they were made (every change marks
+the day stale in its own transaction). Every part of a window is read in one transaction at
+``REPEATABLE READ`` (one snapshot), so a cleanup or a roll-up that commits between two queries
+cannot make a row count twice or not at all.
 
-The hours before the boundary are read by :class:`Block` (a whole UTC day, or one hour), each
-block's sums cached under a key that changes when one of its hours is remade or sealed, and
-each run of blocks (the hours before the first whole day, the days, the hours after) cached as
-one sum: a window that did not move costs three cache reads per figure (:data:`CACHE_ALIAS`).
+A 90-day window reads about 90 daily rows per method and outcome, and per user: no cache is
+needed, and none is kept.
 
 :func:`percentile` estimates a percentile from the fixed duration histogram.
 """
@@ -28,45 +29,48 @@ one sum: a window that did not move costs three cache reads per figure (:data:`C
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.conf import settings
-from django.core.cache import BaseCache, caches
-from django.core.cache.backends.locmem import LocMemCache
 from django.db import connections, router, transaction
-from django.db.models import Max, Q, Sum
+from django.db.models import Max, Q, QuerySet, Sum
 from django.db.models.functions import Trunc
 
-from django_rpc_audit.rollups.maintain import _aggregates, hour_of
+from django_rpc_audit.rollups.maintain import DAY, _aggregates, hour_of
 from django_rpc_audit.rollups.models import (
     BUCKET,
     DURATION_EDGES_MS,
     HISTOGRAM_FIELDS,
+    OUTCOME_FIELDS,
+    RPCDailyRollup,
+    RPCDailyUserRollup,
+    RPCHourlyMethodRollup,
     RPCRollup,
     RPCRollupBucket,
+    RPCRollupDay,
 )
 from django_rpc_audit.status import RPCStatus
-
-#: The Django cache (``CACHES`` alias) holding the sums of whole settled days and hours. When
-#: ``CACHES`` has no such alias, a cache of the process's own (``LocMemCache``, up to
-#: :data:`PROCESS_CACHE_ENTRIES` entries); ``None``: no cache.
-CACHE_ALIAS: str | None = "rpc_audit"
-#: Entries of the per-process cache: the 90-day dashboard leaves about 460 (four figures).
-PROCESS_CACHE_ENTRIES = 10_000
-#: How long a block's sums are kept: as long as a 90-day window may read them.
-CACHE_SECONDS = 100 * 24 * 3600
-#: Bumped when the cached form changes.
-_CACHE_FORMAT = 1
-DAY = dt.timedelta(days=1)
 
 #: What a window can be grouped by: the rollups' key columns and the hour.
 DIMENSIONS = ("status", "method", "user_id", "hour")
 #: The summed columns read (cost is the usage reports' concern: :mod:`django_rpc_audit.usage`).
 _SUMMED = ("calls", "timed_calls", "duration_sum_ms", *HISTOGRAM_FIELDS)
+#: The status each outcome column of the daily user rows and the hours counts.
+_OUTCOME_STATUS = dict(
+    zip(
+        OUTCOME_FIELDS,
+        (
+            RPCStatus.SUCCESS.value,
+            RPCStatus.FAILED.value,
+            RPCStatus.TIMEOUT.value,
+            RPCStatus.RATE_LIMITED.value,
+            RPCStatus.PENDING.value,
+        ),
+        strict=True,
+    )
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,21 +86,6 @@ class Coverage:
     until: dt.datetime
     #: The database.
     using: str
-    #: The hours before the boundary as whole UTC days where they can be, single hours
-    #: elsewhere: the units whose sums are cached (:func:`window_sums`).
-    blocks: tuple[Block, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Block:
-    """Whole hours (a UTC day, or one hour) before the boundary, read and cached together."""
-
-    start: dt.datetime
-    end: dt.datetime
-    #: Changes whenever one of its hours' rollups change: how many of its hours were rolled
-    #: up, the last time one was (``computed_at``: ``rpc_rollup`` and every cleanup set it),
-    #: and up to when their rows were deleted.
-    version: str
 
 
 @dataclass(slots=True)
@@ -130,30 +119,6 @@ class Sums:
             bins[index] += row[name] or 0.0
         self.username = max(self.username, row.get("username") or "")
 
-    def add_compact(self, values: tuple[Any, ...]) -> None:
-        """Add a block's cached sums (``_compact``'s tuple)."""
-        calls, timed, total, longest, histogram, username = values
-        self.calls += calls
-        self.timed_calls += timed
-        self.duration_sum_ms += total
-        if longest is not None and (self.duration_max_ms is None or longest > self.duration_max_ms):
-            self.duration_max_ms = longest
-        bins = self._bins()
-        for index, value in enumerate(histogram):
-            bins[index] += value
-        self.username = max(self.username, username)
-
-    def compact(self) -> tuple[Any, ...]:
-        """The tuple :meth:`add_compact` adds (how blocks are cached)."""
-        return (
-            self.calls,
-            self.timed_calls,
-            self.duration_sum_ms,
-            self.duration_max_ms,
-            tuple(self.histogram),
-            self.username,
-        )
-
     def merge(self, other: Sums) -> None:
         if not other.timed_calls and other.duration_max_ms is None:  # counts only
             self.calls += other.calls
@@ -182,48 +147,13 @@ def coverage(since: dt.datetime, until: dt.datetime, *, using: str | None = None
     boundary is the end of the last settled hour in it (its first hour when none is)."""
     using = using or router.db_for_read(RPCRollup)
     start, last = hour_of(since), hour_of(until)
-    hours = list(
+    settled = (
         RPCRollupBucket.objects.using(using)
-        .filter(start__gte=start, start__lt=last)
-        .order_by("start")
-        .values_list("start", "settled", "computed_at", "sealed_before")
+        .filter(settled=True, start__gte=start, start__lt=last)
+        .aggregate(last=Max("start"))["last"]
     )
-    settled = max((hour[0] for hour in hours if hour[1]), default=None)
     boundary = start if settled is None else settled + BUCKET
-    return Coverage(
-        start=start,
-        boundary=boundary,
-        until=until,
-        using=using,
-        blocks=_blocks(start, boundary, [hour for hour in hours if hour[0] < boundary]),
-    )
-
-
-def _blocks(
-    start: dt.datetime, boundary: dt.datetime, hours: list[tuple[Any, ...]]
-) -> tuple[Block, ...]:
-    """Cut ``[start, boundary)`` into whole days and the hours around them, each with the
-    version of its rolled-up ``hours`` (``(start, settled, computed_at, sealed_before)``, in
-    order)."""
-    spans = []
-    moment = start
-    while moment < boundary:
-        midnight = moment.replace(hour=0)
-        end = moment + DAY if moment == midnight and moment + DAY <= boundary else moment + BUCKET
-        spans.append((moment, end))
-        moment = end
-    blocks = []
-    index = 0
-    for low, high in spans:
-        count, computed, sealed = 0, "", ""
-        while index < len(hours) and hours[index][0] < high:
-            _, _, computed_at, sealed_before = hours[index]
-            count += 1
-            computed = max(computed, computed_at.isoformat() if computed_at else "")
-            sealed = max(sealed, sealed_before.isoformat() if sealed_before else "")
-            index += 1
-        blocks.append(Block(low, high, f"{count}|{computed}|{sealed}"))
-    return tuple(blocks)
+    return Coverage(start=start, boundary=boundary, until=until, using=using)
 
 
 @contextmanager
@@ -244,26 +174,59 @@ def snapshot(using: str) -> Iterator[None]:
         yield
 
 
+def fresh_days(using: str, first: dt.datetime, end: dt.datetime) -> list[dt.datetime]:
+    """The days from ``first`` to ``end`` whose daily rows match their hours (call it in the
+    snapshot the daily rows are read in)."""
+    return list(
+        RPCRollupDay.objects.using(using)
+        .filter(stale=False, day__gte=first, day__lt=end)
+        .order_by("day")
+        .values_list("day", flat=True)
+    )
+
+
+def hours_outside(start: dt.datetime, end: dt.datetime, days: list[dt.datetime]) -> Q | None:
+    """A filter on ``bucket_start`` for the hours from ``start`` to ``end`` outside ``days``
+    (sorted), ``None`` when there are none."""
+    ranges = Q()
+    empty = True
+    moment = start
+    for day in [*days, end]:
+        if moment < day:
+            ranges |= Q(bucket_start__gte=moment, bucket_start__lt=min(day, end))
+            empty = False
+        moment = max(moment, day + DAY)
+    return None if empty else ranges
+
+
+def _daily_source(dims: tuple[str, ...]) -> str | None:
+    """Which coarser tables answer ``dims`` for the fresh days: ``"method"`` (per day, method
+    and status, and per hour, method and status for the edge days), ``"user"`` (per day and
+    user: calls by outcome), ``"hour"`` (the hours' calls by outcome), or none (the hourly
+    rollups)."""
+    if set(dims) <= {"method", "status"}:
+        return "method"
+    if _is_light(dims):
+        return "user" if dims[0] == "user_id" else "hour"
+    return None
+
+
 def window_sums(cover: Coverage, dims: Sequence[str]) -> dict[tuple[Any, ...], Sums]:
     """The sums of the window ``cover`` grouped by ``dims`` (of :data:`DIMENSIONS`; ``hour``
     is the UTC hour), each key a tuple of the dims' values.
 
-    The hours before the boundary come by :class:`Block` from the cache (``CACHES`` alias
-    :data:`CACHE_ALIAS`), each computed from the rollups once per version; the rest is two
-    grouped queries in one snapshot: the rollups of rows already deleted after the boundary,
-    and the rows after it.
+    In one snapshot: the whole days before the boundary that are not stale from the daily
+    tables, the other hours before it from the hourly rollups, then the rollups of rows
+    already deleted after the boundary, and the rows after it. Groups by user or by hour and
+    status (:func:`_is_light`) carry calls only.
     """
     unknown = [name for name in dims if name not in DIMENSIONS]
     if unknown:
         raise ValueError(f"unknown dimensions {unknown!r}; choose from {DIMENSIONS!r}")
     dims = tuple(dims)
     using = cover.using
-    result = _merge_blocks(_run_sums(cover, dims), _is_light(dims))
-
-    sealed = RPCRollup.objects.using(using).filter(
-        sealed=True, bucket_start__gte=cover.boundary, bucket_start__lte=cover.until
-    )
-    rollup_groups = _grouped_rollups(sealed, dims, by_block=None)
+    light = _is_light(dims)
+    result: dict[tuple[Any, ...], Sums] = {}
 
     from django_rpc_audit.models import RPCLog
 
@@ -272,7 +235,6 @@ def window_sums(cover: Coverage, dims: Sequence[str]) -> dict[tuple[Any, ...], S
     )
     # The very sums rpc_rollup stores, so the tail adds up as its rollups will.
     every = _aggregates(connections[using].vendor)
-    light = _is_light(dims)
     if light:  # counts are all these groups give
         row_sums: dict[str, Any] = {"calls": every["calls"]}
     else:
@@ -285,22 +247,112 @@ def window_sums(cover: Coverage, dims: Sequence[str]) -> dict[tuple[Any, ...], S
     row_groups = rows.order_by().values(*dims).annotate(**row_sums)
 
     with snapshot(using):
-        for grouped, hour_name in ((rollup_groups, "bucket_start"), (row_groups, "hour")):
+        source = _daily_source(dims)
+        span = (cover.start, cover.boundary)
+        days = []
+        if source is not None:
+            days = fresh_days(using, cover.start.replace(hour=0), cover.boundary)
+        whole = [day for day in days if day >= span[0] and day + DAY <= span[1]]
+        edges = [day for day in days if day not in whole]
+        # Per method and per hour, the fresh days are kept per hour too: the hours of the
+        # fresh days at the window's edges are read from them (per user, from the hourly
+        # rollups: only whole days are kept per user).
+        if source == "method":
+            if whole:
+                _add_daily(result, using, dims, "method", whole, span)
+            if edges:
+                _add_daily(result, using, dims, "hour-method", edges, span)
+        elif source == "hour" and days:
+            _add_daily(result, using, dims, "hour", days, span)
+        elif source == "user":
+            if whole:
+                _add_daily(result, using, dims, "user", whole, span)
+            days = whole
+        hourly = hours_outside(cover.start, cover.boundary, days)
+        rollups = RPCRollup.objects.using(using)
+        groups: list[tuple[Any, str]] = []
+        if hourly is not None:
+            groups.append((_grouped_rollups(rollups.filter(hourly), dims), "bucket_start"))
+        sealed = rollups.filter(
+            sealed=True, bucket_start__gte=cover.boundary, bucket_start__lte=cover.until
+        )
+        groups.append((_grouped_rollups(sealed, dims), "bucket_start"))
+        groups.append((row_groups, "hour"))
+        for grouped, hour_name in groups:
             for row in grouped:
                 key = tuple(_key_value(row, name, hour_name) for name in dims)
-                sums = result.get(key)
-                if sums is None:
-                    sums = result[key] = Sums()
-                if light:
-                    sums.calls += row["calls"] or 0.0
-                    sums.username = max(sums.username, row.get("username") or "")
-                else:
-                    sums.add(row)
+                _add_row(result, key, row, light)
     return result
 
 
-def _grouped_rollups(rollups: Any, dims: tuple[str, ...], *, by_block: str | None) -> Any:
-    """``rollups`` grouped by ``dims`` (and by ``"day"`` or ``"hour"`` with ``by_block``)."""
+def _add_row(
+    result: dict[tuple[Any, ...], Sums], key: tuple[Any, ...], row: dict[str, Any], light: bool
+) -> None:
+    sums = result.get(key)
+    if sums is None:
+        sums = result[key] = Sums()
+    if light:
+        sums.calls += row["calls"] or 0.0
+        sums.username = max(sums.username, row.get("username") or "")
+    else:
+        sums.add(row)
+
+
+def _add_daily(
+    result: dict[tuple[Any, ...], Sums],
+    using: str,
+    dims: tuple[str, ...],
+    source: str | None,
+    days: list[dt.datetime],
+    span: tuple[dt.datetime, dt.datetime],
+) -> None:
+    """Add the sums of the fresh ``days`` from the table ``source`` names: ``"method"``,
+    ``"hour-method"``, ``"user"`` or ``"hour"`` (the per-hour ones: the hours of ``span``
+    only)."""
+    if source in ("method", "hour-method"):
+        if source == "method":
+            daily: Any = RPCDailyRollup.objects.using(using).filter(day__in=days)
+        else:
+            daily = RPCHourlyMethodRollup.objects.using(using).filter(_in_days("hour", days, span))
+        sums: dict[str, Any] = {name: Sum(name) for name in _SUMMED}
+        sums["duration_max_ms"] = Max("duration_max_ms")
+        for row in daily.order_by().values(*dims).annotate(**sums):
+            _add_row(result, tuple(row[name] for name in dims), row, light=False)
+        return
+    outcomes = {name: Sum(name) for name in OUTCOME_FIELDS}
+    if source == "user":
+        users = RPCDailyUserRollup.objects.using(using).filter(day__in=days)
+        grouped = users.order_by().values("user_id").annotate(username=Max("username"), **outcomes)
+        heads = [(row["user_id"], row) for row in grouped]
+    else:
+        hours = RPCRollupBucket.objects.using(using).filter(_in_days("start", days, span))
+        values = hours.values("start", *OUTCOME_FIELDS)
+        heads = [(_key_value(row, "hour", "start"), row) for row in values]
+    for head, row in heads:
+        for name, status in _OUTCOME_STATUS.items():
+            if row[name]:
+                _add_row(
+                    result,
+                    (head, status),
+                    {"calls": row[name], "username": row.get("username")},
+                    light=True,
+                )
+
+
+def _in_days(name: str, days: list[dt.datetime], span: tuple[dt.datetime, dt.datetime]) -> Q:
+    """``name`` within one of ``days`` and within ``span``: one tight range per day, so that
+    the index on ``name`` reads those hours only."""
+    return Q(
+        *[
+            Q(**{f"{name}__gte": max(day, span[0]), f"{name}__lt": min(day + DAY, span[1])})
+            for day in days
+        ],
+        _connector=Q.OR,
+    )
+
+
+def _grouped_rollups(rollups: QuerySet[RPCRollup], dims: tuple[str, ...]) -> Any:
+    """``rollups`` grouped by ``dims``."""
     if _is_light(dims):
         sums: dict[str, Any] = {"calls": Sum("calls")}
     else:
@@ -309,215 +361,12 @@ def _grouped_rollups(rollups: Any, dims: tuple[str, ...], *, by_block: str | Non
     if "user_id" in dims:
         sums["username"] = Max("username")
     columns = [("bucket_start" if name == "hour" else name) for name in dims]
-    if by_block == "day":
-        rollups = rollups.annotate(block=Trunc("bucket_start", "day", tzinfo=dt.UTC))
-        columns.append("block")
-    elif by_block == "hour" and "bucket_start" not in columns:
-        columns.append("bucket_start")
     return rollups.order_by().values(*columns).annotate(**sums)
 
 
-_Compact = tuple[Any, ...]
-
-
-def _run_sums(cover: Coverage, dims: tuple[str, ...]) -> list[Any]:
-    """The sums of ``cover``'s blocks, as one part per *run* of them (the hours before its
-    first whole day, the whole days, the hours after): each run's sum is cached under the keys
-    of its blocks, so a window that did not move reads three entries; a run that did (an hour
-    settled, a day began, a cleanup sealed rows) is added up again from its blocks' entries,
-    and only the blocks that changed are read from the rollups."""
-    if not cover.blocks:
-        return []
-    light = _is_light(dims)
-    cache = _cache()
-    database = connections[cover.using].settings_dict.get("NAME")
-    block_keys = {block: _cache_key(database, cover.using, dims, block) for block in cover.blocks}
-    runs: list[tuple[Block, ...]] = []
-    for block in cover.blocks:
-        if runs and (runs[-1][-1].end - runs[-1][-1].start) == (block.end - block.start):
-            runs[-1] = (*runs[-1], block)
-        else:
-            runs.append((block,))
-    run_keys = {
-        run: "rpc_audit:rollups:run:"
-        + hashlib.sha256("|".join(block_keys[block] for block in run).encode()).hexdigest()
-        for run in runs
-    }
-    found = cache.get_many(list(run_keys.values())) if cache is not None else {}
-    missing = [run for run in runs if run_keys[run] not in found]
-    if missing:
-        blocks = [block for run in missing for block in run]
-        parts = dict(zip(blocks, _block_sums(cover.using, dims, blocks, block_keys), strict=True))
-        made = {run_keys[run]: _combine([parts[block] for block in run], light) for run in missing}
-        if cache is not None:
-            cache.set_many(made, CACHE_SECONDS)
-        found.update(made)
-    return [found[run_keys[run]] for run in runs]
-
-
-def _block_sums(
-    using: str, dims: tuple[str, ...], blocks: list[Block], keys: dict[Block, str]
-) -> list[Any]:
-    """Per block: its sums (a part), from the cache or, for the blocks it lacks, from the
-    rollups (one grouped query for the missing days, one for the missing hours), then
-    cached."""
-    cache = _cache()
-    found = cache.get_many([keys[block] for block in blocks]) if cache is not None else {}
-    missing = [block for block in blocks if keys[block] not in found]
-    if missing:
-        computed = _compute_blocks(using, dims, missing)
-        made = {keys[block]: computed[block] for block in missing}
-        if cache is not None:
-            cache.set_many(made, CACHE_SECONDS)
-        found.update(made)
-    return [found[keys[block]] for block in blocks]
-
-
 def _is_light(dims: tuple[str, ...]) -> bool:
-    """Groups by user or by hour (then by status) need only their calls: cached per block as
-    one entry per user or hour holding the calls of each status, the smallest form to read
-    and to add up over ninety days."""
+    """Groups by user or by hour (then by status) need only their calls."""
     return len(dims) == 2 and dims[-1] == "status" and dims[0] in ("user_id", "hour")
-
-
-#: The slot of each status in a light entry; the last slot holds the username.
-_STATUS_SLOTS = {status: index for index, status in enumerate(RPCStatus.values)}
-_NAME_SLOT = len(_STATUS_SLOTS)
-
-
-def _compute_blocks(using: str, dims: tuple[str, ...], blocks: list[Block]) -> dict[Block, Any]:
-    """The sums of ``blocks`` from the rollups: per block, ``{head: [calls per status...,
-    username]}`` for light groups, else a list of ``(key, compact sums)``."""
-    light = _is_light(dims)
-    computed: dict[Block, Any] = {block: {} if light else [] for block in blocks}
-    for kind in ("day", "hour"):
-        chosen = [block for block in blocks if (block.end - block.start == DAY) == (kind == "day")]
-        if not chosen:
-            continue
-        by_start = {block.start: block for block in chosen}
-        ranges = Q()
-        for low, high in _ranges(chosen):
-            ranges |= Q(bucket_start__gte=low, bucket_start__lt=high)
-        grouped = _grouped_rollups(
-            RPCRollup.objects.using(using).filter(ranges), dims, by_block=kind
-        )
-        for row in grouped:
-            moment = _key_value(row, "hour", "block" if kind == "day" else "bucket_start")
-            block = by_start[moment]
-            key = tuple(_key_value(row, name, "bucket_start") for name in dims)
-            if not light:
-                computed[block].append((key, _compact(row)))
-                continue
-            entry = computed[block].get(key[0])
-            if entry is None:
-                entry = computed[block][key[0]] = [0.0] * _NAME_SLOT + [""]
-            # A status outside RPCStatus (raw SQL) counts in the total only, like pending.
-            entry[_STATUS_SLOTS.get(key[1], _STATUS_SLOTS[RPCStatus.PENDING])] += (
-                row["calls"] or 0.0
-            )
-            entry[_NAME_SLOT] = max(entry[_NAME_SLOT], row.get("username") or "")
-    return computed
-
-
-def _combine(parts: list[Any], light: bool) -> Any:
-    """Several parts added up into one part of the same form."""
-    if not light:
-        sums: dict[tuple[Any, ...], Sums] = {}
-        for part in parts:
-            for key, values in part:
-                found = sums.get(key)
-                if found is None:
-                    found = sums[key] = Sums()
-                found.add_compact(values)
-        return [(key, found.compact()) for key, found in sums.items()]
-    # Up to a few hundred thousand entries over ninety days: plain list arithmetic.
-    totals: dict[Any, list[Any]] = {}
-    slots = range(_NAME_SLOT)
-    for part in parts:
-        for head, entry in part.items():
-            total = totals.get(head)
-            if total is None:
-                totals[head] = list(entry)
-                continue
-            for slot in slots:
-                total[slot] += entry[slot]
-            if entry[_NAME_SLOT] > total[_NAME_SLOT]:  # noqa: PLR1730 (no call per entry)
-                total[_NAME_SLOT] = entry[_NAME_SLOT]
-    return totals
-
-
-def _merge_blocks(parts: list[Any], light: bool) -> dict[tuple[Any, ...], Sums]:
-    """Add up the parts into one :class:`Sums` per key."""
-    combined = _combine(parts, light)
-    result: dict[tuple[Any, ...], Sums] = {}
-    if not light:
-        for key, values in combined:
-            result[key] = Sums()
-            result[key].add_compact(values)
-        return result
-    statuses = list(_STATUS_SLOTS)
-    for head, total in combined.items():
-        for slot, status in enumerate(statuses):
-            if total[slot]:
-                result[(head, status)] = Sums(calls=total[slot], username=total[_NAME_SLOT])
-    return result
-
-
-def _ranges(blocks: list[Block]) -> Iterator[tuple[dt.datetime, dt.datetime]]:
-    """The blocks' time ranges, neighbours joined."""
-    low = high = None
-    for block in sorted(blocks, key=lambda block: block.start):
-        if high == block.start:
-            high = block.end
-            continue
-        if low is not None and high is not None:
-            yield low, high
-        low, high = block.start, block.end
-    if low is not None and high is not None:
-        yield low, high
-
-
-def _compact(row: dict[str, Any]) -> _Compact:
-    """A grouped row's sums as a tuple (see :meth:`Sums.add_compact`)."""
-    return (
-        row["calls"] or 0.0,
-        row["timed_calls"] or 0.0,
-        row["duration_sum_ms"] or 0.0,
-        row["duration_max_ms"],
-        tuple(row[name] or 0.0 for name in HISTOGRAM_FIELDS),
-        row.get("username") or "",
-    )
-
-
-def _cache_key(database: Any, using: str, dims: tuple[str, ...], block: Block) -> str:
-    text = f"{_CACHE_FORMAT}|{database}|{using}|{','.join(dims)}|{block.start.isoformat()}|"
-    text += f"{block.end.isoformat()}|{block.version}"
-    return "rpc_audit:rollups:" + hashlib.sha256(text.encode()).hexdigest()
-
-
-def _cache() -> BaseCache | None:
-    """The cache of :data:`CACHE_ALIAS`, or the process's own."""
-    global _process_cache
-    if CACHE_ALIAS is None:
-        return None
-    if CACHE_ALIAS in settings.CACHES:
-        return caches[CACHE_ALIAS]
-    if _process_cache is None:
-        _process_cache = LocMemCache(
-            "django_rpc_audit.rollups",
-            {"TIMEOUT": CACHE_SECONDS, "OPTIONS": {"MAX_ENTRIES": PROCESS_CACHE_ENTRIES}},
-        )
-    return _process_cache
-
-
-def clear_cache() -> None:
-    """Empty the cache of block sums (they are also replaced whenever their hours change)."""
-    cache = _cache()
-    if cache is not None:
-        cache.clear()
-
-
-_process_cache: BaseCache | None = None
 
 
 def _key_value(row: dict[str, Any], name: str, hour_name: str) -> Any:
@@ -538,10 +387,18 @@ def percentile(histogram: Sequence[float], fraction: float, longest: float | Non
     if smaller (the last bucket, above 10 s, ends at ``longest``). The exact value lies
     between the calls ranked just below and at that rank, so both are in bucket ``i`` or the
     first lies in a lower one: the estimate errs by at most the width of bucket ``i`` (plus,
-    rarely, the distance down to the lower call). ``None`` when nothing was timed.
+    rarely, the distance down to the lower call). ``None`` when nothing was timed (an empty
+    ``histogram`` too).
+
+    :raises ValueError: ``fraction`` outside 0 to 1, or not one count per bucket.
     """
     if not 0 <= fraction <= 1:
         raise ValueError("fraction must be between 0 and 1.")
+    if histogram and len(histogram) != len(HISTOGRAM_FIELDS):
+        raise ValueError(
+            f"{len(DURATION_EDGES_MS)} edges need {len(HISTOGRAM_FIELDS)} counts, "
+            f"not {len(histogram)}."
+        )
     total = sum(histogram)
     if total <= 0:
         return None

@@ -1,4 +1,5 @@
-"""``manage.py rpc_rollup``: remake the hourly rollups of recent hours from the log rows."""
+"""``manage.py rpc_rollup``: remake the hourly rollups of recent hours from the log rows, then
+the daily rollups of the days whose hours changed."""
 
 from __future__ import annotations
 
