@@ -29,7 +29,7 @@ needed, and none is kept.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -320,6 +320,7 @@ def _add_daily(
             _add_row(result, tuple(row[name] for name in dims), row, light=False)
         return
     outcomes = {name: Sum(name) for name in OUTCOME_FIELDS}
+    heads: list[tuple[Any, Mapping[str, Any]]]
     if source == "user":
         users = RPCDailyUserRollup.objects.using(using).filter(day__in=days)
         grouped = users.order_by().values("user_id").annotate(username=Max("username"), **outcomes)
