@@ -45,6 +45,7 @@ from django_rpc_audit.querysets import (
     UserCalls,
     UserStats,
     _bucket_start,
+    _timeline,
 )
 from django_rpc_audit.rollups.read import Coverage, Sums, coverage, percentile, window_sums
 from django_rpc_audit.status import RPCStatus
@@ -307,25 +308,3 @@ def _counts(
         value: {name: round(total) for name, total in values.items()}
         for value, values in raw.items()
     }
-
-
-def _timeline(
-    counts: dict[dt.datetime, dict[str, int]], since: dt.datetime, until: dt.datetime, bucket: str
-) -> list[TimeBucket]:
-    step = _BUCKETS[bucket]
-    start, end = _bucket_start(since, bucket), _bucket_start(until, bucket)
-    timeline: list[TimeBucket] = []
-    while start <= end:
-        found = counts.get(start, {})
-        timeline.append(
-            TimeBucket(
-                start=start,
-                total_calls=found.get("total_calls", 0),
-                success_count=found.get("success_count", 0),
-                failed_count=found.get("failed_count", 0),
-                timeout_count=found.get("timeout_count", 0),
-                rate_limited_count=found.get("rate_limited_count", 0),
-            )
-        )
-        start = _bucket_start(start + step, bucket)
-    return timeline

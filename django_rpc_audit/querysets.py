@@ -129,6 +129,30 @@ def _bucket_start(value: datetime, bucket: str) -> datetime:
     return value
 
 
+def _timeline(
+    counts: dict[datetime, dict[str, int]], since: datetime, until: datetime, bucket: str
+) -> list[TimeBucket]:
+    """Every bucket from ``since`` to ``until``, oldest first, with the ``counts`` found for
+    it (by bucket start) and zeros where none were."""
+    step = _BUCKETS[bucket]
+    start, end = _bucket_start(since, bucket), _bucket_start(until, bucket)
+    timeline: list[TimeBucket] = []
+    while start <= end:
+        found = counts.get(start, {})
+        timeline.append(
+            TimeBucket(
+                start=start,
+                total_calls=found.get("total_calls", 0),
+                success_count=found.get("success_count", 0),
+                failed_count=found.get("failed_count", 0),
+                timeout_count=found.get("timeout_count", 0),
+                rate_limited_count=found.get("rate_limited_count", 0),
+            )
+        )
+        start = _bucket_start(start + step, bucket)
+    return timeline
+
+
 class PercentileCont(models.Aggregate):
     """PostgreSQL's exact ``percentile_cont(fraction) WITHIN GROUP (ORDER BY expression)``."""
 
@@ -522,23 +546,7 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
             .annotate(**_outcome_counts()),
         )
         counts = {row["bucket"]: _rounded_counts(row) for row in rows}
-        step = _BUCKETS[bucket]
-        start, end = _bucket_start(since, bucket), _bucket_start(until, bucket)
-        timeline: list[TimeBucket] = []
-        while start <= end:
-            bucket_counts = counts.get(start, {})
-            timeline.append(
-                TimeBucket(
-                    start=start,
-                    total_calls=bucket_counts.get("total_calls", 0),
-                    success_count=bucket_counts.get("success_count", 0),
-                    failed_count=bucket_counts.get("failed_count", 0),
-                    timeout_count=bucket_counts.get("timeout_count", 0),
-                    rate_limited_count=bucket_counts.get("rate_limited_count", 0),
-                )
-            )
-            start = _bucket_start(start + step, bucket)
-        return timeline
+        return _timeline(counts, since, until, bucket)
 
     def calls_by_method(self) -> list[MethodCalls]:
         """Per method: call counts by outcome, mean and longest duration; busiest first.
