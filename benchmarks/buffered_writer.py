@@ -11,7 +11,9 @@ database (PostgreSQL, MariaDB or MySQL with ``DATABASE_URL``; a SQLite file othe
    ``save()``). Median and p99 per call, and the ratio of each
    median to logging off. The same for ``acall()`` (off / buffered).
 2. Ingestion: finished-call events are put in a buffered writer as fast as possible, and the
-   time its thread takes to write them all to the database gives rows per second.
+   time its thread takes to write them all to the database gives rows per second. Then the
+   writer's CPU per row for events as the client makes them (5,000 calls over the in-process
+   transport, their payloads deferred to the writer), its flush timed with ``thread_time``.
 3. Memory: 1,000,000 calls logged with the buffered writer (over the in-process transport, to
    keep the run short; the writer does the same work whatever the transport), printing the
    peak RSS along the way: flat once the buffer is at its bound (``BUFFER_SIZE``).
@@ -157,17 +159,31 @@ async def timed_acalls(calls: int) -> list[float]:
     return samples
 
 
-def print_table(title: str, results: dict[str, list[float]], labels: dict[str, str]) -> None:
+def print_table(
+    title: str,
+    results: dict[str, list[float]],
+    labels: dict[str, str],
+    rounds: dict[str, list[float]] | None = None,
+) -> None:
+    """Per variant: median and p99 of its samples, and the ratio of that median to logging
+    off's; with ``rounds`` (each round's median, by variant), also the median of the per-round
+    ratios (each round's median over the same round's logging off: what noise between rounds
+    moves least)."""
     base = statistics.median(results["off"])
     print(f"\n{title}")
-    print(f"{'variant':<28}{'median µs':>11}{'p99 µs':>10}{'overhead µs':>13}{'ratio':>8}")
+    header = f"{'variant':<28}{'median µs':>11}{'p99 µs':>10}{'overhead µs':>13}{'ratio':>8}"
+    print(header + (f"{'round ratio':>13}" if rounds else ""))
     for variant, label in labels.items():
         samples = results[variant]
         median = statistics.median(samples)
-        print(
+        line = (
             f"{label:<28}{median:>11.1f}{percentile(samples, 0.99):>10.1f}"
             f"{median - base:>13.1f}{median / base:>8.3f}"
         )
+        if rounds:
+            ratios = [mine / off for mine, off in zip(rounds[variant], rounds["off"], strict=True)]
+            line += f"{statistics.median(ratios):>13.3f}"
+        print(line)
 
 
 def measure_latency(calls: int, rounds: int, transport: str) -> None:
@@ -182,6 +198,7 @@ def measure_latency(calls: int, rounds: int, transport: str) -> None:
         "reference": "reference (create + save)",
     }
     results: dict[str, list[float]] = {variant: [] for variant in labels}
+    round_medians: dict[str, list[float]] = {variant: [] for variant in labels}
     deferred = BufferedLogWriter(buffer_size=10 * calls, background=False)
 
     def run(variant: str, count: int) -> list[float]:
@@ -199,27 +216,36 @@ def measure_latency(calls: int, rounds: int, transport: str) -> None:
     flush()
     for _round in range(rounds):
         for variant in labels:
-            results[variant].extend(run(variant, calls))
+            samples = run(variant, calls)
+            results[variant].extend(samples)
+            round_medians[variant].append(statistics.median(samples))
             configure(ENABLE_LOGGING=True, WRITE_MODE="buffered")
             flush()  # the next variant does not pay for this one's backlog
     print_table(
-        f"call() over {transport}, {rounds} rounds x {calls} calls per variant", results, labels
+        f"call() over {transport}, {rounds} rounds x {calls} calls per variant",
+        results,
+        labels,
+        round_medians,
     )
 
     async_results: dict[str, list[float]] = {"off": [], "buffered": []}
+    async_medians: dict[str, list[float]] = {"off": [], "buffered": []}
     for variant in ("off", "buffered"):
         variant_call(variant)  # configures
         asyncio.run(timed_acalls(200))
     for _round in range(rounds):
         for variant in ("off", "buffered"):
             variant_call(variant)
-            async_results[variant].extend(asyncio.run(timed_acalls(calls)))
+            samples = asyncio.run(timed_acalls(calls))
+            async_results[variant].extend(samples)
+            async_medians[variant].append(statistics.median(samples))
     configure(ENABLE_LOGGING=True, WRITE_MODE="buffered")
     flush()
     print_table(
         f"acall() over {transport}, {rounds} rounds x {calls} calls per variant",
         async_results,
         {"off": "logging off", "buffered": "buffered writer"},
+        async_medians,
     )
     print(f"rows logged: {RPCLog.objects.count()}")
     RPCLog.objects.all().delete()
@@ -299,6 +325,40 @@ def measure_ingestion(rows: int, batch_size: int) -> None:
     print(f"  of which building the column values (the sink's helpers): {values_cpu * 1e6:.0f} µs")
 
 
+def measure_client_rows(calls: int, batch_size: int, rounds: int = 5) -> None:
+    """The writer's CPU per row for events as the client makes them (their payloads deferred
+    to the writer's thread, as with only the built-in receivers): ``calls`` calls over the
+    in-process transport into a writer without a thread, then its flush timed on this thread
+    (``thread_time``: the CPU the writer's thread would spend), median of ``rounds``."""
+    from django_rpc_audit import get_rpc_client
+    from django_rpc_audit.models import RPCLog
+    from django_rpc_audit.transports import register_local_handler
+    from django_rpc_audit.writers import BufferedLogWriter, use_writer
+
+    register_local_handler("bench.echo", lambda params: {"echo": params})
+    configure(TRANSPORT="local", ENABLE_LOGGING=True, WRITE_MODE="buffered")
+    client = get_rpc_client()
+    per_row = []
+    for _round in range(rounds):
+        writer = BufferedLogWriter(
+            buffer_size=calls, buffer_max_bytes=2**40, batch_size=batch_size, background=False
+        )
+        with use_writer(writer):
+            for n in range(calls):
+                client.call("bench.echo", {"n": n, "who": "benchmark"})
+        cpu = time.thread_time()
+        assert writer.flush()
+        per_row.append((time.thread_time() - cpu) / calls * 1e6)
+        assert writer.stats().written == calls
+        RPCLog.objects.all().delete()
+    print(
+        f"  the client's events ({calls:,} calls, local transport, payloads deferred): the "
+        f"writer's CPU {statistics.median(per_row):.1f} µs per row (median of {rounds}: "
+        + ", ".join(f"{value:.1f}" for value in per_row)
+        + ")"
+    )
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -349,6 +409,18 @@ def measure_memory(calls: int) -> None:
         f"{RPCLog.objects.count():,} rows in the table"
     )
     RPCLog.objects.all().delete()
+
+
+def delete_stream(redis_url: str, stream: str) -> None:
+    """Delete the run's request stream: each run has its own, which keeps up to
+    ``STREAM_MAXLEN`` requests (1 MB each in ``payload_cost.py``: gigabytes left in Redis)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.delete(stream)
+    finally:
+        client.close()
 
 
 def wait_for_responder() -> None:
@@ -406,8 +478,10 @@ def main() -> None:
     finally:
         stop.set()
         answering.join(5)
+        delete_stream(args.redis, stream)
     if "ingest" not in args.skip:
         measure_ingestion(args.ingest_rows, args.batch_size)
+        measure_client_rows(min(args.ingest_rows, 5_000), args.batch_size)
     if "memory" not in args.skip:
         measure_memory(args.memory_calls)
 

@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from buffered_writer import (  # noqa: E402
     configure,
     current_rss_mb,
+    delete_stream,
     setup_django,
     wait_for_responder,
 )
@@ -299,6 +300,7 @@ def main() -> None:
         finally:
             stop.set()
             answering.join(5)
+            delete_stream(args.redis, stream)
     if "growth" not in args.skip:
         growth(args.repeats)
     if "memory" not in args.skip:

@@ -298,7 +298,10 @@ def cap_text(text: str, max_bytes: int) -> str:
 
 def _cut_utf8(text: str, max_bytes: int) -> str:
     """The longest prefix of ``text`` that is at most ``max_bytes`` bytes in UTF-8."""
-    return text[:max_bytes].encode("utf-8", "surrogatepass")[:max_bytes].decode("utf-8", "ignore")
+    head = text[:max_bytes]
+    if max_bytes >= 0 and head.isascii():  # a byte a character: already the longest
+        return head
+    return head.encode("utf-8", "surrogatepass")[:max_bytes].decode("utf-8", "ignore")
 
 
 def _last_utf8(text: str, max_bytes: int) -> str:

@@ -71,6 +71,8 @@ def call_log_id_hex(correlation_id: str, started_at: datetime) -> str:
 
 def _truncate(value: object, limit: int) -> str:
     """``value`` as text a database column accepts: NUL removed (PostgreSQL refuses it), capped."""
+    if type(value) is str and len(value) <= limit and value.isascii() and "\x00" not in value:
+        return value  # what the steps below return for it: an id, a method name
     text = "" if value is None else str(value)
     return clean_text(text.replace("\x00", ""))[:limit]
 
@@ -187,86 +189,51 @@ def _without_missing_user(queryset: RPCLogQuerySet, values: dict[str, Any]) -> d
     return values
 
 
-def _started_values(
-    correlation_id: str,
-    method: str,
-    params: Any,
-    user: Any,
-    caller_ip: str | None,
-    user_agent: str | None,
-    json_text: bool = False,
-    trace_id: str | None = None,
-    span_id: str | None = None,
-) -> dict[str, Any]:
-    """Column values known when a call starts, made safe to store whatever the caller passed.
+#: ``_started_row_of``'s params when the caller gives none.
+_UNSET: Any = object()
 
-    Params are sanitized (:func:`~django_rpc_audit.sanitize.sanitize`) and capped at
-    ``MAX_PARAMS_BYTES``; the user agent at ``MAX_USER_AGENT_BYTES``. With ``json_text``
-    the JSON column holds its compact JSON text instead (for ``COPY``).
+
+def _started_row_of(
+    started: Mapping[str, Any], *, for_copy: bool = False, params: Any = _UNSET
+) -> dict[str, Any]:
+    """The ``pending`` row of a call, from ``rpc_started``'s keyword arguments (or
+    ``rpc_finished``'s, which repeat them; keys it does not take are ignored): its id, the
+    column values known when a call starts, made safe to store whatever the caller passed,
+    and ``created_at``.
+
+    The params are sanitized (:func:`~django_rpc_audit.sanitize.sanitize`) and capped at
+    ``MAX_PARAMS_BYTES`` (``params``, when given: their stored value, used as it is); the
+    user agent at ``MAX_USER_AGENT_BYTES``. With ``for_copy`` the id is hex digits and the
+    JSON columns JSON text, as ``COPY`` takes them.
     """
     config = get_config()
-    user_pk, username = _user_columns(user)
-    if params is None:
-        stored_params: Any = "{}" if json_text else {}
-    else:
-        to_json = stored_json_text if json_text else stored_json
-        stored_params = to_json(params, config.max_params_bytes)
-    return {
-        "correlation_id": _truncate(correlation_id, 64),
-        "method": _truncate(method, 255),
-        "params": stored_params,
-        "user_id": user_pk,
-        "username": username,
-        "caller_ip": _ip_or_none(caller_ip),
-        "user_agent": _capped_text(user_agent, config.max_user_agent_bytes),
-        "trace_id": _truncate(trace_id, 32),
-        "span_id": _truncate(span_id, 16),
-    }
-
-
-def _started_row(
-    correlation_id: str,
-    method: str,
-    params: Any,
-    user: Any,
-    caller_ip: str | None,
-    user_agent: str | None,
-    started_at: datetime,
-    *,
-    for_copy: bool = False,
-    trace_id: str | None = None,
-    span_id: str | None = None,
-) -> dict[str, Any]:
-    """The ``pending`` row of a call: its id, :func:`_started_values` and ``created_at``.
-
-    With ``for_copy`` the id is hex digits and the JSON columns JSON text, as ``COPY`` takes
-    them.
-    """
+    get = started.get
+    correlation_id: Any = get("correlation_id")
+    started_at = started["started_at"]
+    if params is _UNSET:
+        params = get("params")
+        if params is None:
+            params = "{}" if for_copy else {}
+        else:
+            to_json = stored_json_text if for_copy else stored_json
+            params = to_json(params, config.max_params_bytes)
+    user_pk, username = _user_columns(get("user"))
     return {
         "id": (call_log_id_hex if for_copy else call_log_id)(correlation_id, started_at),
-        **_started_values(
-            correlation_id,
-            method,
-            params,
-            user,
-            caller_ip,
-            user_agent,
-            json_text=for_copy,
-            trace_id=trace_id,
-            span_id=span_id,
-        ),
+        "correlation_id": _truncate(correlation_id, 64),
+        "method": _truncate(get("method"), 255),
+        "params": params,
+        "user_id": user_pk,
+        "username": username,
+        "caller_ip": _ip_or_none(get("caller_ip")),
+        "user_agent": _capped_text(get("user_agent"), config.max_user_agent_bytes),
+        "trace_id": _truncate(get("trace_id"), 32),
+        "span_id": _truncate(get("span_id"), 16),
         "created_at": stored_datetime(started_at),
     }
 
 
 # -- single rows (synchronous writer, manual logging) -------------------------------------------
-
-
-def _started_row_of(started: Mapping[str, Any], *, for_copy: bool = False) -> dict[str, Any]:
-    """:func:`_started_row` of ``rpc_started``'s keyword arguments (or ``rpc_finished``'s,
-    which repeat them); keys it does not take are ignored."""
-    values: dict[str, Any] = {key: started.get(key) for key in STARTED_KEYS}
-    return _started_row(**values, started_at=started["started_at"], for_copy=for_copy)
 
 
 def record_started(queryset: RPCLogQuerySet, **started: Any) -> RPCLog:
@@ -321,7 +288,7 @@ def record_finished(
 
 # -- bulk writes (buffered writer) ------------------------------------------------------------
 
-#: The event keys :func:`_started_values` takes. Adding a key to an event is one line here.
+#: The event keys :func:`_started_row_of` takes.
 STARTED_KEYS: tuple[str, ...] = (
     "correlation_id",
     "method",
@@ -362,15 +329,13 @@ def event_row_values(event: Mapping[str, Any], *, for_copy: bool = False) -> dic
     """
     if isinstance(event, dict):
         resolve_payloads(event)
-    started: dict[str, Any] = {key: event.get(key) for key in STARTED_KEYS}
     # The client's events carry their JSON already in stored form (capped, redacted) and its
     # text: used as they are instead of being made again.
     params_json = event.get("params_json")
+    params: Any = _UNSET
     if params_json is not None:
-        started["params"] = None
-    values = _started_row(**started, started_at=event["started_at"], for_copy=for_copy)
-    if params_json is not None:
-        values["params"] = params_json if for_copy else event["params"]
+        params = params_json if for_copy else event["params"]
+    values = _started_row_of(event, for_copy=for_copy, params=params)
     if is_finished_event(event):
         # rpc_finished always sends the outcome; the receivers add sample_rate (default 1.0).
         outcome: dict[str, Any] = {key: event[key] for key in OUTCOME_KEYS if key in event}
