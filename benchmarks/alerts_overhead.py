@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from buffered_writer import configure, print_table, setup_django  # noqa: E402
+from buffered_writer import configure, delete_stream, print_table, setup_django  # noqa: E402
 
 FAIL_EVERY = 20
 WINDOW_SECONDS = 60.0
@@ -219,6 +219,7 @@ def main() -> None:
         stop.set()
         for helper in helpers:
             helper.join(5)
+        delete_stream(args.redis, stream)
     measure_detector(1_000_000)
     from django_rpc_audit.models import RPCLog, WebhookDelivery
 

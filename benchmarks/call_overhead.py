@@ -164,6 +164,10 @@ def main() -> None:
         if user is not None:
             lookups.extend(measure_user_lookup(args.calls, user))
     stop.set()
+    if args.redis:
+        import redis
+
+        redis.Redis.from_url(args.redis).delete(stream)  # the run's own: up to STREAM_MAXLEN
     rows = RPCLog.objects.count()
     RPCLog.objects.all().delete()
 

@@ -51,7 +51,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from buffered_writer import configure, setup_django, wait_for_responder  # noqa: E402
+from buffered_writer import (  # noqa: E402
+    configure,
+    delete_stream,
+    setup_django,
+    wait_for_responder,
+)
 from call_overhead import responder  # noqa: E402
 
 ALL = {"OTEL_TRACES": True, "OTEL_METRICS": True, "PROMETHEUS_METRICS": True}
@@ -363,6 +368,7 @@ def with_responder(redis_url: str, stream: str, body: Any) -> None:
     finally:
         stop.set()
         answering.join(5)
+        delete_stream(redis_url, stream)
 
 
 def child_off(tree: Path, redis_url: str, calls: int, local: bool) -> None:
