@@ -56,36 +56,17 @@ HISTOGRAM_FIELDS: tuple[str, ...] = (
 COST_SUM_MAX_DIGITS = 28
 
 
-class RPCRollup(models.Model):
-    """Calls of one method, by one user, with one outcome, within one hour.
+class MethodSums(models.Model):
+    """The figures every rollup table of a method and an outcome holds.
 
     Counts are exact (``rows``) and sample-weighted (``calls``: each row counts
     ``1 / sample_rate`` calls). ``cost`` needs no weighting: a call with a cost is never sampled
-    out, so its row has ``sample_rate`` 1. Durations are weighted like ``calls``. Several rows
-    may share a key (one ``sealed``, one not): sum them.
+    out, so its row has ``sample_rate`` 1. Durations are weighted like ``calls``.
     """
 
     id = models.BigAutoField(primary_key=True)
-    #: Start of the hour (UTC).
-    bucket_start = models.DateTimeField(_("hour"))
     method = models.CharField(_("method"), max_length=255)
-    #: The user's id, kept after the user is deleted (no constraint, no cascade).
-    user = models.ForeignKey(
-        settings.AUTH_USER_MODEL,
-        verbose_name=_("user"),
-        null=True,
-        blank=True,
-        on_delete=models.DO_NOTHING,
-        db_constraint=False,
-        related_name="+",
-        db_index=False,
-    )
-    #: The username snapshot of the calls (``RPCLog.username``).
-    username = models.CharField(_("username"), max_length=255, blank=True, default="")
     status = models.CharField(_("status"), max_length=16)
-    #: Counts log rows ``rpc_logs_cleanup`` deleted (only grows), or else rows still stored
-    #: (remade by each ``rpc_rollup`` run).
-    sealed = models.BooleanField(_("sealed"), default=False)
     #: Log rows counted.
     rows = models.PositiveBigIntegerField(_("rows"), default=0)
     #: Calls they stand for: the sum of ``1 / sample_rate``.
@@ -103,7 +84,6 @@ class RPCRollup(models.Model):
     timed_calls = models.FloatField(_("timed calls"), default=0.0)
     duration_sum_ms = models.FloatField(_("duration sum (ms)"), default=0.0)
     duration_max_ms = models.FloatField(_("longest (ms)"), null=True, blank=True)
-    objects: models.Manager[RPCRollup] = models.Manager()
 
     # The duration histogram (weighted calls per bucket, see HISTOGRAM_FIELDS).
     le_5ms = models.FloatField(default=0.0)
@@ -121,6 +101,36 @@ class RPCRollup(models.Model):
     le_7500ms = models.FloatField(default=0.0)
     le_10000ms = models.FloatField(default=0.0)
     gt_10000ms = models.FloatField(default=0.0)
+
+    class Meta:
+        abstract = True
+
+
+class RPCRollup(MethodSums):
+    """Calls of one method, by one user, with one outcome, within one hour (the figures of
+    :class:`MethodSums`). Several rows may share a key (one ``sealed``, one not): sum them.
+    """
+
+    #: Start of the hour (UTC).
+    bucket_start = models.DateTimeField(_("hour"))
+    #: The user's id, kept after the user is deleted (no constraint, no cascade).
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        verbose_name=_("user"),
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="+",
+        db_index=False,
+    )
+    #: The username snapshot of the calls (``RPCLog.username``).
+    username = models.CharField(_("username"), max_length=255, blank=True, default="")
+    #: Counts log rows ``rpc_logs_cleanup`` deleted (only grows), or else rows still stored
+    #: (remade by each ``rpc_rollup`` run).
+    sealed = models.BooleanField(_("sealed"), default=False)
+
+    objects: models.Manager[RPCRollup] = models.Manager()
 
     class Meta:
         verbose_name = _("RPC rollup")
@@ -201,44 +211,6 @@ class RPCRollupDay(models.Model):
 
     def __str__(self) -> str:
         return f"{self.day:%Y-%m-%d}"
-
-
-class MethodSums(models.Model):
-    """The figures of :class:`RPCRollup` without a user: the columns of the method tables."""
-
-    id = models.BigAutoField(primary_key=True)
-    method = models.CharField(_("method"), max_length=255)
-    status = models.CharField(_("status"), max_length=16)
-    rows = models.PositiveBigIntegerField(_("rows"), default=0)
-    calls = models.FloatField(_("calls"), default=0.0)
-    billed_calls = models.PositiveBigIntegerField(_("billed calls"), default=0)
-    cost = models.DecimalField(
-        _("cost"),
-        max_digits=COST_SUM_MAX_DIGITS,
-        decimal_places=COST_DECIMAL_PLACES,
-        default=0,
-    )
-    timed_calls = models.FloatField(_("timed calls"), default=0.0)
-    duration_sum_ms = models.FloatField(_("duration sum (ms)"), default=0.0)
-    duration_max_ms = models.FloatField(_("longest (ms)"), null=True, blank=True)
-    le_5ms = models.FloatField(default=0.0)
-    le_10ms = models.FloatField(default=0.0)
-    le_25ms = models.FloatField(default=0.0)
-    le_50ms = models.FloatField(default=0.0)
-    le_75ms = models.FloatField(default=0.0)
-    le_100ms = models.FloatField(default=0.0)
-    le_250ms = models.FloatField(default=0.0)
-    le_500ms = models.FloatField(default=0.0)
-    le_750ms = models.FloatField(default=0.0)
-    le_1000ms = models.FloatField(default=0.0)
-    le_2500ms = models.FloatField(default=0.0)
-    le_5000ms = models.FloatField(default=0.0)
-    le_7500ms = models.FloatField(default=0.0)
-    le_10000ms = models.FloatField(default=0.0)
-    gt_10000ms = models.FloatField(default=0.0)
-
-    class Meta:
-        abstract = True
 
 
 class RPCDailyRollup(MethodSums):
