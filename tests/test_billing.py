@@ -43,6 +43,13 @@ from tests.test_ingest_process import (
     wait_for,
 )
 
+
+def is_stopped(pid: int) -> bool:
+    """Whether the process is stopped (``T`` in ``/proc/<pid>/stat``, after its name)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()[0] == "T"
+
+
 SERVER_ONLY = pytest.mark.skipif(
     connection.vendor == "sqlite",
     reason="several processes share the database: PostgreSQL or MariaDB",
@@ -125,9 +132,20 @@ def test_the_monthly_usage_report_equals_the_calls_made_to_the_cent(
             roll_up()
             proxy.restore()
 
-            # The worker killed mid-batch, with entries delivered to it and not acknowledged.
+            # The worker killed mid-batch, with entries delivered to it and not acknowledged:
+            # stopped until a look finds it holding some (a stopped process acknowledges
+            # nothing, so the kill leaves what the look saw), fed more calls whenever it has
+            # drained the stream between two looks.
             written = rows()
             wait_for(lambda: rows() > written)
+            for _ in range(100):
+                worker.send_signal(signal.SIGSTOP)
+                wait_for(lambda: is_stopped(worker.pid))
+                if backlog(redis_client, stream)[1] > 0:
+                    break
+                worker.send_signal(signal.SIGCONT)
+                make_calls(50, callers, rng, ledger)
+                assert writer.flush(timeout=30)
             worker.send_signal(signal.SIGKILL)
             _, killed_err = worker.communicate(timeout=60)
             assert "the database is unreachable" in killed_err
