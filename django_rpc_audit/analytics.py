@@ -45,6 +45,7 @@ from django_rpc_audit.querysets import (
     UserCalls,
     UserStats,
     _bucket_start,
+    _overview,
     _timeline,
 )
 from django_rpc_audit.rollups.read import Coverage, Sums, coverage, percentile, window_sums
@@ -137,27 +138,11 @@ class CallWindow:
         counts = _counts(by_status.items(), lambda key: None).get(None) or dict.fromkeys(
             _COUNT_NAMES, 0
         )
-        total, success = counts["total_calls"], counts["success_count"]
-        failed, timeout = counts["failed_count"], counts["timeout_count"]
-        finished = success + failed + timeout
-        rate_limited = counts["rate_limited_count"]
         estimates = {
             name: percentile(everything.histogram, fraction, everything.duration_max_ms)
             for name, fraction in _OVERVIEW_PERCENTILES.items()
         }
-        return Overview(
-            total_calls=total,
-            success_count=success,
-            failed_count=failed,
-            timeout_count=timeout,
-            rate_limited_count=rate_limited,
-            pending_count=total - finished - rate_limited,
-            success_rate=100 * success / finished if finished else None,
-            error_rate=100 * (failed + timeout) / finished if finished else None,
-            p50_duration_ms=estimates["p50_duration_ms"],
-            p95_duration_ms=estimates["p95_duration_ms"],
-            p99_duration_ms=estimates["p99_duration_ms"],
-        )
+        return _overview(counts, estimates)
 
     def calls_by_method(self) -> list[MethodCalls]:
         """As :meth:`RPCLogQuerySet.calls_by_method`, busiest first."""

@@ -129,6 +129,28 @@ def _bucket_start(value: datetime, bucket: str) -> datetime:
     return value
 
 
+def _overview(counts: dict[str, int], percentiles: dict[str, Any]) -> Overview:
+    """The :class:`Overview` of a window's call ``counts`` by outcome and its duration
+    ``percentiles`` (keys of ``_OVERVIEW_PERCENTILES``), from the rows or the rollups."""
+    total, success = counts["total_calls"], counts["success_count"]
+    failed, timeout = counts["failed_count"], counts["timeout_count"]
+    finished = success + failed + timeout
+    rate_limited = counts["rate_limited_count"]
+    return Overview(
+        total_calls=total,
+        success_count=success,
+        failed_count=failed,
+        timeout_count=timeout,
+        rate_limited_count=rate_limited,
+        pending_count=total - finished - rate_limited,
+        success_rate=100 * success / finished if finished else None,
+        error_rate=100 * (failed + timeout) / finished if finished else None,
+        p50_duration_ms=percentiles["p50_duration_ms"],
+        p95_duration_ms=percentiles["p95_duration_ms"],
+        p99_duration_ms=percentiles["p99_duration_ms"],
+    )
+
+
 def _timeline(
     counts: dict[datetime, dict[str, int]], since: datetime, until: datetime, bucket: str
 ) -> list[TimeBucket]:
@@ -506,24 +528,7 @@ class RPCLogQuerySet(models.QuerySet["RPCLog"]):
             fractions = list(_OVERVIEW_PERCENTILES.values())
             values = window_percentiles(self, "duration_ms", fractions).get(None)
             row.update(zip(_OVERVIEW_PERCENTILES, values or [None] * len(fractions), strict=True))
-        counts = _rounded_counts(row)
-        total, success = counts["total_calls"], counts["success_count"]
-        failed, timeout = counts["failed_count"], counts["timeout_count"]
-        finished = success + failed + timeout
-        rate_limited = counts["rate_limited_count"]
-        return Overview(
-            total_calls=total,
-            success_count=success,
-            failed_count=failed,
-            timeout_count=timeout,
-            rate_limited_count=rate_limited,
-            pending_count=total - finished - rate_limited,
-            success_rate=100 * success / finished if finished else None,
-            error_rate=100 * (failed + timeout) / finished if finished else None,
-            p50_duration_ms=row["p50_duration_ms"],
-            p95_duration_ms=row["p95_duration_ms"],
-            p99_duration_ms=row["p99_duration_ms"],
-        )
+        return _overview(_rounded_counts(row), row)
 
     def calls_over_time(
         self, *, since: datetime, bucket: Bucket = "minute", until: datetime | None = None
