@@ -31,6 +31,7 @@ from django_rpc_audit.redaction import Redactor, get_redactor
 from django_rpc_audit.signals import (
     DEFERRED,
     NOBODY,
+    RPCSignal,
     audience,
     rpc_finished,
     rpc_slow,
@@ -326,15 +327,10 @@ class RPCClient:
                     outcome.status, outcome.error_code, kwargs["error_message"], duration_ms
                 )
             if reported:
-                finished = rpc_finished.asend_robust(sender=type(self), **started, **kwargs)
-                # A cancelled call still reports how it ended: shield the report from a
-                # second cancellation of the task.
-                await asyncio.shield(finished)
+                await _report_shielded(rpc_finished, type(self), {**started, **kwargs})
             if reported and outcome.slow is not None:
                 slow = slow_arguments(outcome.slow)
-                await asyncio.shield(
-                    rpc_slow.asend_robust(sender=type(self), **started, **kwargs, **slow)
-                )
+                await _report_shielded(rpc_slow, type(self), {**started, **kwargs, **slow})
 
     def call(
         self,
@@ -455,6 +451,16 @@ def _deferred_response(
     if "result_text" in request.wire:
         return Deferred(request.wire["result_text"], None, cap, redactor, rule, size)
     return None
+
+
+async def _report_shielded(signal: RPCSignal, sender: type, named: dict[str, Any]) -> None:
+    """Send ``signal`` from ``acall()`` so that a cancelled call still reports how it ended.
+
+    When every receiver runs on the event loop (the built-in ones while the writer only
+    buffers), they are called at once: nothing awaits, nothing can be cancelled. Otherwise
+    the send is shielded from a second cancellation of the task (a task of its own)."""
+    if signal.send_robust_on_loop(sender, **named) is None:
+        await asyncio.shield(signal.asend_robust(sender=sender, **named))
 
 
 def _refuse_on_event_loop(name: str) -> None:

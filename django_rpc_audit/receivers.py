@@ -40,5 +40,7 @@ def log_rpc_finished(sender: type, **kwargs: Any) -> None:
     sample_rate = finished_sample_rate(config, kwargs)
     if sample_rate is None:
         return
+    # The signal made this dict for this receiver alone: it becomes the event.
     kwargs.pop("signal", None)
-    get_writer().finished({**kwargs, "sample_rate": sample_rate})
+    kwargs["sample_rate"] = sample_rate
+    get_writer().finished(kwargs)

@@ -17,6 +17,8 @@ Connect to them like to Django's own signals; the sender is the client class
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -113,6 +115,22 @@ def audience(sender: Any, *signals: Signal) -> int:
     return needs
 
 
+class _SenderCache(weakref.WeakKeyDictionary[Any, Any]):
+    """Django's cache of a signal's receivers by sender, for senders of any kind: one that
+    cannot be weakly referenced or hashed (``None``, a string) is looked up and stored as
+    never cached, where Django's own cache raises ``TypeError``."""
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        try:
+            return super().get(key, default)
+        except TypeError:
+            return default
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        with contextlib.suppress(TypeError):
+            super().__setitem__(key, value)
+
+
 class RPCSignal(Signal):
     """A :class:`~django.dispatch.Signal` whose non-blocking receivers skip the thread hop.
 
@@ -121,7 +139,33 @@ class RPCSignal(Signal):
     Receivers marked :func:`loop_safe` are called on the event loop first; the other
     synchronous receivers then run in the worker thread as usual, and async receivers
     concurrently, as Django does.
+
+    The live receivers are cached by sender (Django's ``use_caching``; ``connect()`` and
+    ``disconnect()`` clear the cache): every call sends these signals, and resolving the
+    receivers afresh each time cost more than the receivers themselves. Unlike Django's
+    cache, any sender may still be used (``sender=None`` in a project's tests, say): those
+    that cannot be weakly referenced are not cached.
     """
+
+    def __init__(self) -> None:
+        super().__init__(use_caching=True)
+        self.sender_receivers_cache = _SenderCache()
+
+    def send_robust_on_loop(
+        self, sender: Any, **named: Any
+    ) -> list[tuple[Callable[..., Any], Exception | Any]] | None:
+        """Send as ``send_robust`` does when every live receiver may run on the event loop
+        (synchronous and :func:`loop_safe`), and return their responses; return ``None``,
+        calling none of them, when one may not (then use :meth:`asend_robust`).
+
+        Nothing here awaits, so a cancellation of the calling task cannot interrupt it: what
+        ``acall()`` uses to report how a call ended without a shielded task per call."""
+        if not self.receivers:
+            return []
+        sync_receivers, async_receivers = self._live_receivers(sender)
+        if async_receivers or not all(_is_loop_safe(receiver) for receiver in sync_receivers):
+            return None
+        return self._call_robustly(sync_receivers, sender, named)
 
     async def asend_robust(
         self, sender: Any, **named: Any

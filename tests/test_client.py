@@ -8,6 +8,7 @@ import logging
 import time
 import uuid
 from types import MappingProxyType
+from typing import Any
 
 import pytest
 
@@ -350,9 +351,9 @@ async def test_acall_local_async_handler_and_timeout(local_handler, signals):
     assert [f["status"] for f in signals.finished] == ["success", "timeout"]
 
 
-@pytest.mark.django_db(transaction=True)
-@pytest.mark.asyncio
-async def test_cancelled_acall_still_reports_once(local_handler, signals):
+async def cancel_a_hanging_acall(local_handler) -> None:
+    """Start an ``acall()`` whose handler hangs, cancel it once the handler runs, and see the
+    cancellation come out of it."""
     entered = asyncio.Event()
 
     async def hang(params):
@@ -365,6 +366,12 @@ async def test_cancelled_acall_still_reports_once(local_handler, signals):
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_cancelled_acall_still_reports_once(local_handler, signals):
+    await cancel_a_hanging_acall(local_handler)
     assert len(signals.finished) == 1
     assert (signals.finished[0]["status"], signals.finished[0]["error_code"]) == (
         "failed",
@@ -463,3 +470,130 @@ def test_interrupted_while_started_receivers_run_still_reports_once(signals):
     [finished] = signals.finished
     assert (finished["status"], finished["error_code"]) == ("failed", "cancelled")
     assert RPCLog.objects.get().status == "failed"
+
+
+# -- acall() reports on the event loop ----------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("echo_handler")
+async def test_acall_with_only_loop_safe_receivers_reports_without_a_task(rpc_settings):
+    """With the buffered writer and only the built-in receivers, ``rpc_finished`` is sent on
+    the event loop as the call ends: no task of its own (a shielded task per call cost more
+    than the receivers), and the row is the same."""
+    from asgiref.sync import sync_to_async
+
+    from django_rpc_audit.writers import flush
+
+    rpc_settings(WRITE_MODE="buffered")
+    client = get_rpc_client()
+    await client.acall("test.echo", {"n": 0})  # warm: the writer and its thread exist
+    loop = asyncio.get_running_loop()
+    tasks = []
+    default_factory = loop.get_task_factory()
+
+    def counting_factory(loop, coro, **kwargs):
+        tasks.append(coro)
+        if default_factory is not None:
+            return default_factory(loop, coro, **kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    loop.set_task_factory(counting_factory)
+    try:
+        assert await client.acall("test.echo", {"n": 1}) == {"echo": {"n": 1}}
+    finally:
+        loop.set_task_factory(default_factory)
+    assert tasks == []
+    assert await sync_to_async(flush)(30)
+    assert await RPCLog.objects.filter(status="success").acount() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.asyncio
+async def test_cancelled_acall_with_only_the_built_in_receivers_keeps_its_row(
+    local_handler, rpc_settings
+):
+    """The report sent on the loop cannot be interrupted by the cancellation: the row says
+    how the call ended."""
+    from asgiref.sync import sync_to_async
+
+    from django_rpc_audit.writers import flush
+
+    rpc_settings(WRITE_MODE="buffered")
+    await cancel_a_hanging_acall(local_handler)
+    assert await sync_to_async(flush)(30)
+    log = await RPCLog.objects.aget()
+    assert (log.status, log.error_code) == ("failed", "cancelled")
+
+
+def test_send_robust_on_loop_calls_every_receiver_or_none():
+    """All loop-safe receivers: each called, their responses returned. One that is not (or an
+    async one): ``None``, and none of them called, so ``asend_robust`` sends to them all."""
+    from django_rpc_audit.signals import RPCSignal, loop_safe
+
+    signal = RPCSignal()
+    heard: list[str] = []
+    safe = loop_safe()(lambda sender, **kwargs: heard.append("safe") or "ok")
+    signal.connect(safe, weak=False)
+    assert signal.send_robust_on_loop(sender=RPCClient, n=1) == [(safe, "ok")]
+    assert heard == ["safe"]
+
+    def blocking(sender, **kwargs):
+        heard.append("blocking")
+
+    signal.connect(blocking, weak=False)
+    assert signal.send_robust_on_loop(sender=RPCClient, n=1) is None
+    assert heard == ["safe"]
+    signal.disconnect(blocking)
+
+    async def asynchronous(sender, **kwargs):
+        heard.append("async")
+
+    signal.connect(asynchronous, weak=False)
+    assert signal.send_robust_on_loop(sender=RPCClient, n=1) is None
+    assert heard == ["safe"]
+
+
+@pytest.mark.usefixtures("echo_handler")
+def test_receivers_connected_or_disconnected_between_calls_are_heard_or_not(signals):
+    """The signals cache their live receivers per sender: connecting and disconnecting
+    between calls still takes effect at the next call."""
+    heard: list[str] = []
+
+    def late(sender, **kwargs):
+        heard.append(kwargs["method"])
+
+    client = get_rpc_client()
+    client.call("test.echo")
+    rpc_finished.connect(late, dispatch_uid="tests.late")
+    try:
+        client.call("test.echo", {"n": 1})
+    finally:
+        rpc_finished.disconnect(dispatch_uid="tests.late")
+    client.call("test.echo", {"n": 2})
+    assert heard == ["test.echo"]
+    assert len(signals.finished) == 3
+
+
+@pytest.mark.parametrize("sender", [None, "a string", RPCClient])
+def test_the_signals_take_any_sender(sender):
+    """Their receivers are cached by sender, yet a project may send them with any sender
+    (``None`` in its own tests, say), and each send reaches the receivers connected then."""
+    from django_rpc_audit.signals import RPCSignal
+
+    signal = RPCSignal()
+    heard: list[Any] = []
+
+    def receiver(sender, **kwargs):
+        heard.append(sender)
+
+    for _ in range(2):
+        signal.send(sender=sender)
+        signal.send_robust(sender=sender)
+    signal.connect(receiver, weak=False)
+    signal.send(sender=sender)
+    signal.send_robust(sender=sender)
+    signal.disconnect(receiver)
+    signal.send(sender=sender)
+    assert heard == [sender, sender]

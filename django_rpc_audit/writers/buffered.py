@@ -183,17 +183,20 @@ class BufferedLogWriter:
             # (the status here only decides evictions; the event keeps its own).
             status = _BILLED
         size = event_bytes(event)
-        buffer = self._buffer
+        buffer, sizes = self._buffer, self._sizes
         with self._lock:
             self._seq += 1
             full = key not in buffer and len(buffer) >= self.buffer_size
             if full and not self._make_room(key, status):
                 return
-            if not self._make_byte_room(key, status, size - self._sizes.get(key, 0)):
+            growth = size - sizes.get(key, 0)
+            if self._bytes + growth > self.buffer_max_bytes and not self._make_byte_room(
+                key, status, size - sizes.get(key, 0)
+            ):
                 return
             buffer[key] = (self._seq, event)
-            self._bytes += size - self._sizes.get(key, 0)
-            self._sizes[key] = size
+            self._bytes += size - sizes.get(key, 0)
+            sizes[key] = size
             if status is None:
                 self._started[key] = None
             else:

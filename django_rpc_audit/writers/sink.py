@@ -407,30 +407,31 @@ def event_bytes(event: dict[str, Any]) -> int:
     params and response (counted twice: the objects and their text), its error message and
     user agent, plus :data:`EVENT_OVERHEAD_BYTES`.
 
-    The client's events carry their stored JSON (already capped); for an event that does not
-    (one handed to a writer directly), it is made here and kept in the event, so the writer
-    does not make it again.
+    The client's events carry their stored JSON (already capped) or a :class:`Deferred`
+    payload (its text counted once: it is parsed later); for an event that carries neither
+    (one handed to a writer directly), the stored form is made here and kept in the event, so
+    the writer does not make it again.
     """
-    config = get_config()
     size = EVENT_OVERHEAD_BYTES
-    for key, _ in _PAYLOAD_KEYS:
-        value = event.get(key)
-        if isinstance(value, Deferred):
-            size += value.size  # one text, parsed later
-    for key, text_key, cap in (
-        ("params", "params_json", config.max_params_bytes),
-        ("response", "response_json", config.max_response_bytes),
-    ):
+    for key, text_key in _PAYLOAD_KEYS:
         text = event.get(text_key)
-        if text is None and event.get(key) is not None and not isinstance(event[key], Deferred):
-            value, text = stored_json_and_text(event[key], cap)
-            event[key], event[text_key] = value, text
-        if text is not None:
-            size += 2 * len(text)
-    for key in ("error_message", "user_agent"):
-        text = event.get(key)
-        if isinstance(text, str):
-            size += len(text)
+        if text is None:
+            value = event.get(key)
+            if value is None:
+                continue
+            if isinstance(value, Deferred):
+                size += value.size
+                continue
+            config = get_config()
+            cap = config.max_params_bytes if key == "params" else config.max_response_bytes
+            event[key], text = stored_json_and_text(value, cap)
+            event[text_key] = text
+        size += 2 * len(text)
+    error_message, user_agent = event.get("error_message"), event.get("user_agent")
+    if isinstance(error_message, str):
+        size += len(error_message)
+    if isinstance(user_agent, str):
+        size += len(user_agent)
     return size
 
 

@@ -1,0 +1,132 @@
+"""What logging costs the calling thread, in instructions: ``call()`` and ``acall()`` with
+logging on (the buffered writer) against logging off, counted by valgrind's callgrind
+(repeatable to a fraction of a percent on a noisy machine, where CPU time varies by tens of
+percent between runs).
+
+Each part runs in a child process under callgrind, twice: once after a warm-up only, once
+with ``--calls`` more calls; the difference over ``--calls`` is its count per call. The calls
+go through the in-process transport (an echo handler): what is counted is the client's own
+work, not Redis'. With logging on, the writer holds the calls without a thread
+(``background=False``), so only the caller's share is counted: signals, receivers, the
+buffer's bookkeeping. ``PYTHONHASHSEED=0`` keeps the dictionaries' layout the same between
+the two runs of a part.
+
+    .venv/bin/python benchmarks/caller_instructions.py
+    # the same parts in another tree (a checkout of an earlier commit) as well:
+    .venv/bin/python benchmarks/caller_instructions.py --baseline ../baseline
+
+Needs ``valgrind`` on the path. A child takes 15 to 30 seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PARTS = ("call off", "call on", "acall off", "acall on")
+WARM_UP = 300
+PARAMS = {"n": 1, "who": "benchmark"}
+
+
+def child(tree: Path, part: str, calls: int) -> None:
+    """Set up, warm up, then make ``calls`` calls of ``part``."""
+    # The helpers of this script's tree (they put it on the path), then the package of
+    # ``tree`` before it.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from buffered_writer import configure, setup_django
+
+    sys.path.insert(0, str(tree))
+    setup_django(None, "redis://127.0.0.1:6379/9", "bench:instructions", migrate=False)
+    import django_rpc_audit
+
+    assert Path(django_rpc_audit.__file__).is_relative_to(tree), django_rpc_audit.__file__
+    from django_rpc_audit import get_rpc_client
+    from django_rpc_audit.transports import register_local_handler
+    from django_rpc_audit.writers import BufferedLogWriter, use_writer
+
+    api, mode = part.split()
+    configure(TRANSPORT="local", ENABLE_LOGGING=mode == "on", WRITE_MODE="buffered")
+    register_local_handler("bench.echo", lambda params: params)
+    writer = BufferedLogWriter(buffer_size=10 * (calls + WARM_UP), background=False)
+    with use_writer(writer):
+        client = get_rpc_client()
+        if api == "acall":
+
+            async def run() -> None:
+                for _ in range(WARM_UP + calls):
+                    await client.acall("bench.echo", PARAMS)
+
+            asyncio.run(run())
+        else:
+            for _ in range(WARM_UP + calls):
+                client.call("bench.echo", PARAMS)
+
+
+def count(tree: Path, part: str, calls: int) -> int:
+    """Instructions of a child making ``calls`` calls of ``part`` (after the warm-up)."""
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory) / "callgrind.out"
+        done = subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={out}",
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child",
+                str(tree),
+                part,
+                str(calls),
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+        )
+        if done.returncode:
+            sys.exit(f"{part} in {tree} failed:\n{done.stderr}")
+        totals = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
+        assert totals is not None
+        return int(totals.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--baseline", type=Path, metavar="PATH")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        tree, part, calls = args.child
+        child(Path(tree).resolve(), part, int(calls))
+        return
+    if shutil.which("valgrind") is None:
+        parser.error("valgrind is not on the path")
+    trees = {"this tree": ROOT}
+    if args.baseline is not None:
+        trees["baseline"] = args.baseline.resolve()
+    print(f"instructions per call (callgrind), {args.calls} calls after a warm-up")
+    print(f"{'tree':<11}{'part':<11}{'instructions':>14}{'on - off':>11}{'on / off':>10}")
+    for name, tree in trees.items():
+        counts = {
+            part: (count(tree, part, args.calls) - count(tree, part, 0)) / args.calls
+            for part in PARTS
+        }
+        for part, per_call in counts.items():
+            line = f"{name:<11}{part:<11}{per_call:>14,.0f}"
+            if part.endswith(" on"):
+                off = counts[part.replace(" on", " off")]
+                line += f"{per_call - off:>11,.0f}{per_call / off:>10.3f}"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
