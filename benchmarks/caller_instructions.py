@@ -22,12 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import re
 import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,30 +68,11 @@ def child(tree: Path, part: str, calls: int) -> None:
 
 def count(tree: Path, part: str, calls: int) -> int:
     """Instructions of a child making ``calls`` calls of ``part`` (after the warm-up)."""
-    with tempfile.TemporaryDirectory() as directory:
-        out = Path(directory) / "callgrind.out"
-        done = subprocess.run(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                f"--callgrind-out-file={out}",
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "--child",
-                str(tree),
-                part,
-                str(calls),
-            ],
-            check=False,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONHASHSEED": "0"},
-        )
-        if done.returncode:
-            sys.exit(f"{part} in {tree} failed:\n{done.stderr}")
-        totals = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
-        assert totals is not None
-        return int(totals.group(1))
+    from telemetry_instructions import count as callgrind_count
+
+    return callgrind_count(
+        tree, part, calls, script=Path(__file__).resolve(), env={"PYTHONHASHSEED": "0"}
+    )
 
 
 def main() -> None:

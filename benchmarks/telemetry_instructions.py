@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -108,8 +109,12 @@ def child(tree: Path, part: str, calls: int) -> None:
         body()
 
 
-def count(tree: Path, part: str, calls: int) -> int:
-    """Instructions of a child running ``part`` ``calls`` times (after the warm-up)."""
+def count(
+    tree: Path, part: str, calls: int, script: Path | None = None, env: dict[str, str] | None = None
+) -> int:
+    """Instructions of a child of ``script`` (default: this one) running ``part`` ``calls``
+    times after its warm-up, with ``env`` added to the environment."""
+    script = script or Path(__file__).resolve()
     with tempfile.TemporaryDirectory() as directory:
         out = Path(directory) / "callgrind.out"
         done = subprocess.run(
@@ -118,7 +123,7 @@ def count(tree: Path, part: str, calls: int) -> int:
                 "--tool=callgrind",
                 f"--callgrind-out-file={out}",
                 sys.executable,
-                str(Path(__file__).resolve()),
+                str(script),
                 "--child",
                 str(tree),
                 part,
@@ -127,6 +132,7 @@ def count(tree: Path, part: str, calls: int) -> int:
             check=False,
             capture_output=True,
             text=True,
+            env={**os.environ, **(env or {})},
         )
         if done.returncode:
             sys.exit(f"{part} in {tree} failed:\n{done.stderr}")
