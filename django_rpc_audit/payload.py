@@ -27,6 +27,7 @@ from typing import Any
 from django.db import models
 from django.utils.functional import Promise
 
+from django_rpc_audit.heldtext import HeldText, hold
 from django_rpc_audit.redaction import (
     DROPPED,
     FAILED,
@@ -130,8 +131,9 @@ class Deferred:
         rule: FieldRule | None,
         original_bytes: int | None,
     ) -> None:
-        #: The JSON text; ``key``: the member holding the payload (``None``: the whole text).
-        self.source = source
+        #: The JSON text (copied into recycled memory, see :mod:`~django_rpc_audit.heldtext`);
+        #: ``key``: the member holding the payload (``None``: the whole text).
+        self.source: str | bytes | HeldText = hold(source)
         self.key = key
         self.max_bytes = max_bytes
         self.redactor = redactor
@@ -158,7 +160,8 @@ class Deferred:
 
     def _resolve(self) -> Stored:
         try:
-            document = _loads(self.source)
+            source = self.source
+            document = _loads(source.take() if isinstance(source, HeldText) else source)
             if self.key is not None:
                 document = document.get(self.key)
         except Exception:  # the client checked the text already: never here

@@ -1,0 +1,156 @@
+"""The recycled buffers of the texts a buffered call holds (django_rpc_audit.heldtext)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from django_rpc_audit import heldtext
+from django_rpc_audit.heldtext import HeldText, hold, retained_bytes, size_class
+from django_rpc_audit.payload import Deferred, stored
+from django_rpc_audit.redaction import Redactor
+
+
+@pytest.fixture(autouse=True)
+def empty_pool(monkeypatch):
+    """Each test starts with no free buffer, whatever ran before."""
+    monkeypatch.setattr(heldtext, "_free", {})
+    monkeypatch.setattr(heldtext, "_retained", 0)
+
+
+@pytest.mark.parametrize("size", [0, 1, heldtext.MIN_BYTES - 1, heldtext.MAX_BYTES + 1])
+def test_short_and_long_texts_are_held_as_they_are(size):
+    text = "x" * size
+    assert hold(text) is text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a" * 5_000,
+        json.dumps({"name": "Zoë", "note": "😀" * 5_000}, ensure_ascii=False),
+        '{"lone":"\ud800' + "x" * 5_000 + '"}',  # a lone surrogate, as json.dumps may write
+        b'{"reply":' + b"1" * 9_000 + b"}",
+    ],
+    ids=["ascii", "non-ascii", "lone surrogate", "bytes"],
+)
+def test_a_held_text_comes_back_as_it_was_given(text):
+    held = hold(text)
+    assert isinstance(held, HeldText)
+    taken = held.take()
+    assert type(taken) is type(text)
+    assert taken == text
+
+
+@pytest.mark.parametrize("text", ["6" * 10_000, b"7" * 10_000], ids=["str", "bytes"])
+def test_the_callers_text_is_not_kept(text):
+    """The point of holding: the caller's own object is freed as soon as the caller drops it,
+    as with logging off (nothing refers to it once held)."""
+    references = sys.getrefcount(text)
+    held = hold(text)
+    assert sys.getrefcount(text) == references
+    assert held.take() == text
+
+
+def test_a_text_is_taken_once():
+    held = hold("y" * 5_000)
+    held.take()
+    with pytest.raises(ValueError, match="taken already"):
+        held.take()
+
+
+def test_a_taken_buffer_is_reused_by_the_next_text_of_its_size_class():
+    first = hold("a" * 64_000)
+    buffer = first._buffer
+    assert retained_bytes() == 0
+    first.take()
+    assert retained_bytes() == size_class(64_000)
+    second = hold("b" * 63_000)  # another size, the same class
+    assert second._buffer is buffer
+    assert retained_bytes() == 0
+    assert second.take() == "b" * 63_000  # what the first text left is not read
+
+
+def test_a_text_never_taken_gives_its_buffer_back_when_dropped():
+    held = hold("c" * 20_000)
+    del held
+    assert retained_bytes() == size_class(20_000)
+
+
+def test_free_buffers_are_kept_up_to_the_retained_bytes(monkeypatch):
+    monkeypatch.setattr(heldtext, "RETAINED_BYTES", 3 * size_class(50_000))
+    texts = [hold("d" * 50_000) for _ in range(5)]
+    for held in texts:
+        held.take()
+    assert retained_bytes() == 3 * size_class(50_000)
+    assert len(heldtext._free[size_class(50_000)]) == 3
+
+
+def test_size_classes_waste_at_most_a_quarter():
+    previous = 0
+    for size in [*range(1, 70_000, 7), *range(2**20 - 50, 2**20 + 50), heldtext.MAX_BYTES]:
+        length = size_class(size)
+        assert size <= length < size * 1.25 + 1
+        assert length >= previous  # never smaller for a longer text
+        previous = length
+    # Four classes per power of two: few enough to be reused, fine enough to waste little.
+    assert {size_class(size) for size in range(32_769, 65_537)} == {
+        40_960,
+        49_152,
+        57_344,
+        65_536,
+    }
+
+
+def test_a_deferred_payload_holds_a_copy_and_stores_what_the_text_holds():
+    value = {"data": "é" * 6_000, "password": "hunter2"}
+    text = json.dumps({"params": value}, ensure_ascii=False)
+    deferred = Deferred(text, "params", 65_536, Redactor(), None, len(text.encode()))
+    assert isinstance(deferred.source, HeldText)
+    assert deferred.size == len(text.encode())
+    assert deferred.resolve() == stored(value, 65_536, Redactor())
+    assert deferred.source == ""
+    assert retained_bytes() == size_class(len(text.encode()))  # its buffer is back
+
+
+def test_a_buffered_call_holds_copies_of_its_wire_texts_until_written(
+    echo_handler, rpc_log_writer, db
+):
+    from django_rpc_audit import get_rpc_client
+    from django_rpc_audit.models import RPCLog
+
+    params = {"blob": "0123456789abcdef" * 1_000, "api_key": "sk_live_abcdef"}
+    get_rpc_client().call("test.echo", params)
+    ((_, event),) = rpc_log_writer._buffer.values()
+    assert isinstance(event["params"].source, HeldText)
+    assert isinstance(event["response"].source, HeldText)
+    assert retained_bytes() == 0
+
+    rpc_log_writer.flush()
+    log = RPCLog.objects.get()
+    assert log.params == {"blob": params["blob"], "api_key": "***"}
+    assert log.response == {"echo": log.params}
+    assert retained_bytes() > 2 * 16_000  # both buffers are back for the next call
+
+
+def test_a_forked_child_starts_with_a_free_lock_and_no_buffers():
+    hold("e" * 10_000).take()
+    assert retained_bytes() > 0
+    with heldtext._lock:  # as if another thread held it at the fork
+        pid = os.fork()
+        if pid == 0:  # the child: it must neither hang nor keep the parent's buffers
+            status = 0 if retained_bytes() == 0 and hold("f" * 10_000).take() else 1
+            os._exit(status)
+    deadline = time.monotonic() + 30
+    while (waited := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if waited == (0, 0):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the child hung on the lock held at the fork")
+    assert os.waitstatus_to_exitcode(waited[1]) == 0
