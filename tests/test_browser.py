@@ -98,9 +98,15 @@ def screenshot(page: Any, name: str, *, docs: str | None = None, fit: bool = Fal
         height = page.evaluate("() => document.documentElement.scrollHeight")
         page.set_viewport_size({"width": size["width"], "height": height})
     try:
-        page.screenshot(path=str(DOCS_SCREENSHOTS / f"{docs}.png"))
+        image = page.screenshot()
     finally:
         page.set_viewport_size(size)
+    # Written whole, then renamed: the docs' test (perhaps in a run beside this one) never
+    # reads a half-written file.
+    target = DOCS_SCREENSHOTS / f"{docs}.png"
+    partial = target.with_name(f".{docs}.{os.getpid()}.png")
+    partial.write_bytes(image)
+    os.replace(partial, target)
 
 
 def finished_call(**fields: Any) -> Any:
