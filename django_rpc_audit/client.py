@@ -14,6 +14,7 @@ from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
 
+from django_rpc_audit import heldtext
 from django_rpc_audit.alerts.slow import SlowVerdict, judge_call, slow_arguments
 from django_rpc_audit.conf import MAX_WAIT_SECONDS, DjangoCfgRPCConfig, get_config
 from django_rpc_audit.context import aresolve_user, get_caller_context, resolve_user
@@ -104,6 +105,8 @@ class _Outcome:
                     rule,
                     original_bytes=request.wire.get("reply_bytes"),
                 )
+                if readers == DEFERRED and _worth_holding(response):
+                    response = Deferred.of_stored(response)
         return {
             "status": self.status,
             "response": response.value if isinstance(response, Stored) else response,
@@ -253,7 +256,10 @@ class RPCClient:
             started["params_json"] = None
         else:
             params = stored(request.params, cap, self.redactor, rule, original_bytes=size)
-            started["params"], started["params_json"] = params.value, params.text
+            if readers == DEFERRED and _worth_holding(params):
+                started["params"], started["params_json"] = Deferred.of_stored(params), None
+            else:
+                started["params"], started["params_json"] = params.value, params.text
         return started, readers
 
     @contextlib.contextmanager
@@ -436,6 +442,13 @@ _DEFER_FACTOR = 2
 
 def _deferrable(size: int | None, cap: int | None) -> bool:
     return size is not None and cap is not None and size <= _DEFER_FACTOR * cap
+
+
+def _worth_holding(result: Stored) -> bool:
+    """Should the buffer keep a payload cut at its cap as its text alone, in recycled memory
+    (:meth:`Deferred.of_stored`)? When it is long enough for the copy to spare the caller the
+    page faults of holding its own strings."""
+    return result.truncated and len(result.text) >= heldtext.MIN_BYTES
 
 
 def _deferred_response(

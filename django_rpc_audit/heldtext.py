@@ -1,7 +1,8 @@
-"""Recycled memory for the wire texts a buffered call holds until the log writer parses them.
+"""Recycled memory for the texts a buffered call holds until the log writer parses them.
 
 A call whose payloads are :class:`~django_rpc_audit.payload.Deferred` keeps its request's and
-its reply's JSON text in the buffer until the writer's thread makes their stored form. Held in
+its reply's JSON text in the buffer until the writer's thread makes their stored form (or,
+for a payload cut at its cap on the caller's thread, the text of that stored form). Held in
 the caller's own string, that memory is new for every call: the allocator cannot give the next
 call what the buffer still holds, so the calling thread touches fresh pages, and once a batch
 is written and the texts are freed, the C allocator gives the memory back to the system, so
@@ -13,8 +14,8 @@ freed at once, as with logging off, and the copy lands in memory that is already
 buffers come in size classes (four per power of two, so at most a quarter is wasted); one is
 given back to its class when its text is taken (:meth:`HeldText.take`) or dropped, and at
 most :data:`RETAINED_BYTES` of free buffers are kept. Texts below :data:`MIN_BYTES` (the
-allocator recycles small blocks well) and above :data:`MAX_BYTES` (rare, and cut at once on
-the caller's thread anyway, see ``client._DEFER_FACTOR``) are held as they are.
+allocator recycles small blocks well) and above :data:`MAX_BYTES` (rare: only a cap above
+4 MiB keeps such a text) are held as they are.
 """
 
 from __future__ import annotations

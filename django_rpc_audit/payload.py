@@ -118,9 +118,21 @@ class Deferred:
     whose wire encoding converted nothing, so that value is the caller's). ``size``: the
     characters (or bytes) held until then, which the buffer counts against
     ``BUFFER_MAX_BYTES``; the client defers only texts up to a small multiple of the cap.
+    A longer payload is cut on the caller's thread, and the buffer keeps the text of its stored
+    form the same way (:meth:`of_stored`). The texts are copied into recycled memory
+    (:mod:`~django_rpc_audit.heldtext`).
     """
 
-    __slots__ = ("_stored", "key", "max_bytes", "original_bytes", "redactor", "rule", "source")
+    __slots__ = (
+        "_stored",
+        "key",
+        "max_bytes",
+        "original_bytes",
+        "redactor",
+        "rule",
+        "source",
+        "verbatim",
+    )
 
     def __init__(
         self,
@@ -139,7 +151,18 @@ class Deferred:
         self.redactor = redactor
         self.rule = rule
         self.original_bytes = original_bytes
+        #: True when ``source`` is a stored form's own text (:meth:`of_stored`).
+        self.verbatim = False
         self._stored: Stored | None = None
+
+    @classmethod
+    def of_stored(cls, result: Stored) -> Deferred:
+        """``result``, made on the caller's thread, kept as its text alone (in recycled memory)
+        until the writer's thread parses its value back: the caller lets go of the value and
+        of its own text at once. What the client does with a payload cut at its cap."""
+        deferred = cls(result.text, None, None, None, None, None)
+        deferred.verbatim = True
+        return deferred
 
     def __repr__(self) -> str:
         return f"<Deferred {self.key or 'document'}: {len(self.source)} characters>"
@@ -161,7 +184,11 @@ class Deferred:
     def _resolve(self) -> Stored:
         try:
             source = self.source
-            document = _loads(source.take() if isinstance(source, HeldText) else source)
+            source = source.take() if isinstance(source, HeldText) else source
+            if self.verbatim:
+                text = source if isinstance(source, str) else source.decode("utf-8")
+                return Stored(_loads(text), text, truncated=True)
+            document = _loads(source)
             if self.key is not None:
                 document = document.get(self.key)
         except Exception:  # the client checked the text already: never here

@@ -154,3 +154,54 @@ def test_a_forked_child_starts_with_a_free_lock_and_no_buffers():
         os.waitpid(pid, 0)
         pytest.fail("the child hung on the lock held at the fork")
     assert os.waitstatus_to_exitcode(waited[1]) == 0
+
+
+def test_a_stored_form_is_held_as_its_text_and_parsed_back_as_it_was():
+    result = stored({"data": "z" * 30_000, "token": "abc"}, 10_000, Redactor())
+    assert result.truncated
+    deferred = Deferred.of_stored(result)
+    assert isinstance(deferred.source, HeldText)
+    assert deferred.size == len(result.text)
+    assert deferred.resolve() == result  # the value, its text, and that it was cut
+
+
+def test_payloads_cut_at_their_cap_are_held_as_their_text_until_written(
+    echo_handler, rpc_log_writer, rpc_settings, db
+):
+    """Over twice their cap, the params and the response are cut on the caller's thread; the
+    buffer keeps only their text, in recycled memory, and the row holds that stored form."""
+    from django_rpc_audit import get_rpc_client
+    from django_rpc_audit.models import RPCLog
+
+    rpc_settings(MAX_PARAMS_BYTES=8_000, MAX_RESPONSE_BYTES=9_000)
+    params = {"password": "hunter2", "data": "q" * 40_000}
+    get_rpc_client().call("test.echo", params)
+    ((_, event),) = rpc_log_writer._buffer.values()
+    for key in ("params", "response"):
+        assert isinstance(event[key], Deferred)
+        assert event[key].verbatim
+        assert isinstance(event[key].source, HeldText)
+        assert event[f"{key}_json"] is None
+
+    rpc_log_writer.flush()
+    log = RPCLog.objects.get()
+    assert log.params == stored(params, 8_000, Redactor()).value
+    wire_bytes = log.response["original_bytes"]  # the reply's size as received
+    assert (
+        log.response == stored({"echo": params}, 9_000, Redactor(), original_bytes=wire_bytes).value
+    )
+    assert log.params["_truncated"] is True
+    assert "hunter2" not in json.dumps([log.params, log.response])
+
+
+def test_a_cut_payload_is_not_held_when_another_receiver_reads_it(
+    echo_handler, rpc_log_writer, rpc_settings, signals, db
+):
+    from django_rpc_audit import get_rpc_client
+
+    rpc_settings(MAX_PARAMS_BYTES=8_000)
+    params = {"data": "q" * 40_000}
+    get_rpc_client().call("test.echo", params)
+    assert signals.started[0]["params"] == stored(params, 8_000, Redactor()).value
+    ((_, event),) = rpc_log_writer._buffer.values()
+    assert not isinstance(event["params"], Deferred)
