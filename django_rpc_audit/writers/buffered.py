@@ -191,11 +191,11 @@ class BufferedLogWriter:
                 return
             growth = size - sizes.get(key, 0)
             if self._bytes + growth > self.buffer_max_bytes and not self._make_byte_room(
-                key, status, size - sizes.get(key, 0)
+                key, status, growth
             ):
                 return
             buffer[key] = (self._seq, event)
-            self._bytes += size - sizes.get(key, 0)
+            self._bytes += growth
             sizes[key] = size
             if status is None:
                 self._started[key] = None
@@ -230,7 +230,8 @@ class BufferedLogWriter:
         return True
 
     def _make_byte_room(self, key: _Key, status: str | None, growth: int) -> bool:
-        """Would the buffer go over ``buffer_max_bytes``? Then a finished event takes the room
+        """The event of ``key`` would take the buffer over ``buffer_max_bytes`` by growing it
+        ``growth`` bytes: may it be buffered? A finished event takes the room
         of the oldest buffered started events; a failure, the outcome of a written pending row,
         or a call already buffered, also that of the oldest buffered successful (or
         rate-limited) calls. A new started, successful or rate-limited call that still does
@@ -238,8 +239,6 @@ class BufferedLogWriter:
         (its row would stay pending): if nothing can go, it goes over by that one event.
         (Lock held.)"""
         limit = self.buffer_max_bytes
-        if self._bytes + growth <= limit:
-            return True
         buffered = key in self._buffer
         if status is not None:
             # Its own started event is about to be replaced: never a victim.
