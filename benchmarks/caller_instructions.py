@@ -20,13 +20,16 @@ Needs ``valgrind`` on the path. A child takes 15 to 30 seconds.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import shutil
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from telemetry_instructions import command_line  # noqa: E402
+from telemetry_instructions import count as callgrind_count  # noqa: E402
+
 PARTS = ("call off", "call on", "acall off", "acall on")
 WARM_UP = 300
 PARAMS = {"n": 1, "who": "benchmark"}
@@ -34,9 +37,8 @@ PARAMS = {"n": 1, "who": "benchmark"}
 
 def child(tree: Path, part: str, calls: int) -> None:
     """Set up, warm up, then make ``calls`` calls of ``part``."""
-    # The helpers of this script's tree (they put it on the path), then the package of
-    # ``tree`` before it.
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    # The helpers of this script's tree (on the path since the imports above), then the
+    # package of ``tree`` before it.
     from buffered_writer import configure, setup_django
 
     sys.path.insert(0, str(tree))
@@ -68,25 +70,15 @@ def child(tree: Path, part: str, calls: int) -> None:
 
 def count(tree: Path, part: str, calls: int) -> int:
     """Instructions of a child making ``calls`` calls of ``part`` (after the warm-up)."""
-    from telemetry_instructions import count as callgrind_count
-
     return callgrind_count(
         tree, part, calls, script=Path(__file__).resolve(), env={"PYTHONHASHSEED": "0"}
     )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--baseline", type=Path, metavar="PATH")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        tree, part, calls = args.child
-        child(Path(tree).resolve(), part, int(calls))
+    args = command_line(__doc__.splitlines()[0], child)
+    if args is None:
         return
-    if shutil.which("valgrind") is None:
-        parser.error("valgrind is not on the path")
     trees = {"this tree": ROOT}
     if args.baseline is not None:
         trees["baseline"] = args.baseline.resolve()

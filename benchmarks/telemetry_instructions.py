@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,18 +142,30 @@ def count(
         return int(totals.group(1))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def command_line(
+    description: str, run_child: Callable[[Path, str, int], None]
+) -> argparse.Namespace | None:
+    """The arguments of a script that counts with :func:`count` (``--calls``, ``--baseline``),
+    or ``None`` once ``run_child`` has run what ``--child TREE PART CALLS`` asks (the process
+    :func:`count` starts under callgrind). Exits when valgrind is not on the path."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--baseline", type=Path, metavar="PATH")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         tree, part, calls = args.child
-        child(Path(tree).resolve(), part, int(calls))
-        return
+        run_child(Path(tree).resolve(), part, int(calls))
+        return None
     if shutil.which("valgrind") is None:
         parser.error("valgrind is not on the path")
+    return args
+
+
+def main() -> None:
+    args = command_line(__doc__.splitlines()[0], child)
+    if args is None:
+        return
     rows: list[tuple[str, str]] = [("this tree", part) for part in PARTS]
     if args.baseline is not None:
         rows[1:1] = [("baseline", "probe")]
