@@ -30,7 +30,7 @@ ChildRunner = Callable[..., list[dict[str, Any]]]
 
 
 def run_child(
-    env: dict[str, str], scenario: str, count: int = 0, exit_code: int = 0
+    env: dict[str, str], scenario: str, count: int = 0, exit_code: int = 0, timeout: float = 120
 ) -> list[dict[str, Any]]:
     result = subprocess.run(
         [sys.executable, "-m", "tests.writer_process", scenario, str(count)],
@@ -38,7 +38,7 @@ def run_child(
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
     assert result.returncode == exit_code, result.stderr
@@ -72,6 +72,45 @@ def test_sigterm_inside_the_writer_never_deadlocks(child_env: dict[str, str]) ->
     env = {**child_env, "DJANGO_CFG_RPC__BUFFER_SHUTDOWN_TIMEOUT": "0.5"}
     (before,) = run_child(env, "sigterm-inside-the-writer", 20, exit_code=-signal.SIGTERM)
     assert before == {"buffered": 20}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sigterm_the_main_thread_never_sees_still_flushes_and_ends_the_process(
+    child_env: dict[str, str],
+) -> None:
+    """SIGTERM noted by CPython while the main thread waits where the signal did not
+    interrupt it (here: the signal went to another thread; in a ``Pool`` worker: it came just
+    before the wait). The Python handler would wait for the main thread forever, and so would
+    the process, where SIGTERM's default action ends it: the watch sends SIGTERM again."""
+    (before,) = run_child(
+        child_env, "sigterm-the-main-thread-never-sees", 20, exit_code=-signal.SIGTERM, timeout=30
+    )
+    assert before == {"buffered": 20, "written": 0}
+    (report,) = run_child(child_env, "report")
+    assert report["by_who"]["exit"] == 20
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_sigterm_watch_never_repeats_a_signal_the_handler_has_seen(
+    child_env: dict[str, str],
+) -> None:
+    """The handler SIGTERM had before ours (a server's) runs once per SIGTERM, and the process
+    lives on for several of the watch's intervals after it."""
+    (after,) = run_child(child_env, "sigterm-handled-once", 20)
+    assert after == {"handled": 1, "buffered": 0}
+    (report,) = run_child(child_env, "report")
+    assert report["by_who"]["exit"] == 20
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_forked_childs_sigterm_never_reaches_the_parent(child_env: dict[str, str]) -> None:
+    """The signals' wakeup pipe is inherited at fork: a child that kept it would tell the
+    parent's watch of its own SIGTERM, and the watch would send the parent one."""
+    child, parent = run_child(child_env, "sigterm-in-a-forked-child", 20)
+    assert child == {"who": "child", "handled": 1, "buffered": 0}
+    assert parent == {"who": "parent", "child_status": 0, "handled": 0}
+    (report,) = run_child(child_env, "report")
+    assert report["by_who"]["child"] == 10
 
 
 @pytest.mark.django_db(transaction=True)

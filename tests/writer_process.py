@@ -30,7 +30,14 @@ from django.core.wsgi import get_wsgi_application  # noqa: E402
 
 from django_rpc_audit import get_rpc_client  # noqa: E402
 from django_rpc_audit.transports import register_local_handler  # noqa: E402
-from django_rpc_audit.writers import BufferedLogWriter, flush, get_writer, writer_stats  # noqa: E402
+from django_rpc_audit.writers import (  # noqa: E402
+    BufferedLogWriter,
+    flush,
+    get_writer,
+    install_sigterm_flush,
+    lifecycle,
+    writer_stats,
+)
 
 register_local_handler("test.echo", lambda params: {"echo": params})
 
@@ -129,6 +136,15 @@ def multiprocessing_children(how: str, count: int) -> None:
         raise SystemExit(f"unknown multiprocessing shape {how!r}")
 
 
+def install_counting_sigterm_handler() -> list[int]:
+    """Make SIGTERM's handler one that counts its calls, then install the SIGTERM flush over
+    it (as over a server's handler); return the list it appends to."""
+    handled: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: handled.append(signum))
+    assert install_sigterm_flush()
+    return handled
+
+
 def main(scenario: str, count: int) -> None:
     if scenario == "migrate":
         from django.core.management import call_command
@@ -166,6 +182,42 @@ def main(scenario: str, count: int) -> None:
         with writer._lock:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(30)  # not reached: the handler gives up waiting and SIGTERM ends us
+    elif scenario == "sigterm-the-main-thread-never-sees":
+        # The C handler notes SIGTERM in another thread; the main thread, blocked in a lock
+        # wait the signal did not interrupt, would never run the Python handler (as a Pool
+        # worker waiting for work may not): the watch sends it SIGTERM again.
+        make_calls(count, "exit")
+        emit(buffered=writer_stats().buffered, written=writer_stats().written)
+        never = threading.Lock()
+
+        def signal_this_thread_once_the_main_thread_waits() -> None:
+            time.sleep(0.2)
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+        threading.Thread(target=signal_this_thread_once_the_main_thread_waits).start()
+        never.acquire()
+        never.acquire()  # not reached past: SIGTERM's default action ends the process
+    elif scenario == "sigterm-handled-once":
+        # The handler that was SIGTERM's before runs once per SIGTERM: the watch never sends
+        # again a signal the handler has seen, however long the process lives on.
+        handled = install_counting_sigterm_handler()
+        make_calls(count, "exit")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(4 * lifecycle._SIGTERM_NUDGE_INTERVAL)
+        emit(handled=len(handled), buffered=writer_stats().buffered)
+    elif scenario == "sigterm-in-a-forked-child":
+        # A forked child's SIGTERM is the child's: the parent's watch never hears of it.
+        handled = install_counting_sigterm_handler()
+        make_calls(count, "parent")
+        pid = os.fork()
+        if pid == 0:
+            make_calls(10, "child")
+            os.kill(os.getpid(), signal.SIGTERM)
+            emit(who="child", handled=len(handled), buffered=writer_stats().buffered)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        time.sleep(4 * lifecycle._SIGTERM_NUDGE_INTERVAL)
+        emit(who="parent", child_status=status, handled=len(handled))
     elif scenario == "fork":
         make_calls(count, "parent")
         parent_thread = writer_thread_ident()

@@ -11,8 +11,11 @@ writes it.
   each event written at once on the caller's thread and connection.
 - :mod:`~django_rpc_audit.writers.buffered`: :class:`BufferedLogWriter` (``"buffered"``, the
   default), a bounded in-memory buffer written in batches by a background thread on its own
-  connection, flushed at exit (multiprocessing children included), on ``SIGTERM`` and never
-  shared with a forked child.
+  connection.
+- :mod:`~django_rpc_audit.writers.lifecycle`: the buffered writers at the edges of a process:
+  flushed at exit (multiprocessing children included) and on ``SIGTERM``
+  (:func:`install_sigterm_flush`, with a watch that makes sure its handler runs), never shared
+  with a forked child.
 - :mod:`~django_rpc_audit.writers.stream`: :class:`StreamLogWriter` (``"stream"``), the
   buffered writer's buffer shipped to a Redis Stream with pipelined ``XADD`` instead of the
   database.
@@ -45,7 +48,7 @@ from django_rpc_audit.writers.base import (
     WriterObserver,
     WriterStats,
 )
-from django_rpc_audit.writers.buffered import BufferedLogWriter, install_sigterm_flush
+from django_rpc_audit.writers.buffered import BufferedLogWriter
 from django_rpc_audit.writers.ingest import (
     IngestObserver,
     IngestStats,
@@ -53,6 +56,7 @@ from django_rpc_audit.writers.ingest import (
     stream_backlog,
     worker_stats,
 )
+from django_rpc_audit.writers.lifecycle import install_sigterm_flush
 from django_rpc_audit.writers.registry import (
     flush,
     get_writer,

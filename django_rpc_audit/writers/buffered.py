@@ -1,24 +1,18 @@
 """``BufferedLogWriter``: the receivers only enqueue; a background thread writes batches.
 
-Also what keeps its rows at the end of a process: the exit flush, the ``SIGTERM`` flush and
-a fresh start in forked children.
+What keeps its rows at the end of a process (the exit and ``SIGTERM`` flushes, a fresh start
+in forked children) is in :mod:`~django_rpc_audit.writers.lifecycle`.
 """
 
 from __future__ import annotations
 
-import _thread
-import atexit
 import contextlib
 import itertools
 import logging
-import os
-import signal
 import threading
 import time
-import weakref
 from collections import OrderedDict, deque
 from datetime import datetime
-from types import FrameType
 from typing import Any
 
 from django.db import connections, router
@@ -26,6 +20,7 @@ from django.db import connections, router
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.costs import is_costed
 from django_rpc_audit.status import RPCStatus
+from django_rpc_audit.writers import lifecycle
 from django_rpc_audit.writers.base import (
     DatabaseUnavailable,
     DestinationUnavailable,
@@ -128,7 +123,7 @@ class BufferedLogWriter:
         #: Told the writer's counters and batch timings (Prometheus metrics), on its thread.
         self.observer: WriterObserver | None = None
         self._reset_state()
-        _live_writers.add(self)
+        lifecycle.track(self)
 
     def _reset_state(self) -> None:
         self._lock = threading.Lock()
@@ -342,11 +337,11 @@ class BufferedLogWriter:
             self._thread = threading.Thread(
                 target=self._run, name="django-rpc-audit-writer", daemon=True
             )
-        _register_atexit()
+        lifecycle.prepare_process()
         self._thread.start()
 
     def _run(self) -> None:
-        _leave_signals_to_the_main_thread()
+        lifecycle.leave_signals_to_the_main_thread()
         delay = 0.0
         try:
             while True:
@@ -520,162 +515,7 @@ class BufferedLogWriter:
         self._reset_state()
 
 
-#: Signals a process is asked to stop or act with, which Python handles in its main thread.
-_MAIN_THREAD_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
-
-
-def _leave_signals_to_the_main_thread() -> None:
-    """Block the stop signals in the writer thread, so the kernel hands them to the main
-    thread. Python runs its handlers (the ``SIGTERM`` flush) in the main thread, and only once
-    that thread runs Python code again: a signal delivered to this thread does not interrupt a
-    main thread blocked in a system call (a lock or semaphore wait), which may then never
-    notice it."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows
-        return
-    stop = {getattr(signal, name) for name in _MAIN_THREAD_SIGNALS if hasattr(signal, name)}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-
-
 def _close_quietly(alias: str) -> None:
     # The connection is broken; the next write reconnects.
     with contextlib.suppress(Exception):
         connections[alias].close()
-
-
-_live_writers: weakref.WeakSet[BufferedLogWriter] = weakref.WeakSet()
-
-
-def _before_fork() -> None:
-    for writer in list(_live_writers):
-        writer._before_fork()
-
-
-def _after_fork_in_parent() -> None:
-    for writer in list(_live_writers):
-        writer._after_fork_in_parent()
-
-
-def _after_fork_in_child() -> None:
-    for writer in list(_live_writers):
-        writer._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows
-    os.register_at_fork(
-        before=_before_fork,
-        after_in_parent=_after_fork_in_parent,
-        after_in_child=_after_fork_in_child,
-    )
-
-_atexit_registered = False
-_finalizer_pid: int | None = None
-
-
-def _register_atexit() -> None:
-    """Write what the writers hold when this process ends, whichever way it ends normally.
-
-    ``atexit`` at interpreter exit. A ``multiprocessing`` child (fork and forkserver: a
-    ``Process``, a ``Pool`` worker) ends through ``os._exit``, which runs no ``atexit``
-    handler; it runs multiprocessing's own finalizers first, so each child registers one.
-    """
-    global _atexit_registered, _finalizer_pid
-    if not _atexit_registered:
-        _atexit_registered = True  # inherited by forked children, as the handler itself is
-        atexit.register(_close_all_at_exit)
-    pid = os.getpid()
-    if _finalizer_pid != pid:
-        _finalizer_pid = pid
-        import multiprocessing
-        import multiprocessing.util
-
-        if multiprocessing.parent_process() is not None:
-            # Priority >= 0: run before the child waits for its own children and exits.
-            multiprocessing.util.Finalize(None, _close_all_at_exit, exitpriority=10)
-
-
-#: True once this process runs its exit flush: a SIGTERM meanwhile lets it finish.
-_exiting = False
-
-
-def _close_all_at_exit() -> None:
-    global _exiting
-    _exiting = True
-    timeout = shutdown_timeout()
-    for writer in list(_live_writers):
-        if writer._thread is not None:
-            writer.close(timeout)
-
-
-def _flush_all_for_sigterm(timeout: float) -> None:
-    """Flush every writer from a helper thread; the main thread waits at most ``timeout``.
-
-    Not on the main thread itself: the handler runs there, between two bytecodes of whatever
-    it interrupted, possibly inside the writer holding a lock the flush needs (a non-reentrant
-    lock: a deadlock). From a helper thread, the worst case is the wait running out.
-    """
-
-    def flush_all() -> None:
-        try:
-            for writer in list(_live_writers):
-                if writer._thread is not None:
-                    writer.flush_interval = min(writer.flush_interval, _DRAINING_FLUSH_INTERVAL)
-                    writer.flush(timeout)
-        finally:
-            done.release()
-
-    done = _thread.allocate_lock()  # a lock nobody else ever holds
-    done.acquire()
-    try:
-        # The low-level thread: threading.Thread.start() takes threading's own locks.
-        _thread.start_new_thread(flush_all, ())
-    except RuntimeError:  # no new threads at interpreter shutdown
-        done.release()
-        return
-    done.acquire(timeout=timeout + 1.0)
-
-
-def install_sigterm_flush() -> bool:
-    """On ``SIGTERM``, write what the writers hold, then do what ``SIGTERM`` did before.
-
-    Called by the app's ``ready()`` in the main thread. Servers that exit normally on
-    ``SIGTERM`` (gunicorn workers) are covered by the exit flush already; uvicorn shuts down
-    gracefully and then re-raises ``SIGTERM`` with the default action, which kills the process
-    without exit handlers, and a bare process dies the same way. The previous handler (the
-    server's, when it installed one first) still runs afterwards, and the writers keep writing
-    every few milliseconds while the server finishes its requests. The writing is done by a
-    helper thread the handler waits for (at most ``BUFFER_SHUTDOWN_TIMEOUT``), never by the
-    interrupted main thread itself; a ``SIGTERM`` during the exit flush lets that flush finish.
-    False if not installed (not the main thread, or no ``SIGTERM`` on this platform).
-    """
-    if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
-        return False
-    previous = signal.getsignal(signal.SIGTERM)
-    if getattr(previous, "_rpc_audit_flush", False):
-        return True  # already installed
-
-    def flush_on_sigterm(signum: int, frame: FrameType | None) -> None:
-        if _exiting:
-            # The exit flush is running (atexit, or a multiprocessing child's finalizer, as
-            # when Pool.terminate() SIGTERMs a worker that is leaving anyway): let it end.
-            return
-        _flush_all_for_sigterm(shutdown_timeout())
-        if callable(previous):
-            previous(signum, frame)
-        elif previous in (signal.SIG_DFL, None):
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-
-    flush_on_sigterm._rpc_audit_flush = True  # type: ignore[attr-defined]
-    signal.signal(signal.SIGTERM, flush_on_sigterm)
-    return True
-
-
-#: Seconds between writes once SIGTERM has come: what finishes meanwhile is written at once.
-_DRAINING_FLUSH_INTERVAL = 0.01
-
-
-def shutdown_timeout() -> float:
-    try:
-        return get_config().buffer_shutdown_timeout
-    except Exception:
-        return 10.0  # the setting's default, when the settings themselves are broken

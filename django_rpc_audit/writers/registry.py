@@ -10,7 +10,8 @@ from typing import Any
 from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
 from django_rpc_audit.integrations import build_writer_observer
 from django_rpc_audit.writers.base import LogWriter, WriterStats
-from django_rpc_audit.writers.buffered import BufferedLogWriter, shutdown_timeout
+from django_rpc_audit.writers.buffered import BufferedLogWriter
+from django_rpc_audit.writers.lifecycle import shutdown_timeout
 from django_rpc_audit.writers.stream import StreamLogWriter
 from django_rpc_audit.writers.sync import SyncLogWriter
 
