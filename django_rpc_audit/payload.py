@@ -464,7 +464,7 @@ class _Walker:
         text = clean_text(text)
         if not self.redact:
             return text
-        if text[:1] in "{[" or text[:1].isspace():
+        if text and (text[0] in "{[" or text[0].isspace()):
             structured = self.json_in_text(text, depth)
             if structured is not None:
                 return structured
@@ -476,7 +476,10 @@ class _Walker:
     def json_in_text(self, text: str, depth: int) -> str | None:
         """A string holding JSON (a request body, a header dump) is redacted as JSON."""
         stripped = text.strip()
-        if not (stripped[:1] in "{[" and stripped[-1:] in "}]") or depth >= MAX_DEPTH:
+        # Empty and blank strings are no JSON: parsing each of them only raised.
+        if len(stripped) < 2 or stripped[0] not in "{[" or stripped[-1] not in "}]":
+            return None
+        if depth >= MAX_DEPTH:
             return None
         try:
             parsed = json.loads(stripped)

@@ -181,6 +181,19 @@ def test_a_fitting_value_is_stored_whole_and_redacted():
     assert json.loads(result.text) == result.value
 
 
+def test_only_strings_that_may_hold_json_are_parsed(monkeypatch):
+    """A string is parsed as JSON (and redacted as JSON) only when it begins and ends like an
+    object or an array: empty and blank strings, common in forms, used to be parsed (and fail)
+    one by one."""
+    parsed: list[str] = []
+    real_loads = payload.json.loads
+    monkeypatch.setattr(payload.json, "loads", lambda text: parsed.append(text) or real_loads(text))
+    value = {"a": "", "b": " ", "c": "\n", "d": "[", "e": " {} ", "f": '{"password": "x"}'}
+    result = stored(value, 65_536, Redactor())
+    assert parsed == ["{}", '{"password": "x"}']
+    assert result.value == {**value, "f": '{"password":"***"}'}
+
+
 def test_original_bytes_is_the_wire_size_when_given_and_the_json_size_otherwise():
     value = {"blob": "x" * 10_000}
     assert stored(value, 512, Redactor(), original_bytes=12_345).value["original_bytes"] == 12_345
