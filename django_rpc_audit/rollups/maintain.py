@@ -119,7 +119,9 @@ def _log_model() -> type[RPCLog]:
 # -- aggregates ---------------------------------------------------------------------------------
 
 
-def _aggregates(vendor: str) -> dict[str, Any]:
+def row_aggregates(vendor: str) -> dict[str, Any]:
+    """The aggregates of a rollup row over ``RPCLog`` rows: what the rollups store, and what
+    reads compute for the hours not rolled up yet (:mod:`~django_rpc_audit.rollups.read`)."""
     weight = Value(1.0) / NullIf(F("sample_rate"), Value(0.0))
     timed = ~Q(duration_ms=None)
     values: dict[str, Any] = {
@@ -161,7 +163,7 @@ def aggregate(queryset: RPCLogQuerySet, *, newest: bool = False) -> dict[_Key, d
     status): one ``GROUP BY`` query. With ``newest``, each also has the ``newest`` row's
     ``created_at``."""
     vendor = connections[queryset.db].vendor
-    sums = _aggregates(vendor)
+    sums = row_aggregates(vendor)
     if newest:
         sums["newest"] = Max("created_at")
     grouped = queryset.order_by().values(*KEY_FIELDS).annotate(**sums)

@@ -38,7 +38,7 @@ from django.db import connections, router, transaction
 from django.db.models import Max, Q, QuerySet, Sum
 from django.db.models.functions import Trunc
 
-from django_rpc_audit.rollups.maintain import DAY, _aggregates, hour_of
+from django_rpc_audit.rollups.maintain import DAY, hour_of, row_aggregates
 from django_rpc_audit.rollups.models import (
     BUCKET,
     DURATION_EDGES_MS,
@@ -234,7 +234,7 @@ def window_sums(cover: Coverage, dims: Sequence[str]) -> dict[tuple[Any, ...], S
         created_at__gte=cover.boundary, created_at__lte=cover.until
     )
     # The very sums rpc_rollup stores, so the tail adds up as its rollups will.
-    every = _aggregates(connections[using].vendor)
+    every = row_aggregates(connections[using].vendor)
     if light:  # counts are all these groups give
         row_sums: dict[str, Any] = {"calls": every["calls"]}
     else:
