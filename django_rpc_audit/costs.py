@@ -14,7 +14,6 @@ the receivers: sampling asks it, because a call that carries a cost is never sam
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import logging
 from collections.abc import Callable, Mapping
@@ -26,6 +25,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
 from django_rpc_audit.conf import COST_DECIMAL_PLACES, DjangoCfgRPCConfig, parse_price
+from django_rpc_audit.utils import method_rule
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +62,8 @@ def cost_rule(config: DjangoCfgRPCConfig, method: str) -> Decimal | str | None:
 
 @functools.lru_cache(maxsize=4096)
 def _rule(rules: tuple[tuple[str, Decimal | str], ...], method: str) -> Decimal | str | None:
-    for pattern, rule in rules:
-        if pattern == method:
-            return rule
-    for pattern, rule in rules:
-        if fnmatch.fnmatchcase(method, pattern):
-            return rule
-    return None
+    found = method_rule(rules, method)
+    return None if found is None else found[1]
 
 
 def is_costed(config: DjangoCfgRPCConfig, method: str, status: str | None = None) -> bool:

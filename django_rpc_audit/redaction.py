@@ -8,7 +8,6 @@ case-insensitively, so ``db_password``, ``X-Api-Key`` and ``accessToken`` are se
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import re
 from collections.abc import Iterable, Sequence
@@ -17,7 +16,7 @@ from typing import Any, Literal
 
 import re2
 
-from django_rpc_audit.utils import REDACTED
+from django_rpc_audit.utils import REDACTED, method_rule
 
 #: Secret words, compared with a key's words (or adjacent words joined: ``api_key`` -> apikey).
 SECRET_WORDS: frozenset[str] = frozenset(
@@ -312,13 +311,8 @@ class Redactor:
 
     def rule_for(self, method: str) -> MethodRule:
         """The rule of ``method``: an exact name first, then the first matching glob pattern."""
-        for pattern, rule in self.method_rules:
-            if pattern == method:
-                return rule
-        for pattern, rule in self.method_rules:
-            if fnmatch.fnmatchcase(method, pattern):
-                return rule
-        return MethodRule()
+        found = method_rule(self.method_rules, method)
+        return MethodRule() if found is None else found[1]
 
     def params(self, method: str, params: Any) -> Any:
         """``params`` as receivers may see them: the method's rule applied, then redacted."""

@@ -6,7 +6,6 @@ The keep-or-drop draw is a hash of the call's correlation id, so the ``rpc_start
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import hashlib
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 from django_rpc_audit.conf import DjangoCfgRPCConfig
 from django_rpc_audit.costs import is_costed
 from django_rpc_audit.status import RPCStatus
+from django_rpc_audit.utils import method_rule
 
 _SCALE = float(2**64)
 
@@ -31,13 +31,8 @@ def sample_rate_for(config: DjangoCfgRPCConfig, method: str) -> float:
 
 @functools.lru_cache(maxsize=4096)
 def _rate(rates: tuple[tuple[str, float], ...], default: float, method: str) -> float:
-    for pattern, rate in rates:
-        if pattern == method:
-            return float(rate)
-    for pattern, rate in rates:
-        if fnmatch.fnmatchcase(method, pattern):
-            return float(rate)
-    return float(default)
+    found = method_rule(rates, method)
+    return float(default if found is None else found[1])
 
 
 def is_sampled(correlation_id: str, rate: float) -> bool:

@@ -1,14 +1,39 @@
-"""Small helpers shared by several modules: URL redaction, stored datetimes, correlation ids."""
+"""Small helpers shared by several modules: URL redaction, stored datetimes, correlation ids,
+per-method rules."""
 
 from __future__ import annotations
 
+import fnmatch
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
+from typing import TypeVar
 
 from django.conf import settings
 from django.utils import timezone
 
 REDACTED = "***"
+
+_Value = TypeVar("_Value")
+
+
+def method_rule(rules: Sequence[tuple[str, _Value]], method: str) -> tuple[str, _Value] | None:
+    """The ``(pattern, value)`` rule that applies to ``method``, as every per-method setting
+    matches: its exact name first, else the first glob pattern (:func:`fnmatch.fnmatchcase`)
+    matching it in the order written; ``None`` when none does.
+
+    >>> method_rule([("reports.*", 2), ("reports.daily", 3)], "reports.daily")
+    ('reports.daily', 3)
+    >>> method_rule([("reports.*", 2), ("*", 1)], "reports.weekly")
+    ('reports.*', 2)
+    """
+    for rule in rules:
+        if rule[0] == method:
+            return rule
+    for rule in rules:
+        if fnmatch.fnmatchcase(method, rule[0]):
+            return rule
+    return None
 
 
 def redact_url(url: str) -> str:

@@ -32,8 +32,8 @@ from django_rpc_audit.models import RPCLog, RPCStatus
 from django_rpc_audit.ratelimit import Limit, RateLimitCall, gcra, parse_rules, rate_limit_stats
 from django_rpc_audit.ratelimit.http import RPCRateLimitMiddleware, rate_limited_response
 from django_rpc_audit.ratelimit.limiter import RateLimiter, ip_subject
-from django_rpc_audit.ratelimit.rules import match_rule
 from django_rpc_audit.transports import LocalTransport, RPCRequest
+from django_rpc_audit.utils import method_rule
 from scripts.ipc_server import free_port
 from tests.factories import UserFactory
 from tests.test_transports_redis import Responder, echo
@@ -172,15 +172,15 @@ def test_exact_names_first_then_the_first_matching_pattern_in_the_users_order() 
     rules = parse_rules(
         {"*": "1/s", "reports.*": "2/s", "reports.daily": "3/s", "system.ping": None}
     )
-    assert match_rule(rules, "reports.daily") == ("reports.daily", Limit(3, 1))
+    assert method_rule(rules, "reports.daily") == ("reports.daily", Limit(3, 1))
     # "*" comes before "reports.*" in the settings: the first match wins.
-    assert match_rule(rules, "reports.weekly") == ("*", Limit(1, 1))
-    assert match_rule(rules, "system.ping") == ("system.ping", None)
+    assert method_rule(rules, "reports.weekly") == ("*", Limit(1, 1))
+    assert method_rule(rules, "system.ping") == ("system.ping", None)
     reordered = parse_rules({"reports.*": "2/s", "*": "1/s"})
-    assert match_rule(reordered, "reports.weekly") == ("reports.*", Limit(2, 1))
-    assert match_rule(parse_rules({"reports.*": "2/s"}), "other") is None
+    assert method_rule(reordered, "reports.weekly") == ("reports.*", Limit(2, 1))
+    assert method_rule(parse_rules({"reports.*": "2/s"}), "other") is None
     # Glob characters are literal for exact names, and matching is case-sensitive.
-    assert match_rule(parse_rules({"a?c": "1/s"}), "A?C") is None
+    assert method_rule(parse_rules({"a?c": "1/s"}), "A?C") is None
 
 
 def test_settings_parse_limits_from_the_dict_and_the_environment(rpc_settings, rpc_env) -> None:

@@ -26,7 +26,6 @@ grouped by storm control like any other alert.
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import logging
 import os
@@ -37,6 +36,7 @@ from typing import Literal
 
 from django_rpc_audit.conf import DjangoCfgRPCConfig, get_config
 from django_rpc_audit.status import RPCStatus
+from django_rpc_audit.utils import method_rule
 
 logger = logging.getLogger(__name__)
 
@@ -170,13 +170,8 @@ class SlowCallDetector:
         )
 
     def _explicit_threshold(self, method: str) -> float | None:
-        for pattern, threshold in self.thresholds:
-            if pattern == method:
-                return float(threshold)
-        for pattern, threshold in self.thresholds:
-            if fnmatch.fnmatchcase(method, pattern):
-                return float(threshold)
-        return None
+        found = method_rule(self.thresholds, method)
+        return None if found is None else float(found[1])
 
     def _after_fork_in_child(self) -> None:
         # The lock may have been held by a thread that does not exist in the child.

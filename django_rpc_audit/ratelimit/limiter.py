@@ -26,10 +26,10 @@ from redis.backoff import NoBackoff
 
 from django_rpc_audit.exceptions import RPCRateLimitedError
 from django_rpc_audit.ratelimit import gcra
-from django_rpc_audit.ratelimit.rules import Limit, RateLimitCall, Rule, match_rule
+from django_rpc_audit.ratelimit.rules import Limit, RateLimitCall, Rule
 from django_rpc_audit.redaction import redact_text
 from django_rpc_audit.transports import RedisTransport
-from django_rpc_audit.utils import redact_url
+from django_rpc_audit.utils import method_rule, redact_url
 
 if TYPE_CHECKING:
     from django_rpc_audit.conf import DjangoCfgRPCConfig
@@ -284,7 +284,7 @@ class RateLimiter:
         """
         rule = self._rules_by_method.get(method, _MISSING)
         if rule is _MISSING:
-            rule = match_rule(self.rules, method)
+            rule = method_rule(self.rules, method)
             if len(self._rules_by_method) >= RULE_CACHE_SIZE:
                 self._rules_by_method.clear()
             self._rules_by_method[method] = rule

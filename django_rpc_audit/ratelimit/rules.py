@@ -8,7 +8,6 @@ pattern that matches, in the order the settings give them.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -168,18 +167,6 @@ def _pair(item: object) -> tuple[object, object]:
     if isinstance(item, list | tuple) and len(item) == 2:
         return item[0], item[1]
     raise ValueError(f"{item!r} is not a (pattern, limit) pair")
-
-
-def match_rule(rules: tuple[Rule, ...], method: str) -> Rule | None:
-    """The rule that applies to ``method``: its exact name, else the first matching pattern
-    in the order given; ``None`` when none matches."""
-    for rule in rules:
-        if rule[0] == method:
-            return rule
-    for rule in rules:
-        if fnmatch.fnmatchcase(method, rule[0]):
-            return rule
-    return None
 
 
 @dataclass(frozen=True, slots=True)
