@@ -91,6 +91,20 @@ def test_sigterm_the_main_thread_never_sees_still_flushes_and_ends_the_process(
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_a_multiprocessing_child_that_misses_its_sigterm_still_ends(
+    child_env: dict[str, str], start_method: str
+) -> None:
+    """The same in a ``multiprocessing`` child: a forked one sets a wakeup pipe of its own; a
+    forkserver's child sets one at its first call (its server resets the wakeup fd)."""
+    before, after = run_child(child_env, f"mp-{start_method}:unseen-sigterm", 10, timeout=60)
+    assert before == {"buffered": 10, "written": 0}
+    assert after == {"exitcodes": [-signal.SIGTERM]}  # [None]: still waiting after 30 s
+    (report,) = run_child(child_env, "report")
+    assert report["by_who"]["exit"] == 10
+
+
+@pytest.mark.django_db(transaction=True)
 def test_the_sigterm_watch_never_repeats_a_signal_the_handler_has_seen(
     child_env: dict[str, str],
 ) -> None:

@@ -9,6 +9,7 @@ explicit ``flush()``) can write the rows. Scenarios print one JSON line each.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -122,6 +123,19 @@ def multiprocessing_children(how: str, count: int) -> None:
         with context.Pool(workers) as pool:
             pids = pool.map(call_in_child, range(count))
         emit(children=len(set(pids)))
+    elif shape == "unseen-sigterm":
+        # A child whose main thread misses its SIGTERM (see the scenario of that name). The
+        # forkserver preloads this module by its name, so that the children it forks have
+        # Django set up already: the server resets the wakeup fd after each fork.
+        this = importlib.import_module("tests.writer_process")
+        context.set_forkserver_preload(["tests.writer_process"])
+        child = context.Process(target=this.sigterm_the_main_thread_never_sees, args=(count,))
+        child.start()
+        child.join(timeout=30)
+        exitcode = child.exitcode
+        if exitcode is None:
+            child.kill()
+        emit(exitcodes=[exitcode])
     elif shape == "terminate-busy":
         # The workers are inside a task (after their call) when terminate() sends SIGTERM:
         # only the SIGTERM flush can write their rows.
@@ -134,6 +148,23 @@ def multiprocessing_children(how: str, count: int) -> None:
         emit(children=len(set(done)))
     else:
         raise SystemExit(f"unknown multiprocessing shape {how!r}")
+
+
+def sigterm_the_main_thread_never_sees(count: int) -> None:
+    """The C handler notes SIGTERM in another thread; the main thread, blocked in a lock wait
+    the signal did not interrupt, would never run the Python handler (as a Pool worker waiting
+    for work may not): the watch sends it SIGTERM again."""
+    make_calls(count, "exit")
+    emit(buffered=writer_stats().buffered, written=writer_stats().written)
+    never = threading.Lock()
+
+    def signal_this_thread_once_the_main_thread_waits() -> None:
+        time.sleep(0.2)
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+    threading.Thread(target=signal_this_thread_once_the_main_thread_waits).start()
+    never.acquire()
+    never.acquire()  # not reached past: SIGTERM's default action ends the process
 
 
 def install_counting_sigterm_handler() -> list[int]:
@@ -183,20 +214,7 @@ def main(scenario: str, count: int) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(30)  # not reached: the handler gives up waiting and SIGTERM ends us
     elif scenario == "sigterm-the-main-thread-never-sees":
-        # The C handler notes SIGTERM in another thread; the main thread, blocked in a lock
-        # wait the signal did not interrupt, would never run the Python handler (as a Pool
-        # worker waiting for work may not): the watch sends it SIGTERM again.
-        make_calls(count, "exit")
-        emit(buffered=writer_stats().buffered, written=writer_stats().written)
-        never = threading.Lock()
-
-        def signal_this_thread_once_the_main_thread_waits() -> None:
-            time.sleep(0.2)
-            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
-
-        threading.Thread(target=signal_this_thread_once_the_main_thread_waits).start()
-        never.acquire()
-        never.acquire()  # not reached past: SIGTERM's default action ends the process
+        sigterm_the_main_thread_never_sees(count)
     elif scenario == "sigterm-handled-once":
         # The handler that was SIGTERM's before runs once per SIGTERM: the watch never sends
         # again a signal the handler has seen, however long the process lives on.

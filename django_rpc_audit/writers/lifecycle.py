@@ -133,10 +133,20 @@ class SigtermWatch:
 
     def start(self) -> None:
         """Start the thread that reads the pipe, once per process: with the first writer
-        thread, since only a writer holds anything to flush."""
+        thread, since only a writer holds anything to flush.
+
+        A process that has no pipe of the watch's yet sets one here if this is its main
+        thread and the handler is still ``SIGTERM``'s: a ``forkserver`` child, whose server
+        resets the wakeup fd after forking it."""
         pid = os.getpid()
         with self._lock:
-            if self._pipe_pid != pid or self._thread_pid == pid:
+            if self._thread_pid == pid:
+                return
+            if self._pipe_pid != pid and not (
+                threading.current_thread() is threading.main_thread()
+                and self._is_ours()
+                and self._set_pipe()
+            ):
                 return
             self._thread_pid = pid
         try:
