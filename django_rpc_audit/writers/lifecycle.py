@@ -135,15 +135,19 @@ class SigtermWatch:
         """Start the thread that reads the pipe, once per process: with the first writer
         thread, since only a writer holds anything to flush.
 
-        A process that has no pipe of the watch's yet sets one here if this is its main
-        thread and the handler is still ``SIGTERM``'s: a ``forkserver`` child, whose server
-        resets the wakeup fd after forking it."""
+        A ``multiprocessing`` child that has no pipe of the watch's yet sets one here, from
+        its main thread, if the handler is still ``SIGTERM``'s: a ``forkserver``'s child,
+        whose server resets the wakeup fd after forking it. Only there: finding out whether
+        another wakeup fd is set means setting ours and putting theirs back, and a signal
+        that came in between would be told to our pipe instead of theirs (an event loop's,
+        which runs its signal callbacks from what it reads)."""
         pid = os.getpid()
         with self._lock:
             if self._thread_pid == pid:
                 return
             if self._pipe_pid != pid and not (
                 threading.current_thread() is threading.main_thread()
+                and _in_a_multiprocessing_child()
                 and self._is_ours()
                 and self._set_pipe()
             ):
@@ -226,6 +230,12 @@ class SigtermWatch:
         with contextlib.suppress(OSError, ValueError):
             signal.pthread_kill(main, signal.SIGTERM)
         self._since = time.monotonic()
+
+
+def _in_a_multiprocessing_child() -> bool:
+    import multiprocessing
+
+    return multiprocessing.parent_process() is not None
 
 
 _sigterm_watch = SigtermWatch()
