@@ -24,7 +24,7 @@ def test_the_app_sets_the_sigterm_flush_and_its_watch() -> None:
 
 def test_the_sigterm_watch_leaves_another_wakeup_fd_alone() -> None:
     """An event loop's wakeup fd (asyncio's ``add_signal_handler``) is its own."""
-    theirs, _ = socket.socketpair()
+    theirs, their_reader = socket.socketpair()
     theirs.setblocking(False)
     previous = signal.set_wakeup_fd(theirs.fileno())
     try:
@@ -36,6 +36,7 @@ def test_the_sigterm_watch_leaves_another_wakeup_fd_alone() -> None:
     finally:
         signal.set_wakeup_fd(previous, warn_on_full_buffer=False)
         theirs.close()
+        their_reader.close()
 
 
 def test_the_sigterm_watch_is_installed_from_the_main_thread_only() -> None:
