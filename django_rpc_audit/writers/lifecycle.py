@@ -135,22 +135,24 @@ class SigtermWatch:
         """Start the thread that reads the pipe, once per process: with the first writer
         thread, since only a writer holds anything to flush.
 
-        A ``multiprocessing`` child that has no pipe of the watch's yet sets one here, from
-        its main thread, if the handler is still ``SIGTERM``'s: a ``forkserver``'s child,
-        whose server resets the wakeup fd after forking it. Only there: finding out whether
-        another wakeup fd is set means setting ours and putting theirs back, and a signal
-        that came in between would be told to our pipe instead of theirs (an event loop's,
-        which runs its signal callbacks from what it reads)."""
+        A ``multiprocessing`` child sets its pipe again here, from its main thread, if the
+        handler is still ``SIGTERM``'s and no other wakeup fd is set: a ``forkserver``'s
+        child, whose server resets the wakeup fd after forking it (after the fork hook set
+        the child's pipe). Only there: finding out whether another wakeup fd is set means
+        setting ours and putting theirs back, and a signal that came in between would be told
+        to our pipe instead of theirs (an event loop's, which runs its signal callbacks from
+        what it reads)."""
         pid = os.getpid()
         with self._lock:
             if self._thread_pid == pid:
                 return
-            if self._pipe_pid != pid and not (
+            if (
                 threading.current_thread() is threading.main_thread()
                 and _in_a_multiprocessing_child()
                 and self._is_ours()
-                and self._set_pipe()
             ):
+                self._set_pipe()
+            if self._pipe_pid != pid:
                 return
             self._thread_pid = pid
         try:
