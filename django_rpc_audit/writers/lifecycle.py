@@ -155,10 +155,11 @@ class SigtermWatch:
             if self._pipe_pid != pid:
                 return
             self._thread_pid = pid
+            read_fd = self._read_fd
         try:
             threading.Thread(
                 target=self._run,
-                args=(self._read_fd,),
+                args=(read_fd,),
                 name="django-rpc-audit-sigterm-watch",
                 daemon=True,
             ).start()
@@ -286,10 +287,9 @@ def prepare_process() -> None:
     pid = os.getpid()
     if _finalizer_pid != pid:
         _finalizer_pid = pid
-        import multiprocessing
-        import multiprocessing.util
+        if _in_a_multiprocessing_child():
+            import multiprocessing.util
 
-        if multiprocessing.parent_process() is not None:
             # Priority >= 0: run before the child waits for its own children and exits.
             multiprocessing.util.Finalize(None, _close_all_at_exit, exitpriority=10)
     _sigterm_watch.start()
