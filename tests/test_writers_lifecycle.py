@@ -14,12 +14,26 @@ from django_rpc_audit.writers import install_sigterm_flush, lifecycle
 pytestmark = pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="POSIX signals")
 
 
-def test_the_app_sets_the_sigterm_flush_and_its_watch() -> None:
-    assert lifecycle._is_sigterm_flush(signal.getsignal(signal.SIGTERM))
-    assert install_sigterm_flush() is True  # already installed: nothing changes
-    watch = lifecycle._sigterm_watch
-    current = signal.set_wakeup_fd(watch._write_fd, warn_on_full_buffer=False)
-    assert current == watch._write_fd != -1
+def test_the_sigterm_flush_comes_with_its_watch() -> None:
+    """Installed over SIGTERM's default action (as the app's ``ready()`` does in a fresh
+    process; other tests, such as ``call_command("rpc_logs_ingest")``, leave another handler
+    in this one): the flush is SIGTERM's handler and the watch's pipe the wakeup fd."""
+    previous_handler = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    watchs_fd = lifecycle._sigterm_watch._write_fd
+    previous_fd = signal.set_wakeup_fd(-1)
+    try:
+        assert install_sigterm_flush() is True
+        assert lifecycle._is_sigterm_flush(signal.getsignal(signal.SIGTERM))
+        watch = lifecycle._sigterm_watch
+        assert watch._write_fd != -1
+        assert signal.set_wakeup_fd(watch._write_fd, warn_on_full_buffer=False) == watch._write_fd
+        installed = signal.getsignal(signal.SIGTERM)
+        assert install_sigterm_flush() is True  # already installed: nothing changes
+        assert signal.getsignal(signal.SIGTERM) is installed
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        if previous_fd != watchs_fd:  # the watch's own pipe is replaced (and closed)
+            signal.set_wakeup_fd(previous_fd, warn_on_full_buffer=False)
 
 
 def test_the_sigterm_watch_leaves_another_wakeup_fd_alone() -> None:
