@@ -9,6 +9,8 @@ and SQLite are supported; see ``docs/databases.md``.
   the driver.
 - :func:`server_problems` (asks the server; MySQL and MariaDB only): the version, the
   character set of the log table, the time zone tables, ``max_allowed_packet``.
+- :func:`set_payload_compression` and :func:`payload_compression` (PostgreSQL): LZ4 for the
+  payload columns, set by migration ``0010_payload_lz4_compression``.
 """
 
 from __future__ import annotations
@@ -244,3 +246,57 @@ def packet_problems(alias: str, connection: BaseDatabaseWrapper) -> list[CheckMe
             id="django_rpc_audit.W101",
         )
     ]
+
+
+# -- PostgreSQL: how the payload columns are compressed -----------------------------------------
+
+#: The log table's columns whose values PostgreSQL compresses (TOAST) when they are large.
+PAYLOAD_FIELDS = ("params", "response")
+
+
+def lz4_available(connection: BaseDatabaseWrapper) -> bool:
+    """Can this PostgreSQL server compress column values with LZ4 (built ``--with-lz4``, as the
+    Debian, Ubuntu, Docker and cloud builds are)? The allowed values of the
+    ``default_toast_compression`` setting say."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT %s = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'",
+            ["lz4"],
+        )
+        row = cursor.fetchone()
+    return bool(row and row[0])
+
+
+def set_payload_compression(
+    connection: BaseDatabaseWrapper, table: str, columns: tuple[str, ...], method: str
+) -> bool:
+    """``ALTER COLUMN ... SET COMPRESSION method`` for ``columns`` of ``table`` on PostgreSQL
+    (``method``: ``"lz4"``, ``"pglz"`` or ``"default"``, the server's
+    ``default_toast_compression``). Only new values take it; stored ones keep theirs.
+
+    Does nothing and returns ``False`` on the other databases, and for LZ4 on a server built
+    without it. A change of the catalog alone: the lock it takes lasts no longer than that.
+    """
+    if connection.vendor != "postgresql" or (method == "lz4" and not lz4_available(connection)):
+        return False
+    quote = connection.ops.quote_name
+    changes = ", ".join(
+        f"ALTER COLUMN {quote(column)} SET COMPRESSION {method}" for column in columns
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(f"ALTER TABLE {quote(table)} {changes}")
+    return True
+
+
+def payload_compression(connection: BaseDatabaseWrapper, table: str) -> dict[str, str]:
+    """How PostgreSQL compresses the columns of ``table`` that it may compress: column name to
+    ``"lz4"``, ``"pglz"``, or ``""`` (the server's ``default_toast_compression``)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT attname, attcompression FROM pg_attribute"
+            " WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped"
+            " AND attstorage IN ('x', 'm')",
+            [connection.ops.quote_name(table)],
+        )
+        methods = {"l": "lz4", "p": "pglz"}
+        return {name: methods.get(code, "") for name, code in cursor.fetchall()}

@@ -11,19 +11,27 @@ from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.db import connection, connections
 
-from django_rpc_audit import checks
+from django_rpc_audit import checks, get_rpc_client
 from django_rpc_audit.databases import (
+    PAYLOAD_FIELDS,
     backend_problems,
     charset_problems,
     largest_row_bytes,
+    lz4_available,
     mysql_driver_problems,
     packet_problems,
+    payload_compression,
+    set_payload_compression,
     time_zone_problems,
     version_problems,
 )
+from django_rpc_audit.models import RPCLog
+from django_rpc_audit.writers import BufferedLogWriter
+from django_rpc_audit.writers.sink import _STAGING_TABLE
 from tests.conftest import unavailable
 
 on_mysql = pytest.mark.skipif(connection.vendor != "mysql", reason="MySQL / MariaDB's server")
+on_postgresql = pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's TOAST")
 
 
 def ids(messages: list[Any]) -> list[str]:
@@ -143,3 +151,60 @@ def test_a_packet_smaller_than_the_largest_row_is_w101(
     messages = packet_problems("default", connection)
     assert ids(messages) == ["django_rpc_audit.W101"]
     assert "MAX_*_BYTES" in messages[0].msg
+
+
+# -- PostgreSQL: LZ4 for the payload columns (migration 0010) ---------------------------------
+
+TABLE = RPCLog._meta.db_table
+
+
+@on_postgresql
+@pytest.mark.django_db
+def test_migrations_leave_the_payload_columns_compressed_with_lz4() -> None:
+    if not lz4_available(connection):
+        unavailable("this PostgreSQL server was built without LZ4")
+    methods = payload_compression(connection, TABLE)
+    assert {name: methods[name] for name in PAYLOAD_FIELDS} == {"params": "lz4", "response": "lz4"}
+    # Only the payloads: the other compressible columns keep the server's default.
+    assert methods["error_message"] == methods["user_agent"] == ""
+
+
+@on_postgresql
+@pytest.mark.django_db
+def test_a_large_payload_is_stored_compressed_with_lz4(
+    echo_handler: None, rpc_log_writer: BufferedLogWriter
+) -> None:
+    if not lz4_available(connection):
+        unavailable("this PostgreSQL server was built without LZ4")
+    document = " ".join(["the quick brown fox jumps over the lazy dog"] * 300)  # 13 KB
+    get_rpc_client().call("test.echo", {"body": document})
+    assert rpc_log_writer.flush() is True
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT pg_column_compression(params), pg_column_compression(response) FROM {TABLE}"
+        )
+        assert cursor.fetchall() == [("lz4", "lz4")]
+    # The writer's staging table (this session's: the flush ran on the test's connection)
+    # holds the same texts before the upsert, compressed the same way.
+    staged = payload_compression(connection, _STAGING_TABLE)
+    assert {name: staged[name] for name in PAYLOAD_FIELDS} == {"params": "lz4", "response": "lz4"}
+    log = RPCLog.objects.get()
+    assert log.params == {"body": document}
+    assert log.response == {"echo": {"body": document}}
+
+
+@on_postgresql
+@pytest.mark.django_db
+def test_the_compression_can_be_set_back_to_the_servers_default() -> None:
+    if not lz4_available(connection):
+        unavailable("this PostgreSQL server was built without LZ4")
+    assert set_payload_compression(connection, TABLE, PAYLOAD_FIELDS, "default") is True
+    assert {payload_compression(connection, TABLE)[name] for name in PAYLOAD_FIELDS} == {""}
+    assert set_payload_compression(connection, TABLE, PAYLOAD_FIELDS, "lz4") is True
+    assert {payload_compression(connection, TABLE)[name] for name in PAYLOAD_FIELDS} == {"lz4"}
+
+
+@pytest.mark.skipif(connection.vendor == "postgresql", reason="the other databases")
+@pytest.mark.django_db
+def test_other_databases_have_no_column_compression_to_set() -> None:
+    assert set_payload_compression(connection, TABLE, PAYLOAD_FIELDS, "lz4") is False

@@ -27,6 +27,7 @@ from django.db import connections, models, transaction
 
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.costs import call_cost
+from django_rpc_audit.databases import lz4_available
 from django_rpc_audit.payload import Deferred
 from django_rpc_audit.sanitize import cap_text, clean_text, stored_json_and_text
 from django_rpc_audit.status import RPCStatus
@@ -628,8 +629,10 @@ def _yield_the_gil() -> None:
 _ROWS_PER_YIELD = 8
 
 
-#: Session-local staging table of the PostgreSQL path, emptied at each commit.
-_STAGING_TABLE = "django_rpc_audit_incoming_v2"
+#: Session-local staging table of the PostgreSQL path, emptied at each commit. The version
+#: changes with its columns: a pooler in session mode can hand a server session (and the temporary
+#: table an older release made in it) to another client.
+_STAGING_TABLE = "django_rpc_audit_incoming_v3"
 
 
 def _copy_supported(connection: Any) -> bool:
@@ -678,6 +681,9 @@ _copy_plans: dict[tuple[Any, ...], _CopyPlan] = {}
 def _make_copy_plan(model: type[RPCLog], connection: Any) -> _CopyPlan:
     quote = connection.ops.quote_name
     fields = list(model._meta.concrete_fields)
+    # The JSON texts are TOASTed in the staging table too before the upsert copies them:
+    # compressed with LZ4 there as in the log table (migration 0010), not the default pglz.
+    payload_compression = " COMPRESSION lz4" if lz4_available(connection) else ""
     defaults = []
     types = []
     staged = []
@@ -701,7 +707,8 @@ def _make_copy_plan(model: type[RPCLog], connection: Any) -> _CopyPlan:
         if not binary and not isinstance(f, text_fields):
             stringify.append(position)
         column = quote(f.column)
-        staged.append(f"{column} {binary or 'text'}")
+        compression = payload_compression if isinstance(f, models.JSONField) else ""
+        staged.append(f"{column} {binary or 'text'}{compression}")
         if binary or db_type == "text" or db_type.startswith("varchar"):
             selected.append(column)
         else:
