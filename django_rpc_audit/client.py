@@ -32,8 +32,9 @@ from django_rpc_audit.redaction import Redactor, get_redactor
 from django_rpc_audit.signals import (
     DEFERRED,
     NOBODY,
+    EventHandler,
     RPCSignal,
-    audience,
+    call_audience,
     rpc_finished,
     rpc_slow,
     rpc_started,
@@ -119,6 +120,11 @@ class _Outcome:
             "completed_at": datetime.now(UTC),
             "slow": self.slow,
         }
+
+
+#: The event handlers of ``rpc_started`` and ``rpc_finished`` to call instead of sending them
+#: (:func:`~django_rpc_audit.signals.call_audience`), or ``None``: send them.
+_Handlers = tuple[EventHandler, EventHandler] | None
 
 
 class RPCClient:
@@ -221,9 +227,11 @@ class RPCClient:
         caller_ip: str | None,
         user_agent: str | None,
         probe: CallProbe | None = None,
-    ) -> tuple[dict[str, Any], int]:
-        """The keyword arguments of ``rpc_started`` (explicit values win over the context), and
-        what the signals' receivers read (:func:`~django_rpc_audit.signals.audience`).
+    ) -> tuple[dict[str, Any], int, _Handlers]:
+        """The keyword arguments of ``rpc_started`` (explicit values win over the context),
+        what the signals' receivers read, and the event handlers to call in place of sending
+        ``rpc_started`` and ``rpc_finished`` when the built-in log receivers are their only
+        ones (:func:`~django_rpc_audit.signals.call_audience`).
 
         The params are their stored form, capped then redacted
         (:func:`~django_rpc_audit.payload.stored`): the request (already encoded in
@@ -244,9 +252,9 @@ class RPCClient:
             "trace_id": probe.trace_id if probe is not None else None,
             "span_id": probe.span_id if probe is not None else None,
         }
-        readers = audience(type(self), rpc_started, rpc_finished, rpc_slow)
+        readers, handlers = call_audience(type(self))
         if readers == NOBODY:
-            return started, readers
+            return started, readers, None
         rule = self.redactor.rule_for(request.method).params
         cap = self.config.max_params_bytes
         size = request.wire.get("params_bytes")
@@ -260,7 +268,7 @@ class RPCClient:
                 started["params"], started["params_json"] = Deferred.of_stored(params), None
             else:
                 started["params"], started["params_json"] = params.value, params.text
-        return started, readers
+        return started, readers, handlers
 
     @contextlib.contextmanager
     def _reported(
@@ -268,9 +276,13 @@ class RPCClient:
         request: RPCRequest,
         started: dict[str, Any],
         readers: int,
+        handlers: _Handlers,
         probe: CallProbe | None = None,
     ) -> Iterator[_Outcome]:
         """Send ``rpc_started``, time the block, then send ``rpc_finished`` whatever happened.
+        With ``handlers``, hand the two events to them instead (the built-in log receivers'
+        work, when they are the only receivers: see
+        :func:`~django_rpc_audit.signals.call_audience`).
 
         Sending ``rpc_started`` is inside the ``try``: an interruption while its receivers run
         (``KeyboardInterrupt``, or a cancellation under :meth:`_areported`) still ends in
@@ -280,7 +292,10 @@ class RPCClient:
         clock: float | None = None
         reported = readers != NOBODY
         try:
-            if reported:
+            if handlers is not None:
+                # A copy: the writer keeps its event, and ``started`` goes on into the next.
+                rpc_started.send_event(handlers[0], started.copy())
+            elif reported:
                 rpc_started.send_robust(sender=type(self), **started)
             clock = time.perf_counter()
             yield outcome
@@ -296,7 +311,9 @@ class RPCClient:
                 probe.finish(
                     outcome.status, outcome.error_code, finished["error_message"], duration_ms
                 )
-            if reported:
+            if handlers is not None:
+                rpc_finished.send_event(handlers[1], {**started, **finished})
+            elif reported:
                 rpc_finished.send_robust(sender=type(self), **started, **finished)
             if reported and outcome.slow is not None:
                 rpc_slow.send_robust(
@@ -309,14 +326,19 @@ class RPCClient:
         request: RPCRequest,
         started: dict[str, Any],
         readers: int,
+        handlers: _Handlers,
         probe: CallProbe | None = None,
     ) -> AsyncIterator[_Outcome]:
-        """The ``async`` twin of :meth:`_reported`."""
+        """The ``async`` twin of :meth:`_reported`. The handlers, when given, only buffer (the
+        writer buffers: :func:`~django_rpc_audit.signals.call_audience`), so they run on the
+        event loop, and nothing awaits around them that a cancellation could interrupt."""
         outcome = _Outcome()
         clock: float | None = None
         reported = readers != NOBODY
         try:
-            if reported:
+            if handlers is not None:
+                rpc_started.send_event(handlers[0], started.copy())
+            elif reported:
                 await rpc_started.asend_robust(sender=type(self), **started)
             clock = time.perf_counter()
             yield outcome
@@ -332,7 +354,9 @@ class RPCClient:
                 probe.finish(
                     outcome.status, outcome.error_code, kwargs["error_message"], duration_ms
                 )
-            if reported:
+            if handlers is not None:
+                rpc_finished.send_event(handlers[1], {**started, **kwargs})
+            elif reported:
                 await _report_shielded(rpc_finished, type(self), {**started, **kwargs})
             if reported and outcome.slow is not None:
                 slow = slow_arguments(outcome.slow)
@@ -371,8 +395,8 @@ class RPCClient:
         if user is None:
             user = resolve_user(get_caller_context())
         request, probe = self._instrumented(request)
-        started, readers = self._started(request, user, caller_ip, user_agent, probe)
-        with self._reported(request, started, readers, probe) as outcome:
+        started, readers, handlers = self._started(request, user, caller_ip, user_agent, probe)
+        with self._reported(request, started, readers, handlers, probe) as outcome:
             if self.rate_limiter is not None:
                 request = self.rate_limiter.limit(request, user, started["caller_ip"])
             outcome.succeed(self.transport.call(request))
@@ -399,8 +423,8 @@ class RPCClient:
         if user is None:
             user = await aresolve_user(get_caller_context())
         request, probe = self._instrumented(request)
-        started, readers = self._started(request, user, caller_ip, user_agent, probe)
-        async with self._areported(request, started, readers, probe) as outcome:
+        started, readers, handlers = self._started(request, user, caller_ip, user_agent, probe)
+        async with self._areported(request, started, readers, handlers, probe) as outcome:
             if self.rate_limiter is not None:
                 request = await self.rate_limiter.alimit(request, user, started["caller_ip"])
             outcome.succeed(await self.transport.acall(request))
@@ -419,8 +443,8 @@ class RPCClient:
         request = self._request(method, params, None, None)
         user = resolve_user(get_caller_context())
         request, probe = self._instrumented(request)
-        started, readers = self._started(request, user, None, None, probe)
-        with self._reported(request, started, readers, probe) as outcome:
+        started, readers, handlers = self._started(request, user, None, None, probe)
+        with self._reported(request, started, readers, handlers, probe) as outcome:
             if self.rate_limiter is not None:
                 request = self.rate_limiter.limit(request, user, started["caller_ip"])
             self.transport.send(request)

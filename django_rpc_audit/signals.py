@@ -29,6 +29,10 @@ _Receiver = TypeVar("_Receiver", bound=Callable[..., Any])
 _LOOP_SAFE = "_rpc_audit_loop_safe"
 _IDLE = "_rpc_audit_idle_when"
 _DEFERS = "_rpc_audit_takes_deferred"
+_HANDLES = "_rpc_audit_event_handler"
+#: What :func:`handles_events` marks a receiver with: its work, on the signal's arguments as
+#: one dict that it may keep (the event).
+EventHandler = Callable[[dict[str, Any]], None]
 
 
 def _always() -> bool:
@@ -90,6 +94,21 @@ def takes_deferred_payloads(when: Callable[[], bool]) -> Callable[[_Receiver], _
     return mark
 
 
+def handles_events(handler: EventHandler) -> Callable[[_Receiver], _Receiver]:
+    """Mark a receiver whose work ``handler`` does, given the signal's keyword arguments as a
+    dict it may keep (``signal`` left out): the built-in log receivers. When such a receiver
+    is the only live one of ``rpc_started`` and of ``rpc_finished``, and they take deferred
+    payloads, :meth:`RPCSignal.send_event` calls the handlers in place of ``send_robust``: no
+    other receiver could have seen the signal, and the dispatch cost the caller as much as the
+    receivers' work."""
+
+    def mark(receiver: _Receiver) -> _Receiver:
+        setattr(receiver, _HANDLES, handler)
+        return receiver
+
+    return mark
+
+
 #: What the receivers of a call's signals need (:func:`audience`).
 NOBODY, DEFERRED, STORED = 0, 1, 2
 
@@ -99,11 +118,32 @@ def audience(sender: Any, *signals: Signal) -> int:
     all idle: see :func:`idle_when`), ``DEFERRED`` (only receivers that take deferred
     payloads, see :func:`takes_deferred_payloads`) or ``STORED`` (a receiver reads the
     stored form)."""
+    return _reach(sender, signals, [])
+
+
+def call_audience(sender: Any) -> tuple[int, tuple[EventHandler, EventHandler] | None]:
+    """:func:`audience` of a call's three signals, and the event handlers
+    (:func:`handles_events`) of the sole live receivers of ``rpc_started`` and
+    ``rpc_finished`` when they may be called in place of sending those two: each signal has
+    one live receiver, marked, and no receiver reads the stored form (``DEFERRED``)."""
+    handlers: list[EventHandler | None] = []
+    needs = _reach(sender, (rpc_started, rpc_finished, rpc_slow), handlers)
+    if needs != DEFERRED or handlers[0] is None or handlers[1] is None:
+        return needs, None
+    return needs, (handlers[0], handlers[1])
+
+
+def _reach(sender: Any, signals: tuple[Signal, ...], handlers: list[EventHandler | None]) -> int:
+    """:func:`audience`, appending to ``handlers`` the event handler of each signal's sole live
+    receiver (``None``: several, or none, or not marked), up to a ``STORED`` reader."""
     needs = NOBODY
     for signal in signals:
         if not signal.receivers:
+            handlers.append(None)
             continue
         sync_receivers, async_receivers = signal._live_receivers(sender)
+        only = sync_receivers[0] if len(sync_receivers) == 1 and not async_receivers else None
+        handlers.append(getattr(only, _HANDLES, None))
         for receiver in (*sync_receivers, *async_receivers):
             idle = getattr(receiver, _IDLE, None)
             if idle is not None and idle():
@@ -193,6 +233,15 @@ class RPCSignal(Signal):
             results = await asyncio.gather(*(call(r) for r in async_receivers))
             responses += zip(async_receivers, results, strict=True)
         return responses
+
+    def send_event(self, handler: EventHandler, event: dict[str, Any]) -> None:
+        """Hand ``event`` to ``handler``, the event handler of this signal's only live receiver
+        (:func:`call_audience`): what ``send_robust`` would have that receiver do, without the
+        dispatch. An exception is logged as ``send_robust`` logs it, never raised."""
+        try:
+            handler(event)
+        except Exception as err:
+            self._log_robust_failure(handler, err)  # type: ignore[attr-defined]
 
     def _call_robustly(
         self, receivers: list[Callable[..., Any]], sender: Any, named: dict[str, Any]

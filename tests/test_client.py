@@ -155,6 +155,76 @@ def test_a_raising_receiver_does_not_break_the_call(caplog):
 
 
 @pytest.mark.usefixtures("echo_handler")
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_the_builtin_receivers_alone_get_their_events_without_the_signals(
+    monkeypatch, rpc_log_writer, asynchronous
+):
+    """With only the built-in log receivers connected (and a writer that buffers), the client
+    hands the two events straight to their work: no signal sent, the same events, the same
+    rows. Another receiver connected, even an idle one, brings the signals back."""
+    sent: list[str] = []
+    for name, signal in (("started", rpc_started), ("finished", rpc_finished)):
+        for method in ("send_robust", "asend_robust", "send_robust_on_loop"):
+            original = getattr(signal, method)
+            monkeypatch.setattr(
+                signal,
+                method,
+                lambda *a, _n=name, _o=original, **k: sent.append(_n) or _o(*a, **k),
+            )
+    handed: list[dict[str, Any]] = []
+    for name in ("started", "finished"):
+        original = getattr(rpc_log_writer, name)
+        monkeypatch.setattr(
+            rpc_log_writer,
+            name,
+            lambda event, _original=original: handed.append(dict(event)) or _original(event),
+        )
+    client = get_rpc_client()
+
+    def call() -> object:
+        if asynchronous:
+            return asyncio.run(client.acall("test.echo", {"n": 1}))
+        return client.call("test.echo", {"n": 1})
+
+    assert call() == {"echo": {"n": 1}}
+    assert sent == []
+    direct = handed[:]
+    handed.clear()
+    idle = idle_when(lambda: True)(lambda **kwargs: None)
+    rpc_finished.connect(idle, weak=False, dispatch_uid="t.idle")
+    try:
+        assert call() == {"echo": {"n": 1}}
+    finally:
+        rpc_finished.disconnect(dispatch_uid="t.idle")
+    assert set(sent) == {"started", "finished"}
+    # The same events, but for what identifies and times each call (and the deferred
+    # payloads, objects made per call: their stored form is in the rows below).
+    own = {"correlation_id", "started_at", "completed_at", "duration_ms", "params", "response"}
+    assert [sorted(event) for event in handed] == [sorted(event) for event in direct]
+    assert [{k: v for k, v in e.items() if k not in own} for e in handed] == [
+        {k: v for k, v in e.items() if k not in own} for e in direct
+    ]
+    assert rpc_log_writer.flush() is True
+    rows = [(log.status, log.params, log.response) for log in RPCLog.objects.all()]
+    assert rows == [("success", {"n": 1}, {"echo": {"n": 1}})] * 2
+
+
+@pytest.mark.usefixtures("echo_handler")
+def test_a_raising_writer_handed_the_events_directly_does_not_break_the_call(
+    caplog, monkeypatch, rpc_log_writer
+):
+    def explode(event):
+        raise RuntimeError("writer bug")
+
+    monkeypatch.setattr(rpc_log_writer, "started", explode)
+    monkeypatch.setattr(rpc_log_writer, "finished", explode)
+    with caplog.at_level(logging.ERROR, logger="django.dispatch"):
+        assert get_rpc_client().call("test.echo", {"x": 1}) == {"echo": {"x": 1}}
+    # Logged as send_robust logs a receiver's exception: once per event.
+    assert sum("writer bug" in record.getMessage() for record in caplog.records) == 2
+
+
+@pytest.mark.usefixtures("echo_handler")
 def test_explicit_attribution_overrides_the_context(signals):
     context_user, explicit_user = UserFactory(), UserFactory()
     with rpc_context(user=context_user, caller_ip="10.0.0.1", user_agent="context-agent"):
