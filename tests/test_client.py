@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from types import MappingProxyType
 from typing import Any
 
@@ -16,10 +18,22 @@ from django_rpc_audit import get_rpc_client, rpc_context
 from django_rpc_audit.client import RPCClient
 from django_rpc_audit.exceptions import RPCProtocolError, RPCRemoteError, RPCTimeoutError
 from django_rpc_audit.models import RPCLog
-from django_rpc_audit.signals import idle_when, rpc_finished, rpc_started
+from django_rpc_audit.signals import RPCSignal, idle_when, rpc_finished, rpc_started
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
+
+
+@contextlib.contextmanager
+def idle_receiver_of(signal: RPCSignal) -> Iterator[None]:
+    """A receiver that says it is idle (``idle_when``), connected to ``signal`` for the block."""
+    idle = idle_when(lambda: True)(lambda **kwargs: None)
+    signal.connect(idle, weak=False, dispatch_uid="tests.idle")
+    try:
+        yield
+    finally:
+        signal.disconnect(dispatch_uid="tests.idle")
+
 
 STARTED_KEYS = {
     "sender",
@@ -190,12 +204,8 @@ def test_the_builtin_receivers_alone_get_their_events_without_the_signals(
     assert sent == []
     direct = handed[:]
     handed.clear()
-    idle = idle_when(lambda: True)(lambda **kwargs: None)
-    rpc_finished.connect(idle, weak=False, dispatch_uid="t.idle")
-    try:
+    with idle_receiver_of(rpc_finished):
         assert call() == {"echo": {"n": 1}}
-    finally:
-        rpc_finished.disconnect(dispatch_uid="t.idle")
     assert set(sent) == {"started", "finished"}
     # The same events, but for what identifies and times each call (and the deferred
     # payloads, objects made per call: their stored form is in the rows below).
@@ -348,12 +358,8 @@ def test_logging_off_with_no_other_receiver_builds_no_stored_form(
     assert call() == {"echo": {"a": 1}}
     assert (built, sent) == ([], [])
     # A receiver of one's own that says it is idle counts as not connected either.
-    idle = idle_when(lambda: True)(lambda **kwargs: None)
-    rpc_finished.connect(idle, weak=False, dispatch_uid="t.idle")
-    try:
+    with idle_receiver_of(rpc_finished):
         assert call() == {"echo": {"a": 1}}
-    finally:
-        rpc_finished.disconnect(dispatch_uid="t.idle")
     assert (built, sent) == ([], [])
 
     heard = []
@@ -600,7 +606,7 @@ async def test_cancelled_acall_with_only_the_built_in_receivers_keeps_its_row(
 def test_send_robust_on_loop_calls_every_receiver_or_none():
     """All loop-safe receivers: each called, their responses returned. One that is not (or an
     async one): ``None``, and none of them called, so ``asend_robust`` sends to them all."""
-    from django_rpc_audit.signals import RPCSignal, loop_safe
+    from django_rpc_audit.signals import loop_safe
 
     signal = RPCSignal()
     heard: list[str] = []
@@ -650,8 +656,6 @@ def test_receivers_connected_or_disconnected_between_calls_are_heard_or_not(sign
 def test_the_signals_take_any_sender(sender):
     """Their receivers are cached by sender, yet a project may send them with any sender
     (``None`` in its own tests, say), and each send reaches the receivers connected then."""
-    from django_rpc_audit.signals import RPCSignal
-
     signal = RPCSignal()
     heard: list[Any] = []
 
