@@ -14,14 +14,23 @@ the two runs of a part.
     .venv/bin/python benchmarks/caller_instructions.py
     # the same parts in another tree (a checkout of an earlier commit) as well:
     .venv/bin/python benchmarks/caller_instructions.py --baseline ../baseline
+    # over real Redis instead (a responder process, not counted, echoes the params):
+    .venv/bin/python benchmarks/caller_instructions.py --redis redis://127.0.0.1:6379/9
+
+With ``--redis`` the counts take in the Redis client's work as well (redis-py, the socket
+calls), the same with logging on and off: the difference is still logging's own.
 
 Needs ``valgrind`` on the path. A child takes 15 to 30 seconds.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import multiprocessing
+import os
 import sys
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +51,9 @@ def child(tree: Path, part: str, calls: int) -> None:
     from buffered_writer import configure, setup_django
 
     sys.path.insert(0, str(tree))
-    setup_django(None, "redis://127.0.0.1:6379/9", "bench:instructions", migrate=False)
+    redis_url = os.environ.get("BENCH_REDIS_URL")
+    stream = os.environ.get("BENCH_STREAM", "bench:instructions")
+    setup_django(None, redis_url or "redis://127.0.0.1:6379/9", stream, migrate=False)
     import django_rpc_audit
 
     assert Path(django_rpc_audit.__file__).is_relative_to(tree), django_rpc_audit.__file__
@@ -51,7 +62,8 @@ def child(tree: Path, part: str, calls: int) -> None:
     from django_rpc_audit.writers import BufferedLogWriter, use_writer
 
     api, mode = part.split()
-    configure(TRANSPORT="local", ENABLE_LOGGING=mode == "on", WRITE_MODE="buffered")
+    transport = "redis" if redis_url else "local"
+    configure(TRANSPORT=transport, ENABLE_LOGGING=mode == "on", WRITE_MODE="buffered")
     register_local_handler("bench.echo", lambda params: params)
     writer = BufferedLogWriter(buffer_size=10 * (calls + WARM_UP), background=False)
     with use_writer(writer):
@@ -68,21 +80,50 @@ def child(tree: Path, part: str, calls: int) -> None:
                 client.call("bench.echo", PARAMS)
 
 
+#: The children's environment: the Redis server and stream to call over, with ``--redis``.
+CHILD_ENV = {"PYTHONHASHSEED": "0"}
+
+
 def count(tree: Path, part: str, calls: int) -> int:
     """Instructions of a child making ``calls`` calls of ``part`` (after the warm-up)."""
-    return callgrind_count(
-        tree, part, calls, script=Path(__file__).resolve(), env={"PYTHONHASHSEED": "0"}
-    )
+    return callgrind_count(tree, part, calls, script=Path(__file__).resolve(), env=CHILD_ENV)
+
+
+def options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis", metavar="URL", help="call over this Redis server")
 
 
 def main() -> None:
-    args = command_line(__doc__.splitlines()[0], child)
+    args = command_line(__doc__.splitlines()[0], child, options)
     if args is None:
         return
+    if args.redis:
+        from buffered_writer import delete_stream
+        from call_overhead import responder
+
+        stream = f"bench:instructions:{uuid.uuid4().hex}"
+        CHILD_ENV.update(BENCH_REDIS_URL=args.redis, BENCH_STREAM=stream)
+        stop = multiprocessing.get_context("fork").Event()
+        answering = multiprocessing.get_context("fork").Process(
+            target=responder, args=(args.redis, stream, stop), daemon=True
+        )
+        answering.start()
+        try:
+            report(args)
+        finally:
+            stop.set()
+            answering.join(5)
+            delete_stream(args.redis, stream)
+    else:
+        report(args)
+
+
+def report(args: argparse.Namespace) -> None:
     trees = {"this tree": ROOT}
     if args.baseline is not None:
         trees["baseline"] = args.baseline.resolve()
-    print(f"instructions per call (callgrind), {args.calls} calls after a warm-up")
+    over = f"over Redis ({args.redis})" if args.redis else "over the in-process transport"
+    print(f"instructions per call (callgrind), {args.calls} calls after a warm-up, {over}")
     print(f"{'tree':<11}{'part':<11}{'instructions':>14}{'on - off':>11}{'on / off':>10}")
     for name, tree in trees.items():
         counts = {

@@ -143,14 +143,19 @@ def count(
 
 
 def command_line(
-    description: str, run_child: Callable[[Path, str, int], None]
+    description: str,
+    run_child: Callable[[Path, str, int], None],
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> argparse.Namespace | None:
-    """The arguments of a script that counts with :func:`count` (``--calls``, ``--baseline``),
-    or ``None`` once ``run_child`` has run what ``--child TREE PART CALLS`` asks (the process
-    :func:`count` starts under callgrind). Exits when valgrind is not on the path."""
+    """The arguments of a script that counts with :func:`count` (``--calls``, ``--baseline``,
+    and what ``options`` adds), or ``None`` once ``run_child`` has run what
+    ``--child TREE PART CALLS`` asks (the process :func:`count` starts under callgrind). Exits
+    when valgrind is not on the path."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--baseline", type=Path, metavar="PATH")
+    if options is not None:
+        options(parser)
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
