@@ -109,35 +109,23 @@ def handles_events(handler: EventHandler) -> Callable[[_Receiver], _Receiver]:
     return mark
 
 
-#: What the receivers of a call's signals need (:func:`audience`).
+#: What the receivers of a call's signals need (:func:`call_audience`).
 NOBODY, DEFERRED, STORED = 0, 1, 2
 
 
-def audience(sender: Any, *signals: Signal) -> int:
-    """What the live receivers of ``signals`` for ``sender`` read: ``NOBODY`` (none, or
-    all idle: see :func:`idle_when`), ``DEFERRED`` (only receivers that take deferred
-    payloads, see :func:`takes_deferred_payloads`) or ``STORED`` (a receiver reads the
-    stored form)."""
-    return _reach(sender, signals, [])
-
-
 def call_audience(sender: Any) -> tuple[int, tuple[EventHandler, EventHandler] | None]:
-    """:func:`audience` of a call's three signals, and the event handlers
-    (:func:`handles_events`) of the sole live receivers of ``rpc_started`` and
-    ``rpc_finished`` when they may be called in place of sending those two: each signal has
-    one live receiver, marked, and no receiver reads the stored form (``DEFERRED``)."""
-    handlers: list[EventHandler | None] = []
-    needs = _reach(sender, (rpc_started, rpc_finished, rpc_slow), handlers)
-    if needs != DEFERRED or handlers[0] is None or handlers[1] is None:
-        return needs, None
-    return needs, (handlers[0], handlers[1])
+    """What the live receivers of a call's signals (``rpc_started``, ``rpc_finished``,
+    ``rpc_slow``) for ``sender`` read: ``NOBODY`` (none, or all idle: see :func:`idle_when`),
+    ``DEFERRED`` (only receivers that take deferred payloads, see
+    :func:`takes_deferred_payloads`) or ``STORED`` (a receiver reads the stored form).
 
-
-def _reach(sender: Any, signals: tuple[Signal, ...], handlers: list[EventHandler | None]) -> int:
-    """:func:`audience`, appending to ``handlers`` the event handler of each signal's sole live
-    receiver (``None``: several, or none, or not marked), up to a ``STORED`` reader."""
+    With it, the event handlers (:func:`handles_events`) to call in place of sending
+    ``rpc_started`` and ``rpc_finished``: when each of the two has one live receiver, marked,
+    and the call's receivers read ``DEFERRED``; else ``None``.
+    """
     needs = NOBODY
-    for signal in signals:
+    handlers: list[EventHandler | None] = []
+    for signal in (rpc_started, rpc_finished, rpc_slow):
         if not signal.receivers:
             handlers.append(None)
             continue
@@ -150,9 +138,12 @@ def _reach(sender: Any, signals: tuple[Signal, ...], handlers: list[EventHandler
                 continue
             defers = getattr(receiver, _DEFERS, None)
             if defers is None or not defers():
-                return STORED
+                return STORED, None
             needs = DEFERRED
-    return needs
+    started, finished = handlers[0], handlers[1]
+    if needs != DEFERRED or started is None or finished is None:
+        return needs, None
+    return needs, (started, finished)
 
 
 class _SenderCache(weakref.WeakKeyDictionary[Any, Any]):
