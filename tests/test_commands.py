@@ -368,3 +368,141 @@ def test_the_webhook_worker_takes_max_seconds_as_call_command_passes_it(rpc_sett
     out = StringIO()
     call_command("rpc_webhooks_deliver", "--once", max_seconds="30", stdout=out)
     assert "Delivered 0" in out.getvalue()
+
+
+# -- stopping the long-running commands -------------------------------------------------------
+
+
+@pytest.fixture
+def recorded_sigterm():
+    """A SIGTERM handler of the test's own, recording the signals it gets; the process's own
+    handler is back afterwards."""
+    import signal
+
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_stop_on_signals_stops_on_sigterm_and_sigint_then_puts_the_handlers_back(
+    recorded_sigterm,
+):
+    import os
+    import signal
+
+    from django_rpc_audit.management.stopping import stop_on_signals
+
+    sigterm_before = signal.getsignal(signal.SIGTERM)
+    sigint_before = signal.getsignal(signal.SIGINT)
+    stops = []
+    with stop_on_signals(lambda: stops.append(True)) as installed:
+        assert installed
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [])  # a bytecode boundary: the handlers ran
+    assert stops == [True, True]
+    assert recorded_sigterm == []  # the command's, not the process's handler
+    assert signal.getsignal(signal.SIGTERM) is sigterm_before
+    assert signal.getsignal(signal.SIGINT) is sigint_before
+    os.kill(os.getpid(), signal.SIGTERM)
+    signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert recorded_sigterm == [signal.SIGTERM]
+
+
+def test_stop_on_signals_puts_the_handlers_back_when_the_block_raises(recorded_sigterm):
+    import signal
+
+    from django_rpc_audit.management.stopping import stop_on_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RuntimeError), stop_on_signals(lambda: None):
+        raise RuntimeError("the loop failed")
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_stop_on_signals_in_another_thread_changes_nothing():
+    """Only the main thread may install a handler (``ValueError`` elsewhere)."""
+    import signal
+    import threading
+
+    from django_rpc_audit.management.stopping import stop_on_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    seen: list[object] = []
+
+    def run() -> None:
+        with stop_on_signals(lambda: None) as installed:
+            seen.append((installed, signal.getsignal(signal.SIGTERM)))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert seen == [(False, before)]
+
+
+@pytest.fixture
+def webhook_endpoint(rpc_settings):
+    import base64
+
+    rpc_settings(
+        WEBHOOKS=[
+            {
+                "NAME": "ops",
+                "URL": "http://127.0.0.1:9/hook",
+                "SECRET": "whsec_" + base64.b64encode(b"k" * 32).decode(),
+            }
+        ]
+    )
+
+
+def test_the_webhook_worker_stops_on_sigterm_and_leaves_the_process_handler(
+    webhook_endpoint, recorded_sigterm
+):
+    """SIGTERM ends the loop (not ``--max-seconds``); the handler the process had before is
+    its SIGTERM handler again afterwards (it stayed the stopped worker's)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    before = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    started = time.monotonic()
+    out = StringIO()
+    call_command("rpc_webhooks_deliver", max_seconds=10, stdout=out)
+    timer.join()
+    assert time.monotonic() - started < 5
+    assert "Stopped after" in out.getvalue()
+    assert recorded_sigterm == []
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_webhook_worker_runs_from_call_command_in_another_thread(webhook_endpoint):
+    """It raised ``ValueError: signal only works in main thread`` there."""
+    import threading
+
+    outcome: list[object] = []
+
+    def run() -> None:
+        out = StringIO()
+        try:
+            call_command("rpc_webhooks_deliver", max_seconds=0.2, stdout=out)
+        except Exception as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(out.getvalue())
+        finally:
+            from django.db import connection
+
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(10)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], str), outcome
+    assert "Stopped after" in outcome[0]

@@ -7,6 +7,7 @@ processes, are in ``test_ingest_process.py``.
 from __future__ import annotations
 
 import re
+import signal
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -461,8 +462,11 @@ def test_the_command_ingests_and_prints_its_progress(
 
     stopper = threading.Thread(target=stop_soon)
     stopper.start()
+    sigterm_before = signal.getsignal(signal.SIGTERM)
     call_command("rpc_logs_ingest", "--stats-interval", "0.05", "--consumer", "c1")
     stopper.join()
+    # The worker's SIGTERM handler was the process's only while it ran.
+    assert signal.getsignal(signal.SIGTERM) is sigterm_before
     out = capsys.readouterr().out
     assert f"Ingesting {log_stream} as c1 in group rpc_audit_ingest" in out
     assert "rows=3 " in out

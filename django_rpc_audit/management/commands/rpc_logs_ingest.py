@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
-from types import FrameType
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.management.arguments import checked, positive_integer, positive_seconds
+from django_rpc_audit.management.stopping import stop_on_signals
 from django_rpc_audit.writers.ingest import IngestStats, IngestWorker
 
 _MAX_PORT = 65_535
@@ -105,13 +103,13 @@ class Command(BaseCommand):
             max_deliveries=max_deliveries,
             stats_interval=stats_interval,
         )
-        self._install_stop(worker)
         self.stdout.write(
             f"Ingesting {worker.stream} as {worker.consumer} in group {worker.group} "
             f"(batches of {worker.batch_size}); dead letters go to {worker.dead_letter_stream}."
         )
         try:
-            worker.run(on_stats=self._report)
+            with stop_on_signals(worker.stop):
+                worker.run(on_stats=self._report)
         finally:
             if server is not None:
                 server.shutdown()
@@ -150,14 +148,3 @@ class Command(BaseCommand):
             f"retries={stats.retries}"
         )
         self.stdout.flush()
-
-    @staticmethod
-    def _install_stop(worker: IngestWorker) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # call_command() from another thread: the caller stops the worker
-
-        def stop(signum: int, frame: FrameType | None) -> None:
-            worker.stop()
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)

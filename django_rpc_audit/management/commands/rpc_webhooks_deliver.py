@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from typing import Any
@@ -13,6 +12,7 @@ from django_rpc_audit.alerts.delivery import DeliveryReport, deliver_due
 from django_rpc_audit.alerts.worker import run_loop
 from django_rpc_audit.conf import get_config
 from django_rpc_audit.management.arguments import checked, positive_seconds
+from django_rpc_audit.management.stopping import stop_on_signals
 
 
 class Command(BaseCommand):
@@ -54,8 +54,6 @@ class Command(BaseCommand):
                 stop.set()
                 wake.set()
 
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, finish)
             if limit is not None:
                 timer = threading.Timer(limit, finish)
                 timer.daemon = True
@@ -70,7 +68,8 @@ class Command(BaseCommand):
                     self.stdout.flush()
 
             started = time.monotonic()
-            run_loop(stop, wake, on_pass=on_pass)
+            with stop_on_signals(finish):
+                run_loop(stop, wake, on_pass=on_pass)
             self.stdout.write(f"Stopped after {time.monotonic() - started:.0f} s.")
         self.stdout.write(_summary(total))
 
