@@ -77,12 +77,15 @@ class HeldText:
         _give_back(buffer)
         return text
 
-    def __del__(self) -> None:
+    def __del__(self, _suppress: type[contextlib.suppress] = contextlib.suppress) -> None:
         # A text never taken (its call evicted from the buffer, or dropped) frees its buffer.
+        # At interpreter exit this may run after the module's globals were set to None (a
+        # writer of a script's own still holding calls): suppress is bound in advance, and
+        # the error of calling None is suppressed.
         buffer = self._buffer
         if buffer is not None:
             self._buffer = None
-            with contextlib.suppress(Exception):  # at interpreter exit, the module may be gone
+            with _suppress(Exception):
                 _give_back(buffer)
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -205,3 +207,46 @@ def test_a_cut_payload_is_not_held_when_another_receiver_reads_it(
     assert signals.started[0]["params"] == stored(params, 8_000, Redactor()).value
     ((_, event),) = rpc_log_writer._buffer.values()
     assert not isinstance(event["params"], Deferred)
+
+
+#: A script with a writer of its own, holding calls whose texts are in recycled memory
+#: (params over ``heldtext.MIN_BYTES``) when it ends: never written (no flush, no thread).
+EXITING_SCRIPT = """
+import django
+django.setup()
+from django_rpc_audit import get_rpc_client
+from django_rpc_audit.transports import register_local_handler
+from django_rpc_audit.writers import BufferedLogWriter, use_writer
+register_local_handler("test.echo", lambda params: params)
+writer = BufferedLogWriter(background=False)
+with use_writer(writer):
+    for n in range(5):
+        get_rpc_client().call("test.echo", {"n": n, "body": "x" * 10_000})
+print(len(writer._buffer))
+"""
+
+
+def test_texts_still_held_at_interpreter_exit_are_freed_quietly(tmp_path):
+    """The interpreter's teardown frees the writer after it has set the module's globals to
+    None: each held text printed ``Exception ignored in: <function HeldText.__del__ ...>``
+    and a traceback."""
+    root = Path(__file__).resolve().parent.parent
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DJANGO_CFG")}
+    env.update(
+        PYTHONPATH=str(root),
+        DJANGO_SETTINGS_MODULE="tests.settings",
+        DATABASE_URL=f"sqlite:///{tmp_path / 'unused.sqlite3'}",
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", EXITING_SCRIPT],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["5"]  # five calls still buffered at the exit
+    assert "HeldText" not in result.stderr
+    assert "Exception ignored" not in result.stderr
