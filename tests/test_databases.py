@@ -170,6 +170,22 @@ def test_migrations_leave_the_payload_columns_compressed_with_lz4() -> None:
 
 
 @on_postgresql
+@pytest.mark.django_db(transaction=True)
+def test_migration_0010_goes_back_to_the_default_and_forward_to_lz4() -> None:
+    """The migration's own SQL, both ways (it does not use the helpers of ``databases.py``)."""
+    if not lz4_available(connection):
+        unavailable("this PostgreSQL server was built without LZ4")
+    try:
+        call_command("migrate", "django_rpc_audit", "0009", verbosity=0)
+        methods = payload_compression(connection, TABLE)
+        assert {methods[name] for name in PAYLOAD_FIELDS} == {""}
+    finally:
+        call_command("migrate", "django_rpc_audit", verbosity=0)
+    methods = payload_compression(connection, TABLE)
+    assert {name: methods[name] for name in PAYLOAD_FIELDS} == {"params": "lz4", "response": "lz4"}
+
+
+@on_postgresql
 @pytest.mark.django_db
 def test_a_large_payload_is_stored_compressed_with_lz4(
     echo_handler: None, rpc_log_writer: BufferedLogWriter
