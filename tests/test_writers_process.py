@@ -117,6 +117,21 @@ def test_the_sigterm_watch_never_repeats_a_signal_the_handler_has_seen(
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_sigterm_that_stopped_a_command_is_not_sent_again(child_env: dict[str, str]) -> None:
+    """A command stopped by SIGTERM puts the flush handler back at once; the watch had read
+    that SIGTERM and, the flush handler being SIGTERM's again half a second later, sent it
+    again: the process flushed and died (exit status -SIGTERM instead of 0). The same for a
+    SIGTERM that another handler took for a moment."""
+    (after,) = run_child(child_env, "sigterm-stops-a-command", 20)
+    assert after == {
+        "stopped": True,
+        "other_handled": 1,
+        "flush_handler_back": True,
+        "buffered": 20,
+    }
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_forked_childs_sigterm_never_reaches_the_parent(child_env: dict[str, str]) -> None:
     """The signals' wakeup pipe is inherited at fork: a child that kept it would tell the
     parent's watch of its own SIGTERM, and the watch would send the parent one."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import select
 import signal
 import sys
 import threading
@@ -236,6 +237,39 @@ def main(scenario: str, count: int) -> None:
         _, status = os.waitpid(pid, 0)
         time.sleep(4 * lifecycle._SIGTERM_NUDGE_INTERVAL)
         emit(who="parent", child_status=status, handled=len(handled))
+    elif scenario == "sigterm-stops-a-command":
+        # A command's loop (rpc_logs_ingest, rpc_webhooks_deliver) stopped by SIGTERM while
+        # the writer's thread, and so the SIGTERM watch, runs; the flush handler is SIGTERM's
+        # again after it. The process must live on: the watch saw that SIGTERM too.
+        from django_rpc_audit.management.stopping import stop_on_signals
+
+        assert install_sigterm_flush()
+        make_calls(count, "exit")
+        assert writer_thread_ident() is not None
+        assert lifecycle._sigterm_watch._thread_pid == os.getpid()
+        stopped = threading.Event()
+        with stop_on_signals(stopped.set):
+            os.kill(os.getpid(), signal.SIGTERM)
+            stopped.wait(5)
+        time.sleep(4 * lifecycle._SIGTERM_NUDGE_INTERVAL)
+        # The same with a handler of someone else's (a test's, a library's) for a moment.
+        flush_handler = signal.getsignal(signal.SIGTERM)
+        handled: list[int] = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: handled.append(signum))
+        os.kill(os.getpid(), signal.SIGTERM)
+        pipe = select.poll()
+        pipe.register(lifecycle._sigterm_watch._read_fd, select.POLLIN)
+        deadline = time.monotonic() + 30
+        while pipe.poll(0) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the watch has read the signal
+        signal.signal(signal.SIGTERM, flush_handler)
+        time.sleep(4 * lifecycle._SIGTERM_NUDGE_INTERVAL)
+        emit(
+            stopped=stopped.is_set(),
+            other_handled=len(handled),
+            flush_handler_back=lifecycle._is_sigterm_flush(signal.getsignal(signal.SIGTERM)),
+            buffered=writer_stats().buffered,
+        )
     elif scenario == "fork":
         make_calls(count, "parent")
         parent_thread = writer_thread_ident()

@@ -2,7 +2,9 @@
 
 The handlers are the command's only while it runs: :func:`stop_on_signals` puts back the ones
 the process had before (the buffered writer's SIGTERM flush, a test runner's Ctrl-C), so a
-command run with ``call_command()`` leaves the process as it found it.
+command run with ``call_command()`` leaves the process as it found it. A SIGTERM the command
+took is marked handled for the flush's watch (:mod:`~django_rpc_audit.writers.lifecycle`),
+which would otherwise send it again to the flush handler once that is back.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
+
+from django_rpc_audit.writers import lifecycle
 
 #: The signals that stop a command's loop.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -34,6 +38,9 @@ def stop_on_signals(stop: Callable[[], object]) -> Iterator[bool]:
         return
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGTERM:
+            # The flush handler's watch saw this SIGTERM too: it is handled.
+            lifecycle.sigterm_handled()
         stop()
 
     previous: dict[signal.Signals, Any] = {}

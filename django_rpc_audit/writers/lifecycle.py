@@ -212,7 +212,10 @@ class SigtermWatch:
             with self._lock:
                 if read_fd != self._read_fd:
                     return  # replaced
-                if self._read() and self._since is None:
+                # Only a SIGTERM that the flush handler is to handle is watched: one that
+                # another handler took (a command's, a server's) must not be sent again once
+                # the flush handler is SIGTERM's again.
+                if self._read() and self._since is None and self._ours():
                     self._since = time.monotonic()
                 elif (
                     self._since is not None
@@ -220,14 +223,16 @@ class SigtermWatch:
                 ):
                     self._nudge()
 
+    def _ours(self) -> bool:
+        try:
+            return self._is_ours()
+        except Exception:
+            return False
+
     def _nudge(self) -> None:
         """Under the lock: send ``SIGTERM`` to the main thread alone, while it is the handler's."""
-        try:
-            ours = self._is_ours()
-        except Exception:
-            ours = False
         main = threading.main_thread().ident
-        if not ours or main is None:
+        if not self._ours() or main is None:
             self._since = None  # another handler's signal, or no main thread left
             return
         with contextlib.suppress(OSError, ValueError):
@@ -375,6 +380,14 @@ def install_sigterm_flush() -> bool:
     if hasattr(signal, "pthread_kill"):  # not on Windows
         _sigterm_watch.install(lambda: _is_sigterm_flush(signal.getsignal(signal.SIGTERM)))
     return True
+
+
+def sigterm_handled() -> None:
+    """Tell the watch that a ``SIGTERM`` handler of the package's other than the flush has run
+    (a command's stop, :func:`~django_rpc_audit.management.stopping.stop_on_signals`), so that
+    it never sends that ``SIGTERM`` again once the flush handler is back. From that handler,
+    on the main thread."""
+    _sigterm_watch.handler_started()
 
 
 def _is_sigterm_flush(handler: object) -> bool:
