@@ -353,7 +353,9 @@ def test_the_webhook_worker_refuses_a_bad_max_seconds_with_a_command_error(max_s
         call_command("rpc_webhooks_deliver", "--once", max_seconds=max_seconds, stdout=StringIO())
 
 
-def test_the_webhook_worker_takes_max_seconds_as_call_command_passes_it(rpc_settings):
+@pytest.fixture
+def webhook_endpoint(rpc_settings):
+    """One webhook endpoint, which nothing will be sent to."""
     import base64
 
     rpc_settings(
@@ -365,6 +367,9 @@ def test_the_webhook_worker_takes_max_seconds_as_call_command_passes_it(rpc_sett
             }
         ]
     )
+
+
+def test_the_webhook_worker_takes_max_seconds_as_call_command_passes_it(webhook_endpoint):
     out = StringIO()
     call_command("rpc_webhooks_deliver", "--once", max_seconds="30", stdout=out)
     assert "Delivered 0" in out.getvalue()
@@ -438,21 +443,6 @@ def test_stop_on_signals_in_another_thread_changes_nothing():
     thread.start()
     thread.join()
     assert seen == [(False, before)]
-
-
-@pytest.fixture
-def webhook_endpoint(rpc_settings):
-    import base64
-
-    rpc_settings(
-        WEBHOOKS=[
-            {
-                "NAME": "ops",
-                "URL": "http://127.0.0.1:9/hook",
-                "SECRET": "whsec_" + base64.b64encode(b"k" * 32).decode(),
-            }
-        ]
-    )
 
 
 def test_the_webhook_worker_stops_on_sigterm_and_leaves_the_process_handler(
