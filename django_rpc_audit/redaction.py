@@ -94,12 +94,22 @@ def _is_secret_uncached(key: str, extra: frozenset[str]) -> bool:
     # separators, lower-cased: most keys contain none, and are told apart at C speed without
     # splitting them into words (lower() is per character but for the final sigma, which no
     # secret word holds).
-    compact = _SEPARATORS.sub("", key).lower()
+    compact = _compact(key).lower()
     short, long = _secret_word_finders(extra)
     finder = short if len(compact) <= _MAX_CACHED_KEY else long
     if finder.search(compact) is None:
         return False
     return _is_secret_words(key_words(key), extra)
+
+
+def _compact(key: str) -> str:
+    """``key`` without its separators (``_SEPARATORS``). Most keys are snake_case or camelCase:
+    once their underscores are gone they are letters and digits alone (no separator is
+    either), told by two C calls at a third of ``re.sub``'s cost."""
+    compact = key.replace("_", "")
+    if compact.isalnum():
+        return compact
+    return _SEPARATORS.sub("", compact)
 
 
 @functools.lru_cache(maxsize=16)

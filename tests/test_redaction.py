@@ -6,12 +6,22 @@ import dataclasses
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from django_rpc_audit import get_rpc_client
 from django_rpc_audit.exceptions import RPCRemoteError
 from django_rpc_audit.manual import RPCLogger
 from django_rpc_audit.models import RPCLog
-from django_rpc_audit.redaction import DROPPED, MethodRule, Redactor, is_secret_key, redact_text
+from django_rpc_audit.redaction import (
+    _SEPARATORS,
+    DROPPED,
+    MethodRule,
+    Redactor,
+    _compact,
+    is_secret_key,
+    redact_text,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -245,3 +255,18 @@ def test_a_failing_redaction_withholds_the_value_and_the_call_goes_on(
     assert get_rpc_client().call("test.secret", {"password": SECRET})["ok"] is True
     assert SECRET not in repr(signals.started + signals.finished)
     assert RPCLog.objects.get().status == "success"
+
+
+@given(
+    st.text(
+        alphabet=st.one_of(
+            st.sampled_from("_.- \t\n\x0b\x0c\r\x1c\x1f\x85\xa0\u2003\u3000aZ9"),
+            st.characters(),
+        ),
+        max_size=40,
+    )
+)
+def test_a_keys_separators_go_as_the_pattern_says(key: str) -> None:
+    """The fast path (underscores, then letters and digits alone) removes exactly what
+    ``_SEPARATORS`` removes: whitespace of any kind, ``_``, ``.``, ``-``."""
+    assert _compact(key) == _SEPARATORS.sub("", key)
