@@ -8,6 +8,9 @@
    call, the median of the per-round ratios (each round runs the variants one after the
    other, in a rotating order), the caller thread's CPU per call, and the whole process's
    (the log writer's thread included, its flush after each variant's calls too).
+1b. Steady state: logging on and off for ``--steady-seconds`` of calls each (10 KB prose,
+   64 KB hex), the writer flushing during the calls, as on a site that calls all the time;
+   p50, p90, p99 and the median of the per-round median ratios.
 2. Growth: CPU time on the caller's thread to build what the signals carry (the stored form
    of the params and of the echoed response, :func:`django_rpc_audit.payload.stored`) by
    payload kind (prose, hex, base64, one long run, many keys, deep nesting) and size
@@ -188,6 +191,64 @@ def end_to_end(rounds: int, calls: int) -> None:
         )
 
 
+def steady_state(rounds: int, seconds: float) -> None:
+    """Logging on and off over long stretches of calls, the log writer's thread flushing
+    meanwhile (every ``BUFFER_FLUSH_INTERVAL`` or ``BUFFER_BATCH_SIZE`` calls), as on a site
+    that makes calls all the time: what part 1 leaves out by flushing after each variant,
+    untimed. The writer's thread and the database server then compete with the calls for the
+    GIL and for the machine's cores."""
+    from django_rpc_audit import get_rpc_client
+    from django_rpc_audit.conf import get_config
+    from django_rpc_audit.writers import flush, writer_stats
+
+    payloads = {"10 KB prose": prose(10_240), "64 KB hex": hex_blob(65_536)}
+    config = get_config()
+    print(
+        f"\n1b. call() over Redis, steady state: {rounds} rounds x {seconds:g} s of calls per "
+        f"variant, the writer flushing meanwhile (every {config.buffer_flush_interval:g} s or "
+        f"{config.buffer_batch_size} calls); percentiles over all calls, and the median of the "
+        "per-round median ratios"
+    )
+    print(
+        f"{'params':<14}{'calls':>7}{'off p50':>9}{'on p50':>8}{'off p90':>9}{'on p90':>8}"
+        f"{'off p99':>9}{'on p99':>8}{'dropped':>9}{'on/off':>8}  per round"
+    )
+    for label, params in payloads.items():
+        samples: dict[str, list[float]] = {"off": [], "on": []}
+        ratios = []
+        # Calls the buffer could not hold (the writer falling behind): logged, never raised.
+        dropped_before = writer_stats().dropped
+        for round_ in range(rounds + 1):  # round 0 warms up
+            medians = {}
+            for variant in ("on", "off") if round_ % 2 else ("off", "on"):
+                configure(ENABLE_LOGGING=variant == "on", WRITE_MODE="buffered")
+                client = get_rpc_client()
+                times = []
+                deadline = time.perf_counter() + seconds
+                while time.perf_counter() < deadline:
+                    started = time.perf_counter()
+                    client.call("bench.echo", params)
+                    times.append((time.perf_counter() - started) * 1e6)
+                configure(ENABLE_LOGGING=True)
+                flush()  # what is left after the stretch: untimed, as in part 1
+                if round_:
+                    samples[variant] += times
+                    medians[variant] = statistics.median(times)
+            if round_:
+                ratios.append(medians["on"] / medians["off"])
+        off, on = sorted(samples["off"]), sorted(samples["on"])
+
+        def at(ordered: list[float], fraction: float) -> float:
+            return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+        print(
+            f"{label:<14}{len(on) // rounds:>7}{at(off, 0.5):>9.0f}{at(on, 0.5):>8.0f}"
+            f"{at(off, 0.9):>9.0f}{at(on, 0.9):>8.0f}{at(off, 0.99):>9.0f}{at(on, 0.99):>8.0f}"
+            f"{writer_stats().dropped - dropped_before:>9}{statistics.median(ratios):>8.3f}  "
+            + ", ".join(f"{ratio:.3f}" for ratio in ratios)
+        )
+
+
 def growth(repeats: int) -> None:
     from django_rpc_audit.conf import get_config
     from django_rpc_audit.payload import stored
@@ -282,13 +343,21 @@ def main() -> None:
     parser.add_argument("--memory-calls", type=int, default=2_000)
     parser.add_argument("--buffer-max-bytes", type=int, default=32 * 2**20)
     parser.add_argument("--gc-entries", type=int, default=100_000)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["e2e", "growth", "memory", "gc"])
+    parser.add_argument(
+        "--steady-seconds",
+        type=float,
+        default=3.0,
+        help="seconds of calls per variant per round in part 1b",
+    )
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["e2e", "steady", "growth", "memory", "gc"]
+    )
     args = parser.parse_args()
 
     stream = f"bench:{uuid.uuid4().hex}"
     database = setup_django(os.environ.get("DATABASE_URL"), args.redis, stream)
     print(f"database: {database}; python {sys.version.split()[0]}; {os.cpu_count()} CPUs")
-    if "e2e" not in args.skip:
+    if "e2e" not in args.skip or "steady" not in args.skip:
         stop = multiprocessing.get_context("fork").Event()
         answering = multiprocessing.get_context("fork").Process(
             target=responder, args=(args.redis, stream, stop), daemon=True
@@ -296,7 +365,10 @@ def main() -> None:
         answering.start()
         wait_for_responder()
         try:
-            end_to_end(args.rounds, args.calls)
+            if "e2e" not in args.skip:
+                end_to_end(args.rounds, args.calls)
+            if "steady" not in args.skip:
+                steady_state(args.rounds, args.steady_seconds)
         finally:
             stop.set()
             answering.join(5)
