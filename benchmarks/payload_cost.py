@@ -50,6 +50,7 @@ from buffered_writer import (  # noqa: E402
     configure,
     current_rss_mb,
     delete_stream,
+    percentile,
     setup_django,
     wait_for_responder,
 )
@@ -236,14 +237,12 @@ def steady_state(rounds: int, seconds: float) -> None:
                     medians[variant] = statistics.median(times)
             if round_:
                 ratios.append(medians["on"] / medians["off"])
-        off, on = sorted(samples["off"]), sorted(samples["on"])
-
-        def at(ordered: list[float], fraction: float) -> float:
-            return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
-
+        off, on = samples["off"], samples["on"]
         print(
-            f"{label:<14}{len(on) // rounds:>7}{at(off, 0.5):>9.0f}{at(on, 0.5):>8.0f}"
-            f"{at(off, 0.9):>9.0f}{at(on, 0.9):>8.0f}{at(off, 0.99):>9.0f}{at(on, 0.99):>8.0f}"
+            f"{label:<14}{len(on) // rounds:>7}"
+            f"{percentile(off, 0.5):>9.0f}{percentile(on, 0.5):>8.0f}"
+            f"{percentile(off, 0.9):>9.0f}{percentile(on, 0.9):>8.0f}"
+            f"{percentile(off, 0.99):>9.0f}{percentile(on, 0.99):>8.0f}"
             f"{writer_stats().dropped - dropped_before:>9}{statistics.median(ratios):>8.3f}  "
             + ", ".join(f"{ratio:.3f}" for ratio in ratios)
         )
